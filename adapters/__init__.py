@@ -1,0 +1,1 @@
+"""Device protocol adapters: each turns a device into readings for the gateway."""

@@ -1,0 +1,68 @@
+"""What every adapter gives the gateway, and what the gateway gives every adapter.
+
+An adapter polls or listens to its devices and hands each read to a :data:`ScanSink` as a
+:class:`~gateway.readings.Scan`. Before a device's data may flow, the adapter collects
+:class:`Evidence` of the device's identity and asks the gateway's auth gate (an
+:data:`Admit` callable) to admit it; a refused device is quarantined and never polled again in
+this run. Health is kept per device and logs transitions, not repetitions.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gateway.readings import Scan
+
+log = logging.getLogger("fieldgate.devices")
+
+ScanSink = Callable[[Scan], None]
+
+UP = "up"
+DOWN = "down"
+STARTING = "starting"
+QUARANTINED = "quarantined"
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """What an adapter observed about a device when it connected."""
+
+    device_id: str
+    transport: str
+    endpoint: str
+    fingerprint: dict[str, str] = field(default_factory=dict)
+
+
+# Returns None when admitted, or the reason the device is refused.
+Admit = Callable[[Evidence], str | None]
+
+
+@dataclass(slots=True)
+class DeviceHealth:
+    device_id: str
+    state: str = STARTING
+    since: float = field(default_factory=time.time)
+    reads_ok: int = 0
+    reads_failed: int = 0
+    malformed: int = 0
+    overruns: int = 0
+    last_error: str | None = None
+
+    def up(self) -> None:
+        if self.state != UP:
+            if self.state == DOWN:
+                log.info("%s: recovered", self.device_id)
+            self.state, self.since, self.last_error = UP, time.time(), None
+
+    def down(self, reason: str) -> None:
+        if self.state != DOWN:
+            log.warning("%s: unavailable: %s", self.device_id, reason)
+            self.state, self.since = DOWN, time.time()
+        self.last_error = reason
+
+    def quarantine(self, reason: str) -> None:
+        log.error("%s: quarantined: %s", self.device_id, reason)
+        self.state, self.since, self.last_error = QUARANTINED, time.time(), reason

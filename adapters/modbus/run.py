@@ -1,0 +1,85 @@
+"""``fieldgate simulate modbus``: start simulated devices, optionally write a matching config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from adapters.modbus.simulator import DeviceSpec, SimulatedFleet, gateway_config, make_points
+from gateway import pki as pki_mod
+from gateway import runtime
+from gateway.config import render_toml
+from gateway.errors import ConfigError
+
+FAULT_KINDS = ("dead", "slow:", "exception:", "down")
+
+
+def build_specs(args: argparse.Namespace) -> list[DeviceSpec]:
+    types = [t.strip() for t in args.types.split(",")] if args.types else None
+    specs = [
+        DeviceSpec(
+            f"{args.prefix}{i + 1}",
+            args.port + i,
+            points=make_points(args.points, types=types, period=args.period, seed=i),
+        )
+        for i in range(args.devices)
+    ]
+    by_id = {s.device_id: s for s in specs}
+    for item in args.fault:
+        device_id, _, kind = item.partition("=")
+        if device_id not in by_id:
+            raise ConfigError("--fault", [f"{item}: no simulated device {device_id!r}"])
+        if not kind.startswith(FAULT_KINDS):
+            raise ConfigError(
+                "--fault",
+                [f"{item}: fault must be one of dead, slow:SECONDS, exception:CODE, down"],
+            )
+        by_id[device_id].fault = kind
+    return specs
+
+
+def write_config(args: argparse.Namespace, specs: list[DeviceSpec]) -> Path:
+    pki_dir = Path(args.pki)
+    target = Path(args.write_config)
+    doc = gateway_config(
+        specs,
+        host=args.host,
+        pki_dir=pki_dir,
+        hub_port=args.hub_port,
+        state_dir=Path(args.state_dir) if args.state_dir else None,
+        max_age=args.max_age,
+    )
+    pki = pki_mod.Pki(pki_dir)
+    if pki.root_cert.exists():
+        missing = [s.device_id for s in specs if not pki.device_cert(s.device_id).exists()]
+        if missing:
+            pki_mod.issue(pki_dir, missing)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(render_toml(doc))
+    return target
+
+
+def run_simulator(args: argparse.Namespace) -> int:
+    specs = build_specs(args)
+    if args.write_config:
+        path = write_config(args, specs)
+        print(f"wrote {path} for {len(specs)} devices", flush=True)
+
+    async def main(stop: asyncio.Event) -> None:
+        async with SimulatedFleet(specs, host=args.host, step=args.step):
+            last = specs[-1].port
+            print(
+                f"{len(specs)} simulated Modbus devices on {args.host}:{args.port}-{last}, "
+                f"{args.points} points each; Ctrl-C stops",
+                flush=True,
+            )
+            await stop.wait()
+
+    try:
+        runtime.run(main)
+    except OSError as err:
+        print(f"fieldgate: cannot listen: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,294 @@
+"""Simulated Modbus TCP devices: pymodbus servers with changing registers and faults.
+
+Each simulated device listens on its own loopback port, as a real device on its own IP would.
+Its values are a pure function of (point, time step), :func:`value_at`, so a test can compute
+what a device held when a reading was taken and compare exactly. Values change every
+``step`` seconds: ramps, sines with noise, counters and toggling bits.
+
+Faults, per device (``--fault dev-3=dead``):
+
+- ``dead``: accepts connections and requests, never answers (the gateway times out);
+- ``slow:SECONDS``: answers every request after a delay;
+- ``exception:CODE``: answers every read with a Modbus exception code;
+- ``down``: no listener at all (connection refused).
+
+This module is the simulator's side of pymodbus (its server); the gateway's side lives in
+:mod:`adapters.modbus.client`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pymodbus.constants import ExcCodes
+from pymodbus.server import ModbusTcpServer
+from pymodbus.simulator import DataType, SimData, SimDevice
+
+from adapters.modbus.registers import encode_value, plan_reads
+from gateway.config import REGISTER_WIDTH, Point
+from gateway.pki import DEFAULT_KEY_ID, Pki
+
+logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+
+TABLE_SIZE = 2048  # registers (or bits) per table of a simulated device
+_FC_TABLE = {
+    1: "coil",
+    5: "coil",
+    15: "coil",
+    2: "discrete",
+    3: "holding",
+    6: "holding",
+    16: "holding",
+    4: "input",
+}
+
+# Point types a generated register map cycles through: every type and byte/word order appears.
+MIXED_PROFILE: tuple[tuple[str, str, str, str, float], ...] = (
+    # (type, table, word order, byte order, scale)
+    ("float32", "holding", "big", "big", 1.0),
+    ("int16", "holding", "big", "big", 0.1),
+    ("uint16", "input", "big", "big", 1.0),
+    ("int32", "holding", "little", "big", 1.0),
+    ("uint32", "input", "big", "little", 1.0),
+    ("float64", "holding", "little", "little", 1.0),
+    ("bool", "coil", "big", "big", 1.0),
+    ("float32", "input", "little", "big", 1.0),
+    ("bool", "discrete", "big", "big", 1.0),
+)
+
+
+def _hash01(seed: int, step: int) -> float:
+    """A cheap, deterministic pseudo-random number in [0, 1)."""
+    x = (seed * 2654435761 + step * 40503 + 12345) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 2246822519) & 0xFFFFFFFF
+    x ^= x >> 13
+    return x / 4294967296.0
+
+
+def value_at(point: Point, seed: int, step: int) -> Any:
+    """The engineering value a simulated point holds during time step ``step``."""
+    kind = point.type
+    if kind == "bool":
+        return (step + seed) % 3 != 0
+    if kind in ("float32", "float64"):
+        return 20.0 + 5.0 * math.sin(step / 10.0 + seed) + _hash01(seed, step) - 0.5
+    if kind == "int16":
+        raw = (step * 7 + seed * 31) % 2000 - 1000
+    elif kind == "uint16":
+        raw = (step + seed * 101) % 65536
+    elif kind == "int32":
+        raw = (step * 1001 + seed * 7919) % 400_000 - 200_000
+    else:  # uint32
+        raw = (step * 100_003 + seed * 65_537) % 2**32
+    return raw * point.scale + point.offset
+
+
+def held_value(point: Point, seed: int, step: int) -> Any:
+    """What a correct gateway decodes from the registers during ``step`` (float32 rounding
+    and integer scaling included)."""
+    block = plan_reads([point])[0]
+    registers = encode_value(point, value_at(point, seed, step))
+    if block.bits:
+        return bool(registers[0])
+    return block.decode(registers)[0]
+
+
+@dataclass(frozen=True)
+class SimPoint:
+    point: Point
+    seed: int
+
+
+@dataclass
+class DeviceSpec:
+    device_id: str
+    port: int
+    unit: int = 1
+    points: list[SimPoint] = field(default_factory=list)
+    fault: str | None = None
+
+
+def make_points(
+    count: int, *, types: Sequence[str] | None = None, period: float = 1.0, seed: int = 0
+) -> list[SimPoint]:
+    """A register map of ``count`` points: the mixed profile, or only ``types``."""
+    out: list[SimPoint] = []
+    next_addr = {"holding": 0, "input": 0, "coil": 0, "discrete": 0}
+    for i in range(count):
+        if types:
+            kind = types[i % len(types)]
+            table = "coil" if kind == "bool" else "holding"
+            word, byte, scale = "big", "big", 1.0
+        else:
+            kind, table, word, byte, scale = MIXED_PROFILE[i % len(MIXED_PROFILE)]
+        address = next_addr[table]
+        next_addr[table] += 1 if table in ("coil", "discrete") else REGISTER_WIDTH[kind]
+        point = Point.model_validate(
+            {
+                "name": f"{kind}_{i}",
+                "address": address,
+                "table": table,
+                "type": kind,
+                "word_order": word,
+                "byte_order": byte,
+                "scale": scale,
+                "period": period,
+            }
+        )
+        out.append(SimPoint(point, seed * 1000 + i))
+    if max(next_addr.values()) > TABLE_SIZE:
+        raise ValueError(f"{count} points do not fit a simulated device's {TABLE_SIZE} registers")
+    return out
+
+
+class SimulatedDevice:
+    """One device's registers, refreshed from :func:`value_at` when the time step changes."""
+
+    def __init__(self, spec: DeviceSpec, step: float) -> None:
+        self.spec = spec
+        self.step = step
+        self._tables: dict[str, list[SimPoint]] = {}
+        for sp in spec.points:
+            self._tables.setdefault(sp.point.table, []).append(sp)
+        self._last: dict[str, int] = {}
+        self.requests = 0
+
+    def current_step(self) -> int:
+        return int(time.time() / self.step)
+
+    def refresh(self, table: str, registers: list[int], step: int) -> None:
+        if table in ("coil", "discrete"):
+            for sp in self._tables.get(table, ()):
+                a = sp.point.address
+                mask = 1 << (a % 16)
+                if value_at(sp.point, sp.seed, step):
+                    registers[a // 16] |= mask
+                else:
+                    registers[a // 16] &= ~mask
+            return
+        for sp in self._tables.get(table, ()):
+            words = encode_value(sp.point, value_at(sp.point, sp.seed, step))
+            registers[sp.point.address : sp.point.address + len(words)] = words
+
+    async def action(
+        self,
+        function_code: int,
+        start_address: int,
+        address: int,
+        count: int,
+        registers: list[int],
+        set_values: Any,
+    ) -> ExcCodes | None:
+        self.requests += 1
+        fault = self.spec.fault or ""
+        if fault == "dead":
+            await asyncio.Event().wait()
+        if fault.startswith("slow:"):
+            await asyncio.sleep(float(fault.split(":", 1)[1]))
+        if fault.startswith("exception:"):
+            return ExcCodes(int(fault.split(":", 1)[1]))
+        table = _FC_TABLE.get(function_code)
+        if table is not None and set_values is None:
+            step = self.current_step()
+            if self._last.get(table) != step:
+                self._last[table] = step
+                self.refresh(table, registers, step)
+        return None
+
+    def sim_device(self) -> SimDevice:
+        bits = [SimData(0, count=TABLE_SIZE, values=False, datatype=DataType.BITS)]
+        regs = [SimData(0, count=TABLE_SIZE, values=0, datatype=DataType.REGISTERS)]
+        return SimDevice(
+            id=self.spec.unit,
+            simdata=(
+                list(bits),
+                [SimData(0, count=TABLE_SIZE, values=False, datatype=DataType.BITS)],
+                list(regs),
+                [SimData(0, count=TABLE_SIZE, values=0, datatype=DataType.REGISTERS)],
+            ),
+            action=self.action,
+        )
+
+
+class SimulatedFleet:
+    """Start every device's server on entry, stop them on exit."""
+
+    def __init__(
+        self, specs: list[DeviceSpec], *, host: str = "127.0.0.1", step: float = 1.0
+    ) -> None:
+        self.host = host
+        self.devices = [SimulatedDevice(s, step) for s in specs]
+        self._servers: list[ModbusTcpServer] = []
+
+    async def __aenter__(self) -> SimulatedFleet:
+        try:
+            for device in self.devices:
+                if device.spec.fault == "down":
+                    continue
+                server = ModbusTcpServer(device.sim_device(), address=(self.host, device.spec.port))
+                await server.serve_forever(background=True)
+                self._servers.append(server)
+        except BaseException:
+            await self.__aexit__()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for server in self._servers:
+            await server.shutdown()  # type: ignore[no-untyped-call]
+        self._servers.clear()
+
+
+def gateway_config(
+    specs: list[DeviceSpec],
+    *,
+    host: str,
+    pki_dir: Path,
+    hub_port: int,
+    hub_host: str = "127.0.0.1",
+    state_dir: Path | None = None,
+    max_age: float = 1.0,
+    max_bytes: int = 4000,
+) -> dict[str, Any]:
+    """A gateway config that polls exactly these simulated devices."""
+    pki = Pki(pki_dir.resolve())
+    doc: dict[str, Any] = {
+        "hub": {
+            "hostname": "localhost",
+            "address": hub_host,
+            "port": hub_port,
+            "ca_file": str(pki.root_cert),
+        },
+        "sealing": {"keyring": str(pki.keyring), "key_id": DEFAULT_KEY_ID},
+        "batching": {"max_bytes": max_bytes, "max_age": max_age},
+        "secrets": {"passphrase_file": str(pki.passphrase_file)},
+        "gateway": {"state_dir": str((state_dir or pki_dir.parent / "gateway").resolve())},
+        "devices": [],
+    }
+    for spec in specs:
+        doc["devices"].append(
+            {
+                "id": spec.device_id,
+                "cert": str(pki.device_cert(spec.device_id)),
+                "key": str(pki.device_key(spec.device_id)),
+                "modbus": {"host": host, "port": spec.port, "unit": spec.unit},
+                "points": [
+                    {
+                        k: v
+                        for k, v in sp.point.model_dump().items()
+                        if (v is not None and v != Point.model_fields[k].default)
+                        or k in ("name", "address")
+                    }
+                    for sp in spec.points
+                ],
+            }
+        )
+    return doc

@@ -1,0 +1,226 @@
+"""The ``fieldgate`` command. Each verb parses its arguments and calls one function elsewhere.
+
+Exit codes: 0 done, 1 failed while running, 2 refused before starting (bad config or usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway import runtime
+from gateway.errors import ConfigError, FieldgateError
+
+EXIT_FAILED = 1
+EXIT_REFUSED = 2
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+# -- verbs ------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gateway import config as config_mod
+    from gateway.app import Gateway
+
+    cfg = config_mod.load(args.config)
+    gateway = Gateway(cfg)
+
+    async def main(stop: asyncio.Event) -> None:
+        await gateway.run(stop)
+
+    runtime.run(main)
+    return 0
+
+
+def cmd_pki_init(args: argparse.Namespace) -> int:
+    from gateway import pki
+
+    made = pki.init(Path(args.dir))
+    print(f"development PKI created in {made.root}")
+    print(f"  trust root for the hub side: {made.root_cert}")
+    print(f"  sealing keyring:             {made.keyring}")
+    if made.passphrase_file.exists():
+        print(f"  key passphrase (0600):       {made.passphrase_file}")
+    return 0
+
+
+def cmd_pki_issue(args: argparse.Namespace) -> int:
+    from gateway import pki
+
+    for device_id in pki.issue(Path(args.dir), args.device_ids, days=args.days):
+        p = pki.Pki(Path(args.dir))
+        print(f"{device_id}: {p.device_cert(device_id)} {p.device_key(device_id)}")
+    return 0
+
+
+def cmd_localhub(args: argparse.Namespace) -> int:
+    from gateway.localhub.run import run_localhub
+
+    return run_localhub(
+        Path(args.pki),
+        host=args.host,
+        port=args.port,
+        record=Path(args.record) if args.record else None,
+        quiet=args.quiet,
+    )
+
+
+def cmd_simulate_modbus(args: argparse.Namespace) -> int:
+    from adapters.modbus.run import run_simulator
+
+    return run_simulator(args)
+
+
+def cmd_open(args: argparse.Namespace) -> int:
+    from gateway.open_cli import open_record
+
+    return open_record(
+        Path(args.record),
+        pki_dir=Path(args.pki) if args.pki else None,
+        keyring_path=Path(args.keyring) if args.keyring else None,
+        as_json=args.json,
+        summary=args.summary,
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    return run_demo(
+        Path(args.state), devices=args.devices, points=args.points, duration=args.duration
+    )
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fieldgate", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    run = verbs.add_parser("run", help="run the gateway from a config file")
+    run.add_argument("--config", required=True, help="gateway TOML file")
+    run.set_defaults(func=cmd_run)
+
+    demo = verbs.add_parser(
+        "demo",
+        help="PKI, local hub, simulated devices and the gateway, "
+        "with a live view of what the hub receives",
+    )
+    demo.add_argument("--state", default="fieldgate-state", help="folder for PKI and config")
+    demo.add_argument("--devices", type=int, default=5)
+    demo.add_argument("--points", type=int, default=9)
+    demo.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="stop after this many seconds (default: until Ctrl-C)",
+    )
+    demo.set_defaults(func=cmd_demo)
+
+    pki = verbs.add_parser("pki", help="development PKI").add_subparsers(
+        dest="pki_verb", required=True
+    )
+    init = pki.add_parser(
+        "init", help="create a root, an intermediate, hub certificates and a sealing keyring"
+    )
+    init.add_argument("--dir", default="fieldgate-state/pki")
+    init.set_defaults(func=cmd_pki_init)
+    issue = pki.add_parser("issue", help="issue device certificates (CN = device id)")
+    issue.add_argument("--dir", default="fieldgate-state/pki")
+    issue.add_argument("--days", type=int, default=365)
+    issue.add_argument("device_ids", nargs="+")
+    issue.set_defaults(func=cmd_pki_issue)
+
+    hub = verbs.add_parser("localhub", help="run the local IoT Hub stand-in (mosquitto + consumer)")
+    hub.add_argument("--pki", default="fieldgate-state/pki")
+    hub.add_argument("--host", default="127.0.0.1")
+    hub.add_argument("--port", type=int, default=8883)
+    hub.add_argument("--record", help="append every message received to this JSON-lines file")
+    hub.add_argument("--quiet", action="store_true", help="no per-second summary")
+    hub.set_defaults(func=cmd_localhub)
+
+    sim = verbs.add_parser("simulate", help="device simulators").add_subparsers(
+        dest="sim_verb", required=True
+    )
+    modbus = sim.add_parser("modbus", help="simulated Modbus TCP devices, one port each")
+    modbus.add_argument("--devices", type=int, default=5)
+    modbus.add_argument("--host", default="127.0.0.1")
+    modbus.add_argument("--port", type=int, default=15020, help="first device's port")
+    modbus.add_argument("--points", type=int, default=9, help="points per device")
+    modbus.add_argument(
+        "--types", default=None, help="comma-separated point types (default: a mix of every type)"
+    )
+    modbus.add_argument("--period", type=float, default=1.0, help="poll period in the config")
+    modbus.add_argument(
+        "--step", type=float, default=1.0, help="seconds between value changes in the devices"
+    )
+    modbus.add_argument("--prefix", default="plc-", help="device id prefix")
+    modbus.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="ID=KIND",
+        help="dead | slow:SECONDS | exception:CODE | down",
+    )
+    modbus.add_argument(
+        "--write-config", metavar="FILE", help="write a gateway config for these devices and exit"
+    )
+    modbus.add_argument(
+        "--pki", default="fieldgate-state/pki", help="PKI folder the written config points at"
+    )
+    modbus.add_argument("--hub-port", type=int, default=8883)
+    modbus.add_argument("--max-age", type=float, default=1.0)
+    modbus.add_argument("--state-dir", default=None)
+    modbus.set_defaults(func=cmd_simulate_modbus)
+
+    opener = verbs.add_parser("open", help="open recorded envelopes and print the readings")
+    opener.add_argument("record", help="a JSON-lines record written by `fieldgate localhub`")
+    opener.add_argument("--pki", help="PKI folder holding keyring.json (and its passphrase)")
+    opener.add_argument("--keyring", help="keyring file (passphrase from FIELDGATE_KEY_PASSPHRASE)")
+    opener.add_argument("--json", action="store_true", help="one JSON reading per line")
+    opener.add_argument(
+        "--summary", action="store_true", help="only counts, gaps and duplicates per device"
+    )
+    opener.set_defaults(func=cmd_open)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return int(args.func(args))
+    except ConfigError as err:
+        print(f"fieldgate: {err}", file=sys.stderr)
+        return EXIT_REFUSED
+    except FieldgateError as err:
+        print(f"fieldgate: {err}", file=sys.stderr)
+        starting = type(err).__name__ in ("StartupError", "PkiError", "KeyringError")
+        return EXIT_REFUSED if starting else EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `fieldgate open ... | head`: the reader left; that is not a failure.
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

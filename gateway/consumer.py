@@ -1,0 +1,155 @@
+"""The cloud consumer's side: open telemetry messages and account for every sequence number.
+
+Use it where IoT Hub messages are read (an Event Hubs consumer, a Function, the local hub
+stand-in)::
+
+    opened = open_message(topic_or_device, properties, body, keyring)
+    tracker.add(opened)          # duplicates are reported, gaps can be listed
+
+Delivery is at-least-once: an envelope may arrive twice after a reconnect. (device, boot id,
+sequence number) identifies every reading, so :class:`SequenceTracker` tells a duplicate from
+new data.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from gateway.envelope import open_envelope
+from gateway.errors import EnvelopeError
+from gateway.keyring import Keyring
+from gateway.readings import Header, Reading, parse_telemetry_topic
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    device_id: str
+    header: Header
+    readings: list[Reading]
+    received: float
+
+
+def open_message(
+    topic: str, body: bytes, keyring: Keyring, *, received: float | None = None
+) -> Opened:
+    """Open a message as it arrived on ``devices/{id}/messages/events/{properties}``.
+
+    The device id is taken from the topic (IoT Hub sets it from the authenticated connection),
+    never from anything the payload says.
+    """
+    try:
+        device_id, props = parse_telemetry_topic(topic)
+        header = Header.from_properties(props)
+    except ValueError as err:
+        raise EnvelopeError(str(err)) from err
+    readings = open_envelope(device_id, header, body, keyring)
+    return Opened(device_id, header, readings, time.time() if received is None else received)
+
+
+@dataclass
+class _Stream:
+    # Sorted, merged [start, end) intervals of sequence numbers seen.
+    starts: list[int] = field(default_factory=list)
+    ends: list[int] = field(default_factory=list)
+    duplicates: int = 0
+
+    def add(self, first: int, count: int) -> int:
+        """Record [first, first + count); return how many of them were seen before."""
+        end = first + count
+        starts, ends = self.starts, self.ends
+        if not starts or first >= ends[-1]:
+            if starts and first == ends[-1]:
+                ends[-1] = end
+            else:
+                starts.append(first)
+                ends.append(end)
+            return 0
+        seen = 0
+        i = bisect.bisect_right(starts, first) - 1
+        j = i if i >= 0 else 0
+        lo, hi = first, end
+        while j < len(starts) and starts[j] <= end:
+            if ends[j] >= first:
+                seen += max(0, min(end, ends[j]) - max(first, starts[j]))
+                lo, hi = min(lo, starts[j]), max(hi, ends[j])
+                del starts[j], ends[j]
+            else:
+                j += 1
+        k = bisect.bisect_left(starts, lo)
+        starts.insert(k, lo)
+        ends.insert(k, hi)
+        self.duplicates += seen
+        return seen
+
+    def covered(self, seq: int) -> bool:
+        i = bisect.bisect_right(self.starts, seq) - 1
+        return i >= 0 and seq < self.ends[i]
+
+    def overlaps(self, first: int, count: int) -> bool:
+        if not self.starts or first >= self.ends[-1]:
+            return False
+        i = bisect.bisect_right(self.starts, first + count - 1) - 1
+        return i >= 0 and self.ends[i] > first
+
+    def gaps(self) -> list[tuple[int, int]]:
+        """Holes between the first and the last sequence number seen, as [start, end)."""
+        holes = [(self.ends[i], self.starts[i + 1]) for i in range(len(self.starts) - 1)]
+        if self.starts and self.starts[0] > 0:
+            holes.insert(0, (0, self.starts[0]))
+        return holes
+
+    def count(self) -> int:
+        return sum(e - s for s, e in zip(self.starts, self.ends, strict=True))
+
+
+class SequenceTracker:
+    """Per (device, boot id): which readings arrived, which twice, which are missing."""
+
+    def __init__(self) -> None:
+        self.streams: dict[tuple[str, str], _Stream] = {}
+
+    def add(self, opened: Opened) -> list[Reading]:
+        """Record an envelope; return only its readings not seen before (deduplicated)."""
+        key = (opened.device_id, opened.header.boot_id)
+        stream = self.streams.get(key)
+        if stream is None:
+            stream = self.streams[key] = _Stream()
+        first, count = opened.header.first_seq, opened.header.count
+        if not stream.overlaps(first, count):
+            stream.add(first, count)
+            return opened.readings
+        fresh = [r for r in opened.readings if not stream.covered(r.seq)]
+        stream.add(first, count)
+        return fresh
+
+    def gaps(self) -> dict[tuple[str, str], list[tuple[int, int]]]:
+        return {k: g for k, s in self.streams.items() if (g := s.gaps())}
+
+    @property
+    def duplicates(self) -> int:
+        return sum(s.duplicates for s in self.streams.values())
+
+    def unique_readings(self) -> int:
+        return sum(s.count() for s in self.streams.values())
+
+
+def open_all(
+    messages: Iterable[tuple[str, bytes, float]],
+    keyring: Keyring,
+    tracker: SequenceTracker | None = None,
+) -> tuple[list[Opened], list[str]]:
+    """Open many messages; returns (opened, one error line per refused message)."""
+    opened, errors = [], []
+    for topic, body, received in messages:
+        try:
+            item = open_message(topic, body, keyring, received=received)
+        except EnvelopeError as err:
+            errors.append(f"{topic.split('/', 2)[1] if topic.count('/') else topic}: {err}")
+            continue
+        if tracker is not None:
+            tracker.add(item)
+        opened.append(item)
+    return opened, errors

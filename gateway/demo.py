@@ -1,0 +1,200 @@
+"""``fieldgate demo``: everything on one box, and a live view of what the hub receives.
+
+It makes (or reuses) a development PKI in the state folder, starts the local hub stand-in in
+this process, the Modbus simulator and the gateway as child processes (as they would run in the
+field), and shows per device what the hub opened: readings, sequence accounting, latency and
+the latest values. Ctrl-C stops the gateway first (it flushes its batches), then the devices and
+the hub, and leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from gateway import pki as pki_mod
+from gateway import runtime
+from gateway.localhub.broker import Broker, free_port
+from gateway.localhub.service import HubService
+
+CHILD_GRACE = 15.0
+
+
+def _table(service: HubService, started: float, note: str) -> Group:
+    table = Table(title="IoT Hub stand-in: what arrived, opened and checked", expand=True)
+    for column in ("device", "envelopes", "readings", "dups", "gaps", "refused", "latency p50"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("latest values", no_wrap=True, overflow="ellipsis", ratio=1)
+    gaps = service.tracker.gaps()
+    for device, view in sorted(service.devices.items()):
+        holes = sum(len(g) for (d, _), g in gaps.items() if d == device)
+        lat = f"{statistics.median(view.latencies_ms):.0f} ms" if view.latencies_ms else "-"
+        values = ", ".join(f"{k}={_fmt(v)}" for k, v in list(view.last.items())[:4])
+        table.add_row(
+            device,
+            str(view.envelopes),
+            str(view.readings),
+            str(view.duplicates),
+            str(holes),
+            str(view.refused),
+            lat,
+            values,
+        )
+    elapsed = time.time() - started
+    total = sum(v.readings for v in service.devices.values())
+    footer = Text(f"{total} readings in {elapsed:.0f} s. {note}")
+    return Group(table, footer)
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+async def _stop_child(proc: asyncio.subprocess.Process, name: str) -> None:
+    if proc.returncode is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        async with asyncio.timeout(CHILD_GRACE):
+            await proc.wait()
+    except TimeoutError:
+        print(f"{name} did not stop in {CHILD_GRACE:.0f} s; killing it", file=sys.stderr)
+        proc.kill()
+        await proc.wait()
+
+
+async def demo(
+    state: Path, *, devices: int, points: int, duration: float | None, stop: asyncio.Event
+) -> int:
+    state.mkdir(parents=True, exist_ok=True)
+    pki_dir = state / "pki"
+    if not (pki_dir / "root.pem").exists():
+        pki_mod.init(pki_dir)
+    hub_port = free_port()
+    first_port = free_port()
+    config = state / "gateway.toml"
+    logs = state / "logs"
+    logs.mkdir(exist_ok=True)
+    fieldgate = [sys.executable, "-m", "gateway.cli"]
+    sim_args = [
+        "simulate",
+        "modbus",
+        "--devices",
+        str(devices),
+        "--points",
+        str(points),
+        "--port",
+        str(first_port),
+        "--period",
+        "0.5",
+        "--write-config",
+        str(config),
+        "--pki",
+        str(pki_dir),
+        "--hub-port",
+        str(hub_port),
+        "--state-dir",
+        str(state / "gateway"),
+    ]
+    console = Console()
+    console.print(f"state folder: {state.resolve()}  (config: {config})")
+    async with Broker(pki_mod.Pki(pki_dir), port=hub_port, log_path=logs / "mosquitto.log"):
+        service = HubService(
+            pki_mod.Pki(pki_dir), host="127.0.0.1", port=hub_port, record=state / "hub-record.jsonl"
+        )
+        with (
+            open(logs / "simulator.log", "ab") as sim_log,
+            open(logs / "gateway.log", "ab") as gw_log,
+        ):
+            sim = await asyncio.create_subprocess_exec(
+                *fieldgate,
+                *sim_args,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=sim_log,
+                stderr=sim_log,
+            )
+            gateway = None
+            try:
+                await _wait_for(config, sim)
+                gateway = await asyncio.create_subprocess_exec(
+                    *fieldgate,
+                    "run",
+                    "--config",
+                    str(config),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=gw_log,
+                    stderr=gw_log,
+                )
+                started = time.time()
+                note = "Ctrl-C stops." if duration is None else f"Stops after {duration:.0f} s."
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(service.run(stop), name="hub-service")
+                    with Live(
+                        _table(service, started, note),
+                        console=console,
+                        refresh_per_second=2,
+                        transient=False,
+                    ) as live:
+                        deadline = None if duration is None else time.monotonic() + duration
+                        while not stop.is_set():
+                            if gateway.returncode is not None:
+                                note = f"gateway exited with {gateway.returncode}: see {logs}"
+                                break
+                            if deadline is not None and time.monotonic() >= deadline:
+                                break
+                            try:
+                                async with asyncio.timeout(0.5):
+                                    await stop.wait()
+                            except TimeoutError:
+                                pass
+                            live.update(_table(service, started, note))
+                        await _stop_child(gateway, "gateway")
+                        # Let the last envelopes arrive before the hub stops.
+                        await asyncio.sleep(0.5)
+                        live.update(_table(service, started, "stopped."))
+                    stop.set()
+            finally:
+                if gateway is not None:
+                    await _stop_child(gateway, "gateway")
+                await _stop_child(sim, "simulator")
+                service.close()
+    code = gateway.returncode if gateway is not None else 1
+    console.print(
+        f"gateway exit code {code}; logs in {logs}; record in "
+        f"{state / 'hub-record.jsonl'} (read it with: fieldgate open "
+        f"{state / 'hub-record.jsonl'} --pki {pki_dir})"
+    )
+    return 0 if code == 0 else 1
+
+
+async def _wait_for(config: Path, sim: asyncio.subprocess.Process) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while not config.exists():
+        if sim.returncode is not None:
+            raise RuntimeError("the simulator exited early; see its log")
+        if loop.time() > deadline:
+            raise RuntimeError("the simulator did not write its config in 20 s")
+        # Another process's file: nothing to wait on but the file itself.
+        await asyncio.sleep(0.05)
+
+
+def run_demo(state: Path, *, devices: int, points: int, duration: float | None) -> int:
+    config = state / "gateway.toml"
+    if config.exists():
+        os.remove(config)
+
+    async def main(stop: asyncio.Event) -> int:
+        return await demo(state, devices=devices, points=points, duration=duration, stop=stop)
+
+    return int(runtime.run(main))

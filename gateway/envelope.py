@@ -1,0 +1,163 @@
+"""Envelope v1: seal a batch, and open it again (the consumer side uses this same module).
+
+Body: ``nonce (12 bytes) || AES-256-GCM(zstd(json(batch)))``. The header travels in the clear as
+message properties and, together with the device id, is the AEAD's associated data: a flipped
+byte anywhere, or an envelope moved to another device, boot or sequence number, fails to open.
+See docs/envelope.md for the format and a worked example.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import orjson
+import zstandard
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from gateway.batcher import Batch, Batcher
+from gateway.errors import EnvelopeError, KeyringError
+from gateway.keyring import Keyring
+from gateway.readings import BAD, CODEC, ENVELOPE_VERSION, Envelope, Header, Reading, Scan
+
+NONCE_BYTES = 12
+TAG_BYTES = 16
+# A decompressed batch larger than this is refused rather than allocated (a zstd bomb).
+MAX_PLAIN_BYTES = 16 * 1024 * 1024
+# IoT Hub refuses device-to-cloud messages over 256 KB.
+HUB_MESSAGE_CAP = 256 * 1024
+
+
+def associated_data(device_id: str, header: Header) -> bytes:
+    """The canonical encoding of the header plus the device id."""
+    fields = (
+        ("codec", header.codec),
+        ("count", str(header.count)),
+        ("device", device_id),
+        ("first_seq", str(header.first_seq)),
+        ("boot", header.boot_id),
+        ("key_id", header.key_id),
+        ("version", str(header.version)),
+    )
+    return b"fieldgate-envelope\n" + "\n".join(f"{k}={v}" for k, v in fields).encode()
+
+
+def encode_scans(scans: Iterable[Scan]) -> bytes:
+    """The plaintext batch: point-name tables once, then one row per scan."""
+    tables: dict[tuple[str, ...], int] = {}
+    rows = []
+    for scan in scans:
+        index = tables.get(scan.names)
+        if index is None:
+            index = tables[scan.names] = len(tables)
+        rows.append((scan.ts_ms, index, scan.values, scan.quality))
+    return orjson.dumps({"p": list(tables), "s": rows})
+
+
+class Sealer:
+    """Turns batches into envelopes for one gateway boot; owns the per-device sequence numbers."""
+
+    def __init__(
+        self,
+        key: bytes,
+        key_id: str,
+        boot_id: str,
+        batcher: Batcher,
+        next_seq: dict[str, int] | None = None,
+    ) -> None:
+        self._aead = AESGCM(key)
+        self._key_id = key_id
+        self.boot_id = boot_id
+        self._batcher = batcher
+        self._zstd = zstandard.ZstdCompressor(level=1)
+        self.next_seq: dict[str, int] = dict(next_seq or {})
+
+    def seal(self, batch: Batch) -> list[Envelope]:
+        """Seal a batch; one that came out over ``max_bytes`` is split and sealed again."""
+        return self._seal_within(batch.device_id, batch.scans, batch.estimated_raw)
+
+    def _seal_within(self, device_id: str, scans: list[Scan], estimated_raw: int) -> list[Envelope]:
+        envelope = self._seal_one(device_id, scans)
+        self._batcher.observe(device_id, estimated_raw, envelope.size)
+        if envelope.size > self._batcher.max_bytes and len(scans) > 1:
+            half = len(scans) // 2
+            share = estimated_raw * half // len(scans)
+            return self._seal_within(device_id, scans[:half], share) + self._seal_within(
+                device_id, scans[half:], estimated_raw - share
+            )
+        if envelope.size > HUB_MESSAGE_CAP:
+            raise EnvelopeError(
+                f"{device_id}: one scan seals to {envelope.size} bytes, over "
+                "IoT Hub's 256 KB message cap"
+            )
+        self.next_seq[device_id] = envelope.header.first_seq + envelope.header.count
+        return [envelope]
+
+    def _seal_one(self, device_id: str, scans: list[Scan]) -> Envelope:
+        count = sum(len(s.values) for s in scans)
+        first = self.next_seq.get(device_id, 0)
+        header = Header(ENVELOPE_VERSION, self._key_id, self.boot_id, first, count, CODEC)
+        nonce = os.urandom(NONCE_BYTES)
+        plain = self._zstd.compress(encode_scans(scans))
+        body = nonce + self._aead.encrypt(nonce, plain, associated_data(device_id, header))
+        return Envelope(device_id, header, body, scans[0].ts_ms)
+
+
+def open_envelope(device_id: str, header: Header, body: bytes, keyring: Keyring) -> list[Reading]:
+    """Authenticate, decrypt and decode one envelope, or raise :class:`EnvelopeError`."""
+    if header.version != ENVELOPE_VERSION:
+        raise EnvelopeError(f"unsupported envelope version {header.version}")
+    if header.codec != CODEC:
+        raise EnvelopeError(f"unsupported codec {header.codec!r}")
+    if len(body) < NONCE_BYTES + TAG_BYTES:
+        raise EnvelopeError("body too short to be an envelope")
+    try:
+        key = keyring.get(header.key_id)
+    except KeyringError as err:
+        raise EnvelopeError(str(err)) from err
+    try:
+        plain = AESGCM(key).decrypt(
+            body[:NONCE_BYTES], body[NONCE_BYTES:], associated_data(device_id, header)
+        )
+    except InvalidTag as err:
+        raise EnvelopeError(
+            f"{device_id} seq {header.first_seq}: authentication failed (tampered, moved to "
+            "another device or sequence, or sealed under another key)"
+        ) from err
+    try:
+        size = zstandard.frame_content_size(plain)
+        if size < 0 or size > MAX_PLAIN_BYTES:
+            raise EnvelopeError(f"decompressed size {size} is not allowed")
+        doc = orjson.loads(zstandard.ZstdDecompressor().decompress(plain))
+        readings = list(_readings(device_id, header, doc))
+    except (
+        zstandard.ZstdError,
+        orjson.JSONDecodeError,
+        KeyError,
+        TypeError,
+        ValueError,
+        IndexError,
+    ) as err:
+        raise EnvelopeError(f"{device_id} seq {header.first_seq}: malformed batch: {err}") from err
+    if len(readings) != header.count:
+        raise EnvelopeError(
+            f"{device_id}: header says {header.count} readings, body has {len(readings)}"
+        )
+    return readings
+
+
+def _readings(device_id: str, header: Header, doc: dict[str, Any]) -> Iterator[Reading]:
+    tables = doc["p"]
+    seq = header.first_seq
+    boot = header.boot_id
+    for ts_ms, index, values, quality in doc["s"]:
+        names = tables[index]
+        if len(names) != len(values):
+            raise ValueError("a scan's values do not match its point names")
+        for name, value in zip(names, values, strict=True):
+            yield Reading(
+                device_id, boot, seq, name, value, ts_ms, BAD if value is None else quality
+            )
+            seq += 1

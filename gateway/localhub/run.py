@@ -1,0 +1,64 @@
+"""``fieldgate localhub``: the broker and the hub-side consumer until Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from gateway import runtime
+from gateway.localhub.broker import Broker
+from gateway.localhub.service import HubService
+from gateway.pki import Pki
+
+
+async def serve(
+    pki: Pki,
+    *,
+    host: str,
+    port: int,
+    record: Path | None,
+    quiet: bool,
+    stop: asyncio.Event,
+    log_path: Path | None = None,
+) -> None:
+    async with Broker(pki, host=host, port=port, log_path=log_path):
+        service = HubService(pki, host=host, port=port, record=record)
+        print(
+            f"local hub listening on {host}:{port} (TLS, client certificates required)", flush=True
+        )
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(service.run(stop), name="hub-service")
+                if not quiet:
+                    tg.create_task(_report(service, stop), name="hub-report")
+        finally:
+            service.close()
+
+
+async def _report(service: HubService, stop: asyncio.Event) -> None:
+    last = 0
+    while not stop.is_set():
+        try:
+            async with asyncio.timeout(5):
+                await stop.wait()
+        except TimeoutError:
+            pass
+        total = sum(v.readings for v in service.devices.values())
+        print(
+            f"{time.strftime('%H:%M:%S')} {len(service.devices)} devices, "
+            f"{total} readings (+{total - last}), duplicates {service.tracker.duplicates}, "
+            f"refused {len(service.refused)}",
+            flush=True,
+        )
+        last = total
+
+
+def run_localhub(pki_dir: Path, *, host: str, port: int, record: Path | None, quiet: bool) -> int:
+    pki = Pki(pki_dir)
+
+    async def main(stop: asyncio.Event) -> None:
+        await serve(pki, host=host, port=port, record=record, quiet=quiet, stop=stop)
+
+    runtime.run(main)
+    return 0

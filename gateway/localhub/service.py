@@ -1,0 +1,144 @@
+"""The hub side of the stand-in: subscribe as ``hub-service``, open, record and account.
+
+Every telemetry message is recorded raw (topic, arrival time, body) to a JSON-lines file that
+``fieldgate open`` reads later, and opened on arrival with the sealing keyring so the stand-in
+can show per-device readings, sequence gaps, duplicates and read-to-hub latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from gateway import keyring as keyring_mod
+from gateway.consumer import Opened, SequenceTracker, open_message
+from gateway.errors import EnvelopeError, UplinkError
+from gateway.pki import SERVICE_IDENTITY, Pki
+from gateway.uplink.mqtt import MqttClient
+from gateway.uplink.session import client_context
+
+log = logging.getLogger("fieldgate.localhub")
+
+TELEMETRY = "devices/+/messages/events/#"
+
+
+@dataclass
+class DeviceView:
+    envelopes: int = 0
+    readings: int = 0
+    duplicates: int = 0
+    refused: int = 0
+    last: dict[str, Any] = field(default_factory=dict)
+    last_ts_ms: int = 0
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
+
+
+class HubService:
+    def __init__(
+        self,
+        pki: Pki,
+        *,
+        host: str,
+        port: int,
+        record: Path | None = None,
+        on_opened: Callable[[Opened], None] | None = None,
+    ) -> None:
+        self.pki = pki
+        self.host = host
+        self.port = port
+        passphrase = pki.passphrase()
+        self.keyring = keyring_mod.load(pki.keyring, passphrase)
+        self._context = client_context(pki.root_cert, pki.service_cert, pki.service_key, passphrase)
+        self._record: IO[bytes] | None = open(record, "ab") if record else None
+        self._on_opened = on_opened
+        self.tracker = SequenceTracker()
+        self.devices: dict[str, DeviceView] = {}
+        self.refused: list[str] = []
+        self.connected = asyncio.Event()
+
+    def _message(self, topic: str, body: bytes) -> None:
+        now = time.time()
+        if self._record is not None:
+            self._record.write(
+                orjson.dumps({"t": now, "topic": topic, "body": base64.b64encode(body).decode()})
+                + b"\n"
+            )
+            self._record.flush()
+        device = topic.split("/")[1] if topic.startswith("devices/") else "?"
+        view = self.devices.setdefault(device, DeviceView())
+        try:
+            opened = open_message(topic, body, self.keyring, received=now)
+        except EnvelopeError as err:
+            view.refused += 1
+            self.refused.append(f"{topic}: {err}")
+            log.warning("refused a message on %s: %s", topic, err)
+            return
+        fresh = self.tracker.add(opened)
+        view.envelopes += 1
+        view.readings += len(fresh)
+        view.duplicates += len(opened.readings) - len(fresh)
+        for reading in fresh:
+            view.last[reading.point] = reading.value
+        if fresh:
+            view.last_ts_ms = fresh[-1].ts_ms
+            now_ms = now * 1000
+            # Latency per scan (the first reading of each read), not per point: same clock.
+            view.latencies_ms.extend(now_ms - r.ts_ms for r in fresh[:: max(1, len(fresh) // 16)])
+        if self._on_opened is not None:
+            self._on_opened(opened)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Stay subscribed until ``stop`` is set, reconnecting if the broker goes away."""
+        while not stop.is_set():
+            try:
+                async with MqttClient(
+                    host=self.host,
+                    port=self.port,
+                    client_id=SERVICE_IDENTITY,
+                    ssl_context=self._context,
+                    server_hostname="localhost",
+                    clean_session=False,
+                    on_message=self._message,
+                ) as client:
+                    granted = await client.subscribe([(TELEMETRY, 1)])
+                    if granted != [1]:
+                        raise UplinkError(f"subscription refused: {granted}", retryable=False)
+                    self.connected.set()
+                    stop_task = asyncio.ensure_future(stop.wait())
+                    try:
+                        watched: list[asyncio.Future[Any]] = [stop_task, client.closed]
+                        await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        stop_task.cancel()
+            except UplinkError as err:
+                self.connected.clear()
+                log.warning("hub service: %s", err)
+                try:
+                    async with asyncio.timeout(0.5):
+                        await stop.wait()
+                except TimeoutError:
+                    pass
+
+    def close(self) -> None:
+        if self._record is not None:
+            self._record.close()
+            self._record = None
+
+
+def read_record(path: Path) -> list[tuple[str, bytes, float]]:
+    """Messages from a record file, as (topic, body, arrival time)."""
+    out = []
+    for line in path.read_bytes().splitlines():
+        if line.strip():
+            doc = orjson.loads(line)
+            out.append((doc["topic"], base64.b64decode(doc["body"]), float(doc["t"])))
+    return out

@@ -1,0 +1,77 @@
+"""``fieldgate open``: open recorded envelopes, refuse tampered ones, account for sequences."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import orjson
+
+from gateway import keyring as keyring_mod
+from gateway.consumer import SequenceTracker, open_all
+from gateway.errors import FieldgateError
+from gateway.localhub.service import read_record
+from gateway.pki import PASSPHRASE_ENV, Pki
+
+
+def load_keyring(pki_dir: Path | None, keyring_path: Path | None) -> keyring_mod.Keyring:
+    if pki_dir is not None:
+        pki = Pki(pki_dir)
+        return keyring_mod.load(keyring_path or pki.keyring, pki.passphrase())
+    if keyring_path is None:
+        raise FieldgateError("give --pki DIR or --keyring FILE")
+    passphrase = os.environ.get(PASSPHRASE_ENV)
+    if not passphrase:
+        raise FieldgateError(f"set {PASSPHRASE_ENV} to the keyring's passphrase")
+    return keyring_mod.load(keyring_path, passphrase.encode())
+
+
+def open_record(
+    record: Path, *, pki_dir: Path | None, keyring_path: Path | None, as_json: bool, summary: bool
+) -> int:
+    """Print every reading (deduplicated); exit 1 if any envelope was refused."""
+    ring = load_keyring(pki_dir, keyring_path)
+    tracker = SequenceTracker()
+    messages = read_record(record)
+    opened, errors = open_all(messages, ring)
+    out = sys.stdout
+    unique = 0
+    for item in opened:
+        fresh = tracker.add(item)
+        unique += len(fresh)
+        if summary:
+            continue
+        for r in fresh:
+            if as_json:
+                out.write(
+                    orjson.dumps(
+                        {
+                            "device": r.device_id,
+                            "boot": r.boot_id,
+                            "seq": r.seq,
+                            "point": r.point,
+                            "value": r.value,
+                            "ts_ms": r.ts_ms,
+                            "quality": r.quality,
+                        }
+                    ).decode()
+                    + "\n"
+                )
+            else:
+                out.write(
+                    f"{r.device_id} {r.boot_id}:{r.seq} {r.point}={r.value!r} "
+                    f"ts={r.ts_ms} {r.quality}\n"
+                )
+    for line in errors:
+        print(f"REFUSED {line}", file=sys.stderr)
+    gaps = tracker.gaps()
+    print(
+        f"{len(messages)} messages: {len(opened)} opened, {len(errors)} refused; "
+        f"{unique} readings, {tracker.duplicates} duplicates dropped, "
+        f"{sum(len(g) for g in gaps.values())} gaps",
+        file=sys.stderr,
+    )
+    for (device, boot), holes in sorted(gaps.items()):
+        print(f"  gap {device} boot {boot}: {holes[:5]}", file=sys.stderr)
+    return 1 if errors else 0

@@ -1,0 +1,344 @@
+"""A development PKI made with ``cryptography``: root -> intermediate -> device leaves.
+
+Layout of a PKI folder::
+
+    root.pem  root.key                 the development root (the broker trusts only this)
+    intermediate.pem  intermediate.key the CA the gateway holds and issues from
+    hub/server.pem  hub/server.key     the local hub stand-in's TLS certificate (+ intermediate)
+    hub/service.pem hub/service.key    the hub-side consumer's identity (CN hub-service)
+    devices/{id}.pem  devices/{id}.key a device: leaf + intermediate, and its key
+    keyring.json                       sealing keys, wrapped under the passphrase
+    passphrase                         0600, only when FIELDGATE_KEY_PASSPHRASE was not set
+
+Every private key is PKCS#8 encrypted under the passphrase; none is written in the clear.
+Operators who bring their own certificates point the config at them instead.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from gateway import keyring
+from gateway.errors import PkiError
+
+PASSPHRASE_ENV = "FIELDGATE_KEY_PASSPHRASE"
+SERVICE_IDENTITY = "hub-service"
+DEFAULT_KEY_ID = "k1"
+
+
+@dataclass(frozen=True)
+class Pki:
+    root: Path
+
+    @property
+    def root_cert(self) -> Path:
+        return self.root / "root.pem"
+
+    @property
+    def keyring(self) -> Path:
+        return self.root / "keyring.json"
+
+    @property
+    def passphrase_file(self) -> Path:
+        return self.root / "passphrase"
+
+    def device_cert(self, device_id: str) -> Path:
+        return self.root / "devices" / f"{device_id}.pem"
+
+    def device_key(self, device_id: str) -> Path:
+        return self.root / "devices" / f"{device_id}.key"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.root / "hub" / "server.pem"
+
+    @property
+    def server_key(self) -> Path:
+        return self.root / "hub" / "server.key"
+
+    @property
+    def service_cert(self) -> Path:
+        return self.root / "hub" / "service.pem"
+
+    @property
+    def service_key(self) -> Path:
+        return self.root / "hub" / "service.key"
+
+    def passphrase(self) -> bytes:
+        """The environment variable wins; otherwise the PKI's own 0600 passphrase file."""
+        value = os.environ.get(PASSPHRASE_ENV)
+        if value:
+            return value.encode()
+        try:
+            return self.passphrase_file.read_bytes().strip()
+        except FileNotFoundError:
+            raise PkiError(
+                f"no passphrase: set {PASSPHRASE_ENV} or create {self.passphrase_file}"
+            ) from None
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    os.replace(tmp, path)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey, passphrase: bytes) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(passphrase),
+    )
+
+
+def _cert_pem(*certs: x509.Certificate) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fieldgate"),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
+
+
+def _ca(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: x509.Certificate | None,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    path_length: int,
+    days: int,
+) -> x509.Certificate:
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(issuer.subject if issuer else _name(subject))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now())
+        .not_valid_after(_now() + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+    )
+    if issuer is not None:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key()),  # type: ignore[arg-type]
+            critical=False,
+        )
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _leaf(
+    cn: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: x509.Certificate,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    *,
+    server: bool,
+    days: int,
+    sans: Iterable[x509.GeneralName] = (),
+) -> x509.Certificate:
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(issuer.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now())
+        .not_valid_after(_now() + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key()),  # type: ignore[arg-type]
+            critical=False,
+        )
+    )
+    names = list(sans)
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def init(
+    root: Path,
+    *,
+    server_names: Iterable[str] = ("localhost",),
+    server_ips: Iterable[str] = ("127.0.0.1", "::1"),
+    root_name: str = "fieldgate dev root",
+) -> Pki:
+    """Create a development root, an intermediate, the hub stand-in's certificates and a
+    sealing keyring. Refuses to touch a folder that already holds a root."""
+    import ipaddress
+
+    pki = Pki(Path(root))
+    if pki.root_cert.exists():
+        raise PkiError(f"{pki.root_cert} exists already; refusing to replace a PKI")
+    pki.root.mkdir(parents=True, exist_ok=True)
+    os.chmod(pki.root, 0o700)
+    if not os.environ.get(PASSPHRASE_ENV) and not pki.passphrase_file.exists():
+        _write_private(pki.passphrase_file, secrets.token_urlsafe(32).encode() + b"\n")
+    passphrase = pki.passphrase()
+
+    root_key = _new_key()
+    root_cert = _ca(root_name, root_key, None, root_key, path_length=1, days=3650)
+    inter_key = _new_key()
+    inter_cert = _ca(
+        "fieldgate gateway intermediate", inter_key, root_cert, root_key, path_length=0, days=1825
+    )
+    _write_private(pki.root / "root.key", _key_pem(root_key, passphrase))
+    _write_public(pki.root_cert, _cert_pem(root_cert))
+    _write_private(pki.root / "intermediate.key", _key_pem(inter_key, passphrase))
+    _write_public(pki.root / "intermediate.pem", _cert_pem(inter_cert))
+
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in server_names]
+    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in server_ips]
+    server_key = _new_key()
+    server = _leaf("localhost", server_key, inter_cert, inter_key, server=True, days=825, sans=sans)
+    _write_private(pki.server_key, _key_pem(server_key, passphrase))
+    _write_public(pki.server_cert, _cert_pem(server, inter_cert))
+    _issue_client(
+        pki,
+        SERVICE_IDENTITY,
+        inter_cert,
+        inter_key,
+        passphrase,
+        pki.service_cert,
+        pki.service_key,
+        days=825,
+    )
+    if not pki.keyring.exists():
+        keyring.write_new(pki.keyring, passphrase, DEFAULT_KEY_ID)
+    return pki
+
+
+def _load_intermediate(
+    pki: Pki, passphrase: bytes
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    try:
+        cert = x509.load_pem_x509_certificate((pki.root / "intermediate.pem").read_bytes())
+        key = serialization.load_pem_private_key(
+            (pki.root / "intermediate.key").read_bytes(), password=passphrase
+        )
+    except FileNotFoundError as err:
+        raise PkiError(f"{pki.root}: no intermediate CA; run `fieldgate pki init` first") from err
+    except ValueError as err:
+        raise PkiError(f"{pki.root}/intermediate.key: wrong passphrase or damaged key") from err
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise PkiError("the intermediate key is not an EC key")
+    return cert, key
+
+
+def _issue_client(
+    pki: Pki,
+    cn: str,
+    inter_cert: x509.Certificate,
+    inter_key: ec.EllipticCurvePrivateKey,
+    passphrase: bytes,
+    cert_path: Path,
+    key_path: Path,
+    days: int,
+) -> None:
+    key = _new_key()
+    leaf = _leaf(cn, key, inter_cert, inter_key, server=False, days=days)
+    _write_private(key_path, _key_pem(key, passphrase))
+    _write_public(cert_path, _cert_pem(leaf, inter_cert))
+
+
+def issue(root: Path, device_ids: Iterable[str], *, days: int = 365) -> list[str]:
+    """Issue a leaf (CN = device id, EKU clientAuth) per device; returns the ids issued."""
+    import re
+
+    from gateway.config import DEVICE_ID_PATTERN
+
+    pki = Pki(Path(root))
+    passphrase = pki.passphrase()
+    inter_cert, inter_key = _load_intermediate(pki, passphrase)
+    done = []
+    for device_id in device_ids:
+        if not re.match(DEVICE_ID_PATTERN, device_id):
+            raise PkiError(f"{device_id!r} is not a valid device id ({DEVICE_ID_PATTERN})")
+        _issue_client(
+            pki,
+            device_id,
+            inter_cert,
+            inter_key,
+            passphrase,
+            pki.device_cert(device_id),
+            pki.device_key(device_id),
+            days,
+        )
+        done.append(device_id)
+    return done
+
+
+def decrypted_key_pem(key_path: Path, passphrase: bytes) -> bytes:
+    """The key unencrypted, for a process that cannot take a passphrase (the broker of the
+    local hub stand-in); the caller keeps it off persistent disk."""
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=passphrase)
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )

@@ -1,0 +1,46 @@
+"""The one place the event loop is chosen, and signals become a stop trigger."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+Main = Callable[[asyncio.Event], Coroutine[Any, Any, Any]]
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def run(main: Main) -> Any:
+    """Run ``main(stop)``; the first SIGINT/SIGTERM sets ``stop``, a second one cancels."""
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        return runner.run(_with_signals(main))
+
+
+async def _with_signals(main: Main) -> Any:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    task = asyncio.current_task()
+    assert task is not None
+
+    def on_signal() -> None:
+        if stop.is_set():
+            task.cancel("second signal: stopping now")
+        else:
+            stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        return await main(stop)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,188 @@
+"""One IoT Hub device session per identity: lease envelopes, publish, ack at PUBACK.
+
+A session owns nothing durable: what it has leased and not seen acknowledged goes back to the
+queue when its connection ends, and is published again on the next connection (at-least-once;
+consumers drop duplicates by device, boot id and sequence number).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from gateway.backoff import backoff_delay
+from gateway.config import HubConfig
+from gateway.errors import UplinkError
+from gateway.queue import EnvelopeQueue, Leased
+from gateway.readings import telemetry_topic
+from gateway.uplink.mqtt import MqttClient
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "2021-04-12"
+
+
+def client_context(ca_file: Path, cert: Path, key: Path, passphrase: bytes) -> ssl.SSLContext:
+    """TLS 1.2+ client context that verifies the hub against ``ca_file`` and presents a device
+    certificate chain whose key is encrypted under ``passphrase``."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_verify_locations(cafile=str(ca_file))
+    try:
+        ctx.load_cert_chain(str(cert), str(key), password=passphrase)
+    except ssl.SSLError as err:
+        raise UplinkError(
+            f"cannot load certificate {cert} with key {key}: {err.reason or err} "
+            "(wrong passphrase, or the key does not match the certificate)",
+            retryable=False,
+        ) from err
+    return ctx
+
+
+def iothub_username(hub_hostname: str, device_id: str) -> str:
+    return f"{hub_hostname}/{device_id}/?api-version={API_VERSION}"
+
+
+class ConnectLimiter:
+    """Spaces new connections to respect the hub's connect throttle (connections per second)."""
+
+    def __init__(self, rate: float) -> None:
+        self._interval = 1.0 / rate
+        self._next = 0.0
+
+    async def acquire(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        slot = max(now, self._next)
+        self._next = slot + self._interval
+        if slot > now:
+            await asyncio.sleep(slot - now)
+
+
+@dataclass(slots=True)
+class SessionStats:
+    connected: bool = False
+    connects: int = 0
+    envelopes_acked: int = 0
+    readings_acked: int = 0
+    last_error: str | None = None
+
+
+class _Window:
+    """In-flight publishes of one connection; callbacks from an old connection touch only it."""
+
+    __slots__ = ("count", "slot")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.slot = asyncio.Event()
+
+
+class DeviceSession:
+    def __init__(
+        self,
+        device_id: str,
+        hub: HubConfig,
+        context: ssl.SSLContext,
+        queue: EnvelopeQueue,
+        limiter: ConnectLimiter,
+    ) -> None:
+        self.device_id = device_id
+        self._hub = hub
+        self._context = context
+        self._queue = queue
+        self._limiter = limiter
+        self.stats = SessionStats()
+
+    def _client(self) -> MqttClient:
+        hub = self._hub
+        return MqttClient(
+            host=hub.address or hub.hostname,
+            port=hub.port,
+            client_id=self.device_id,
+            ssl_context=self._context,
+            server_hostname=hub.hostname,
+            username=iothub_username(hub.hostname, self.device_id),
+            keepalive=hub.keepalive,
+            connect_timeout=hub.connect_timeout,
+        )
+
+    async def run(self) -> None:
+        """Publish until the queue is closed and drained; reconnect with backoff in between."""
+        attempt = 0
+        while True:
+            await self._limiter.acquire()
+            try:
+                async with self._client() as client:
+                    self.stats.connected = True
+                    self.stats.connects += 1
+                    if attempt or self.stats.connects == 1:
+                        log.info("%s: connected to %s", self.device_id, self._hub.hostname)
+                    attempt = 0
+                    self.stats.last_error = None
+                    if await self._pump(client):
+                        return
+            except UplinkError as err:
+                if self.stats.last_error is None:
+                    # Log the transition, not every retry.
+                    log.warning("%s: uplink down: %s", self.device_id, err)
+                self.stats.last_error = str(err)
+            finally:
+                self.stats.connected = False
+                self._queue.release(self.device_id)
+            attempt += 1
+            await asyncio.sleep(
+                backoff_delay(attempt, self._hub.backoff_min, self._hub.backoff_max)
+            )
+
+    async def _pump(self, client: MqttClient) -> bool:
+        """True when the queue closed and every envelope was acked; raises on connection loss."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                watcher = tg.create_task(_until_closed(client), name=f"watch[{self.device_id}]")
+                publisher = tg.create_task(self._publish(client), name=f"publish[{self.device_id}]")
+                publisher.add_done_callback(lambda _: watcher.cancel())
+        except* UplinkError as group:
+            raise group.exceptions[0] from None
+        return True
+
+    async def _publish(self, client: MqttClient) -> None:
+        window = _Window()
+        limit = self._hub.max_inflight
+        device = self.device_id
+        while True:
+            while window.count >= limit:
+                window.slot.clear()
+                await window.slot.wait()
+            items = await self._queue.lease(device, limit - window.count)
+            if not items:
+                while window.count:
+                    window.slot.clear()
+                    await window.slot.wait()
+                await client.disconnect()
+                return
+            for item in items:
+                await client.writable()
+                future = client.publish(
+                    telemetry_topic(device, item.envelope.header), item.envelope.body
+                )
+                assert future is not None
+                window.count += 1
+                future.add_done_callback(partial(self._acked, window, item))
+
+    def _acked(self, window: _Window, item: Leased, future: asyncio.Future[None]) -> None:
+        window.count -= 1
+        window.slot.set()
+        if future.cancelled() or future.exception() is not None:
+            return
+        self._queue.ack(self.device_id, item.lease_id)
+        self.stats.envelopes_acked += 1
+        self.stats.readings_acked += item.envelope.header.count
+
+
+async def _until_closed(client: MqttClient) -> None:
+    await client.closed
