@@ -70,18 +70,22 @@ class Pipeline:
             return
         counters.scans += 1
         counters.readings += len(scan.values)
+        self._add(scan)
+
+    def _add(self, scan: Scan) -> None:
         closed, opened = self._batcher.add(scan, self._loop.time())
+        if opened:
+            self._arm(scan.device_id)
         if closed is not None:
             self._emit(closed)
-        if opened:
-            timer = self._timers.pop(scan.device_id, None)
-            if timer is not None:
-                timer.cancel()
-            deadline = self._batcher.deadline(scan.device_id)
-            assert deadline is not None
-            self._timers[scan.device_id] = self._loop.call_at(
-                deadline, self._expire, scan.device_id
-            )
+
+    def _arm(self, device_id: str) -> None:
+        timer = self._timers.pop(device_id, None)
+        if timer is not None:
+            timer.cancel()
+        deadline = self._batcher.deadline(device_id)
+        if deadline is not None:
+            self._timers[device_id] = self._loop.call_at(deadline, self._expire, device_id)
 
     def _expire(self, device_id: str) -> None:
         self._timers.pop(device_id, None)
@@ -89,17 +93,20 @@ class Pipeline:
         if batch is not None:
             self._emit(batch)
 
-    def _emit(self, batch: Batch) -> None:
-        envelopes = self._sealer.seal(batch)
+    def _emit(self, batch: Batch, *, final: bool = False) -> None:
+        envelopes, leftover = self._sealer.seal(batch, final=final)
         self._counters.envelopes_sealed += len(envelopes)
         self.sealed.put_nowait(envelopes)
+        # Scans that did not fit go to the head of the next batch, ahead of newer ones.
+        if leftover and self._batcher.requeue(batch.device_id, leftover, self._loop.time()):
+            self._arm(batch.device_id)
 
     def flush(self) -> None:
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
         for batch in self._batcher.take_all():
-            self._emit(batch)
+            self._emit(batch, final=True)
 
 
 class Gateway:

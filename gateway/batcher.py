@@ -18,9 +18,9 @@ from gateway.readings import Scan
 SCAN_OVERHEAD = 24
 VALUE_BYTES = 9
 # Close a little early so that an estimate a few percent low rarely forces a re-seal.
-FILL = 0.96
-INITIAL_RATIO = 0.45
-RATIO_WEIGHT = 0.25
+FILL = 0.97
+INITIAL_RATIO = 0.3
+RATIO_WEIGHT = 0.5
 
 
 @dataclass(slots=True)
@@ -45,11 +45,12 @@ class Batch:
 
 
 class Batcher:
-    def __init__(self, max_bytes: int, max_age: float, header_bytes: int = 160) -> None:
+    def __init__(self, max_bytes: int, max_age: float) -> None:
         self.max_bytes = max_bytes
         self.max_age = max_age
-        # The properties ride in the topic and count toward the meter too.
-        self._budget = max(64, max_bytes - header_bytes)
+        # The learnt ratio is against the envelope's metered size (body and properties), so
+        # the whole budget is max_bytes.
+        self._budget = max_bytes
         self._open: dict[str, _Open] = {}
         self._ratio: dict[str, float] = {}
 
@@ -79,6 +80,23 @@ class Batcher:
         current.count += len(scan.values)
         current.raw += cost
         return closed, opened
+
+    def requeue(self, device_id: str, scans: list[Scan], now: float) -> bool:
+        """Put scans that did not fit a sealed envelope back at the head of the device's open
+        batch (they are older than anything in it). Returns whether a batch was opened."""
+        current = self._open.get(device_id)
+        opened = current is None
+        if current is None:
+            current = self._open[device_id] = _Open(deadline=now + self.max_age)
+        for scan in scans:
+            cost = SCAN_OVERHEAD + VALUE_BYTES * len(scan.values)
+            if scan.names not in current.tables:
+                current.tables.add(scan.names)
+                cost += _table_cost(scan.names)
+            current.count += len(scan.values)
+            current.raw += cost
+        current.scans[:0] = scans
+        return opened
 
     def deadline(self, device_id: str) -> float | None:
         current = self._open.get(device_id)

@@ -74,6 +74,7 @@ def cmd_localhub(args: argparse.Namespace) -> int:
         port=args.port,
         record=Path(args.record) if args.record else None,
         quiet=args.quiet,
+        broker_log=Path(args.broker_log) if args.broker_log else None,
     )
 
 
@@ -152,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     hub.add_argument("--host", default="127.0.0.1")
     hub.add_argument("--port", type=int, default=8883)
     hub.add_argument("--record", help="append every message received to this JSON-lines file")
-    hub.add_argument("--quiet", action="store_true", help="no per-second summary")
+    hub.add_argument("--quiet", action="store_true", help="no periodic summary")
+    hub.add_argument("--broker-log", help="write mosquitto's log (connections, refusals) here")
     hub.set_defaults(func=cmd_localhub)
 
     sim = verbs.add_parser("simulate", help="device simulators").add_subparsers(

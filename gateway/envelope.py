@@ -74,26 +74,53 @@ class Sealer:
         self._zstd = zstandard.ZstdCompressor(level=1)
         self.next_seq: dict[str, int] = dict(next_seq or {})
 
-    def seal(self, batch: Batch) -> list[Envelope]:
-        """Seal a batch; one that came out over ``max_bytes`` is split and sealed again."""
-        return self._seal_within(batch.device_id, batch.scans, batch.estimated_raw)
+    def seal(self, batch: Batch, *, final: bool = False) -> tuple[list[Envelope], list[Scan]]:
+        """Seal a batch into envelopes of at most ``max_bytes``.
 
-    def _seal_within(self, device_id: str, scans: list[Scan], estimated_raw: int) -> list[Envelope]:
-        envelope = self._seal_one(device_id, scans)
-        self._batcher.observe(device_id, estimated_raw, envelope.size)
-        if envelope.size > self._batcher.max_bytes and len(scans) > 1:
-            half = len(scans) // 2
-            share = estimated_raw * half // len(scans)
-            return self._seal_within(device_id, scans[:half], share) + self._seal_within(
-                device_id, scans[half:], estimated_raw - share
-            )
-        if envelope.size > HUB_MESSAGE_CAP:
-            raise EnvelopeError(
-                f"{device_id}: one scan seals to {envelope.size} bytes, over "
-                "IoT Hub's 256 KB message cap"
-            )
-        self.next_seq[device_id] = envelope.header.first_seq + envelope.header.count
-        return [envelope]
+        When the batch came out too big (the batcher's estimate was low), the scans that did
+        not fit are returned to start the next batch, so units stay full; with ``final`` (a
+        shutdown flush) they are sealed into further envelopes instead.
+        """
+        scans = batch.scans
+        envelopes: list[Envelope] = []
+        estimated = batch.estimated_raw
+        while scans:
+            envelope = self._seal_one(batch.device_id, scans)
+            share = estimated * len(scans) // max(1, len(batch.scans))
+            self._batcher.observe(batch.device_id, share, envelope.size)
+            limit = self._batcher.max_bytes
+            if envelope.size > limit and len(scans) > 1:
+                # Keep the share that fits, judged by size, and try again with it.
+                keep = max(1, min(len(scans) - 1, len(scans) * limit * 95 // (envelope.size * 100)))
+                envelope, used = self._seal_fitting(batch.device_id, scans[:keep])
+                envelopes.append(envelope)
+                rest = scans[used:]
+                if not final:
+                    return envelopes, list(rest)
+                scans = rest
+                continue
+            if envelope.size > HUB_MESSAGE_CAP:
+                raise EnvelopeError(
+                    f"{batch.device_id}: one scan seals to {envelope.size} bytes, over "
+                    "IoT Hub's 256 KB message cap"
+                )
+            self._commit(envelope)
+            envelopes.append(envelope)
+            break
+        return envelopes, []
+
+    def _seal_fitting(self, device_id: str, scans: list[Scan]) -> tuple[Envelope, int]:
+        """Seal the longest head of ``scans`` that fits (at least one scan); returns the
+        envelope and how many scans it holds."""
+        while True:
+            envelope = self._seal_one(device_id, scans)
+            if envelope.size <= self._batcher.max_bytes or len(scans) == 1:
+                self._commit(envelope)
+                return envelope, len(scans)
+            scans = scans[: max(1, len(scans) * 9 // 10)]
+
+    def _commit(self, envelope: Envelope) -> None:
+        self.next_seq[envelope.device_id] = envelope.header.first_seq + envelope.header.count
 
     def _seal_one(self, device_id: str, scans: list[Scan]) -> Envelope:
         count = sum(len(s.values) for s in scans)

@@ -54,11 +54,21 @@ async def _report(service: HubService, stop: asyncio.Event) -> None:
         last = total
 
 
-def run_localhub(pki_dir: Path, *, host: str, port: int, record: Path | None, quiet: bool) -> int:
+def run_localhub(
+    pki_dir: Path,
+    *,
+    host: str,
+    port: int,
+    record: Path | None,
+    quiet: bool,
+    broker_log: Path | None = None,
+) -> int:
     pki = Pki(pki_dir)
 
     async def main(stop: asyncio.Event) -> None:
-        await serve(pki, host=host, port=port, record=record, quiet=quiet, stop=stop)
+        await serve(
+            pki, host=host, port=port, record=record, quiet=quiet, stop=stop, log_path=broker_log
+        )
 
     runtime.run(main)
     return 0

@@ -1,0 +1,152 @@
+"""Shared fixtures: a development PKI, free loopback ports, and processes stopped by PID."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway import pki as pki_mod
+from gateway.consumer import Opened, SequenceTracker, open_all
+from gateway.keyring import Keyring
+from gateway.keyring import load as load_keyring
+from gateway.localhub.service import read_record
+
+DEVICES = [f"plc-{i}" for i in range(1, 13)]
+
+
+def fieldgate(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gateway.cli", *args]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> int:
+    """The first of ``count`` consecutive ports that are free right now."""
+    for _ in range(200):
+        base = random.randint(20000, 60000 - count)
+        socks = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                s.bind((host, port))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+class Proc:
+    """A child process whose output goes to a file; stopped by its PID."""
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.log = log
+        self._out = open(log, "wb")  # noqa: SIM115
+        self.popen = subprocess.Popen(
+            args, stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})})
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = re.search(pattern, self.output())
+            if found:
+                return found
+            if self.popen.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"{pattern!r} not seen (exit {self.popen.poll()}):\n"
+                             f"{self.output()[-3000:]}")
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.popen.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.popen.wait()
+        self._out.close()
+        return self.popen.returncode
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    """Processes a test starts; whatever is still running at the end is stopped."""
+    started: list[Proc] = []
+    yield started
+    for proc in reversed(started):
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("pki") / "pki"
+    pki_mod.init(root)
+    pki_mod.issue(root, DEVICES)
+    return root
+
+
+@pytest.fixture(scope="session")
+def keyring(pki_dir: Path) -> Keyring:
+    p = pki_mod.Pki(pki_dir)
+    return load_keyring(p.keyring, p.passphrase())
+
+
+def start_hub(procs: list[Proc], tmp: Path, pki_dir: Path) -> tuple[int, Path]:
+    port = free_ports(1)
+    record = tmp / "hub-record.jsonl"
+    hub = Proc(fieldgate("localhub", "--pki", str(pki_dir), "--port", str(port),
+                         "--record", str(record), "--broker-log", str(tmp / "broker.log"),
+                         "--quiet"), tmp / "hub.log")
+    procs.append(hub)
+    hub.wait_for("local hub listening")
+    return port, record
+
+
+def start_simulator(procs: list[Proc], tmp: Path, pki_dir: Path, hub_port: int, devices: int,
+                    *extra: str) -> tuple[Path, Proc]:
+    base = free_ports(devices)
+    config = tmp / "gateway.toml"
+    sim = Proc(fieldgate("simulate", "modbus", "--devices", str(devices), "--port", str(base),
+                         "--write-config", str(config), "--pki", str(pki_dir),
+                         "--hub-port", str(hub_port), "--state-dir", str(tmp / "state"),
+                         *extra), tmp / "sim.log")
+    procs.append(sim)
+    sim.wait_for("simulated Modbus devices on")
+    return config, sim
+
+
+def wait_until(predicate: object, timeout: float, what: str) -> None:
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def opened_from(record: Path, keyring: Keyring) -> tuple[list[Opened], list[str],
+                                                         SequenceTracker]:
+    tracker = SequenceTracker()
+    opened, errors = open_all(read_record(record) if record.exists() else [], keyring, tracker)
+    return opened, errors, tracker

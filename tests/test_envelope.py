@@ -1,0 +1,176 @@
+"""Batches fill IoT Hub's 4 KB unit without passing it; envelopes refuse every tampering."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+
+from gateway.batcher import Batch, Batcher
+from gateway.consumer import SequenceTracker, open_message
+from gateway.envelope import Sealer, open_envelope
+from gateway.errors import EnvelopeError
+from gateway.keyring import Keyring
+from gateway.readings import Header, Scan, telemetry_topic
+
+KEY = os.urandom(32)
+RING = Keyring({"k1": KEY})
+NAMES = tuple(f"temperature_{i}" for i in range(60))
+
+
+def scan(device: str, t: int) -> Scan:
+    values = [round(20 + 5 * math.sin(t / 7 + i), 4) for i in range(60)]
+    return Scan(device, 1_700_000_000_000 + t * 100, NAMES, values)
+
+
+def sealed_stream(max_bytes: int, scans: int) -> list[object]:
+    batcher = Batcher(max_bytes, max_age=3600)
+    sealer = Sealer(KEY, "k1", "boot1", batcher)
+    envelopes = []
+    for t in range(scans):
+        closed, _ = batcher.add(scan("dev", t), float(t))
+        if closed:
+            sealed, leftover = sealer.seal(closed)
+            envelopes += sealed
+            batcher.requeue("dev", leftover, float(t))
+    return envelopes
+
+
+@pytest.mark.parametrize("max_bytes", [4000, 16000])
+def test_batches_fill_the_meter_unit_without_passing_it(max_bytes: int) -> None:
+    envelopes = sealed_stream(max_bytes, 6000)
+    sizes = [e.size for e in envelopes]  # type: ignore[attr-defined]
+    assert max(sizes) <= max_bytes
+    # After the first few batches teach the batcher the ratio, units are well filled.
+    steady = sizes[5:]
+    assert sum(steady) / len(steady) >= 0.85 * max_bytes
+
+
+def test_sequence_numbers_are_contiguous_across_envelopes() -> None:
+    envelopes = sealed_stream(4000, 500)
+    expected = 0
+    for e in envelopes:
+        assert e.header.first_seq == expected  # type: ignore[attr-defined]
+        expected += e.header.count  # type: ignore[attr-defined]
+
+
+def test_batch_closes_at_its_age_deadline() -> None:
+    batcher = Batcher(4000, max_age=1.0)
+    _, opened = batcher.add(scan("d", 0), now=10.0)
+    assert opened and batcher.deadline("d") == 11.0
+    _, opened = batcher.add(scan("d", 1), now=10.5)
+    assert not opened
+    batch = batcher.take("d")
+    assert batch is not None and batch.count == 120
+    assert batcher.take("d") is None
+
+
+def _one() -> tuple[Header, bytes]:
+    batcher = Batcher(4000, 1.0)
+    sealer = Sealer(KEY, "k1", "b0", batcher, next_seq={"dev-a": 500})
+    batcher.add(scan("dev-a", 1), 0.0)
+    batch = batcher.take("dev-a")
+    assert batch is not None
+    [env], _ = sealer.seal(batch)
+    return env.header, env.body
+
+
+def test_envelope_opens_to_the_readings_that_went_in() -> None:
+    header, body = _one()
+    readings = open_envelope("dev-a", header, body, RING)
+    assert [r.seq for r in readings] == list(range(500, 560))
+    assert readings[3].point == "temperature_3"
+    assert readings[3].value == scan("dev-a", 1).values[3]
+    assert {r.quality for r in readings} == {"good"}
+
+
+@pytest.mark.parametrize("position", [0, 5, 12, 30, -17, -1])
+def test_a_flipped_body_byte_is_refused(position: int) -> None:
+    header, body = _one()
+    broken = bytearray(body)
+    broken[position] ^= 0x01
+    with pytest.raises(EnvelopeError, match="authentication failed"):
+        open_envelope("dev-a", header, bytes(broken), RING)
+
+
+@pytest.mark.parametrize("change", [
+    {"first_seq": 501}, {"count": 59}, {"boot_id": "b1"}, {"key_id": "k2"},
+])
+def test_a_changed_header_is_refused(change: dict[str, object]) -> None:
+    header, body = _one()
+    fields = {f: getattr(header, f) for f in Header.__slots__}
+    fields.update(change)
+    ring = Keyring({"k1": KEY, "k2": KEY})
+    with pytest.raises(EnvelopeError, match="authentication failed"):
+        open_envelope("dev-a", Header(**fields), body, ring)  # type: ignore[arg-type]
+
+
+def test_an_envelope_moved_to_another_device_is_refused() -> None:
+    header, body = _one()
+    with pytest.raises(EnvelopeError, match="authentication failed"):
+        open_message(telemetry_topic("dev-b", header), body, RING)
+    assert len(open_message(telemetry_topic("dev-a", header), body, RING).readings) == 60
+
+
+def test_unknown_key_and_garbage_are_refused_cleanly() -> None:
+    header, body = _one()
+    with pytest.raises(EnvelopeError, match="not in the keyring"):
+        open_envelope("dev-a", header, body, Keyring({}))
+    with pytest.raises(EnvelopeError, match="too short"):
+        open_envelope("dev-a", header, b"xx", RING)
+    with pytest.raises(EnvelopeError, match="missing"):
+        open_message("devices/dev-a/messages/events/fg-v=1", body, RING)
+
+
+def test_tracker_counts_duplicates_and_gaps() -> None:
+    batcher = Batcher(4000, 3600)
+    sealer = Sealer(KEY, "k1", "b", batcher)
+    opened = []
+    for t in range(3):
+        batcher.add(scan("d", t), 0.0)
+        batch = batcher.take("d")
+        assert batch is not None
+        [env], _ = sealer.seal(batch)
+        opened.append(open_message(telemetry_topic("d", env.header), env.body, RING))
+    tracker = SequenceTracker()
+    assert len(tracker.add(opened[0])) == 60
+    assert len(tracker.add(opened[2])) == 60
+    assert tracker.gaps() == {("d", "b"): [(60, 120)]}
+    assert tracker.add(opened[0]) == []  # redelivered after a reconnect
+    assert len(tracker.add(opened[1])) == 60
+    assert tracker.gaps() == {} and tracker.duplicates == 60
+    assert tracker.unique_readings() == 180
+
+
+def test_no_reading_is_lost_or_reordered_when_a_batch_overshoots() -> None:
+    batcher = Batcher(4000, 3600)
+    sealer = Sealer(KEY, "k1", "b", batcher)
+    opened = []
+    for t in range(3000):
+        closed, _ = batcher.add(scan("d", t), float(t))
+        if closed:
+            sealed, leftover = sealer.seal(closed)
+            batcher.requeue("d", leftover, float(t))
+            opened += [open_message(telemetry_topic("d", e.header), e.body, RING) for e in sealed]
+    rest = batcher.take("d")
+    assert rest is not None
+    sealed, leftover = sealer.seal(rest, final=True)
+    assert leftover == []
+    opened += [open_message(telemetry_topic("d", e.header), e.body, RING) for e in sealed]
+    readings = [r for o in opened for r in o.readings]
+    assert len(readings) == 3000 * 60
+    assert [r.seq for r in readings] == list(range(3000 * 60))
+    times = [r.ts_ms for r in readings]
+    assert times == sorted(times)
+
+
+def test_final_flush_splits_an_oversized_batch_instead_of_returning_scans() -> None:
+    sealer = Sealer(KEY, "k1", "b", Batcher(4000, 3600))
+    scans = [scan("d", t) for t in range(200)]
+    batch = Batch("d", scans, 200 * 60, estimated_raw=1000)  # an estimate far too low
+    envelopes, leftover = sealer.seal(batch, final=True)
+    assert leftover == [] and len(envelopes) > 3
+    assert all(e.size <= 4000 for e in envelopes)
+    assert sum(e.header.count for e in envelopes) == 200 * 60
+    assert [e.header.first_seq for e in envelopes][0] == 0
