@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 
 import pytest
 
@@ -167,7 +168,8 @@ def test_no_reading_is_lost_or_reordered_when_a_batch_overshoots() -> None:
 
 def test_final_flush_splits_an_oversized_batch_instead_of_returning_scans() -> None:
     sealer = Sealer(KEY, "k1", "b", Batcher(4000, 3600))
-    scans = [scan("d", t) for t in range(200)]
+    rng = random.Random(3)
+    scans = [Scan("d", t, NAMES, [rng.uniform(-1e6, 1e6) for _ in NAMES]) for t in range(200)]
     batch = Batch("d", scans, 200 * 60, estimated_raw=1000)  # an estimate far too low
     envelopes, leftover = sealer.seal(batch, final=True)
     assert leftover == [] and len(envelopes) > 3
