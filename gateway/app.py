@@ -117,9 +117,17 @@ class Gateway:
         self.boot_id = boot_id or secrets.token_hex(8)
         self.counters = Counters()
         self.health = {d.id: DeviceHealth(d.id) for d in config.devices if d.enabled}
-        self.events = SecurityEvents(config.gateway.state_dir)
+        # Opened in run(), after keys and certificates were checked: a refused start writes
+        # nothing.
+        self._events: SecurityEvents | None = None
         self.queue: EnvelopeQueue = queue or MemoryQueue(on_drop=self._dropped)
         self.sessions: dict[str, DeviceSession] = {}
+
+    @property
+    def events(self) -> SecurityEvents:
+        if self._events is None:
+            self._events = SecurityEvents(self.config.gateway.state_dir)
+        return self._events
 
     def _dropped(self, device_id: str, envelopes: int, readings: int) -> None:
         self.counters.dropped_envelopes += envelopes
@@ -241,6 +249,13 @@ class Gateway:
             )
         else:
             log.info("stopped: every envelope was delivered")
+        delivered = sum(s.stats.readings_acked for s in self.sessions.values())
+        log.info(
+            "readings: %d read, %d delivered, %d dropped",
+            self.counters.readings,
+            delivered,
+            self.counters.dropped_readings,
+        )
 
     def status(self) -> dict[str, object]:
         return {

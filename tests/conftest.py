@@ -52,10 +52,14 @@ class Proc:
 
     def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.log = log
-        self._out = open(log, "wb")  # noqa: SIM115
+        self._out = open(log, "wb")
         self.popen = subprocess.Popen(
-            args, stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})})
+            args,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+        )
 
     @property
     def pid(self) -> int:
@@ -73,8 +77,9 @@ class Proc:
             if self.popen.poll() is not None:
                 break
             time.sleep(0.05)
-        raise AssertionError(f"{pattern!r} not seen (exit {self.popen.poll()}):\n"
-                             f"{self.output()[-3000:]}")
+        raise AssertionError(
+            f"{pattern!r} not seen (exit {self.popen.poll()}):\n{self.output()[-3000:]}"
+        )
 
     def stop(self, timeout: float = 20.0) -> int:
         if self.popen.poll() is None:
@@ -114,22 +119,51 @@ def keyring(pki_dir: Path) -> Keyring:
 def start_hub(procs: list[Proc], tmp: Path, pki_dir: Path) -> tuple[int, Path]:
     port = free_ports(1)
     record = tmp / "hub-record.jsonl"
-    hub = Proc(fieldgate("localhub", "--pki", str(pki_dir), "--port", str(port),
-                         "--record", str(record), "--broker-log", str(tmp / "broker.log"),
-                         "--quiet"), tmp / "hub.log")
+    hub = Proc(
+        fieldgate(
+            "localhub",
+            "--pki",
+            str(pki_dir),
+            "--port",
+            str(port),
+            "--record",
+            str(record),
+            "--broker-log",
+            str(tmp / "broker.log"),
+            "--quiet",
+        ),
+        tmp / "hub.log",
+    )
     procs.append(hub)
     hub.wait_for("local hub listening")
     return port, record
 
 
-def start_simulator(procs: list[Proc], tmp: Path, pki_dir: Path, hub_port: int, devices: int,
-                    *extra: str) -> tuple[Path, Proc]:
+def start_simulator(
+    procs: list[Proc], tmp: Path, pki_dir: Path, hub_port: int, devices: int, *extra: str
+) -> tuple[Path, Proc]:
     base = free_ports(devices)
     config = tmp / "gateway.toml"
-    sim = Proc(fieldgate("simulate", "modbus", "--devices", str(devices), "--port", str(base),
-                         "--write-config", str(config), "--pki", str(pki_dir),
-                         "--hub-port", str(hub_port), "--state-dir", str(tmp / "state"),
-                         *extra), tmp / "sim.log")
+    sim = Proc(
+        fieldgate(
+            "simulate",
+            "modbus",
+            "--devices",
+            str(devices),
+            "--port",
+            str(base),
+            "--write-config",
+            str(config),
+            "--pki",
+            str(pki_dir),
+            "--hub-port",
+            str(hub_port),
+            "--state-dir",
+            str(tmp / "state"),
+            *extra,
+        ),
+        tmp / "sim.log",
+    )
     procs.append(sim)
     sim.wait_for("simulated Modbus devices on")
     return config, sim
@@ -145,8 +179,7 @@ def wait_until(predicate: object, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def opened_from(record: Path, keyring: Keyring) -> tuple[list[Opened], list[str],
-                                                         SequenceTracker]:
+def opened_from(record: Path, keyring: Keyring) -> tuple[list[Opened], list[str], SequenceTracker]:
     tracker = SequenceTracker()
     opened, errors = open_all(read_record(record) if record.exists() else [], keyring, tracker)
     return opened, errors, tracker

@@ -7,7 +7,6 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from adapters.modbus.simulator import held_value, make_points
 from conftest import (
     Proc,
     fieldgate,
@@ -16,6 +15,8 @@ from conftest import (
     start_simulator,
     wait_until,
 )
+
+from adapters.modbus.simulator import held_value, make_points
 from gateway import config as config_mod
 from gateway.keyring import Keyring
 
@@ -33,10 +34,12 @@ def _points_by_name(config_path: Path) -> dict[str, dict[str, tuple[object, int]
 
 
 def test_every_device_arrives_on_its_own_identity_with_true_values_and_no_gaps(
-        tmp_path: Path, pki_dir: Path, keyring: Keyring, procs: list[Proc]) -> None:
+    tmp_path: Path, pki_dir: Path, keyring: Keyring, procs: list[Proc]
+) -> None:
     hub_port, record = start_hub(procs, tmp_path, pki_dir)
-    config, _ = start_simulator(procs, tmp_path, pki_dir, hub_port, DEVICE_COUNT,
-                                "--period", "0.2", "--max-age", "0.5")
+    config, _ = start_simulator(
+        procs, tmp_path, pki_dir, hub_port, DEVICE_COUNT, "--period", "0.2", "--max-age", "0.5"
+    )
     gateway = Proc(fieldgate("run", "--config", str(config)), tmp_path / "gateway.log")
     procs.append(gateway)
 

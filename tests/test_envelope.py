@@ -95,9 +95,15 @@ def test_a_flipped_body_byte_is_refused(position: int) -> None:
         open_envelope("dev-a", header, bytes(broken), RING)
 
 
-@pytest.mark.parametrize("change", [
-    {"first_seq": 501}, {"count": 59}, {"boot_id": "b1"}, {"key_id": "k2"},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"first_seq": 501},
+        {"count": 59},
+        {"boot_id": "b1"},
+        {"key_id": "k2"},
+    ],
+)
 def test_a_changed_header_is_refused(change: dict[str, object]) -> None:
     header, body = _one()
     fields = {f: getattr(header, f) for f in Header.__slots__}
@@ -175,4 +181,4 @@ def test_final_flush_splits_an_oversized_batch_instead_of_returning_scans() -> N
     assert leftover == [] and len(envelopes) > 3
     assert all(e.size <= 4000 for e in envelopes)
     assert sum(e.header.count for e in envelopes) == 200 * 60
-    assert [e.header.first_seq for e in envelopes][0] == 0
+    assert next(e.header.first_seq for e in envelopes) == 0

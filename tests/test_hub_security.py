@@ -9,8 +9,8 @@ import warnings
 from pathlib import Path
 
 import pytest
-
 from conftest import free_ports
+
 from gateway import pki as pki_mod
 from gateway.errors import UplinkError
 from gateway.localhub.broker import Broker
@@ -19,13 +19,26 @@ from gateway.uplink.mqtt import MqttClient
 from gateway.uplink.session import client_context, iothub_username
 
 
-def _device(pki: Pki, device_id: str, port: int, *, ca: Path | None = None,
-            server_hostname: str = "localhost") -> MqttClient:
-    context = client_context(ca or pki.root_cert, pki.device_cert(device_id),
-                             pki.device_key(device_id), pki.passphrase())
-    return MqttClient(host="127.0.0.1", port=port, client_id=device_id, ssl_context=context,
-                      server_hostname=server_hostname,
-                      username=iothub_username("localhost", device_id), connect_timeout=5)
+def _device(
+    pki: Pki,
+    device_id: str,
+    port: int,
+    *,
+    ca: Path | None = None,
+    server_hostname: str = "localhost",
+) -> MqttClient:
+    context = client_context(
+        ca or pki.root_cert, pki.device_cert(device_id), pki.device_key(device_id), pki.passphrase()
+    )
+    return MqttClient(
+        host="127.0.0.1",
+        port=port,
+        client_id=device_id,
+        ssl_context=context,
+        server_hostname=server_hostname,
+        username=iothub_username("localhost", device_id),
+        connect_timeout=5,
+    )
 
 
 def test_a_device_cannot_deliver_on_another_devices_topic(pki_dir: Path) -> None:
@@ -41,12 +54,20 @@ def test_a_device_cannot_deliver_on_another_devices_topic(pki_dir: Path) -> None
             if body == b"own":
                 own_arrived.set()
 
-        service_ctx = client_context(pki.root_cert, pki.service_cert, pki.service_key,
-                                     pki.passphrase())
-        async with Broker(pki, port=port), MqttClient(
-                host="127.0.0.1", port=port, client_id=SERVICE_IDENTITY,
-                ssl_context=service_ctx, server_hostname="localhost",
-                on_message=on_message) as service:
+        service_ctx = client_context(
+            pki.root_cert, pki.service_cert, pki.service_key, pki.passphrase()
+        )
+        async with (
+            Broker(pki, port=port),
+            MqttClient(
+                host="127.0.0.1",
+                port=port,
+                client_id=SERVICE_IDENTITY,
+                ssl_context=service_ctx,
+                server_hostname="localhost",
+                on_message=on_message,
+            ) as service,
+        ):
             assert await service.subscribe([("devices/+/messages/events/#", 1)]) == [1]
             async with _device(pki, "plc-1", port) as plc1:
                 spoof = plc1.publish("devices/plc-2/messages/events/a=1", b"spoof")
@@ -98,13 +119,15 @@ def _handshake(port: int, pki: Pki, *, tls_max: ssl.TLSVersion, with_cert: bool 
         context.maximum_version = tls_max
     context.load_verify_locations(str(pki.root_cert))
     if with_cert:
-        context.load_cert_chain(str(pki.device_cert("plc-1")), str(pki.device_key("plc-1")),
-                                password=pki.passphrase())
+        context.load_cert_chain(
+            str(pki.device_cert("plc-1")), str(pki.device_key("plc-1")), password=pki.passphrase()
+        )
 
     async def attempt() -> str:
         try:
             reader, writer = await asyncio.open_connection(
-                "127.0.0.1", port, ssl=context, server_hostname="localhost")
+                "127.0.0.1", port, ssl=context, server_hostname="localhost"
+            )
         except (ssl.SSLError, OSError) as err:
             return str(err)
         try:

@@ -11,35 +11,42 @@ from adapters.modbus.registers import encode_value, plan_reads, shortest_float32
 from gateway.config import Point
 
 
-def point(name: str, address: int, kind: str = "uint16", table: str = "holding",
-          **kw: object) -> Point:
-    return Point.model_validate({"name": name, "address": address, "type": kind,
-                                 "table": table, **kw})
+def point(
+    name: str, address: int, kind: str = "uint16", table: str = "holding", **kw: object
+) -> Point:
+    return Point.model_validate(
+        {"name": name, "address": address, "type": kind, "table": table, **kw}
+    )
 
 
 # float32 1.5 is 0x3FC00000: bytes A B C D = 3F C0 00 00.
-@pytest.mark.parametrize(("word", "byte", "registers"), [
-    ("big", "big", [0x3FC0, 0x0000]),        # ABCD
-    ("little", "big", [0x0000, 0x3FC0]),     # CDAB
-    ("big", "little", [0xC03F, 0x0000]),     # BADC
-    ("little", "little", [0x0000, 0xC03F]),  # DCBA
-])
-def test_float32_in_every_word_and_byte_order(word: str, byte: str,
-                                              registers: list[int]) -> None:
+@pytest.mark.parametrize(
+    ("word", "byte", "registers"),
+    [
+        ("big", "big", [0x3FC0, 0x0000]),  # ABCD
+        ("little", "big", [0x0000, 0x3FC0]),  # CDAB
+        ("big", "little", [0xC03F, 0x0000]),  # BADC
+        ("little", "little", [0x0000, 0xC03F]),  # DCBA
+    ],
+)
+def test_float32_in_every_word_and_byte_order(word: str, byte: str, registers: list[int]) -> None:
     p = point("f", 0, "float32", word_order=word, byte_order=byte)
     assert plan_reads([p])[0].decode(registers) == [1.5]
     assert encode_value(p, 1.5) == registers
 
 
-@pytest.mark.parametrize(("kind", "registers", "value"), [
-    ("int16", [0xFFFE], -2),
-    ("uint16", [0xFFFE], 65534),
-    ("int32", [0xFFFF, 0xFFFD], -3),
-    ("uint32", [0x0001, 0x0000], 65536),
-    ("float64", [0x4009, 0x21FB, 0x5444, 0x2D18], 3.141592653589793),
-    ("bool", [0x0000], False),
-    ("bool", [0x0100], True),
-])
+@pytest.mark.parametrize(
+    ("kind", "registers", "value"),
+    [
+        ("int16", [0xFFFE], -2),
+        ("uint16", [0xFFFE], 65534),
+        ("int32", [0xFFFF, 0xFFFD], -3),
+        ("uint32", [0x0001, 0x0000], 65536),
+        ("float64", [0x4009, 0x21FB, 0x5444, 0x2D18], 3.141592653589793),
+        ("bool", [0x0000], False),
+        ("bool", [0x0100], True),
+    ],
+)
 def test_each_type_decodes_big_endian(kind: str, registers: list[int], value: object) -> None:
     assert plan_reads([point("x", 10, kind)])[0].decode(registers) == [value]
 
@@ -72,14 +79,20 @@ def test_a_block_never_exceeds_125_registers_nor_mixes_tables_or_periods() -> No
 
 
 def test_block_decodes_every_point_in_place() -> None:
-    points = [point("a", 0, "float32"), point("b", 5, "int16"),
-              point("c", 6, "uint32", word_order="little")]
+    points = [
+        point("a", 0, "float32"),
+        point("b", 5, "int16"),
+        point("c", 6, "uint32", word_order="little"),
+    ]
     block = plan_reads(points)[0]
     registers = [0] * block.count
     for p, v in zip(points, (2.5, -7, 70000), strict=True):
-        registers[p.address:p.address + len(encode_value(p, v))] = encode_value(p, v)
+        registers[p.address : p.address + len(encode_value(p, v))] = encode_value(p, v)
     assert dict(zip(block.names, block.decode(registers), strict=True)) == {
-        "a": 2.5, "b": -7, "c": 70000}
+        "a": 2.5,
+        "b": -7,
+        "c": 70000,
+    }
 
 
 def test_short_response_is_refused_not_misread() -> None:
@@ -89,8 +102,9 @@ def test_short_response_is_refused_not_misread() -> None:
 
 
 def test_coils_decode_from_bits() -> None:
-    block = plan_reads([point("x", 3, "bool", table="coil"), point("y", 5, "bool",
-                                                                    table="coil")])[0]
+    block = plan_reads([point("x", 3, "bool", table="coil"), point("y", 5, "bool", table="coil")])[
+        0
+    ]
     assert (block.address, block.count) == (3, 3)
     assert block.decode([True, False, False, False, False, False, False, False]) == [True, False]
 

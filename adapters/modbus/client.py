@@ -15,7 +15,7 @@ from struct import error as struct_error
 from typing import Any
 
 from pymodbus.client import AsyncModbusTcpClient
-from pymodbus.exceptions import ConnectionException, ModbusException
+from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 
 from adapters.base import Admit, DeviceHealth, Evidence, ScanSink
 from adapters.modbus.registers import ReadBlock, plan_reads
@@ -116,7 +116,14 @@ class ModbusPoller:
                     response = await readers[index](
                         block.address, count=block.count, device_id=unit
                     )
-            except (TimeoutError, ConnectionException, ModbusException, OSError) as err:
+            except (TimeoutError, ModbusIOException) as err:
+                health.reads_failed += 1
+                raise DeviceUnavailable(
+                    device_id,
+                    self.endpoint,
+                    f"read {block.table}@{block.address}: no response within {timeout} s",
+                ) from err
+            except (ConnectionException, ModbusException, OSError) as err:
                 health.reads_failed += 1
                 raise DeviceUnavailable(
                     device_id, self.endpoint, f"read {block.table}@{block.address}: {err!r}"

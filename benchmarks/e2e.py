@@ -1,0 +1,251 @@
+"""End-to-end throughput: simulated Modbus fleet -> `fieldgate run` -> local hub stand-in.
+
+Runs the simulator, the hub stand-in and the gateway as separate processes on loopback, holds a
+fixed profile, and prints one JSON document measured at the hub side:
+
+- points/s delivered and opened at the hub (steady window, after warm-up);
+- gateway CPU seconds per 1M points and points per gateway CPU-second (one core's capacity);
+- gateway RSS (current and peak);
+- p50/p99 latency from the gateway's read timestamp to arrival at the hub;
+- MQTT messages and 4 KB units per 1,000 points, and the packing minimum for comparison;
+- sequence gaps and duplicates (must be 0).
+
+    python benchmarks/e2e.py --devices 100 --points 60 --rate 10 --duration 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from gateway import pki as pki_mod
+from gateway.consumer import SequenceTracker, open_all
+from gateway.keyring import load as load_keyring
+from gateway.localhub.service import read_record
+
+UNIT = 4096
+
+
+def fieldgate(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gateway.cli", *args]
+
+
+def free_base(count: int) -> int:
+    for base in range(21000, 60000, count + 7):
+        socks = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                s.bind(("127.0.0.1", port))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free ports")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    values = {}
+    for line in status.splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            key, amount = line.split(":")
+            values[key] = int(amount.split()[0]) / 1024
+    return values["VmRSS"], values["VmHWM"]
+
+
+def wait_for(path: Path, pattern: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and pattern in path.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{pattern!r} not in {path}")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    work = Path(tempfile.mkdtemp(prefix="fieldgate-bench-"))
+    pki_dir = work / "pki"
+    pki_mod.init(pki_dir)
+    hub_port = free_base(1)
+    record = work / "record.jsonl"
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log = open(work / f"{name}.log", "wb")
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        procs.append(proc)
+        return proc
+
+    try:
+        start(
+            "hub",
+            fieldgate(
+                "localhub",
+                "--pki",
+                str(pki_dir),
+                "--port",
+                str(hub_port),
+                "--record",
+                str(record),
+                "--quiet",
+            ),
+        )
+        wait_for(work / "hub.log", "local hub listening")
+        sim_base = free_base(args.devices)
+        config = work / "gateway.toml"
+        start(
+            "sim",
+            fieldgate(
+                "simulate",
+                "modbus",
+                "--devices",
+                str(args.devices),
+                "--points",
+                str(args.points),
+                "--types",
+                args.types,
+                "--period",
+                str(1 / args.rate),
+                "--port",
+                str(sim_base),
+                "--write-config",
+                str(config),
+                "--pki",
+                str(pki_dir),
+                "--hub-port",
+                str(hub_port),
+                "--max-age",
+                str(args.max_age),
+                "--state-dir",
+                str(work / "state"),
+                "--step",
+                "0.1",
+            ),
+        )
+        wait_for(work / "sim.log", "simulated Modbus devices on")
+        gateway = start(
+            "gateway", fieldgate("--log-level", "warning", "run", "--config", str(config))
+        )
+        time.sleep(args.warmup)
+        t0, cpu0 = time.time(), cpu_seconds(gateway.pid)
+        time.sleep(args.duration)
+        t1, cpu1 = time.time(), cpu_seconds(gateway.pid)
+        rss_now, rss_peak = rss_mb(gateway.pid)
+        code = stop(gateway)
+        time.sleep(1.0)
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+
+    p = pki_mod.Pki(pki_dir)
+    ring = load_keyring(p.keyring, p.passphrase())
+    tracker = SequenceTracker()
+    messages = read_record(record)
+    opened, errors = open_all(messages, ring, tracker)
+    window = [o for o in opened if t0 <= o.received < t1]
+    points = sum(len(o.readings) for o in window)
+    body_bytes = [len(body) for topic, body, received in messages if t0 <= received < t1]
+    sizes = [
+        len(body) + len(topic.split("/", 4)[4])
+        for topic, body, received in messages
+        if t0 <= received < t1
+    ]
+    latencies = [o.received * 1000 - r.ts_ms for o in window for r in o.readings[::10]]
+    units = sum(math.ceil(s / UNIT) for s in sizes)
+    seconds = t1 - t0
+    cpu = cpu1 - cpu0
+    return {
+        "profile": {
+            "devices": args.devices,
+            "points": args.points,
+            "rate_hz": args.rate,
+            "types": args.types,
+            "max_age_s": args.max_age,
+            "offered_points_per_s": args.devices * args.points * args.rate,
+            "duration_s": round(seconds, 1),
+            "warmup_s": args.warmup,
+        },
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "delivered_points_per_s": round(points / seconds),
+        "gateway_cpu_fraction": round(cpu / seconds, 3),
+        "gateway_cpu_s_per_1M_points": round(cpu / points * 1e6, 2) if points else None,
+        "points_per_gateway_cpu_s": round(points / cpu) if cpu else None,
+        "gateway_rss_mb": round(rss_now, 1),
+        "gateway_peak_rss_mb": round(rss_peak, 1),
+        "latency_ms": {
+            "p50": round(percentile(latencies, 0.5), 1),
+            "p99": round(percentile(latencies, 0.99), 1),
+        }
+        if latencies
+        else None,
+        "messages_per_1k_points": round(len(sizes) / points * 1000, 3) if points else None,
+        "units_4k_per_1k_points": round(units / points * 1000, 3) if points else None,
+        "packing_min_units_per_1k_points": round(sum(sizes) / UNIT / points * 1000, 3)
+        if points
+        else None,
+        "mean_message_bytes": round(statistics.mean(sizes)) if sizes else None,
+        "mean_body_bytes": round(statistics.mean(body_bytes)) if body_bytes else None,
+        "sequence_gaps": sum(len(g) for g in tracker.gaps().values()),
+        "duplicates": tracker.duplicates,
+        "refused_envelopes": len(errors),
+        "gateway_exit_code": code,
+        "work_dir": str(work),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=100)
+    parser.add_argument("--points", type=int, default=60)
+    parser.add_argument("--rate", type=float, default=10.0, help="polls per second per device")
+    parser.add_argument("--types", default="float32")
+    parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--max-age", type=float, default=1.0)
+    print(json.dumps(run(parser.parse_args()), indent=2))
+
+
+if __name__ == "__main__":
+    main()
