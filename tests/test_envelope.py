@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import math
 import os
 import random
+import re
+from pathlib import Path
 
 import pytest
 
@@ -182,3 +185,20 @@ def test_final_flush_splits_an_oversized_batch_instead_of_returning_scans() -> N
     assert all(e.size <= 4000 for e in envelopes)
     assert sum(e.header.count for e in envelopes) == 200 * 60
     assert next(e.header.first_seq for e in envelopes) == 0
+
+
+def test_the_worked_example_in_the_docs_opens() -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "envelope.md").read_text()
+    topic = re.search(r"^(devices/boiler-7/messages/events/\S+)$", doc, re.M)
+    body = re.search(r"^Body \(base64.*\n```\n(\S+)\n```", doc, re.M)
+    assert topic and body
+    opened = open_message(topic[1], base64.b64decode(body[1]), Keyring({"k1": bytes(range(32))}))
+    values = [(r.seq, r.point, r.value, r.ts_ms) for r in opened.readings]
+    assert values == [
+        (1200, "temp_supply", 71.25, 1795900000000),
+        (1201, "temp_return", 54.5, 1795900000000),
+        (1202, "pump_on", True, 1795900000000),
+        (1203, "temp_supply", 71.5, 1795900001000),
+        (1204, "temp_return", 54.25, 1795900001000),
+        (1205, "pump_on", True, 1795900001000),
+    ]
