@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import logging
 import signal
 from collections.abc import Callable, Coroutine
 from typing import Any
+
+log = logging.getLogger("fieldgate.runtime")
 
 Main = Callable[[asyncio.Event], Coroutine[Any, Any, Any]]
 
@@ -39,8 +43,17 @@ async def _with_signals(main: Main) -> Any:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
+    loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     try:
         return await main(stop)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
+
+
+def dump_tasks() -> None:
+    """SIGUSR1: log every task and where it waits (for a gateway that seems stuck)."""
+    for task in asyncio.all_tasks():
+        out = io.StringIO()
+        task.print_stack(limit=8, file=out)
+        log.warning("task %s:\n%s", task.get_name(), out.getvalue())

@@ -87,6 +87,9 @@ class Proc:
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
+                # Ask it where it is stuck before killing it, so the failure explains itself.
+                os.kill(self.pid, signal.SIGUSR1)
+                time.sleep(1)
                 os.kill(self.pid, signal.SIGKILL)
                 self.popen.wait()
         self._out.close()

@@ -6,9 +6,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import fieldgate
 
 from gateway.config import load, render_toml
+
+from conftest import fieldgate
 
 
 def good(pki_dir: Path, tmp: Path) -> dict[str, object]:

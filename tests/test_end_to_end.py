@@ -7,6 +7,10 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from adapters.modbus.simulator import held_value, make_points
+from gateway import config as config_mod
+from gateway.keyring import Keyring
+
 from conftest import (
     Proc,
     fieldgate,
@@ -15,10 +19,6 @@ from conftest import (
     start_simulator,
     wait_until,
 )
-
-from adapters.modbus.simulator import held_value, make_points
-from gateway import config as config_mod
-from gateway.keyring import Keyring
 
 DEVICE_COUNT = 6
 

@@ -9,7 +9,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import free_ports
 
 from gateway import pki as pki_mod
 from gateway.errors import UplinkError
@@ -17,6 +16,8 @@ from gateway.localhub.broker import Broker
 from gateway.pki import SERVICE_IDENTITY, Pki
 from gateway.uplink.mqtt import MqttClient
 from gateway.uplink.session import client_context, iothub_username
+
+from conftest import free_ports
 
 
 def _device(

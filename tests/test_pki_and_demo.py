@@ -8,10 +8,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import fieldgate
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from conftest import fieldgate
 
 
 def test_pki_init_and_issue_make_encrypted_keys_and_verifiable_chains(tmp_path: Path) -> None:

@@ -7,10 +7,10 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from conftest import Proc, fieldgate, opened_from, start_hub, start_simulator, wait_until
-
 from gateway.events import read_events
 from gateway.keyring import Keyring
+
+from conftest import Proc, fieldgate, opened_from, start_hub, start_simulator, wait_until
 
 PERIOD = 0.2
 

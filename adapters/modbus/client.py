@@ -89,6 +89,7 @@ class ModbusPoller:
                 ok = await client.connect()
         except (TimeoutError, OSError, ModbusException) as err:
             raise DeviceUnavailable(self.device.id, self.endpoint, f"connect: {err!r}") from err
+        _raise_if_cancelled()
         if not ok:
             raise DeviceUnavailable(self.device.id, self.endpoint, "connect refused")
 
@@ -128,6 +129,7 @@ class ModbusPoller:
                 raise DeviceUnavailable(
                     device_id, self.endpoint, f"read {block.table}@{block.address}: {err!r}"
                 ) from err
+            _raise_if_cancelled()
             next_due = due[index] + block.period
             now = loop.time()
             if next_due < now:
@@ -163,3 +165,16 @@ class ModbusPoller:
 
 def describe_plan(blocks: list[ReadBlock]) -> str:
     return ", ".join(f"{b.table}@{b.address}+{b.count}/{b.period}s" for b in blocks)
+
+
+def _raise_if_cancelled() -> None:
+    """Re-raise a cancellation that pymodbus swallowed.
+
+    pymodbus awaits responses with ``asyncio.wait_for``. On Python 3.11, when the response
+    arrives in the same loop iteration as a cancellation, ``wait_for`` returns the response and
+    drops the ``CancelledError``; the poller would then poll on forever and a stop would hang
+    (seen in CI). The task still records that a cancel was requested.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
