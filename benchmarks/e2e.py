@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -192,6 +193,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     units = sum(math.ceil(s / UNIT) for s in sizes)
     seconds = t1 - t0
     cpu = cpu1 - cpu0
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
     return {
         "profile": {
             "devices": args.devices,
@@ -231,7 +234,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "duplicates": tracker.duplicates,
         "refused_envelopes": len(errors),
         "gateway_exit_code": code,
-        "work_dir": str(work),
+        "work_dir": str(work) if args.keep else None,
     }
 
 
@@ -244,6 +247,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--max-age", type=float, default=1.0)
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, record)")
     print(json.dumps(run(parser.parse_args()), indent=2))
 
 
