@@ -218,6 +218,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_REFUSED if starting else EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+    except asyncio.CancelledError:
+        # A second SIGINT/SIGTERM: stopped at once, without waiting for the flush.
+        print("fieldgate: stopped without finishing (second signal)", file=sys.stderr)
+        return EXIT_FAILED
     except BrokenPipeError:
         # `fieldgate open ... | head`: the reader left; that is not a failure.
         sys.stderr.close()

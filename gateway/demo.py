@@ -39,7 +39,7 @@ def _table(service: HubService, started: float, note: str) -> Group:
     for device, view in sorted(service.devices.items()):
         holes = sum(len(g) for (d, _), g in gaps.items() if d == device)
         lat = f"{statistics.median(view.latencies_ms):.0f} ms" if view.latencies_ms else "-"
-        values = ", ".join(f"{k}={_fmt(v)}" for k, v in list(view.last.items())[:4])
+        values = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(view.last.items()))
         table.add_row(
             device,
             str(view.envelopes),
@@ -120,6 +120,7 @@ async def demo(
                 *fieldgate,
                 *sim_args,
                 stdin=asyncio.subprocess.DEVNULL,
+                **runtime.child_process_options(),
                 stdout=sim_log,
                 stderr=sim_log,
             )
@@ -132,6 +133,7 @@ async def demo(
                     "--config",
                     str(config),
                     stdin=asyncio.subprocess.DEVNULL,
+                    **runtime.child_process_options(),
                     stdout=gw_log,
                     stderr=gw_log,
                 )

@@ -57,3 +57,24 @@ def dump_tasks() -> None:
         out = io.StringIO()
         task.print_stack(limit=8, file=out)
         log.warning("task %s:\n%s", task.get_name(), out.getvalue())
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def child_process_options() -> dict[str, Any]:
+    """How fieldgate starts helper processes (broker, simulator, gateway under the demo).
+
+    A session of their own, so a Ctrl-C at the terminal reaches only the owner, which stops
+    them in the right order (the gateway must flush while the hub still runs); and, on Linux,
+    SIGTERM when the owner dies, so that a killed owner leaves no orphans behind.
+    """
+    return {"start_new_session": True, "preexec_fn": _die_with_parent}

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from gateway.errors import FieldgateError
 from gateway.pki import SERVICE_IDENTITY, Pki, decrypted_key_pem
+from gateway.runtime import child_process_options
 
 CIPHERS = ":".join(
     (
@@ -136,7 +137,13 @@ class Broker:
         log = open(self.log_path, "ab") if self.log_path else asyncio.subprocess.DEVNULL
         try:
             self.process = await asyncio.create_subprocess_exec(
-                binary, "-c", str(conf), stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log
+                binary,
+                "-c",
+                str(conf),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                **child_process_options(),
             )
         finally:
             if not isinstance(log, int):
