@@ -22,7 +22,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,29 +33,13 @@ from gateway import pki as pki_mod
 from gateway.consumer import SequenceTracker, open_all
 from gateway.keyring import load as load_keyring
 from gateway.localhub.service import read_record
+from gateway.ports import free_ports
 
 UNIT = 4096
 
 
 def fieldgate(*args: str) -> list[str]:
     return [sys.executable, "-m", "gateway.cli", *args]
-
-
-def free_base(count: int) -> int:
-    for base in range(21000, 60000, count + 7):
-        socks = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                s.bind(("127.0.0.1", port))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free ports")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -103,7 +86,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     work = Path(tempfile.mkdtemp(prefix="fieldgate-bench-"))
     pki_dir = work / "pki"
     pki_mod.init(pki_dir)
-    hub_port = free_base(1)
+    hub_port = free_ports(1)
     record = work / "record.jsonl"
     procs: list[subprocess.Popen[bytes]] = []
 
@@ -130,7 +113,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             ),
         )
         wait_for(work / "hub.log", "local hub listening")
-        sim_base = free_base(args.devices)
+        sim_base = free_ports(args.devices)
         config = work / "gateway.toml"
         start(
             "sim",

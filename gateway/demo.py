@@ -24,8 +24,9 @@ from rich.text import Text
 
 from gateway import pki as pki_mod
 from gateway import runtime
-from gateway.localhub.broker import Broker, free_port
+from gateway.localhub.broker import Broker
 from gateway.localhub.service import HubService
+from gateway.ports import free_ports
 
 CHILD_GRACE = 15.0
 
@@ -80,8 +81,10 @@ async def demo(
     pki_dir = state / "pki"
     if not (pki_dir / "root.pem").exists():
         pki_mod.init(pki_dir)
-    hub_port = free_port()
-    first_port = free_port()
+    hub_port = free_ports(1)
+    first_port = free_ports(devices)
+    while first_port <= hub_port < first_port + devices:
+        first_port = free_ports(devices)
     config = state / "gateway.toml"
     logs = state / "logs"
     logs.mkdir(exist_ok=True)

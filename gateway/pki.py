@@ -17,7 +17,9 @@ Operators who bring their own certificates point the config at them instead.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import os
+import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway import keyring
+from gateway.config import DEVICE_ID_PATTERN
 from gateway.errors import PkiError
 
 PASSPHRASE_ENV = "FIELDGATE_KEY_PASSPHRASE"
@@ -126,6 +129,56 @@ def _name(cn: str) -> x509.Name:
     )
 
 
+def _builder(
+    subject: x509.Name,
+    issuer: x509.Name,
+    key: ec.EllipticCurvePrivateKey,
+    issuer_key_public: ec.EllipticCurvePublicKey | None,
+    days: int,
+    *,
+    ca: bool,
+    path_length: int | None,
+) -> x509.CertificateBuilder:
+    """What every certificate here shares: validity, constraints, key usage, key ids."""
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now())
+        .not_valid_after(_now() + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=not ca,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=ca,
+                crl_sign=ca,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    if issuer_key_public is not None:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key_public), critical=False
+        )
+    return builder
+
+
+def _issuer_public(cert: x509.Certificate) -> ec.EllipticCurvePublicKey:
+    public = cert.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey):
+        raise PkiError(f"{cert.subject.rfc4514_string()}: not an EC key")
+    return public
+
+
 def _ca(
     subject: str,
     key: ec.EllipticCurvePrivateKey,
@@ -134,37 +187,15 @@ def _ca(
     path_length: int,
     days: int,
 ) -> x509.Certificate:
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(issuer.subject if issuer else _name(subject))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(_now())
-        .not_valid_after(_now() + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(ski, critical=False)
+    builder = _builder(
+        _name(subject),
+        issuer.subject if issuer else _name(subject),
+        key,
+        _issuer_public(issuer) if issuer else None,
+        days,
+        ca=True,
+        path_length=path_length,
     )
-    if issuer is not None:
-        builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key()),  # type: ignore[arg-type]
-            critical=False,
-        )
     return builder.sign(issuer_key, hashes.SHA256())
 
 
@@ -178,41 +209,11 @@ def _leaf(
     days: int,
     sans: Iterable[x509.GeneralName] = (),
 ) -> x509.Certificate:
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(issuer.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(_now())
-        .not_valid_after(_now() + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key()),  # type: ignore[arg-type]
-            critical=False,
-        )
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    builder = _builder(
+        _name(cn), issuer.subject, key, _issuer_public(issuer), days, ca=False, path_length=None
     )
+    builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     names = list(sans)
     if names:
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
@@ -232,8 +233,6 @@ def init(
 ) -> Pki:
     """Create a development root, an intermediate, the hub stand-in's certificates and a
     sealing keyring. Refuses to touch a folder that already holds a root."""
-    import ipaddress
-
     pki = Pki(Path(root))
     if pki.root_cert.exists():
         raise PkiError(f"{pki.root_cert} exists already; refusing to replace a PKI")
@@ -310,9 +309,7 @@ def _issue_client(
 
 def issue(root: Path, device_ids: Iterable[str], *, days: int = 365) -> list[str]:
     """Issue a leaf (CN = device id, EKU clientAuth) per device; returns the ids issued."""
-    import re
 
-    from gateway.config import DEVICE_ID_PATTERN
 
     pki = Pki(Path(root))
     passphrase = pki.passphrase()

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,31 +18,13 @@ from gateway.consumer import Opened, SequenceTracker, open_all
 from gateway.keyring import Keyring
 from gateway.keyring import load as load_keyring
 from gateway.localhub.service import read_record
+from gateway.ports import free_ports
 
 DEVICES = [f"plc-{i}" for i in range(1, 13)]
 
 
 def fieldgate(*args: str) -> list[str]:
     return [sys.executable, "-m", "gateway.cli", *args]
-
-
-def free_ports(count: int, host: str = "127.0.0.1") -> int:
-    """The first of ``count`` consecutive ports that are free right now."""
-    for _ in range(200):
-        base = random.randint(20000, 60000 - count)
-        socks = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                s.bind((host, port))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
 
 
 class Proc:

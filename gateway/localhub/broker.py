@@ -12,7 +12,6 @@ import asyncio
 import os
 import pwd
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 
@@ -187,9 +186,3 @@ class Broker:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
