@@ -310,7 +310,6 @@ def _issue_client(
 def issue(root: Path, device_ids: Iterable[str], *, days: int = 365) -> list[str]:
     """Issue a leaf (CN = device id, EKU clientAuth) per device; returns the ids issued."""
 
-
     pki = Pki(Path(root))
     passphrase = pki.passphrase()
     inter_cert, inter_key = _load_intermediate(pki, passphrase)
