@@ -165,15 +165,7 @@ class Gateway:
         cfg = self.config
         batcher, sealer, contexts = self._prepare()
         gate = AuthGate(
-            [
-                Registration(
-                    d.id,
-                    "modbus-tcp",
-                    f"{d.modbus.host}:{d.modbus.port}/unit {d.modbus.unit}",
-                    d.enabled,
-                )
-                for d in cfg.devices
-            ],
+            [Registration(d.id, "modbus-tcp", d.modbus.label, d.enabled) for d in cfg.devices],
             self.events,
         )
         pipeline = Pipeline(gate, batcher, sealer, self.counters)
@@ -196,14 +188,7 @@ class Gateway:
             async with asyncio.TaskGroup() as intake:
                 pollers = [
                     intake.create_task(
-                        ModbusPoller(
-                            d,
-                            pipeline.accept,
-                            gate.admit,
-                            self.health[d.id],
-                            backoff_min=cfg.hub.backoff_min,
-                            backoff_max=cfg.hub.backoff_max,
-                        ).run(),
+                        ModbusPoller(d, pipeline.accept, gate.admit, self.health[d.id]).run(),
                         name=f"poll[{d.id}]",
                     )
                     for d in cfg.devices
@@ -218,6 +203,7 @@ class Gateway:
             writer.cancel()
             self.queue.close()
             await self._drain(session_tasks)
+        self.events.close()
 
     async def _write(self, pipeline: Pipeline) -> None:
         sealed = pipeline.sealed
@@ -256,20 +242,3 @@ class Gateway:
             delivered,
             self.counters.dropped_readings,
         )
-
-    def status(self) -> dict[str, object]:
-        return {
-            "boot_id": self.boot_id,
-            "counters": self.counters.__dict__,
-            "devices": {
-                d: {
-                    "state": h.state,
-                    "reads_ok": h.reads_ok,
-                    "reads_failed": h.reads_failed,
-                    "malformed": h.malformed,
-                    "last_error": h.last_error,
-                    "uplink": self.sessions[d].stats.__dict__ if d in self.sessions else None,
-                }
-                for d, h in self.health.items()
-            },
-        }

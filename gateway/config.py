@@ -163,6 +163,11 @@ class ModbusEndpoint(_Model):
         default=8, ge=0, le=124, description="registers a read may skip to coalesce"
     )
 
+    @property
+    def label(self) -> str:
+        """How the endpoint is named in evidence, logs and the registry."""
+        return f"{self.host}:{self.port}/unit {self.unit}"
+
 
 class DeviceConfig(_Model):
     id: str = Field(pattern=DEVICE_ID_PATTERN)

@@ -52,9 +52,8 @@ class ModbusPoller:
         self._admit = admit
         self.health = health
         self._backoff = (backoff_min, backoff_max)
-        endpoint = device.modbus
-        self.endpoint = f"{endpoint.host}:{endpoint.port}/unit {endpoint.unit}"
-        self.blocks = plan_reads(device.points, max_gap=endpoint.max_gap)
+        self.endpoint = device.modbus.label
+        self.blocks = plan_reads(device.points, max_gap=device.modbus.max_gap)
 
     async def run(self) -> None:
         """Poll until cancelled; returns early only if the device is refused admission."""
