@@ -174,10 +174,12 @@ async def demo(
                 await _stop_child(sim, "simulator")
                 service.close()
     code = gateway.returncode if gateway is not None else 1
+    command = Path(sys.executable).parent / "fieldgate"
+    console.print()
     console.print(
-        f"gateway exit code {code}; logs in {logs}; record in "
-        f"{state / 'hub-record.jsonl'} (read it with: fieldgate open "
-        f"{state / 'hub-record.jsonl'} --pki {pki_dir})"
+        f"gateway exit code {code}; logs in {logs}; record in {state / 'hub-record.jsonl'}\n"
+        f"read it with: {command} open {state / 'hub-record.jsonl'} --pki {pki_dir}",
+        soft_wrap=True,
     )
     return 0 if code == 0 else 1
 
