@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from adapters.modbus.run import simulator_argv
 from gateway import pki as pki_mod
 from gateway.consumer import SequenceTracker, open_all
 from gateway.keyring import load as load_keyring
@@ -118,30 +119,26 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         start(
             "sim",
             fieldgate(
-                "simulate",
-                "modbus",
-                "--devices",
-                str(args.devices),
-                "--points",
-                str(args.points),
-                "--types",
-                args.types,
-                "--period",
-                str(1 / args.rate),
-                "--port",
-                str(sim_base),
-                "--write-config",
-                str(config),
-                "--pki",
-                str(pki_dir),
-                "--hub-port",
-                str(hub_port),
-                "--max-age",
-                str(args.max_age),
-                "--state-dir",
-                str(work / "state"),
-                "--step",
-                "0.1",
+                *simulator_argv(
+                    devices=args.devices,
+                    port=sim_base,
+                    config=config,
+                    pki=pki_dir,
+                    hub_port=hub_port,
+                    state_dir=work / "state",
+                    extra=(
+                        "--points",
+                        str(args.points),
+                        "--types",
+                        args.types,
+                        "--period",
+                        str(1 / args.rate),
+                        "--max-age",
+                        str(args.max_age),
+                        "--step",
+                        "0.1",
+                    ),
+                )
             ),
         )
         wait_for(work / "sim.log", "simulated Modbus devices on")

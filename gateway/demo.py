@@ -22,6 +22,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from adapters.modbus.run import simulator_argv
 from gateway import pki as pki_mod
 from gateway import runtime
 from gateway.localhub.broker import Broker
@@ -89,26 +90,15 @@ async def demo(
     logs = state / "logs"
     logs.mkdir(exist_ok=True)
     fieldgate = [sys.executable, "-m", "gateway.cli"]
-    sim_args = [
-        "simulate",
-        "modbus",
-        "--devices",
-        str(devices),
-        "--points",
-        str(points),
-        "--port",
-        str(first_port),
-        "--period",
-        "0.5",
-        "--write-config",
-        str(config),
-        "--pki",
-        str(pki_dir),
-        "--hub-port",
-        str(hub_port),
-        "--state-dir",
-        str(state / "gateway"),
-    ]
+    sim_args = simulator_argv(
+        devices=devices,
+        port=first_port,
+        config=config,
+        pki=pki_dir,
+        hub_port=hub_port,
+        state_dir=state / "gateway",
+        extra=("--points", str(points), "--period", "0.5"),
+    )
     console = Console()
     console.print(f"state folder: {state.resolve()}  (config: {config})")
     async with Broker(pki_mod.Pki(pki_dir), port=hub_port, log_path=logs / "mosquitto.log"):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from adapters.modbus.run import simulator_argv
 from gateway import pki as pki_mod
 from gateway.consumer import Opened, SequenceTracker, open_all
 from gateway.keyring import Keyring
@@ -129,21 +130,15 @@ def start_simulator(
     config = tmp / "gateway.toml"
     sim = Proc(
         fieldgate(
-            "simulate",
-            "modbus",
-            "--devices",
-            str(devices),
-            "--port",
-            str(base),
-            "--write-config",
-            str(config),
-            "--pki",
-            str(pki_dir),
-            "--hub-port",
-            str(hub_port),
-            "--state-dir",
-            str(tmp / "state"),
-            *extra,
+            *simulator_argv(
+                devices=devices,
+                port=base,
+                config=config,
+                pki=pki_dir,
+                hub_port=hub_port,
+                state_dir=tmp / "state",
+                extra=extra,
+            )
         ),
         tmp / "sim.log",
     )

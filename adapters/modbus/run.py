@@ -83,3 +83,34 @@ def run_simulator(args: argparse.Namespace) -> int:
         print(f"fieldgate: cannot listen: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def simulator_argv(
+    *,
+    devices: int,
+    port: int,
+    config: Path,
+    pki: Path,
+    hub_port: int,
+    state_dir: Path,
+    extra: tuple[str, ...] = (),
+) -> list[str]:
+    """``fieldgate`` arguments that start ``devices`` simulated devices from ``port`` on and
+    write the matching gateway config (used by the demo, the tests and the benchmarks)."""
+    return [
+        "simulate",
+        "modbus",
+        "--devices",
+        str(devices),
+        "--port",
+        str(port),
+        "--write-config",
+        str(config),
+        "--pki",
+        str(pki),
+        "--hub-port",
+        str(hub_port),
+        "--state-dir",
+        str(state_dir),
+        *extra,
+    ]

@@ -12,14 +12,14 @@ Faults, per device (``--fault dev-3=dead``):
 - ``exception:CODE``: answers every read with a Modbus exception code;
 - ``down``: no listener at all (connection refused).
 
-This module is the simulator's side of pymodbus (its server); the gateway's side lives in
-:mod:`adapters.modbus.client`.
+The pymodbus server itself is set up in :mod:`adapters.modbus.client`, the one module that
+imports pymodbus; this module decides what the devices hold and how they misbehave.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
+import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -27,15 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pymodbus.constants import ExcCodes
-from pymodbus.server import ModbusTcpServer
-from pymodbus.simulator import DataType, SimData, SimDevice
-
+from adapters.modbus.client import DeviceServer
 from adapters.modbus.registers import encode_value, plan_reads
 from gateway.config import REGISTER_WIDTH, Point
 from gateway.pki import DEFAULT_KEY_ID, Pki
-
-logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
 
 TABLE_SIZE = 2048  # registers (or bits) per table of a simulated device
 _FC_TABLE = {
@@ -178,15 +173,8 @@ class SimulatedDevice:
             words = encode_value(sp.point, value_at(sp.point, sp.seed, step))
             registers[sp.point.address : sp.point.address + len(words)] = words
 
-    async def action(
-        self,
-        function_code: int,
-        start_address: int,
-        address: int,
-        count: int,
-        registers: list[int],
-        set_values: Any,
-    ) -> ExcCodes | None:
+    async def action(self, function_code: int, registers: list[int], write: bool) -> int | None:
+        """Called on every request: refresh values, inject faults; returns an exception code."""
         self.requests += 1
         fault = self.spec.fault or ""
         if fault == "dead":
@@ -194,28 +182,14 @@ class SimulatedDevice:
         if fault.startswith("slow:"):
             await asyncio.sleep(float(fault.split(":", 1)[1]))
         if fault.startswith("exception:"):
-            return ExcCodes(int(fault.split(":", 1)[1]))
+            return int(fault.split(":", 1)[1])
         table = _FC_TABLE.get(function_code)
-        if table is not None and set_values is None:
+        if table is not None and not write:
             step = self.current_step()
             if self._last.get(table) != step:
                 self._last[table] = step
                 self.refresh(table, registers, step)
         return None
-
-    def sim_device(self) -> SimDevice:
-        bits = [SimData(0, count=TABLE_SIZE, values=False, datatype=DataType.BITS)]
-        regs = [SimData(0, count=TABLE_SIZE, values=0, datatype=DataType.REGISTERS)]
-        return SimDevice(
-            id=self.spec.unit,
-            simdata=(
-                list(bits),
-                [SimData(0, count=TABLE_SIZE, values=False, datatype=DataType.BITS)],
-                list(regs),
-                [SimData(0, count=TABLE_SIZE, values=0, datatype=DataType.REGISTERS)],
-            ),
-            action=self.action,
-        )
 
 
 class SimulatedFleet:
@@ -226,25 +200,23 @@ class SimulatedFleet:
     ) -> None:
         self.host = host
         self.devices = [SimulatedDevice(s, step) for s in specs]
-        self._servers: list[ModbusTcpServer] = []
+        self._stack = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> SimulatedFleet:
-        try:
+        async with contextlib.AsyncExitStack() as stack:
             for device in self.devices:
                 if device.spec.fault == "down":
                     continue
-                server = ModbusTcpServer(device.sim_device(), address=(self.host, device.spec.port))
-                await server.serve_forever(background=True)
-                self._servers.append(server)
-        except BaseException:
-            await self.__aexit__()
-            raise
+                await stack.enter_async_context(
+                    DeviceServer(
+                        self.host, device.spec.port, device.spec.unit, TABLE_SIZE, device.action
+                    )
+                )
+            self._stack = stack.pop_all()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for server in self._servers:
-            await server.shutdown()  # type: ignore[no-untyped-call]
-        self._servers.clear()
+        await self._stack.aclose()
 
 
 def gateway_config(
