@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,8 @@ from gateway.errors import FieldgateError, KeyringError, UplinkError
 from gateway.events import SecurityEvents
 from gateway.queue import EnvelopeQueue, MemoryQueue
 from gateway.readings import Envelope, Scan
-from gateway.uplink.session import ConnectLimiter, DeviceSession, client_context
+from gateway.store import Store
+from gateway.uplink.session import DeviceSession, RateLimiter, client_context
 
 log = logging.getLogger("fieldgate")
 
@@ -110,17 +110,15 @@ class Pipeline:
 
 
 class Gateway:
-    def __init__(
-        self, config: Config, *, boot_id: str | None = None, queue: EnvelopeQueue | None = None
-    ) -> None:
+    def __init__(self, config: Config) -> None:
         self.config = config
-        self.boot_id = boot_id or secrets.token_hex(8)
+        self.boot_id = ""
         self.counters = Counters()
         self.health = {d.id: DeviceHealth(d.id) for d in config.devices if d.enabled}
         # Opened in run(), after keys and certificates were checked: a refused start writes
         # nothing.
         self._events: SecurityEvents | None = None
-        self.queue: EnvelopeQueue = queue or MemoryQueue(on_drop=self._dropped)
+        self.queue: EnvelopeQueue | None = None
         self.sessions: dict[str, DeviceSession] = {}
 
     @property
@@ -129,18 +127,14 @@ class Gateway:
             self._events = SecurityEvents(self.config.gateway.state_dir)
         return self._events
 
-    def _dropped(self, device_id: str, envelopes: int, readings: int) -> None:
-        self.counters.dropped_envelopes += envelopes
-        self.counters.dropped_readings += readings
-        self.events.record(
-            "envelope-dropped",
-            device_id,
-            "queue full: dropped oldest",
-            envelopes=envelopes,
-            readings=readings,
-        )
+    def _event(self, kind: str, device_id: str | None, reason: str, **fields: object) -> None:
+        """Security events from the queue or store; drops are also counted here."""
+        if kind == "envelopes-dropped":
+            self.counters.dropped_envelopes += int(fields.get("envelopes", 0))  # type: ignore[call-overload]
+            self.counters.dropped_readings += int(fields.get("readings", 0))  # type: ignore[call-overload]
+        self.events.record(kind, device_id, reason, **fields)
 
-    def _prepare(self) -> tuple[Batcher, Sealer, dict[str, ssl.SSLContext]]:
+    def _prepare(self) -> tuple[bytes, dict[str, ssl.SSLContext]]:
         cfg = self.config
         passphrase = cfg.secrets.passphrase()
         try:
@@ -158,20 +152,44 @@ class Gateway:
                 )
             except UplinkError as err:
                 raise StartupError(f"devices[{index}] ({device.id}): {err}") from err
-        batcher = Batcher(cfg.batching.max_bytes, cfg.batching.max_age)
-        return batcher, Sealer(key, cfg.sealing.key_id, self.boot_id, batcher), contexts
+        return key, contexts
+
+    def _open_queue(self) -> Store | MemoryQueue:
+        store = self.config.store
+        if store.kind == "memory":
+            return MemoryQueue(max_bytes=store.max_bytes, on_event=self._event)
+        path = store.path or self.config.gateway.state_dir / "store.db"
+        return Store(path, max_bytes=store.max_bytes, policy=store.policy, on_event=self._event)
 
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
-        batcher, sealer, contexts = self._prepare()
+        key, contexts = self._prepare()
+        async with self._open_queue() as queue:
+            self.queue = queue
+            self.boot_id = queue.boot_id
+            batcher = Batcher(cfg.batching.max_bytes, cfg.batching.max_age)
+            sealer = Sealer(key, cfg.sealing.key_id, queue.boot_id, batcher, queue.next_seq)
+            await self._run(stop, queue, batcher, sealer, contexts)
+        self.events.close()
+
+    async def _run(
+        self,
+        stop: asyncio.Event,
+        queue: EnvelopeQueue,
+        batcher: Batcher,
+        sealer: Sealer,
+        contexts: dict[str, ssl.SSLContext],
+    ) -> None:
+        cfg = self.config
         gate = AuthGate(
             [Registration(d.id, "modbus-tcp", d.modbus.label, d.enabled) for d in cfg.devices],
             self.events,
         )
         pipeline = Pipeline(gate, batcher, sealer, self.counters)
-        limiter = ConnectLimiter(cfg.hub.connect_rate)
+        connects = RateLimiter(cfg.hub.connect_rate)
+        sends = RateLimiter(cfg.hub.send_rate)
         self.sessions = {
-            d: DeviceSession(d, cfg.hub, ctx, self.queue, limiter) for d, ctx in contexts.items()
+            d: DeviceSession(d, cfg.hub, ctx, queue, connects, sends) for d, ctx in contexts.items()
         }
         log.info(
             "gateway boot %s: %d devices, hub %s:%d",
@@ -181,7 +199,7 @@ class Gateway:
             cfg.hub.port,
         )
         async with asyncio.TaskGroup() as uplink:
-            writer = uplink.create_task(self._write(pipeline), name="store-writer")
+            writer = uplink.create_task(self._write(pipeline, queue), name="store-writer")
             session_tasks = [
                 uplink.create_task(s.run(), name=f"uplink[{d}]") for d, s in self.sessions.items()
             ]
@@ -201,11 +219,10 @@ class Gateway:
             pipeline.flush()
             await pipeline.sealed.join()
             writer.cancel()
-            self.queue.close()
-            await self._drain(session_tasks)
-        self.events.close()
+            queue.close()
+            await self._drain(queue, session_tasks)
 
-    async def _write(self, pipeline: Pipeline) -> None:
+    async def _write(self, pipeline: Pipeline, queue: EnvelopeQueue) -> None:
         sealed = pipeline.sealed
         while True:
             envelopes = await sealed.get()
@@ -214,17 +231,17 @@ class Gateway:
                 envelopes = envelopes + sealed.get_nowait()
                 taken += 1
             try:
-                await asyncio.shield(self.queue.put(envelopes))
+                await asyncio.shield(queue.put(envelopes))
             finally:
                 for _ in range(taken):
                     sealed.task_done()
 
-    async def _drain(self, sessions: list[asyncio.Task[None]]) -> None:
+    async def _drain(self, queue: EnvelopeQueue, sessions: list[asyncio.Task[None]]) -> None:
         grace = self.config.gateway.shutdown_grace
         _, pending = await asyncio.wait(sessions, timeout=grace) if sessions else (set(), set())
         for task in pending:
             task.cancel()
-        left = [d for d in self.queue.depth() if d.queued or d.leased]
+        left = [d for d in queue.depth() if d.queued or d.leased]
         if left:
             total = sum(d.queued + d.leased for d in left)
             log.warning(

@@ -96,6 +96,54 @@ def cmd_open(args: argparse.Namespace) -> int:
     )
 
 
+def _store_path(args: argparse.Namespace) -> Path:
+    if args.path:
+        return Path(args.path)
+    from gateway import config as config_mod
+
+    cfg = config_mod.load(args.config, check_files=False)
+    return cfg.store.path or cfg.gateway.state_dir / "store.db"
+
+
+def cmd_store_status(args: argparse.Namespace) -> int:
+    import json
+
+    from gateway import store
+
+    report = store.status(_store_path(args))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(
+        f"{report['path']}: boot {report['boot_id']}, {report['envelopes']} envelopes, "
+        f"{report['bytes']} bytes"
+    )
+    for device, row in report["devices"].items():
+        dropped = row.get("dropped")
+        age = row.get("oldest_age_s")
+        print(
+            f"  {device}: {row.get('envelopes', 0)} envelopes, {row.get('bytes', 0)} bytes, "
+            f"oldest {'-' if age is None else f'{age} s'}, next seq {row.get('next_seq', 0)}"
+            + (
+                f", dropped {dropped['envelopes']} envelopes / {dropped['readings']} readings"
+                if dropped
+                else ""
+            )
+        )
+    return 0
+
+
+def cmd_store_verify(args: argparse.Namespace) -> int:
+    from gateway import store
+
+    path = _store_path(args)
+    problems = store.verify(path)
+    for line in problems:
+        print(f"{path}: {line}", file=sys.stderr)
+    print(f"{path}: {'sound' if not problems else f'{len(problems)} problems'}")
+    return 0 if not problems else EXIT_FAILED
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
@@ -190,6 +238,21 @@ def build_parser() -> argparse.ArgumentParser:
     modbus.add_argument("--max-age", type=float, default=1.0)
     modbus.add_argument("--state-dir", default=None)
     modbus.set_defaults(func=cmd_simulate_modbus)
+
+    store = verbs.add_parser("store", help="inspect the durable store").add_subparsers(
+        dest="store_verb", required=True
+    )
+    for name, func, text in (
+        ("status", cmd_store_status, "depth per device, bytes, oldest age, drops"),
+        ("verify", cmd_store_verify, "integrity check and envelope header sanity"),
+    ):
+        sub = store.add_parser(name, help=text)
+        where = sub.add_mutually_exclusive_group(required=True)
+        where.add_argument("--config", help="the gateway config (its store)")
+        where.add_argument("--path", help="a store file")
+        if name == "status":
+            sub.add_argument("--json", action="store_true")
+        sub.set_defaults(func=func)
 
     opener = verbs.add_parser("open", help="open recorded envelopes and print the readings")
     opener.add_argument("record", help="a JSON-lines record written by `fieldgate localhub`")

@@ -80,6 +80,11 @@ class HubConfig(_Model):
     max_inflight: int = Field(default=16, ge=1, le=1000)
     keepalive: int = Field(default=60, ge=5, le=1767)
     connect_rate: float = Field(default=100.0, gt=0, description="new connections per second")
+    send_rate: float = Field(
+        default=0.0,
+        ge=0,
+        description="messages per second across all devices, backlog included (0: unlimited)",
+    )
     backoff_min: float = Field(default=0.5, gt=0)
     backoff_max: float = Field(default=30.0, gt=0)
     connect_timeout: float = Field(default=10.0, gt=0)
@@ -122,6 +127,21 @@ class SecretsConfig(_Model):
                 ],
             )
         return value.encode()
+
+
+class StoreConfig(_Model):
+    kind: Literal["sqlite", "memory"] = Field(
+        default="sqlite",
+        description="memory keeps nothing across a crash; it exists to measure the store's cost",
+    )
+    path: FilePath | None = Field(default=None, description="default: {state_dir}/store.db")
+    max_bytes: int = Field(default=1024**3, ge=64 * 1024)
+    policy: Literal["drop-oldest", "refuse-newest"] = "drop-oldest"
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else _resolve(value, info)
 
 
 class GatewaySection(_Model):
@@ -195,6 +215,7 @@ class Config(_Model):
     batching: BatchingConfig = BatchingConfig()
     secrets: SecretsConfig = SecretsConfig()
     gateway: GatewaySection = GatewaySection()
+    store: StoreConfig = StoreConfig()
     devices: list[DeviceConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

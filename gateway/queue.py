@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ class EnvelopeQueue(Protocol):
     def depth(self) -> list[DeviceDepth]: ...
 
 
-DropHandler = Callable[[str, int, int], None]
+EventSink = Callable[..., None]
 
 
 class _DeviceQueue:
@@ -66,14 +67,16 @@ class _DeviceQueue:
 class MemoryQueue:
     """An in-memory :class:`EnvelopeQueue`, bounded by bytes; the oldest envelope goes first.
 
-    It loses everything on a crash or restart; it exists until the durable store lands and for
-    tests of the rooms around it. Drops are reported through ``on_drop(device, envelopes,
-    readings)`` so that the gateway can count and record them.
+    It loses everything on a crash or restart (``store.kind = "memory"``): it exists to measure
+    what the durable store costs. Drops are reported as ``envelopes-dropped`` events, like the
+    store's. Each run is a new boot, with sequence numbers from 0.
     """
 
-    def __init__(self, max_bytes: int = 256 * 1024 * 1024, on_drop: DropHandler | None = None):
+    def __init__(self, max_bytes: int = 256 * 1024 * 1024, on_event: EventSink | None = None):
         self.max_bytes = max_bytes
-        self._on_drop = on_drop
+        self._on_event = on_event
+        self.boot_id = secrets.token_hex(8)
+        self.next_seq: dict[str, int] = {}
         self._devices: dict[str, _DeviceQueue] = {}
         self._next_id = 0
         self._bytes = 0
@@ -106,9 +109,23 @@ class MemoryQueue:
         _, device_id = min(victims)
         dropped = self._devices[device_id].pending.popleft().envelope
         self._bytes -= len(dropped.body)
-        if self._on_drop is not None:
-            self._on_drop(device_id, 1, dropped.header.count)
+        if self._on_event is not None:
+            self._on_event(
+                "envelopes-dropped",
+                device_id,
+                "queue full: dropped oldest",
+                envelopes=1,
+                readings=dropped.header.count,
+                policy="drop-oldest",
+                seq_ranges=[(dropped.header.first_seq, dropped.header.count)],
+            )
         return True
+
+    async def __aenter__(self) -> MemoryQueue:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
 
     async def lease(self, device_id: str, limit: int) -> list[Leased]:
         q = self._device(device_id)

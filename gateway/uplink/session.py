@@ -47,14 +47,17 @@ def iothub_username(hub_hostname: str, device_id: str) -> str:
     return f"{hub_hostname}/{device_id}/?api-version={API_VERSION}"
 
 
-class ConnectLimiter:
-    """Spaces new connections to respect the hub's connect throttle (connections per second)."""
+class RateLimiter:
+    """Spaces events to at most ``rate`` per second (0: unlimited), first come first served:
+    the hub's connect throttle, and the send rate that paces a backlog's drain."""
 
     def __init__(self, rate: float) -> None:
-        self._interval = 1.0 / rate
+        self._interval = 1.0 / rate if rate > 0 else 0.0
         self._next = 0.0
 
     async def acquire(self) -> None:
+        if not self._interval:
+            return
         loop = asyncio.get_running_loop()
         now = loop.time()
         slot = max(now, self._next)
@@ -89,13 +92,15 @@ class DeviceSession:
         hub: HubConfig,
         context: ssl.SSLContext,
         queue: EnvelopeQueue,
-        limiter: ConnectLimiter,
+        connects: RateLimiter,
+        sends: RateLimiter,
     ) -> None:
         self.device_id = device_id
         self._hub = hub
         self._context = context
         self._queue = queue
-        self._limiter = limiter
+        self._limiter = connects
+        self._sends = sends
         self.stats = SessionStats()
 
     def _client(self) -> MqttClient:
@@ -166,6 +171,7 @@ class DeviceSession:
                 await client.disconnect()
                 return
             for item in items:
+                await self._sends.acquire()
                 await client.writable()
                 future = client.publish(
                     telemetry_topic(device, item.envelope.header), item.envelope.body

@@ -1,0 +1,615 @@
+"""The durable queue: sealed envelopes on SQLite, FIFO per device, bounded by bytes.
+
+The only module that imports apsw (SQLite). It keeps :mod:`gateway.queue`'s contract:
+
+- ``put`` returns once the envelopes are committed (WAL, ``synchronous=FULL``: NORMAL can lose
+  committed rows on power loss). The device's next sequence number is committed in the same
+  transaction, so a reading is *accepted* exactly when its envelope is durable.
+- ``lease`` hands out the oldest envelopes of a device; ``ack`` (at PUBACK) removes one for
+  good; ``release`` returns unacked leases to the head. After a crash or restart every row not
+  yet deleted is leased again: delivery is at-least-once.
+- Bounded by bytes with an explicit policy when full (``drop-oldest`` or ``refuse-newest``).
+  Every drop is counted in the database and recorded as a security event; crossing 80% is
+  recorded once per crossing.
+
+Blocking SQLite work runs on one I/O thread, so a commit's fsync never stalls the event loop.
+One ``put`` of many envelopes is one transaction: the gateway's writer task hands over
+everything sealed since the last commit, so commits group by themselves under load.
+
+A store file that cannot be opened or fails ``PRAGMA quick_check`` at start is moved aside
+(kept, never deleted), a new store starts with a new boot id, and the event is recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import apsw
+
+from gateway.errors import FieldgateError
+from gateway.queue import DeviceDepth, Leased
+from gateway.readings import Envelope, Header
+
+log = logging.getLogger("fieldgate.store")
+
+SCHEMA_VERSION = 1
+Policy = Literal["drop-oldest", "refuse-newest"]
+EventSink = Callable[..., None]
+HIGH_WATER = 0.8
+LOW_WATER = 0.7
+DELETE_DELAY = 0.25  # seconds acks gather before one delete transaction
+
+
+class StoreError(FieldgateError):
+    pass
+
+
+class StoreCorrupt(StoreError):
+    pass
+
+
+@dataclass(slots=True)
+class _Entry:
+    id: int
+    device: str
+    header: Header
+    size: int
+    oldest_ts_ms: int
+    body: bytes | None  # None: not cached in memory, read from the file at lease time
+
+
+@dataclass(slots=True)
+class _Device:
+    pending: deque[_Entry] = field(default_factory=deque)
+    leased: OrderedDict[int, _Entry] = field(default_factory=OrderedDict)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def _rows(conn: apsw.Connection, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+    """Query rows, typed loosely: SQLite's values are checked where they are used."""
+    return list(conn.execute(sql, params).fetchall())
+
+
+def _schema(version: int) -> str:
+    return (resources.files("gateway") / "schema" / f"schema_v{version}.sql").read_text()
+
+
+def open_database(
+    path: Path, *, synchronous: str = "FULL", vfs: str | None = None, readonly: bool = False
+) -> apsw.Connection:
+    """Open (creating and migrating when writable) and check a store database."""
+    flags = (
+        apsw.SQLITE_OPEN_READONLY
+        if readonly
+        else (apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE)
+    )
+    try:
+        conn = (
+            apsw.Connection(str(path), flags=flags, vfs=vfs)
+            if vfs
+            else apsw.Connection(str(path), flags=flags)
+        )
+        conn.setbusytimeout(5000)
+        if not readonly:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={synchronous}")
+        check = _rows(conn, "PRAGMA quick_check")
+        if check != [("ok",)]:
+            raise StoreCorrupt(f"{path}: quick_check: {check[:3]}")
+        version = _rows(conn, "PRAGMA user_version")[0][0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{path}: schema version {version} is newer than this fieldgate ({SCHEMA_VERSION})"
+            )
+        if version < SCHEMA_VERSION and not readonly:
+            _migrate(conn, version)
+    except (apsw.CorruptError, apsw.NotADBError) as err:
+        raise StoreCorrupt(f"{path}: {err}") from err
+    return conn
+
+
+def _migrate(conn: apsw.Connection, version: int) -> None:
+    """Apply every schema step after ``version`` in one transaction."""
+    with conn:
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            conn.execute(_schema(step))
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+
+def move_aside(path: Path) -> Path:
+    """Keep a damaged store (and its WAL) under a new name; return the new main file's path."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        source = Path(str(path) + suffix)
+        if source.exists():
+            source.rename(Path(str(target) + suffix))
+    return target
+
+
+class Store:
+    """A durable :class:`gateway.queue.EnvelopeQueue`. An async context manager."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_bytes: int,
+        policy: Policy = "drop-oldest",
+        on_event: EventSink | None = None,
+        synchronous: str = "FULL",
+        vfs: str | None = None,
+        cache_bytes: int = 32 * 1024 * 1024,
+    ) -> None:
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.policy = policy
+        self._on_event = on_event or (lambda *a, **k: None)
+        self._synchronous = synchronous
+        self._vfs = vfs
+        self._cache_bytes = cache_bytes
+        self._cached = 0
+        self._devices: dict[str, _Device] = {}
+        self._bytes = 0
+        self._closed = False
+        self._high = False
+        self._deletes: list[int] = []
+        self._delete_due = asyncio.Event()
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-io")
+        self._conn: apsw.Connection | None = None
+        self._janitor: asyncio.Task[None] | None = None
+        self.boot_id = ""
+        self.next_seq: dict[str, int] = {}
+        self.drops: dict[str, tuple[int, int]] = {}
+        self.commits = 0
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Store:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._io, self._open)
+        self._janitor = asyncio.create_task(self._delete_acked(), name="store-janitor")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._janitor is not None:
+            self._janitor.cancel()
+            try:
+                await self._janitor
+            except asyncio.CancelledError:
+                pass
+        loop = asyncio.get_running_loop()
+        # Shielded: acked rows are deleted and the file closed even when we are cancelled.
+        await asyncio.shield(loop.run_in_executor(self._io, self._shutdown))
+        self._io.shutdown(wait=True)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = open_database(self.path, synchronous=self._synchronous, vfs=self._vfs)
+        except StoreCorrupt as err:
+            kept = move_aside(self.path)
+            log.error(
+                "store %s is damaged (%s); kept as %s, starting a new store", self.path, err, kept
+            )
+            self._on_event("store-corrupt", None, str(err), kept=str(kept))
+            conn = open_database(self.path, synchronous=self._synchronous, vfs=self._vfs)
+        self._conn = conn
+        with conn:
+            row = _rows(conn, "SELECT value FROM meta WHERE key='boot_id'")
+            if row:
+                self.boot_id = row[0][0]
+            else:
+                self.boot_id = secrets.token_hex(8)
+                conn.execute("INSERT INTO meta(key, value) VALUES('boot_id', ?)", (self.boot_id,))
+        self.next_seq = dict(_rows(conn, "SELECT device, next_seq FROM sequences"))
+        self.drops = {
+            d: (e, r) for d, e, r in _rows(conn, "SELECT device, envelopes, readings FROM drops")
+        }
+        rows = _rows(
+            conn,
+            "SELECT id, device, version, key_id, boot, first_seq, count, codec, oldest_ts_ms, "
+            "length(body) FROM envelopes ORDER BY id",
+        )
+        for id_, device, version, key_id, boot, first, count, codec, oldest, size in rows:
+            header = Header(version, key_id, boot, first, count, codec)
+            self._device(device).pending.append(_Entry(id_, device, header, size, oldest, None))
+            self._bytes += size
+        if rows:
+            log.info(
+                "store %s: %d envelopes (%d bytes) waiting from before",
+                self.path,
+                len(rows),
+                self._bytes,
+            )
+
+    def _shutdown(self) -> None:
+        if self._conn is None:
+            return
+        self._delete_now(self._deletes)
+        self._deletes = []
+        self._conn.close()
+        self._conn = None
+
+    def _device(self, device_id: str) -> _Device:
+        entry = self._devices.get(device_id)
+        if entry is None:
+            entry = self._devices[device_id] = _Device()
+        return entry
+
+    # -- put --------------------------------------------------------------------------------
+
+    async def put(self, envelopes: Sequence[Envelope]) -> None:
+        if self._closed:
+            raise StoreError("store is closed for new envelopes")
+        if not envelopes:
+            return
+        incoming = sum(len(e.body) for e in envelopes)
+        refused: list[Envelope] = []
+        victims: list[_Entry] = []
+        if self._bytes + incoming > self.max_bytes:
+            if self.policy == "refuse-newest":
+                room = self.max_bytes - self._bytes
+                keep: list[Envelope] = []
+                for envelope in envelopes:
+                    if len(envelope.body) <= room:
+                        keep.append(envelope)
+                        room -= len(envelope.body)
+                    else:
+                        refused.append(envelope)
+                envelopes = keep
+            else:
+                victims = self._oldest_to_drop(self._bytes + incoming - self.max_bytes)
+        seq_updates: dict[str, int] = {}
+        for envelope in [*envelopes, *refused]:
+            header = envelope.header
+            end = header.first_seq + header.count
+            if end > seq_updates.get(envelope.device_id, self.next_seq.get(envelope.device_id, 0)):
+                seq_updates[envelope.device_id] = end
+        drops = _drop_counts(
+            [(v.device, v.header.count) for v in victims]
+            + [(e.device_id, e.header.count) for e in refused]
+        )
+        # Out of the queue before the commit's await, so that no session leases a victim.
+        for victim in victims:
+            self._forget(victim)
+        loop = asyncio.get_running_loop()
+        ids = await asyncio.shield(
+            loop.run_in_executor(
+                self._io, self._commit, list(envelopes), seq_updates, [v.id for v in victims], drops
+            )
+        )
+        self.commits += 1
+        self.next_seq.update(seq_updates)
+        for envelope, id_ in zip(envelopes, ids, strict=True):
+            size = len(envelope.body)
+            body = envelope.body if self._cached + size <= self._cache_bytes else None
+            if body is not None:
+                self._cached += size
+            device = self._device(envelope.device_id)
+            device.pending.append(
+                _Entry(id_, envelope.device_id, envelope.header, size, envelope.oldest_ts_ms, body)
+            )
+            device.ready.set()
+            self._bytes += size
+        self._report_drops(victims, refused)
+        self._watermark()
+
+    def _oldest_to_drop(self, need: int) -> list[_Entry]:
+        """The oldest envelopes not out on lease, across devices, freeing at least ``need``."""
+        heads = {d: 0 for d, q in self._devices.items() if q.pending}
+        victims: list[_Entry] = []
+        freed = 0
+        while freed < need and heads:
+            device = min(heads, key=lambda d: self._devices[d].pending[heads[d]].id)
+            entry = self._devices[device].pending[heads[device]]
+            victims.append(entry)
+            freed += entry.size
+            heads[device] += 1
+            if heads[device] >= len(self._devices[device].pending):
+                del heads[device]
+        return victims
+
+    def _forget(self, entry: _Entry) -> None:
+        self._devices[entry.device].pending.remove(entry)
+        self._bytes -= entry.size
+        if entry.body is not None:
+            self._cached -= entry.size
+
+    def _commit(
+        self,
+        envelopes: list[Envelope],
+        seq_updates: dict[str, int],
+        drop_ids: list[int],
+        drops: dict[str, tuple[int, int]],
+    ) -> list[int]:
+        assert self._conn is not None
+        conn = self._conn
+        ids: list[int] = []
+        with conn:  # one transaction: envelopes, sequence numbers, drops, deletes
+            for e in envelopes:
+                h = e.header
+                conn.execute(
+                    "INSERT INTO envelopes(device, version, key_id, boot, first_seq, count, "
+                    "codec, oldest_ts_ms, body) VALUES(?,?,?,?,?,?,?,?,?)",
+                    (
+                        e.device_id,
+                        h.version,
+                        h.key_id,
+                        h.boot_id,
+                        h.first_seq,
+                        h.count,
+                        h.codec,
+                        e.oldest_ts_ms,
+                        e.body,
+                    ),
+                )
+                ids.append(conn.last_insert_rowid())
+            for device, next_seq in seq_updates.items():
+                conn.execute(
+                    "INSERT INTO sequences(device, next_seq) VALUES(?, ?) ON CONFLICT(device) "
+                    "DO UPDATE SET next_seq=excluded.next_seq",
+                    (device, next_seq),
+                )
+            if drop_ids:
+                conn.executemany("DELETE FROM envelopes WHERE id=?", [(i,) for i in drop_ids])
+            for device, (count, readings) in drops.items():
+                conn.execute(
+                    "INSERT INTO drops(device, envelopes, readings) VALUES(?, ?, ?) "
+                    "ON CONFLICT(device) DO UPDATE SET envelopes=envelopes+excluded.envelopes, "
+                    "readings=readings+excluded.readings",
+                    (device, count, readings),
+                )
+        return ids
+
+    def _report_drops(self, victims: list[_Entry], refused: list[Envelope]) -> None:
+        for device, (count, readings) in _drop_counts(
+            [(v.device, v.header.count) for v in victims]
+        ).items():
+            self._count_drop(
+                device,
+                count,
+                readings,
+                "store full: dropped oldest",
+                [(v.header.first_seq, v.header.count) for v in victims if v.device == device],
+            )
+        for device, (count, readings) in _drop_counts(
+            [(e.device_id, e.header.count) for e in refused]
+        ).items():
+            self._count_drop(
+                device,
+                count,
+                readings,
+                "store full: refused newest",
+                [(e.header.first_seq, e.header.count) for e in refused if e.device_id == device],
+            )
+
+    def _count_drop(
+        self, device: str, envelopes: int, readings: int, reason: str, ranges: list[tuple[int, int]]
+    ) -> None:
+        before = self.drops.get(device, (0, 0))
+        self.drops[device] = (before[0] + envelopes, before[1] + readings)
+        self._on_event(
+            "envelopes-dropped",
+            device,
+            reason,
+            envelopes=envelopes,
+            readings=readings,
+            seq_ranges=ranges,
+            policy=self.policy,
+        )
+
+    def _watermark(self) -> None:
+        fill = self._bytes / self.max_bytes
+        if fill >= HIGH_WATER and not self._high:
+            self._high = True
+            log.warning(
+                "store %.0f%% full (%d of %d bytes)", fill * 100, self._bytes, self.max_bytes
+            )
+            self._on_event(
+                "store-high-water",
+                None,
+                f"store {fill:.0%} full",
+                bytes=self._bytes,
+                max_bytes=self.max_bytes,
+            )
+        elif fill < LOW_WATER and self._high:
+            self._high = False
+            log.info("store back under %.0f%% full", LOW_WATER * 100)
+
+    # -- lease, ack, release ----------------------------------------------------------------
+
+    async def lease(self, device_id: str, limit: int) -> list[Leased]:
+        device = self._device(device_id)
+        while not device.pending:
+            if self._closed:
+                return []
+            device.ready.clear()
+            await device.ready.wait()
+        taken: list[_Entry] = []
+        while device.pending and len(taken) < limit:
+            entry = device.pending.popleft()
+            device.leased[entry.id] = entry
+            taken.append(entry)
+        missing = [e.id for e in taken if e.body is None]
+        bodies: dict[int, bytes] = {}
+        if missing:
+            loop = asyncio.get_running_loop()
+            bodies = await loop.run_in_executor(self._io, self._read_bodies, missing)
+        return [
+            Leased(
+                e.id,
+                Envelope(
+                    e.device,
+                    e.header,
+                    e.body if e.body is not None else bodies[e.id],
+                    e.oldest_ts_ms,
+                ),
+            )
+            for e in taken
+        ]
+
+    def _read_bodies(self, ids: list[int]) -> dict[int, bytes]:
+        assert self._conn is not None
+        marks = ",".join("?" * len(ids))
+        return dict(_rows(self._conn, f"SELECT id, body FROM envelopes WHERE id IN ({marks})", ids))
+
+    def ack(self, device_id: str, lease_id: int) -> None:
+        entry = self._devices[device_id].leased.pop(lease_id, None)
+        if entry is None:
+            return
+        self._bytes -= entry.size
+        if entry.body is not None:
+            self._cached -= entry.size
+        self._deletes.append(entry.id)
+        self._delete_due.set()
+        if self._high:
+            self._watermark()
+
+    def release(self, device_id: str) -> None:
+        device = self._devices.get(device_id)
+        if device is None or not device.leased:
+            return
+        device.pending.extendleft(reversed(device.leased.values()))
+        device.leased.clear()
+        device.ready.set()
+
+    def close(self) -> None:
+        self._closed = True
+        for device in self._devices.values():
+            device.ready.set()
+
+    async def _delete_acked(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._delete_due.wait()
+            # Let acks gather so that one transaction deletes many rows.
+            await asyncio.sleep(DELETE_DELAY)
+            self._delete_due.clear()
+            batch, self._deletes = self._deletes, []
+            if batch:
+                await asyncio.shield(loop.run_in_executor(self._io, self._delete_now, batch))
+
+    def _delete_now(self, ids: list[int]) -> None:
+        if not ids or self._conn is None:
+            return
+        with self._conn:
+            self._conn.executemany("DELETE FROM envelopes WHERE id=?", [(i,) for i in ids])
+
+    # -- status -----------------------------------------------------------------------------
+
+    def depth(self) -> list[DeviceDepth]:
+        out = []
+        for device_id, device in self._devices.items():
+            entries = [*device.leased.values(), *device.pending]
+            out.append(
+                DeviceDepth(
+                    device_id,
+                    len(device.pending),
+                    len(device.leased),
+                    sum(e.size for e in entries),
+                    min((e.oldest_ts_ms for e in entries), default=None),
+                )
+            )
+        return out
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+
+def _drop_counts(items: list[tuple[str, int]]) -> dict[str, tuple[int, int]]:
+    out: dict[str, tuple[int, int]] = {}
+    for device, readings in items:
+        envelopes, total = out.get(device, (0, 0))
+        out[device] = (envelopes + 1, total + readings)
+    return out
+
+
+# -- offline inspection (fieldgate store status / verify) -------------------------------------
+
+
+def status(path: Path) -> dict[str, Any]:
+    """Depth per device, bytes, oldest age and drops, read from the file (the gateway may run)."""
+    if not path.exists():
+        raise StoreError(f"{path}: no store here")
+    conn = open_database(path, readonly=True)
+    try:
+        now_ms = time.time() * 1000
+        devices: dict[str, dict[str, Any]] = {}
+        for device, count, size, oldest, readings in conn.execute(
+            "SELECT device, count(*), sum(length(body)), min(oldest_ts_ms), sum(count) "
+            "FROM envelopes GROUP BY device ORDER BY device"
+        ):
+            devices[device] = {
+                "envelopes": count,
+                "bytes": size,
+                "readings": readings,
+                "oldest_age_s": round((now_ms - oldest) / 1000, 1),
+            }
+        for device, next_seq in conn.execute("SELECT device, next_seq FROM sequences"):
+            devices.setdefault(
+                device, {"envelopes": 0, "bytes": 0, "readings": 0, "oldest_age_s": None}
+            )["next_seq"] = next_seq
+        for device, envelopes, readings in conn.execute(
+            "SELECT device, envelopes, readings FROM drops"
+        ):
+            devices.setdefault(device, {})["dropped"] = {
+                "envelopes": envelopes,
+                "readings": readings,
+            }
+        boot = _rows(conn, "SELECT value FROM meta WHERE key='boot_id'")
+        return {
+            "path": str(path),
+            "boot_id": boot[0][0] if boot else None,
+            "bytes": sum(d.get("bytes") or 0 for d in devices.values()),
+            "envelopes": sum(d.get("envelopes") or 0 for d in devices.values()),
+            "devices": devices,
+        }
+    finally:
+        conn.close()
+
+
+def verify(path: Path) -> list[str]:
+    """``PRAGMA integrity_check`` and a sanity check of every envelope header; [] if sound."""
+    from gateway.envelope import NONCE_BYTES, TAG_BYTES
+    from gateway.readings import CODEC, ENVELOPE_VERSION
+
+    try:
+        conn = open_database(path, readonly=True)
+    except StoreError as err:
+        return [str(err)]
+    problems: list[str] = []
+    try:
+        check = _rows(conn, "PRAGMA integrity_check")
+        if check != [("ok",)]:
+            problems += [f"integrity_check: {row[0]}" for row in check[:20]]
+        ends: dict[tuple[str, str], int] = {}
+        for id_, device, version, codec, boot, first, count, size in conn.execute(
+            "SELECT id, device, version, codec, boot, first_seq, count, length(body) "
+            "FROM envelopes ORDER BY id"
+        ):
+            where = f"envelope {id_} ({device} seq {first})"
+            if version != ENVELOPE_VERSION or codec != CODEC:
+                problems.append(f"{where}: version {version} codec {codec!r} unknown")
+            if count <= 0 or first < 0:
+                problems.append(f"{where}: bad count {count} or first seq {first}")
+            if size < NONCE_BYTES + TAG_BYTES:
+                problems.append(f"{where}: body of {size} bytes is too short")
+            previous = ends.get((device, boot))
+            if previous is not None and first < previous:
+                problems.append(f"{where}: overlaps or precedes the envelope before it")
+            ends[(device, boot)] = first + count
+    finally:
+        conn.close()
+    return problems
