@@ -75,6 +75,7 @@ def cmd_localhub(args: argparse.Namespace) -> int:
         record=Path(args.record) if args.record else None,
         quiet=args.quiet,
         broker_log=Path(args.broker_log) if args.broker_log else None,
+        persist=Path(args.persist) if args.persist else None,
     )
 
 
@@ -203,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     hub.add_argument("--record", help="append every message received to this JSON-lines file")
     hub.add_argument("--quiet", action="store_true", help="no periodic summary")
     hub.add_argument("--broker-log", help="write mosquitto's log (connections, refusals) here")
+    hub.add_argument(
+        "--persist",
+        help="keep the broker's sessions and queued messages in this "
+        "folder across restarts, as IoT Hub does",
+    )
     hub.set_defaults(func=cmd_localhub)
 
     sim = verbs.add_parser("simulate", help="device simulators").add_subparsers(

@@ -100,8 +100,10 @@ def keyring(pki_dir: Path) -> Keyring:
     return load_keyring(p.keyring, p.passphrase())
 
 
-def start_hub(procs: list[Proc], tmp: Path, pki_dir: Path) -> tuple[int, Path]:
-    port = free_ports(1)
+def start_hub(
+    procs: list[Proc], tmp: Path, pki_dir: Path, *extra: str, port: int | None = None
+) -> tuple[int, Path]:
+    port = port or free_ports(1)
     record = tmp / "hub-record.jsonl"
     hub = Proc(
         fieldgate(
@@ -115,8 +117,9 @@ def start_hub(procs: list[Proc], tmp: Path, pki_dir: Path) -> tuple[int, Path]:
             "--broker-log",
             str(tmp / "broker.log"),
             "--quiet",
+            *extra,
         ),
-        tmp / "hub.log",
+        tmp / f"hub-{len(procs)}.log",
     )
     procs.append(hub)
     hub.wait_for("local hub listening")
@@ -161,3 +164,21 @@ def opened_from(record: Path, keyring: Keyring) -> tuple[list[Opened], list[str]
     tracker = SequenceTracker()
     opened, errors = open_all(read_record(record) if record.exists() else [], keyring, tracker)
     return opened, errors, tracker
+
+
+def edit_config(path: Path, **sections: dict[str, object]) -> None:
+    """Merge ``section={key: value}`` into a gateway config file."""
+    import tomllib
+
+    from gateway.config import render_toml
+
+    doc = tomllib.loads(path.read_text())
+    for name, values in sections.items():
+        doc.setdefault(name, {}).update(values)
+    path.write_text(render_toml(doc))
+
+
+def store_report(state: Path) -> dict[str, object]:
+    from gateway.store import status
+
+    return status(state / "store.db")

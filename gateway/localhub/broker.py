@@ -45,6 +45,9 @@ pattern read $iothub/twin/PATCH/properties/desired/#
 """
 
 
+PERSIST_FILE = "mosquitto.db"
+
+
 class BrokerError(FieldgateError):
     pass
 
@@ -58,13 +61,21 @@ def mosquitto_binary() -> str:
     return found
 
 
-def render_config(workdir: Path, host: str, port: int, run_as: str | None) -> str:
+def render_config(
+    workdir: Path, host: str, port: int, run_as: str | None, persist: Path | None = None
+) -> str:
     # Every listener-scoped option comes after the `listener` line: otherwise mosquitto 2.0
     # silently opens an extra listener on all interfaces.
     lines = [
         "per_listener_settings false",
         "allow_anonymous false",
-        "persistence false",
+        # With persist, the hub-service session and the messages queued for it survive a
+        # restart of the stand-in, as they do in IoT Hub.
+        *(
+            ["persistence true", f"persistence_location {persist}/"]
+            if persist
+            else ["persistence false"]
+        ),
         f"acl_file {workdir / 'acl'}",
         "log_dest stderr",
         "log_type error",
@@ -101,8 +112,15 @@ class Broker:
     """An async context manager: the broker runs inside the block, is stopped by PID after."""
 
     def __init__(
-        self, pki: Pki, *, port: int, host: str = "127.0.0.1", log_path: Path | None = None
+        self,
+        pki: Pki,
+        *,
+        port: int,
+        host: str = "127.0.0.1",
+        log_path: Path | None = None,
+        persist: Path | None = None,
     ) -> None:
+        self.persist = persist
         self.pki = pki
         self.port = port
         self.host = host
@@ -121,6 +139,10 @@ class Broker:
         # Copies, so that the broker's user needs no access to the PKI folder itself.
         shutil.copyfile(self.pki.root_cert, workdir / "root.pem")
         shutil.copyfile(self.pki.server_cert, workdir / "server.pem")
+        # The broker persists into its own folder (its user may not reach ours); the file is
+        # carried over from and back to the persist folder around each run.
+        if self.persist is not None and (self.persist / PERSIST_FILE).exists():
+            shutil.copyfile(self.persist / PERSIST_FILE, workdir / PERSIST_FILE)
         run_as = None
         if os.geteuid() == 0:
             # mosquitto started as root drops to its own user before reading the key.
@@ -132,7 +154,9 @@ class Broker:
                 for path in (workdir, *workdir.iterdir()):
                     os.chown(path, entry.pw_uid, entry.pw_gid)
         conf = workdir / "mosquitto.conf"
-        conf.write_text(render_config(workdir, self.host, self.port, run_as))
+        conf.write_text(
+            render_config(workdir, self.host, self.port, run_as, workdir if self.persist else None)
+        )
         log = open(self.log_path, "ab") if self.log_path else asyncio.subprocess.DEVNULL
         try:
             self.process = await asyncio.create_subprocess_exec(
@@ -184,5 +208,8 @@ class Broker:
                 self.process.kill()
                 await self.process.wait()
         if self._dir is not None:
+            if self.persist is not None and (self._dir / PERSIST_FILE).exists():
+                self.persist.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(self._dir / PERSIST_FILE, self.persist / PERSIST_FILE)
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None

@@ -21,8 +21,9 @@ async def serve(
     quiet: bool,
     stop: asyncio.Event,
     log_path: Path | None = None,
+    persist: Path | None = None,
 ) -> None:
-    async with Broker(pki, host=host, port=port, log_path=log_path):
+    async with Broker(pki, host=host, port=port, log_path=log_path, persist=persist):
         service = HubService(pki, host=host, port=port, record=record)
         print(
             f"local hub listening on {host}:{port} (TLS, client certificates required)", flush=True
@@ -62,12 +63,20 @@ def run_localhub(
     record: Path | None,
     quiet: bool,
     broker_log: Path | None = None,
+    persist: Path | None = None,
 ) -> int:
     pki = Pki(pki_dir)
 
     async def main(stop: asyncio.Event) -> None:
         await serve(
-            pki, host=host, port=port, record=record, quiet=quiet, stop=stop, log_path=broker_log
+            pki,
+            host=host,
+            port=port,
+            record=record,
+            quiet=quiet,
+            stop=stop,
+            log_path=broker_log,
+            persist=persist,
         )
 
     runtime.run(main)

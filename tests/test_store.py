@@ -1,0 +1,202 @@
+"""The durable store with real SQLite files: the queue contract, restarts, bounds, damage."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import apsw
+import pytest
+
+from gateway.readings import CODEC, Envelope, Header
+from gateway.store import Store, status, verify
+
+from conftest import fieldgate
+
+
+def envelope(
+    device: str, first: int, count: int = 10, size: int = 100, boot: str = "b"
+) -> Envelope:
+    body = os.urandom(size)
+    return Envelope(device, Header(1, "k1", boot, first, count, CODEC), body, 1_700_000_000_000)
+
+
+class Events:
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+
+    def __call__(self, kind: str, device: str | None, reason: str, **fields: Any) -> None:
+        self.items.append({"kind": kind, "device": device, "reason": reason, **fields})
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.items if e["kind"] == kind]
+
+
+def run(scenario: Callable[[], Awaitable[Any]]) -> Any:
+    return asyncio.run(scenario())  # type: ignore[arg-type]
+
+
+def test_fifo_lease_ack_release_and_everything_unacked_survives_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+
+    async def first_run() -> tuple[str, list[int]]:
+        async with Store(path, max_bytes=10**7) as store:
+            await store.put([envelope("a", 0), envelope("b", 0), envelope("a", 10)])
+            await store.put([envelope("a", 20)])
+            leased = await store.lease("a", 2)
+            assert [x.envelope.header.first_seq for x in leased] == [0, 10]
+            store.ack("a", leased[0].lease_id)
+            store.release("a")  # connection lost: seq 10 goes back to the head
+            again = await store.lease("a", 10)
+            assert [x.envelope.header.first_seq for x in again] == [10, 20]
+            return store.boot_id, [store.next_seq["a"], store.next_seq["b"]]
+
+    boot, next_seq = run(first_run)
+    assert next_seq == [30, 10]
+
+    async def second_run() -> tuple[str, dict[str, int], list[int], list[int]]:
+        async with Store(path, max_bytes=10**7) as store:
+            a = [x.envelope.header.first_seq for x in await store.lease("a", 10)]
+            b = [x.envelope.header.first_seq for x in await store.lease("b", 10)]
+            return store.boot_id, store.next_seq, a, b
+
+    boot2, seqs, a, b = run(second_run)
+    assert boot2 == boot  # the boot id is the store's: sequence numbers continue under it
+    assert seqs == {"a": 30, "b": 10}
+    assert a == [10, 20] and b == [0]  # only the acked envelope is gone
+
+
+def test_one_put_of_many_envelopes_is_one_commit(tmp_path: Path) -> None:
+    async def scenario() -> int:
+        async with Store(tmp_path / "s.db", max_bytes=10**8) as store:
+            await store.put([envelope("a", i * 10) for i in range(500)])
+            assert sum(d.queued for d in store.depth()) == 500
+            return store.commits
+
+    assert run(scenario) == 1
+
+
+def test_lease_waits_for_a_put_and_close_wakes_it(tmp_path: Path) -> None:
+    async def scenario() -> tuple[list[int], list[Any]]:
+        async with Store(tmp_path / "s.db", max_bytes=10**7) as store:
+            waiting = asyncio.create_task(store.lease("a", 5))
+            await asyncio.sleep(0.05)
+            assert not waiting.done()
+            await store.put([envelope("a", 0)])
+            got = [x.envelope.header.first_seq for x in await waiting]
+            idle = asyncio.create_task(store.lease("b", 5))
+            await asyncio.sleep(0.05)
+            store.close()
+            return got, await idle
+
+    got, idle = run(scenario)
+    assert got == [0] and idle == []
+
+
+@pytest.mark.parametrize("policy", ["drop-oldest", "refuse-newest"])
+def test_a_full_store_drops_by_its_policy_and_counts_exactly(tmp_path: Path, policy: str) -> None:
+    path = tmp_path / "s.db"
+    events = Events()
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        async with Store(
+            path,
+            max_bytes=1000,
+            policy=policy,  # type: ignore[arg-type]
+            on_event=events,
+        ) as store:
+            for i in range(15):  # 15 x 100 bytes into 1000
+                await store.put([envelope("a" if i % 2 else "b", i * 10)])
+            a = [x.envelope.header.first_seq for x in await store.lease("a", 20)]
+            b = [x.envelope.header.first_seq for x in await store.lease("b", 20)]
+            return a, b
+
+    a, b = run(scenario)
+    kept = sorted(a + b)
+    dropped = events.of("envelopes-dropped")
+    assert sum(e["envelopes"] for e in dropped) == 5
+    assert sum(e["readings"] for e in dropped) == 50
+    if policy == "drop-oldest":
+        assert kept == [i * 10 for i in range(5, 15)]
+    else:
+        assert kept == [i * 10 for i in range(10)]
+    assert len(events.of("store-high-water")) == 1
+    report = status(path)
+    assert sum(d.get("dropped", {}).get("envelopes", 0) for d in report["devices"].values()) == 5
+    assert sum(d.get("dropped", {}).get("readings", 0) for d in report["devices"].values()) == 50
+    # Refused envelopes consumed their sequence numbers: the consumer sees a gap that the
+    # drop events account for, never the same number twice.
+    assert report["devices"]["a"]["next_seq"] == 140  # last "a" envelope: seq 130 + 10
+    assert report["devices"]["b"]["next_seq"] == 150  # last "b" envelope: seq 140 + 10
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_store_is_kept_aside_and_a_new_one_starts(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "store.db"
+
+    async def fill() -> str:
+        async with Store(path, max_bytes=10**8) as store:
+            await store.put([envelope("a", i * 10, size=4000) for i in range(50)])
+            return store.boot_id
+
+    old_boot = run(fill)
+    data = path.read_bytes()
+    if damage == "garbage":
+        path.write_bytes(data[:100] + os.urandom(len(data) - 100))
+    else:
+        path.write_bytes(data[: len(data) // 3])
+    events = Events()
+
+    async def reopen() -> tuple[str, int]:
+        async with Store(path, max_bytes=10**8, on_event=events) as store:
+            await store.put([envelope("a", 0)])
+            return store.boot_id, sum(d.queued for d in store.depth())
+
+    new_boot, queued = run(reopen)
+    assert new_boot != old_boot and queued == 1
+    [event] = events.of("store-corrupt")
+    kept = Path(event["kept"])
+    assert kept.exists() and kept.read_bytes()[:100] == data[:100]
+
+
+def test_verify_and_status_commands(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+
+    async def fill() -> None:
+        async with Store(path, max_bytes=10**8) as store:
+            await store.put([envelope("a", 0), envelope("a", 10), envelope("b", 0)])
+
+    run(fill)
+    ok = subprocess.run(
+        fieldgate("store", "verify", "--path", str(path)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ok.returncode == 0 and "sound" in ok.stdout
+    shown = subprocess.run(
+        fieldgate("store", "status", "--path", str(path)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0
+    assert "a: 2 envelopes, 200 bytes" in shown.stdout and "next seq 20" in shown.stdout
+
+    conn = apsw.Connection(str(path))
+    conn.execute("UPDATE envelopes SET first_seq=5 WHERE first_seq=10 AND device='a'")
+    conn.execute("UPDATE envelopes SET body=x'00' WHERE device='b'")
+    conn.close()
+    problems = verify(path)
+    assert any("overlaps" in p for p in problems) and any("too short" in p for p in problems)
+    bad = subprocess.run(
+        fieldgate("store", "verify", "--path", str(path)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 1 and "2 problems" in bad.stdout
