@@ -27,10 +27,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 from adapters.modbus.run import simulator_argv
 from gateway import pki as pki_mod
+from gateway.config import render_toml
 from gateway.consumer import SequenceTracker, open_all
 from gateway.keyring import load as load_keyring
 from gateway.localhub.service import read_record
@@ -142,6 +144,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             ),
         )
         wait_for(work / "sim.log", "simulated Modbus devices on")
+        doc = tomllib.loads(config.read_text())
+        doc["store"] = {"kind": args.store}
+        config.write_text(render_toml(doc))
         gateway = start(
             "gateway", fieldgate("--log-level", "warning", "run", "--config", str(config))
         )
@@ -176,6 +181,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return {
+        "store": args.store,
         "profile": {
             "devices": args.devices,
             "points": args.points,
@@ -227,8 +233,46 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--max-age", type=float, default=1.0)
+    parser.add_argument("--store", choices=["sqlite", "memory"], default="sqlite")
+    parser.add_argument(
+        "--compare",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="alternate memory and sqlite runs ROUNDS times; print the ratio of "
+        "their median gateway CPU per point",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, record)")
-    print(json.dumps(run(parser.parse_args()), indent=2))
+    args = parser.parse_args()
+    if not args.compare:
+        print(json.dumps(run(args), indent=2))
+        return
+    runs: dict[str, list[dict[str, object]]] = {"memory": [], "sqlite": []}
+    for _ in range(args.compare):
+        for kind in ("memory", "sqlite"):
+            args.store = kind
+            runs[kind].append(run(args))
+    cost = {
+        k: statistics.median(float(r["gateway_cpu_s_per_1M_points"]) for r in v)  # type: ignore[arg-type]
+        for k, v in runs.items()
+    }
+    rate = {
+        k: statistics.median(float(r["delivered_points_per_s"]) for r in v)  # type: ignore[arg-type]
+        for k, v in runs.items()
+    }
+    print(
+        json.dumps(
+            {
+                "rounds": args.compare,
+                "median_cpu_s_per_1M_points": cost,
+                "median_delivered_points_per_s": rate,
+                "store_cpu_cost_ratio": round(cost["sqlite"] / cost["memory"], 3),
+                "store_capacity_ratio": round(cost["memory"] / cost["sqlite"], 3),
+                "runs": runs,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":
