@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import time
 from collections import defaultdict
@@ -171,3 +172,52 @@ def test_store_holds_only_ciphertext_and_a_flipped_bit_is_refused(
     assert len(errors) == 1
     assert f"{device} seq {first_seq}: authentication failed" in errors[0]
     assert len(opened) >= stored["envelopes"] - 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["drop-oldest", "refuse-newest"])
+def test_a_full_store_counts_every_drop_exactly_in_events_and_status(
+    tmp_path: Path, pki_dir: Path, procs: list[Proc], policy: str
+) -> None:
+    from gateway.events import read_events
+
+    from conftest import free_ports
+
+    silent_port = free_ports(1)  # the hub never answers: the store fills up
+    config, _ = start_simulator(
+        procs,
+        tmp_path,
+        pki_dir,
+        silent_port,
+        3,
+        "--period",
+        "0.05",
+        "--points",
+        "60",
+        "--max-age",
+        "0.3",
+    )
+    edit_config(
+        config, store={"max_bytes": 64 * 1024, "policy": policy}, gateway={"shutdown_grace": 0.5}
+    )
+    gateway = Proc(fieldgate("run", "--config", str(config)), tmp_path / "gateway.log")
+    state = tmp_path / "state"
+    wait_until(
+        lambda: any(e["kind"] == "envelopes-dropped" for e in read_events(state)),
+        30,
+        "the first drop",
+    )
+    time.sleep(1)
+    assert gateway.stop() == 0
+    events = read_events(state)
+    report: Any = store_report(state)
+    assert report["bytes"] <= 64 * 1024
+    assert [e for e in events if e["kind"] == "store-high-water"]
+    for device, row in report["devices"].items():
+        dropped = [e for e in events if e["kind"] == "envelopes-dropped" and e["device"] == device]
+        assert all(e["policy"] == policy for e in dropped)
+        assert sum(e["envelopes"] for e in dropped) == row["dropped"]["envelopes"] > 0
+        assert sum(e["readings"] for e in dropped) == row["dropped"]["readings"]
+        # Nothing was delivered: every accepted reading is either still stored or dropped.
+        assert row["readings"] + row["dropped"]["readings"] == row["next_seq"]
+    assert re.search(r"readings: (\d+) read, 0 delivered, (\d+) dropped", gateway.output())
