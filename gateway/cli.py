@@ -19,10 +19,11 @@ EXIT_FAILED = 1
 EXIT_REFUSED = 2
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, worker: str | None = None) -> None:
+    where = f"[worker {worker}] " if worker else ""
     logging.basicConfig(
         level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)-7s {where}%(name)s: %(message)s",
         stream=sys.stderr,
     )
 
@@ -35,6 +36,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gateway.app import Gateway
 
     cfg = config_mod.load(args.config)
+    if args.worker:
+        from gateway.workers import parse_worker, worker_config
+
+        cfg = worker_config(cfg, *parse_worker(args.worker))
+    elif args.workers > 1:
+        from gateway.workers import run_workers
+
+        return run_workers(Path(args.config), args.workers)
     gateway = Gateway(cfg)
 
     async def main(stop: asyncio.Event) -> None:
@@ -165,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = verbs.add_parser("run", help="run the gateway from a config file")
     run.add_argument("--config", required=True, help="gateway TOML file")
+    run.add_argument(
+        "--workers", type=int, default=1, help="processes over disjoint device sets (one core each)"
+    )
+    run.add_argument("--worker", help=argparse.SUPPRESS)  # I/W: set by --workers
     run.set_defaults(func=cmd_run)
 
     demo = verbs.add_parser(
@@ -275,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, getattr(args, "worker", None))
     try:
         return int(args.func(args))
     except ConfigError as err:

@@ -7,6 +7,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
+
 from adapters.modbus.simulator import held_value, make_points
 from gateway import config as config_mod
 from gateway.keyring import Keyring
@@ -93,3 +95,47 @@ def _same(a: object, b: object) -> bool:
     if isinstance(a, float) and isinstance(b, float):
         return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
     return a == b
+
+
+@pytest.mark.slow
+def test_two_workers_share_the_devices_and_deliver_them_all(
+    tmp_path: Path, pki_dir: Path, keyring: Keyring, procs: list[Proc]
+) -> None:
+    from gateway.store import status
+
+    hub_port, record = start_hub(procs, tmp_path, pki_dir)
+    config, _ = start_simulator(
+        procs, tmp_path, pki_dir, hub_port, 6, "--period", "0.2", "--max-age", "0.5"
+    )
+    gateway = Proc(
+        fieldgate("run", "--config", str(config), "--workers", "2"), tmp_path / "gateway.log"
+    )
+    procs.append(gateway)
+
+    def all_arrive() -> bool:
+        opened, _, _ = opened_from(record, keyring)
+        return len({o.device_id for o in opened}) == 6
+
+    wait_until(all_arrive, 40, "every device through one of the workers")
+    assert gateway.stop() == 0, gateway.output()[-2000:]
+    stores = [status(tmp_path / "state" / f"worker-{i}" / "store.db") for i in (0, 1)]
+    shares = [set(s["devices"]) for s in stores]
+    assert shares == [{"plc-1", "plc-3", "plc-5"}, {"plc-2", "plc-4", "plc-6"}]
+    assert stores[0]["boot_id"] != stores[1]["boot_id"]
+    promised = {d: row["next_seq"] for s in stores for d, row in s["devices"].items()}
+    wait_until(
+        lambda: (
+            {
+                d: n
+                for (d, _), n in (
+                    (k, st.count()) for k, st in opened_from(record, keyring)[2].streams.items()
+                )
+            }
+            == promised
+        ),
+        10,
+        "every accepted reading",
+    )
+    output = gateway.output()
+    assert "[worker 0/2]" in output and "[worker 1/2]" in output
+    assert output.count("every envelope was delivered") == 2

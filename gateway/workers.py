@@ -1,0 +1,110 @@
+"""Several gateway processes over disjoint device sets: one event loop (one core) each.
+
+``fieldgate run --workers W`` starts W children, ``fieldgate run --worker I/W`` each. Worker I
+takes devices I, I+W, I+2W, ... of the config, and has its own state folder
+(``state_dir/worker-I``): its own store, security events and sessions. The parent forwards
+SIGTERM/SIGINT, so every worker flushes, and restarts a worker that dies unexpectedly,
+with backoff. A worker that exits 2 (refused config) stops them all: restarting cannot help.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from gateway import runtime
+from gateway.backoff import backoff_delay
+from gateway.config import Config
+
+log = logging.getLogger("fieldgate.workers")
+
+EXIT_REFUSED = 2
+
+
+def worker_config(cfg: Config, index: int, count: int) -> Config:
+    """The share of ``cfg`` that worker ``index`` of ``count`` runs."""
+    if not 0 <= index < count:
+        raise ValueError(f"worker {index}/{count} does not exist")
+    store_path = cfg.store.path
+    if store_path is not None:
+        store_path = store_path.with_name(f"{store_path.stem}-worker-{index}{store_path.suffix}")
+    return cfg.model_copy(
+        update={
+            "devices": cfg.devices[index::count],
+            "gateway": cfg.gateway.model_copy(
+                update={"state_dir": cfg.gateway.state_dir / f"worker-{index}"}
+            ),
+            "store": cfg.store.model_copy(update={"path": store_path}),
+        }
+    )
+
+
+def worker_state_dirs(cfg: Config, count: int) -> list[Path]:
+    return [worker_config(cfg, i, count).gateway.state_dir for i in range(count)]
+
+
+def parse_worker(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    return int(index), int(count)
+
+
+async def supervise(config: Path, count: int, stop: asyncio.Event) -> int:
+    """Run ``count`` workers until ``stop``; returns the exit code for the parent."""
+    refused = asyncio.Event()
+
+    async def keep(index: int) -> int:
+        attempt = 0
+        while True:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "gateway.cli",
+                "run",
+                "--config",
+                str(config),
+                "--worker",
+                f"{index}/{count}",
+                stdin=asyncio.subprocess.DEVNULL,
+                **runtime.child_process_options(),
+            )
+            log.info("worker %d/%d started as pid %d", index, count, proc.pid)
+            waiter = asyncio.ensure_future(proc.wait())
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if stop.is_set():
+                if proc.returncode is None:
+                    proc.send_signal(signal.SIGTERM)
+                return await waiter
+            code = waiter.result()
+            if code == EXIT_REFUSED:
+                log.error("worker %d exited 2 (refused): stopping all workers", index)
+                refused.set()
+                stop.set()
+                return code
+            attempt += 1
+            delay = backoff_delay(attempt, 0.5, 30.0)
+            log.error("worker %d exited with %s; restarting in %.1f s", index, code, delay)
+            try:
+                async with asyncio.timeout(delay):
+                    await stop.wait()
+                return code
+            except TimeoutError:
+                continue
+
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(keep(i), name=f"worker[{i}]") for i in range(count)]
+    codes = [t.result() for t in tasks]
+    if refused.is_set():
+        return EXIT_REFUSED
+    return 0 if all(c == 0 for c in codes) else 1
+
+
+def run_workers(config: Path, count: int) -> int:
+    async def main(stop: asyncio.Event) -> int:
+        return await supervise(config, count, stop)
+
+    return int(runtime.run(main))
