@@ -154,6 +154,28 @@ def cmd_store_verify(args: argparse.Namespace) -> int:
     return 0 if not problems else EXIT_FAILED
 
 
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from gateway.loadtest.run import Plan, run_loadtest
+
+    plan = Plan(
+        modbus=args.modbus,
+        points=args.points,
+        rate=args.rate,
+        duration=args.duration,
+        ramp=args.ramp,
+        workers=args.workers,
+        types=args.types,
+        max_age=args.max_age,
+        out=Path(args.out),
+        gateway_config=Path(args.gateway_config) if args.gateway_config else None,
+        hub=args.hub,
+        pki=Path(args.pki) if args.pki else None,
+        stop_hub_after=args.stop_hub_after,
+        live=not args.no_live,
+    )
+    return run_loadtest(plan)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
@@ -195,6 +217,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop after this many seconds (default: until Ctrl-C)",
     )
     demo.set_defaults(func=cmd_demo)
+
+    load = verbs.add_parser(
+        "loadtest", help="measure a simulated fleet end to end: ramp, hold, stop, report"
+    )
+    load.add_argument("--modbus", type=int, default=10, help="simulated Modbus devices")
+    load.add_argument("--points", type=int, default=10, help="points per device")
+    load.add_argument("--rate", type=float, default=1.0, help="polls per second per device")
+    load.add_argument("--duration", type=float, default=30.0, help="seconds to hold the load")
+    load.add_argument("--ramp", type=float, default=5.0, help="seconds before the hold")
+    load.add_argument("--workers", type=int, default=1, help="gateway processes")
+    load.add_argument("--types", default="float32", help="point types of the simulated map")
+    load.add_argument("--max-age", type=float, default=1.0, help="batching.max_age")
+    load.add_argument("--out", default="loadtest-out", help="report folder")
+    load.add_argument("--gateway-config", help="test this config instead of simulated devices")
+    load.add_argument(
+        "--hub",
+        metavar="HOST:PORT",
+        help="an existing stand-in (fieldgate localhub) instead of a new one",
+    )
+    load.add_argument("--pki", help="the PKI the hub and devices use (default: OUT/pki)")
+    load.add_argument(
+        "--stop-hub-after",
+        type=float,
+        metavar="SECONDS",
+        help="fault injection: stop the hub for good after this long",
+    )
+    load.add_argument("--no-live", action="store_true", help="no live progress view")
+    load.set_defaults(func=cmd_loadtest)
 
     pki = verbs.add_parser("pki", help="development PKI").add_subparsers(
         dest="pki_verb", required=True

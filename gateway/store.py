@@ -580,6 +580,17 @@ def status(path: Path) -> dict[str, Any]:
         conn.close()
 
 
+def accepted(path: Path) -> dict[str, int]:
+    """Per device, how many readings the store has accepted (its next sequence number)."""
+    if not path.exists():
+        return {}
+    conn = open_database(path, readonly=True)
+    try:
+        return {d: int(n) for d, n in _rows(conn, "SELECT device, next_seq FROM sequences")}
+    finally:
+        conn.close()
+
+
 def verify(path: Path) -> list[str]:
     """``PRAGMA integrity_check`` and a sanity check of every envelope header; [] if sound."""
     from gateway.envelope import NONCE_BYTES, TAG_BYTES

@@ -50,7 +50,7 @@ class HubService:
         host: str,
         port: int,
         record: Path | None = None,
-        on_opened: Callable[[Opened], None] | None = None,
+        on_opened: Callable[[Opened, int], None] | None = None,
     ) -> None:
         self.pki = pki
         self.host = host
@@ -94,7 +94,8 @@ class HubService:
             # Latency per scan (the first reading of each read), not per point: same clock.
             view.latencies_ms.extend(now_ms - r.ts_ms for r in fresh[:: max(1, len(fresh) // 16)])
         if self._on_opened is not None:
-            self._on_opened(opened)
+            # The metered size: body plus the properties riding in the topic.
+            self._on_opened(opened, len(body) + len(topic.split("/", 4)[-1]))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Stay subscribed until ``stop`` is set, reconnecting if the broker goes away."""

@@ -1,0 +1,1 @@
+"""`fieldgate loadtest`: a simulated fleet end to end, measured at the hub side."""

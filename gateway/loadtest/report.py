@@ -1,0 +1,104 @@
+"""The loadtest report: report.json, a short table on the terminal, and PNG plots.
+
+Plots need matplotlib (``pip install 'fieldgate[loadtest]'``; scripts/setup installs it).
+Without it the JSON and the table are still written, and the report says the plots were skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from gateway.loadtest.stats import Collector
+
+
+def write_report(out: Path, report: dict[str, Any], console: Console) -> None:
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    table = Table(title=f"loadtest result: {report['result'].upper()}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    latency = report["latency_ms"]
+    gateway = report["gateway"]
+    rows = [
+        ("offered points/s", f"{report['offered_points_per_s']:,}"),
+        ("points/s opened at the hub", f"{report['points_per_s']:,}"),
+        ("latency p50 / p95 / p99 (ms)", f"{latency['p50']} / {latency['p95']} / {latency['p99']}"),
+        (
+            "readings accepted / delivered",
+            f"{report['readings']['accepted']:,} / {report['readings']['delivered_unique']:,}",
+        ),
+        (
+            "loss: gaps / not delivered",
+            f"{report['loss']['sequence_gaps']} / {report['loss']['accepted_not_delivered']}",
+        ),
+        ("duplicates (dropped by the consumer)", f"{report['loss']['duplicates']:,}"),
+        (
+            "messages / 4 KB units per 1k points",
+            f"{report['messages_per_1k_points']} / {report['units_4k_per_1k_points']}",
+        ),
+        ("gateway CPU-s per 1M points", f"{gateway['cpu_s_per_1M_points']}"),
+        ("gateway cores used, peak RSS MB", f"{gateway['cpu_cores']}, {gateway['peak_rss_mb']}"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+    for problem in report["problems"]:
+        console.print(f"[bold red]FAILED[/]: {problem}")
+
+
+def write_plots(out: Path, report: dict[str, Any], collector: Collector) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        logging.getLogger("matplotlib").setLevel(logging.WARNING)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        report.setdefault("notes", []).append("plots skipped: matplotlib is not installed")
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        return []
+    line = report["timeline"]
+    t = [row["t"] for row in line]
+    written = []
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.plot(t, [row["points"] for row in line], label="delivered (opened at the hub)")
+    ax.axhline(report["offered_points_per_s"], color="grey", linestyle="--", label="offered")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("points/s")
+    ax.axvspan(*report["hold_window_s"], color="green", alpha=0.08, label="hold (measured)")
+    ax.set_title("Throughput")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png")
+    written.append("throughput.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.plot(t, [row["p50_ms"] for row in line], label="p50")
+    ax.plot(t, [row["p99_ms"] for row in line], label="p99")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("ms, read to hub")
+    ax.axvspan(*report["hold_window_s"], color="green", alpha=0.08, label="hold (measured)")
+    ax.set_title("Latency over time")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "latency.png")
+    written.append("latency.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.hist([lat for _, lat in collector.all_latencies], bins=60)
+    ax.set_xlabel("ms, read to hub")
+    ax.set_ylabel("readings (sampled)")
+    ax.set_title("Latency histogram")
+    fig.tight_layout()
+    fig.savefig(out / "latency-histogram.png")
+    written.append("latency-histogram.png")
+    plt.close(fig)
+    return written

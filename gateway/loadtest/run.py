@@ -1,0 +1,354 @@
+"""`fieldgate loadtest`: start a simulated fleet, the hub stand-in and the gateway; ramp, hold,
+stop; measure at the hub side; write a report (JSON, a terminal table, PNG plots).
+
+The gateway runs as its own process (or W worker processes); its CPU and memory are read from
+/proc for the whole process tree. Readings carry the gateway's read timestamp, so latency is
+read -> opened at the hub. Loss is counted against what the gateway's stores accepted: after
+the stop, every accepted sequence number must reach the hub, or the run fails and says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from adapters.modbus.run import simulator_argv
+from gateway import config as config_mod
+from gateway import pki as pki_mod
+from gateway import runtime
+from gateway.loadtest.report import write_plots, write_report
+from gateway.loadtest.stats import Collector, summarize, timeline
+from gateway.localhub.broker import Broker
+from gateway.localhub.service import HubService
+from gateway.ports import free_ports
+from gateway.store import accepted as store_accepted
+from gateway.workers import worker_config
+
+
+@dataclass
+class Plan:
+    modbus: int = 10
+    points: int = 10
+    rate: float = 1.0
+    duration: float = 30.0
+    ramp: float = 5.0
+    workers: int = 1
+    types: str = "float32"
+    max_age: float = 1.0
+    out: Path = Path("loadtest-out")
+    gateway_config: Path | None = None
+    hub: str | None = None
+    pki: Path | None = None
+    stop_hub_after: float | None = None
+    drain_timeout: float = 20.0
+    live: bool = True
+
+
+def _proc_tree(root: int) -> list[int]:
+    """``root`` and its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def _cpu_rss(root: int) -> tuple[float, float, float]:
+    """(CPU seconds, RSS MB, peak RSS MB) summed over the process tree."""
+    cpu = rss = peak = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in _proc_tree(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        cpu += (int(fields[11]) + int(fields[12])) / tick
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                rss += int(line.split()[1]) / 1024
+            elif line.startswith("VmHWM:"):
+                peak += int(line.split()[1]) / 1024
+    return cpu, rss, peak
+
+
+def _store_paths(cfg: config_mod.Config, workers: int) -> list[Path]:
+    shares = [worker_config(cfg, i, workers) for i in range(workers)] if workers > 1 else [cfg]
+    return [c.store.path or c.gateway.state_dir / "store.db" for c in shares]
+
+
+def _offered(cfg: config_mod.Config) -> float:
+    return sum(1.0 / p.period for d in cfg.devices if d.enabled for p in d.points)
+
+
+async def _wait_file(
+    path: Path, text: str, proc: asyncio.subprocess.Process, within: float = 60
+) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not (path.exists() and text in path.read_text(errors="replace")):
+        if proc.returncode is not None:
+            raise RuntimeError(f"{path.name}: the process exited early; see {path}")
+        if loop.time() > deadline:
+            raise RuntimeError(f"{text!r} not seen in {path} within {within:.0f} s")
+        await asyncio.sleep(0.1)  # another process's log: nothing to wait on but the file
+
+
+def _live_table(
+    phase: str, elapsed: float, offered: float, collector: Collector, sample: dict[str, Any]
+) -> Table:
+    now = time.time()
+    table = Table(title=f"fieldgate loadtest: {phase} ({elapsed:.0f} s)", expand=False)
+    for column in (
+        "offered pts/s",
+        "delivered pts/s",
+        "backlog",
+        "p50 ms",
+        "p99 ms",
+        "gateway CPU",
+        "gateway RSS",
+    ):
+        table.add_column(column, justify="right")
+    p50, p99 = collector.recent_latency(now, 0.5), collector.recent_latency(now, 0.99)
+    table.add_row(
+        f"{offered:,.0f}",
+        f"{collector.rate(now):,.0f}",
+        f"{sample.get('backlog', 0):,}",
+        "-" if p50 is None else f"{p50:.0f}",
+        "-" if p99 is None else f"{p99:.0f}",
+        f"{sample.get('cores', 0):.2f} cores",
+        f"{sample.get('rss', 0):.0f} MB",
+    )
+    return table
+
+
+async def loadtest(plan: Plan, stop: asyncio.Event) -> int:
+    out = plan.out
+    out.mkdir(parents=True, exist_ok=True)
+    console = Console()
+    pki_dir = plan.pki or out / "pki"
+    if not (pki_dir / "root.pem").exists():
+        pki_mod.init(pki_dir)
+    pki = pki_mod.Pki(pki_dir)
+    fieldgate = [sys.executable, "-m", "gateway.cli"]
+    children: list[asyncio.subprocess.Process] = []
+    async with contextlib.AsyncExitStack() as stack:
+        if plan.hub:
+            host, _, port_text = plan.hub.rpartition(":")
+            port = int(port_text)
+            broker = None
+        else:
+            host, port = "127.0.0.1", free_ports(1)
+            broker = Broker(pki, port=port, log_path=out / "broker.log")
+            await stack.enter_async_context(broker)
+
+        async def start(name: str, *args: str) -> asyncio.subprocess.Process:
+            log = open(out / f"{name}.log", "wb")
+            stack.callback(log.close)
+            proc = await asyncio.create_subprocess_exec(
+                *fieldgate,
+                *args,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                **runtime.child_process_options(),
+            )
+            children.append(proc)
+            return proc
+
+        stack.push_async_callback(_stop_all, children)
+        if plan.gateway_config is None:
+            config_path = out / "gateway.toml"
+            config_path.unlink(missing_ok=True)
+            sim = await start(
+                "simulator",
+                *simulator_argv(
+                    devices=plan.modbus,
+                    port=free_ports(plan.modbus),
+                    config=config_path,
+                    pki=pki_dir,
+                    hub_port=port,
+                    state_dir=out / "state",
+                    extra=(
+                        "--points",
+                        str(plan.points),
+                        "--types",
+                        plan.types,
+                        "--period",
+                        str(1 / plan.rate),
+                        "--max-age",
+                        str(plan.max_age),
+                        "--step",
+                        "0.1",
+                    ),
+                ),
+            )
+            await _wait_file(out / "simulator.log", "simulated Modbus devices on", sim)
+        else:
+            config_path = plan.gateway_config
+        cfg = config_mod.load(config_path)
+        offered = _offered(cfg)
+        stores = _store_paths(cfg, plan.workers)
+
+        collector = Collector(started=time.time())
+        service = HubService(pki, host=host, port=port, on_opened=collector.opened)
+        stack.callback(service.close)
+        service_stop = asyncio.Event()
+        service_task = asyncio.create_task(service.run(service_stop), name="hub-service")
+        await asyncio.wait_for(service.connected.wait(), 20)
+
+        gateway = await start(
+            "gateway",
+            "--log-level",
+            "warning",
+            "run",
+            "--config",
+            str(config_path),
+            "--workers",
+            str(plan.workers),
+        )
+        t0 = time.time()
+        hold_from, hold_to = t0 + plan.ramp, t0 + plan.ramp + plan.duration
+        cpu_at: dict[str, float] = {}
+        sample: dict[str, Any] = {}
+        peak = 0.0
+        hub_stopped = False
+        view = Live(console=console, refresh_per_second=2, transient=False) if plan.live else None
+        with view if view is not None else contextlib.nullcontext():
+            while not stop.is_set():
+                now = time.time()
+                if now >= hold_to or gateway.returncode is not None:
+                    break
+                phase = "ramp" if now < hold_from else "hold"
+                cpu, rss, peak = _cpu_rss(gateway.pid)
+                if phase == "hold" and "start" not in cpu_at:
+                    cpu_at["start"] = cpu
+                backlog = max(
+                    0,
+                    sum(sum(store_accepted(p).values()) for p in stores)
+                    - collector.tracker.unique_readings(),
+                )
+                previous = sample.get("cpu", cpu)
+                sample = {"cpu": cpu, "cores": cpu - previous, "rss": rss, "backlog": backlog}
+                collector.sample(now, cpu, rss, backlog)
+                if (
+                    plan.stop_hub_after is not None
+                    and not hub_stopped
+                    and broker is not None
+                    and now - t0 >= plan.stop_hub_after
+                ):
+                    await broker.__aexit__(None, None, None)  # the hub goes away for good
+                    hub_stopped = True
+                if view is not None:
+                    view.update(_live_table(phase, now - t0, offered, collector, sample))
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await stop.wait()
+            hold_to = min(hold_to, time.time())
+            cpu_end, _, peak = _cpu_rss(gateway.pid)
+            cpu_hold = cpu_end - cpu_at.get("start", cpu_end)
+            gateway_code = await _stop(gateway)
+            promised = {d: n for p in stores for d, n in store_accepted(p).items()}
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + (0 if hub_stopped else plan.drain_timeout)
+            while (  # noqa: ASYNC110 - the counter lives in the hub service's callback
+                collector.tracker.unique_readings() < sum(promised.values())
+                and loop.time() < deadline
+            ):
+                await asyncio.sleep(0.2)  # the last envelopes on their way to the hub
+        service_stop.set()
+        await service_task
+
+    summary = summarize(
+        collector,
+        hold_from=hold_from,
+        hold_to=hold_to,
+        accepted=promised,
+        cpu_hold_s=cpu_hold,
+        peak_rss_mb=peak,
+        offered_points_per_s=offered,
+    )
+    problems = []
+    if summary["loss"]["accepted_not_delivered"]:
+        problems.append(
+            f"{summary['loss']['accepted_not_delivered']} accepted readings never "
+            "reached the hub (backlog or loss)"
+        )
+    if summary["loss"]["sequence_gaps"]:
+        problems.append(
+            f"{summary['loss']['sequence_gaps']} readings missing inside the sequence (gaps)"
+        )
+    if gateway_code != 0:
+        problems.append(f"the gateway exited with {gateway_code}")
+    if not summary["points_per_s"]:
+        problems.append("nothing was delivered during the hold")
+    report = {
+        "result": "failed" if problems else "ok",
+        "problems": problems,
+        "plan": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(plan).items()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        **summary,
+        "timeline": timeline(collector),
+    }
+    write_report(out, report, console)
+    plots = write_plots(out, report, collector)
+    console.print(
+        f"report: {out / 'report.json'}" + (f"; plots: {', '.join(plots)}" if plots else "")
+    )
+    return 0 if not problems else 1
+
+
+async def _stop(proc: asyncio.subprocess.Process, grace: float = 30.0) -> int:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(grace):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+    return proc.returncode if proc.returncode is not None else -1
+
+
+async def _stop_all(children: list[asyncio.subprocess.Process]) -> None:
+    for proc in reversed(children):
+        await _stop(proc)
+
+
+def run_loadtest(plan: Plan) -> int:
+    async def main(stop: asyncio.Event) -> int:
+        return await loadtest(plan, stop)
+
+    return int(runtime.run(main))
+
+
+def report_json(path: Path) -> dict[str, Any]:
+    return dict(json.loads(path.read_text()))

@@ -1,0 +1,161 @@
+"""Pure accounting of what reached the hub, per second and in total.
+
+The collector sees every opened envelope (at the hub) and the gateway's resource samples; the
+summary turns them into the report's figures. No I/O, no event loop: tested on its own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.consumer import Opened, SequenceTracker
+
+UNIT = 4096
+LATENCY_SAMPLES_PER_ENVELOPE = 8
+
+
+@dataclass
+class Second:
+    points: int = 0
+    messages: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    cpu_s: float | None = None
+    rss_mb: float | None = None
+    backlog: int | None = None
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+class Collector:
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.seconds: dict[int, Second] = defaultdict(Second)
+        self.tracker = SequenceTracker()
+        self.sizes: list[tuple[float, int]] = []  # (arrival, metered bytes) per message
+        self.all_latencies: list[tuple[float, float]] = []
+
+    def opened(self, item: Opened, size: int) -> None:
+        fresh = self.tracker.add(item)
+        second = self.seconds[int(item.received - self.started)]
+        second.points += len(fresh)
+        second.messages += 1
+        self.sizes.append((item.received, size))
+        if fresh:
+            step = max(1, len(fresh) // LATENCY_SAMPLES_PER_ENVELOPE)
+            now_ms = item.received * 1000
+            for reading in fresh[::step]:
+                latency = now_ms - reading.ts_ms
+                second.latencies_ms.append(latency)
+                self.all_latencies.append((item.received, latency))
+
+    def sample(self, now: float, cpu_s: float, rss_mb: float, backlog: int | None) -> None:
+        second = self.seconds[int(now - self.started)]
+        second.cpu_s, second.rss_mb, second.backlog = cpu_s, rss_mb, backlog
+
+    def rate(self, now: float, window: int = 3) -> float:
+        """Points/s over the last complete ``window`` seconds."""
+        last = int(now - self.started) - 1
+        seconds = [self.seconds.get(s) for s in range(last - window + 1, last + 1)]
+        return sum(s.points for s in seconds if s) / window
+
+    def recent_latency(self, now: float, q: float, window: int = 5) -> float | None:
+        last = int(now - self.started)
+        values = [
+            v
+            for s in range(last - window, last + 1)
+            for v in (self.seconds[s].latencies_ms if s in self.seconds else [])
+        ]
+        return percentile(values, q)
+
+
+def summarize(
+    collector: Collector,
+    *,
+    hold_from: float,
+    hold_to: float,
+    accepted: dict[str, int],
+    cpu_hold_s: float,
+    peak_rss_mb: float,
+    offered_points_per_s: float,
+) -> dict[str, Any]:
+    """The report's figures over the hold window [hold_from, hold_to) (absolute times), plus
+    the whole run's accounting against what the gateway's stores accepted."""
+    start, end = hold_from - collector.started, hold_to - collector.started
+    window = [s for t, s in collector.seconds.items() if start <= t < end]
+    points = sum(s.points for s in window)
+    seconds = max(1e-9, hold_to - hold_from)
+    latencies = [lat for t, lat in collector.all_latencies if hold_from <= t < hold_to]
+    sizes = [size for t, size in collector.sizes if hold_from <= t < hold_to]
+    delivered: dict[str, int] = defaultdict(int)
+    for (device, _boot), stream in collector.tracker.streams.items():
+        delivered[device] += stream.count()
+    gaps = sum(
+        end_ - start_ for holes in collector.tracker.gaps().values() for start_, end_ in holes
+    )
+    not_delivered = sum(max(0, n - delivered.get(d, 0)) for d, n in accepted.items())
+    return {
+        "offered_points_per_s": round(offered_points_per_s),
+        "points_per_s": round(points / seconds),
+        "latency_ms": {
+            f"p{int(q * 100)}": _round(percentile(latencies, q)) for q in (0.5, 0.95, 0.99)
+        },
+        "loss": {
+            "sequence_gaps": gaps,
+            "accepted_not_delivered": not_delivered,
+            "duplicates": collector.tracker.duplicates,
+        },
+        "readings": {
+            "accepted": sum(accepted.values()),
+            "delivered_unique": sum(delivered.values()),
+        },
+        "messages_per_1k_points": _round(len(sizes) / points * 1000 if points else None, 3),
+        "units_4k_per_1k_points": _round(
+            sum(math.ceil(s / UNIT) for s in sizes) / points * 1000 if points else None, 3
+        ),
+        "packing_min_units_per_1k_points": _round(
+            sum(sizes) / UNIT / points * 1000 if points else None, 3
+        ),
+        "gateway": {
+            "cpu_s_per_1M_points": _round(cpu_hold_s / points * 1e6 if points else None),
+            "cpu_cores": _round(cpu_hold_s / seconds, 3),
+            "peak_rss_mb": _round(peak_rss_mb, 1),
+        },
+        "hold_s": round(seconds, 1),
+        "hold_window_s": [round(start, 1), round(end, 1)],
+    }
+
+
+def timeline(collector: Collector) -> list[dict[str, Any]]:
+    out = []
+    previous_cpu: float | None = None
+    for t in sorted(collector.seconds):
+        s = collector.seconds[t]
+        cpu = None
+        if s.cpu_s is not None:
+            cpu = None if previous_cpu is None else _round(s.cpu_s - previous_cpu, 3)
+            previous_cpu = s.cpu_s
+        out.append(
+            {
+                "t": t,
+                "points": s.points,
+                "messages": s.messages,
+                "p50_ms": _round(percentile(s.latencies_ms, 0.5)),
+                "p99_ms": _round(percentile(s.latencies_ms, 0.99)),
+                "cpu_cores": cpu,
+                "rss_mb": s.rss_mb,
+                "backlog": s.backlog,
+            }
+        )
+    return out
+
+
+def _round(value: float | None, digits: int = 1) -> float | None:
+    return None if value is None else round(value, digits)

@@ -1,0 +1,113 @@
+"""`fieldgate loadtest` on a tiny fleet: a complete report, and a broken run that says so."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import fieldgate
+
+FIELDS = {
+    "result",
+    "problems",
+    "plan",
+    "machine",
+    "offered_points_per_s",
+    "points_per_s",
+    "latency_ms",
+    "loss",
+    "readings",
+    "messages_per_1k_points",
+    "units_4k_per_1k_points",
+    "packing_min_units_per_1k_points",
+    "gateway",
+    "hold_s",
+    "hold_window_s",
+    "timeline",
+}
+
+
+@pytest.mark.slow
+def test_a_tiny_fleet_reports_every_field_and_loses_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run = subprocess.run(
+        fieldgate(
+            "loadtest",
+            "--modbus",
+            "3",
+            "--points",
+            "8",
+            "--rate",
+            "5",
+            "--duration",
+            "5",
+            "--ramp",
+            "2",
+            "--max-age",
+            "0.5",
+            "--out",
+            str(out),
+            "--no-live",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert FIELDS <= set(report)
+    assert report["result"] == "ok" and report["problems"] == []
+    assert report["offered_points_per_s"] == 3 * 8 * 5
+    assert report["points_per_s"] > 0
+    assert report["loss"] == {"sequence_gaps": 0, "accepted_not_delivered": 0, "duplicates": 0}
+    accepted = report["readings"]["accepted"]
+    assert accepted > 0 and report["readings"]["delivered_unique"] == accepted
+    assert set(report["latency_ms"]) == {"p50", "p95", "p99"}
+    assert all(v is not None and v > 0 for v in report["latency_ms"].values())
+    assert set(report["gateway"]) == {"cpu_s_per_1M_points", "cpu_cores", "peak_rss_mb"}
+    assert report["gateway"]["peak_rss_mb"] > 10
+    assert report["units_4k_per_1k_points"] >= report["packing_min_units_per_1k_points"] > 0
+    for plot in ("throughput.png", "latency.png", "latency-histogram.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "loadtest result: OK" in run.stdout
+
+
+@pytest.mark.slow
+def test_a_run_whose_hub_dies_reports_the_backlog_instead_of_success(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run = subprocess.run(
+        fieldgate(
+            "loadtest",
+            "--modbus",
+            "3",
+            "--points",
+            "8",
+            "--rate",
+            "5",
+            "--duration",
+            "5",
+            "--ramp",
+            "2",
+            "--max-age",
+            "0.5",
+            "--stop-hub-after",
+            "3",
+            "--out",
+            str(out),
+            "--no-live",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert run.returncode == 1, run.stdout[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["result"] == "failed"
+    missing = report["loss"]["accepted_not_delivered"]
+    assert missing > 0
+    assert report["readings"]["accepted"] - report["readings"]["delivered_unique"] == missing
+    assert any("never reached the hub" in p for p in report["problems"])
+    assert "loadtest result: FAILED" in run.stdout
