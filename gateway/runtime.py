@@ -23,8 +23,22 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     return factory
 
 
+def raise_open_file_limit() -> None:
+    """Two sockets per device (its link and its hub session): lift the soft descriptor limit
+    (often 1,024) to the hard one, which a thousand devices need."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 def run(main: Main) -> Any:
     """Run ``main(stop)``; the first SIGINT/SIGTERM sets ``stop``, a second one cancels."""
+    raise_open_file_limit()
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(_with_signals(main))
 
