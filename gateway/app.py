@@ -73,7 +73,10 @@ class Pipeline:
         self._add(scan)
 
     def _add(self, scan: Scan) -> None:
-        closed, opened = self._batcher.add(scan, self._loop.time())
+        # The age budget runs from the read, not from its arrival here: the read's round trip
+        # and any wait on the loop are part of a reading's age.
+        read_at = self._loop.time() - max(0.0, time.time() - scan.ts_ms / 1000)
+        closed, opened = self._batcher.add(scan, read_at)
         if opened:
             self._arm(scan.device_id)
         if closed is not None:

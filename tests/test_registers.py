@@ -7,7 +7,12 @@ import struct
 
 import pytest
 
-from adapters.modbus.registers import encode_value, plan_reads, shortest_float32
+from adapters.modbus.registers import (
+    encode_value,
+    float32_decimals,
+    plan_reads,
+    shortest_float32,
+)
 from gateway.config import Point
 
 
@@ -107,6 +112,32 @@ def test_coils_decode_from_bits() -> None:
     ]
     assert (block.address, block.count) == (3, 3)
     assert block.decode([True, False, False, False, False, False, False, False]) == [True, False]
+
+
+def test_float32_decimals_read_back_as_the_same_float32_block_by_block() -> None:
+    rng = random.Random(9)
+    packer = struct.Struct(">64f")
+    extremes = [
+        3.4028234663852886e38,
+        -3.4028234663852886e38,
+        1.401298464324817e-45,
+        float("inf"),
+        float("-inf"),
+        0.0,
+        -0.0,
+        16777217.0,
+    ]
+    for _ in range(2000):
+        values = [
+            struct.unpack(">f", struct.pack(">I", rng.getrandbits(32)))[0] for _ in range(56)
+        ] + extremes
+        values = [v for v in values if v == v][:64] + [0.0] * (
+            64 - len([v for v in values if v == v][:64])
+        )
+        got = float32_decimals(values, packer)
+        assert [struct.pack(">f", v) for v in got] == [struct.pack(">f", v) for v in values]
+        # At most nine significant digits each.
+        assert all(float(f"{v:.9g}") == v for v in got)
 
 
 def test_shortest_float32_round_trips_every_value() -> None:
