@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from e2e import fieldgate, stop, wait_for
+from e2e import fieldgate, hub_argv, stop, wait_for
 
 from adapters.modbus.run import simulator_argv
 from gateway import pki as pki_mod
@@ -56,21 +56,7 @@ def main() -> None:
 
     try:
         hub_port = free_ports(1)
-        helpers.append(
-            start(
-                "hub",
-                fieldgate(
-                    "localhub",
-                    "--pki",
-                    str(pki_dir),
-                    "--port",
-                    str(hub_port),
-                    "--record",
-                    str(record),
-                    "--quiet",
-                ),
-            )
-        )
+        helpers.append(start("hub", fieldgate(*hub_argv(pki_dir, hub_port, record))))
         wait_for(work / "hub.log", "local hub listening")
         helpers.append(
             start(

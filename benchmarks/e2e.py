@@ -45,6 +45,20 @@ def fieldgate(*args: str) -> list[str]:
     return [sys.executable, "-m", "gateway.cli", *args]
 
 
+def hub_argv(pki_dir: Path, port: int, record: Path) -> list[str]:
+    """``fieldgate`` arguments for a quiet hub stand-in that records every message."""
+    return [
+        "localhub",
+        "--pki",
+        str(pki_dir),
+        "--port",
+        str(port),
+        "--record",
+        str(record),
+        "--quiet",
+    ]
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -102,19 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         return proc
 
     try:
-        start(
-            "hub",
-            fieldgate(
-                "localhub",
-                "--pki",
-                str(pki_dir),
-                "--port",
-                str(hub_port),
-                "--record",
-                str(record),
-                "--quiet",
-            ),
-        )
+        start("hub", fieldgate(*hub_argv(pki_dir, hub_port, record)))
         wait_for(work / "hub.log", "local hub listening")
         sim_base = free_ports(args.devices)
         config = work / "gateway.toml"

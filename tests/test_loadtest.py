@@ -10,6 +10,23 @@ import pytest
 
 from conftest import fieldgate
 
+# Three devices x 8 points x 5 Hz: small enough for CI, large enough to batch and to measure.
+TINY = [
+    "loadtest",
+    "--modbus",
+    "3",
+    "--points",
+    "8",
+    "--rate",
+    "5",
+    "--duration",
+    "5",
+    "--ramp",
+    "2",
+    "--max-age",
+    "0.5",
+]
+
 FIELDS = {
     "result",
     "problems",
@@ -35,19 +52,7 @@ def test_a_tiny_fleet_reports_every_field_and_loses_nothing(tmp_path: Path) -> N
     out = tmp_path / "out"
     run = subprocess.run(
         fieldgate(
-            "loadtest",
-            "--modbus",
-            "3",
-            "--points",
-            "8",
-            "--rate",
-            "5",
-            "--duration",
-            "5",
-            "--ramp",
-            "2",
-            "--max-age",
-            "0.5",
+            *TINY,
             "--out",
             str(out),
             "--no-live",
@@ -80,19 +85,7 @@ def test_a_run_whose_hub_dies_reports_the_backlog_instead_of_success(tmp_path: P
     out = tmp_path / "out"
     run = subprocess.run(
         fieldgate(
-            "loadtest",
-            "--modbus",
-            "3",
-            "--points",
-            "8",
-            "--rate",
-            "5",
-            "--duration",
-            "5",
-            "--ramp",
-            "2",
-            "--max-age",
-            "0.5",
+            *TINY,
             "--stop-hub-after",
             "3",
             "--out",
