@@ -36,6 +36,9 @@ from gateway.errors import PkiError
 
 PASSPHRASE_ENV = "FIELDGATE_KEY_PASSPHRASE"
 SERVICE_IDENTITY = "hub-service"
+# A second, read-only consumer of telemetry (the loadtest's), beside a running hub-service:
+# on the stand-in the client id is the certificate's CN, so two consumers need two identities.
+MONITOR_IDENTITY = "hub-monitor"
 DEFAULT_KEY_ID = "k1"
 
 
@@ -72,6 +75,10 @@ class Pki:
     @property
     def service_cert(self) -> Path:
         return self.root / "hub" / "service.pem"
+
+    def hub_identity(self, name: str) -> tuple[Path, Path]:
+        """Certificate and key of a hub-side identity (``hub-service``, ``hub-monitor``)."""
+        return self.root / "hub" / f"{name}.pem", self.root / "hub" / f"{name}.key"
 
     @property
     def service_key(self) -> Path:
@@ -329,6 +336,19 @@ def issue(root: Path, device_ids: Iterable[str], *, days: int = 365) -> list[str
         )
         done.append(device_id)
     return done
+
+
+def ensure_hub_identity(root: Path, name: str) -> tuple[Path, Path]:
+    """The certificate and key of a hub-side identity, issued now if the PKI lacks it."""
+    pki = Pki(Path(root))
+    if name == SERVICE_IDENTITY:
+        return pki.service_cert, pki.service_key
+    cert, key = pki.hub_identity(name)
+    if not cert.exists():
+        passphrase = pki.passphrase()
+        inter_cert, inter_key = _load_intermediate(pki, passphrase)
+        _issue_client(pki, name, inter_cert, inter_key, passphrase, cert, key, days=825)
+    return cert, key
 
 
 def decrypted_key_pem(key_path: Path, passphrase: bytes) -> bytes:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import fieldgate
+from conftest import Proc, fieldgate, start_hub, start_simulator
 
 # Three devices x 8 points x 5 Hz: small enough for CI, large enough to batch and to measure.
 TINY = [
@@ -104,3 +104,46 @@ def test_a_run_whose_hub_dies_reports_the_backlog_instead_of_success(tmp_path: P
     assert report["readings"]["accepted"] - report["readings"]["delivered_unique"] == missing
     assert any("never reached the hub" in p for p in report["problems"])
     assert "loadtest result: FAILED" in run.stdout
+
+
+@pytest.mark.slow
+def test_loadtest_measures_a_users_own_config_at_its_hub(
+    tmp_path: Path, pki_dir: Path, procs: list[Proc]
+) -> None:
+    hub_port, _ = start_hub(procs, tmp_path, pki_dir)
+    config, _ = start_simulator(
+        procs, tmp_path, pki_dir, hub_port, 3, "--period", "0.2", "--max-age", "0.5"
+    )
+    out = tmp_path / "out"
+    run = subprocess.run(
+        fieldgate(
+            "loadtest",
+            "--gateway-config",
+            str(config),
+            "--pki",
+            str(pki_dir),
+            "--duration",
+            "4",
+            "--ramp",
+            "2",
+            "--out",
+            str(out),
+            "--no-live",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["offered_points_per_s"] == 3 * 9 * 5  # the config's points and periods
+    assert report["points_per_s"] > 0 and report["loss"]["accepted_not_delivered"] == 0
+    refused = subprocess.run(
+        fieldgate(
+            "loadtest", "--gateway-config", str(config), "--out", str(tmp_path / "o2"), "--no-live"
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 1 and "--gateway-config needs --pki" in refused.stderr

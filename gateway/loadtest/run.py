@@ -29,10 +29,12 @@ from adapters.modbus.run import simulator_argv
 from gateway import config as config_mod
 from gateway import pki as pki_mod
 from gateway import runtime
+from gateway.errors import FieldgateError
 from gateway.loadtest.report import write_plots, write_report
 from gateway.loadtest.stats import Collector, summarize, timeline
 from gateway.localhub.broker import Broker
 from gateway.localhub.service import HubService
+from gateway.pki import MONITOR_IDENTITY
 from gateway.ports import free_ports
 from gateway.store import accepted as store_accepted
 from gateway.workers import worker_config
@@ -150,6 +152,11 @@ async def loadtest(plan: Plan, stop: asyncio.Event) -> int:
     out = plan.out
     out.mkdir(parents=True, exist_ok=True)
     console = Console()
+    if plan.gateway_config is not None and plan.pki is None:
+        raise FieldgateError(
+            "--gateway-config needs --pki: the PKI whose hub-service identity "
+            "and keyring read what the gateway sends"
+        )
     pki_dir = plan.pki or out / "pki"
     if not (pki_dir / "root.pem").exists():
         pki_mod.init(pki_dir)
@@ -157,10 +164,15 @@ async def loadtest(plan: Plan, stop: asyncio.Event) -> int:
     fieldgate = [sys.executable, "-m", "gateway.cli"]
     children: list[asyncio.subprocess.Process] = []
     async with contextlib.AsyncExitStack() as stack:
+        broker = None
         if plan.hub:
             host, _, port_text = plan.hub.rpartition(":")
             port = int(port_text)
-            broker = None
+        elif plan.gateway_config is not None:
+            # A user's config names its hub: measure there (a `fieldgate localhub` the user
+            # runs with the same PKI), not at a stand-in the gateway would never reach.
+            user_hub = config_mod.load(plan.gateway_config).hub
+            host, port = user_hub.address or user_hub.hostname, user_hub.port
         else:
             host, port = "127.0.0.1", free_ports(1)
             broker = Broker(pki, port=port, log_path=out / "broker.log")
@@ -215,7 +227,10 @@ async def loadtest(plan: Plan, stop: asyncio.Event) -> int:
         stores = _store_paths(cfg, plan.workers)
 
         collector = Collector(started=time.time())
-        service = HubService(pki, host=host, port=port, on_opened=collector.opened)
+        # Its own identity: a `fieldgate localhub` may already consume as hub-service.
+        service = HubService(
+            pki, host=host, port=port, on_opened=collector.opened, identity=MONITOR_IDENTITY
+        )
         stack.callback(service.close)
         service_stop = asyncio.Event()
         service_task = asyncio.create_task(service.run(service_stop), name="hub-service")

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from gateway.errors import FieldgateError
-from gateway.pki import SERVICE_IDENTITY, Pki, decrypted_key_pem
+from gateway.pki import MONITOR_IDENTITY, SERVICE_IDENTITY, Pki, decrypted_key_pem
 from gateway.runtime import child_process_options
 
 CIPHERS = ":".join(
@@ -34,6 +34,8 @@ ACL = f"""\
 user {SERVICE_IDENTITY}
 topic readwrite #
 topic readwrite $iothub/#
+user {MONITOR_IDENTITY}
+topic read devices/+/messages/events/#
 pattern write devices/%u/messages/events/#
 pattern read devices/%u/messages/devicebound/#
 pattern read $iothub/methods/POST/#

@@ -22,7 +22,7 @@ import orjson
 from gateway import keyring as keyring_mod
 from gateway.consumer import Opened, SequenceTracker, open_message
 from gateway.errors import EnvelopeError, UplinkError
-from gateway.pki import SERVICE_IDENTITY, Pki
+from gateway.pki import SERVICE_IDENTITY, Pki, ensure_hub_identity
 from gateway.uplink.mqtt import MqttClient
 from gateway.uplink.session import client_context
 
@@ -51,13 +51,16 @@ class HubService:
         port: int,
         record: Path | None = None,
         on_opened: Callable[[Opened, int], None] | None = None,
+        identity: str = SERVICE_IDENTITY,
     ) -> None:
         self.pki = pki
         self.host = host
         self.port = port
+        self.identity = identity
         passphrase = pki.passphrase()
         self.keyring = keyring_mod.load(pki.keyring, passphrase)
-        self._context = client_context(pki.root_cert, pki.service_cert, pki.service_key, passphrase)
+        cert, key = ensure_hub_identity(pki.root, identity)
+        self._context = client_context(pki.root_cert, cert, key, passphrase)
         self._record: IO[bytes] | None = open(record, "ab") if record else None
         self._on_opened = on_opened
         self.tracker = SequenceTracker()
@@ -104,7 +107,7 @@ class HubService:
                 async with MqttClient(
                     host=self.host,
                     port=self.port,
-                    client_id=SERVICE_IDENTITY,
+                    client_id=self.identity,
                     ssl_context=self._context,
                     server_hostname="localhost",
                     clean_session=False,
