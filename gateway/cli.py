@@ -106,13 +106,19 @@ def cmd_open(args: argparse.Namespace) -> int:
     )
 
 
-def _store_path(args: argparse.Namespace) -> Path:
+def _store_paths(args: argparse.Namespace) -> list[Path]:
+    """The store file given, or every store a config's gateway keeps (one per worker)."""
     if args.path:
-        return Path(args.path)
+        return [Path(args.path)]
     from gateway import config as config_mod
 
     cfg = config_mod.load(args.config, check_files=False)
-    return cfg.store.path or cfg.gateway.state_dir / "store.db"
+    single = cfg.store.path or cfg.gateway.state_dir / "store.db"
+    workers = sorted(cfg.gateway.state_dir.glob("worker-*/store.db"))
+    if cfg.store.path is not None:
+        workers = sorted(single.parent.glob(f"{single.stem}-worker-*{single.suffix}"))
+    found = ([single] if single.exists() else []) + workers
+    return found or [single]
 
 
 def cmd_store_status(args: argparse.Namespace) -> int:
@@ -120,38 +126,42 @@ def cmd_store_status(args: argparse.Namespace) -> int:
 
     from gateway import store
 
-    report = store.status(_store_path(args))
+    reports = [store.status(path) for path in _store_paths(args)]
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(reports[0] if args.path else reports, indent=2))
         return 0
-    print(
-        f"{report['path']}: boot {report['boot_id']}, {report['envelopes']} envelopes, "
-        f"{report['bytes']} bytes"
-    )
-    for device, row in report["devices"].items():
-        dropped = row.get("dropped")
-        age = row.get("oldest_age_s")
+    for report in reports:
         print(
-            f"  {device}: {row.get('envelopes', 0)} envelopes, {row.get('bytes', 0)} bytes, "
-            f"oldest {'-' if age is None else f'{age} s'}, next seq {row.get('next_seq', 0)}"
-            + (
-                f", dropped {dropped['envelopes']} envelopes / {dropped['readings']} readings"
-                if dropped
-                else ""
-            )
+            f"{report['path']}: boot {report['boot_id']}, {report['envelopes']} envelopes, "
+            f"{report['bytes']} bytes"
         )
+        for device, row in report["devices"].items():
+            dropped = row.get("dropped")
+            age = row.get("oldest_age_s")
+            print(
+                f"  {device}: {row.get('envelopes', 0)} envelopes, {row.get('bytes', 0)} "
+                f"bytes, oldest {'-' if age is None else f'{age} s'}, next seq "
+                f"{row.get('next_seq', 0)}"
+                + (
+                    f", dropped {dropped['envelopes']} envelopes / {dropped['readings']} readings"
+                    if dropped
+                    else ""
+                )
+            )
     return 0
 
 
 def cmd_store_verify(args: argparse.Namespace) -> int:
     from gateway import store
 
-    path = _store_path(args)
-    problems = store.verify(path)
-    for line in problems:
-        print(f"{path}: {line}", file=sys.stderr)
-    print(f"{path}: {'sound' if not problems else f'{len(problems)} problems'}")
-    return 0 if not problems else EXIT_FAILED
+    failed = False
+    for path in _store_paths(args):
+        problems = store.verify(path)
+        for line in problems:
+            print(f"{path}: {line}", file=sys.stderr)
+        print(f"{path}: {'sound' if not problems else f'{len(problems)} problems'}")
+        failed = failed or bool(problems)
+    return EXIT_FAILED if failed else 0
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:

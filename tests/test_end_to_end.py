@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import subprocess
 from collections import defaultdict
 from pathlib import Path
 
@@ -136,6 +137,14 @@ def test_two_workers_share_the_devices_and_deliver_them_all(
         10,
         "every accepted reading",
     )
+    shown = subprocess.run(
+        fieldgate("store", "status", "--config", str(config)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0
+    assert "worker-0/store.db" in shown.stdout and "worker-1/store.db" in shown.stdout
     output = gateway.output()
     assert "[worker 0/2]" in output and "[worker 1/2]" in output
     assert output.count("every envelope was delivered") == 2
