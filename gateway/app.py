@@ -14,7 +14,7 @@ import asyncio
 import logging
 import ssl
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from adapters.base import DeviceHealth
 from adapters.modbus.client import ModbusPoller
@@ -39,13 +39,11 @@ class StartupError(FieldgateError):
 
 @dataclass
 class Counters:
-    scans: int = 0
+    """What the stop's summary line reports: readings read, and readings dropped when full."""
+
     readings: int = 0
-    refused_scans: int = 0
-    envelopes_sealed: int = 0
     dropped_envelopes: int = 0
     dropped_readings: int = 0
-    started: float = field(default_factory=time.time)
 
 
 class Pipeline:
@@ -66,9 +64,7 @@ class Pipeline:
     def accept(self, scan: Scan) -> None:
         counters = self._counters
         if not self._gate.admitted(scan.device_id):
-            counters.refused_scans += 1
-            return
-        counters.scans += 1
+            return  # quarantined: its refusal is already a security event
         counters.readings += len(scan.values)
         self._add(scan)
 
@@ -98,7 +94,6 @@ class Pipeline:
 
     def _emit(self, batch: Batch, *, final: bool = False) -> None:
         envelopes, leftover = self._sealer.seal(batch, final=final)
-        self._counters.envelopes_sealed += len(envelopes)
         self.sealed.put_nowait(envelopes)
         # Scans that did not fit go to the head of the next batch, ahead of newer ones.
         if leftover and self._batcher.requeue(batch.device_id, leftover, self._loop.time()):
@@ -247,11 +242,13 @@ class Gateway:
         left = [d for d in queue.depth() if d.queued or d.leased]
         if left:
             total = sum(d.queued + d.leased for d in left)
+            kept = "kept in the store for the next start" if isinstance(queue, Store) else "lost"
             log.warning(
-                "shutdown grace of %.1f s passed with %d envelopes undelivered on %d devices",
+                "shutdown grace of %.1f s passed with %d envelopes undelivered on %d devices (%s)",
                 grace,
                 total,
                 len(left),
+                kept,
             )
         else:
             log.info("stopped: every envelope was delivered")

@@ -276,10 +276,9 @@ class Store:
             end = header.first_seq + header.count
             if end > seq_updates.get(envelope.device_id, self.next_seq.get(envelope.device_id, 0)):
                 seq_updates[envelope.device_id] = end
-        drops = _drop_counts(
-            [(v.device, v.header.count) for v in victims]
-            + [(e.device_id, e.header.count) for e in refused]
-        )
+        dropped = _ranges([(v.device, v.header) for v in victims])
+        refused_ranges = _ranges([(e.device_id, e.header) for e in refused])
+        drops = _drop_counts(dropped, refused_ranges)
         # Out of the queue before the commit's await, so that no session leases a victim.
         for victim in victims:
             self._forget(victim)
@@ -302,7 +301,12 @@ class Store:
             )
             device.ready.set()
             self._bytes += size
-        self._report_drops(victims, refused)
+        for reason, ranges in (
+            ("store full: dropped oldest", dropped),
+            ("store full: refused newest", refused_ranges),
+        ):
+            for device_id, device_ranges in ranges.items():
+                self._count_drop(device_id, reason, device_ranges)
         self._watermark()
 
     def _oldest_to_drop(self, need: int) -> list[_Entry]:
@@ -372,31 +376,8 @@ class Store:
                 )
         return ids
 
-    def _report_drops(self, victims: list[_Entry], refused: list[Envelope]) -> None:
-        for device, (count, readings) in _drop_counts(
-            [(v.device, v.header.count) for v in victims]
-        ).items():
-            self._count_drop(
-                device,
-                count,
-                readings,
-                "store full: dropped oldest",
-                [(v.header.first_seq, v.header.count) for v in victims if v.device == device],
-            )
-        for device, (count, readings) in _drop_counts(
-            [(e.device_id, e.header.count) for e in refused]
-        ).items():
-            self._count_drop(
-                device,
-                count,
-                readings,
-                "store full: refused newest",
-                [(e.header.first_seq, e.header.count) for e in refused if e.device_id == device],
-            )
-
-    def _count_drop(
-        self, device: str, envelopes: int, readings: int, reason: str, ranges: list[tuple[int, int]]
-    ) -> None:
+    def _count_drop(self, device: str, reason: str, ranges: list[tuple[int, int]]) -> None:
+        envelopes, readings = len(ranges), sum(count for _, count in ranges)
         before = self.drops.get(device, (0, 0))
         self.drops[device] = (before[0] + envelopes, before[1] + readings)
         self._on_event(
@@ -523,16 +504,22 @@ class Store:
             )
         return out
 
-    @property
-    def bytes(self) -> int:
-        return self._bytes
+
+def _ranges(items: list[tuple[str, Header]]) -> dict[str, list[tuple[int, int]]]:
+    """Per device, the (first seq, count) of each envelope in ``items``."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    for device, header in items:
+        out.setdefault(device, []).append((header.first_seq, header.count))
+    return out
 
 
-def _drop_counts(items: list[tuple[str, int]]) -> dict[str, tuple[int, int]]:
+def _drop_counts(*groups: dict[str, list[tuple[int, int]]]) -> dict[str, tuple[int, int]]:
+    """Per device, (envelopes, readings) over every group of dropped ranges."""
     out: dict[str, tuple[int, int]] = {}
-    for device, readings in items:
-        envelopes, total = out.get(device, (0, 0))
-        out[device] = (envelopes + 1, total + readings)
+    for group in groups:
+        for device, ranges in group.items():
+            envelopes, readings = out.get(device, (0, 0))
+            out[device] = (envelopes + len(ranges), readings + sum(c for _, c in ranges))
     return out
 
 

@@ -42,10 +42,6 @@ def worker_config(cfg: Config, index: int, count: int) -> Config:
     )
 
 
-def worker_state_dirs(cfg: Config, count: int) -> list[Path]:
-    return [worker_config(cfg, i, count).gateway.state_dir for i in range(count)]
-
-
 def parse_worker(text: str) -> tuple[int, int]:
     index, _, count = text.partition("/")
     return int(index), int(count)

@@ -22,7 +22,7 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from adapters.base import Admit, DeviceHealth, Evidence, ScanSink
-from adapters.modbus.registers import ReadBlock, plan_reads
+from adapters.modbus.registers import plan_reads
 from gateway.backoff import backoff_delay
 from gateway.config import DeviceConfig
 from gateway.errors import DeviceUnavailable
@@ -164,10 +164,6 @@ class ModbusPoller:
             health.reads_ok += 1
             health.up()
             sink(Scan(device_id, ts_ms, block.names, values))
-
-
-def describe_plan(blocks: list[ReadBlock]) -> str:
-    return ", ".join(f"{b.table}@{b.address}+{b.count}/{b.period}s" for b in blocks)
 
 
 def _raise_if_cancelled() -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import platform
 import signal
@@ -363,7 +362,3 @@ def run_loadtest(plan: Plan) -> int:
         return await loadtest(plan, stop)
 
     return int(runtime.run(main))
-
-
-def report_json(path: Path) -> dict[str, Any]:
-    return dict(json.loads(path.read_text()))
