@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import socket
 import sys
 import tempfile
@@ -85,21 +84,10 @@ async def publish(config_path: Path, duration: float) -> None:
     await asyncio.gather(*(device(d) for d in cfg.devices))
 
 
-def _cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _rss_peak(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     from adapters.modbus.run import simulator_argv
     from gateway import pki as pki_mod
+    from gateway.loadtest.procstat import usage
     from gateway.localhub.broker import Broker
     from gateway.pki import SERVICE_IDENTITY
     from gateway.ports import free_ports
@@ -179,10 +167,9 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 stderr=open(work / "publisher.log", "wb"),
             )
             await asyncio.sleep(args.warmup)
-            t0, cpu0 = time.time(), _cpu(publisher.pid)
+            t0, (cpu0, _, _) = time.time(), usage(publisher.pid)
             await asyncio.sleep(args.duration)
-            t1, cpu1 = time.time(), _cpu(publisher.pid)
-            rss = _rss_peak(publisher.pid)
+            t1, (cpu1, _, rss) = time.time(), usage(publisher.pid)
             await publisher.wait()
             sim.terminate()
             await sim.wait()

@@ -35,6 +35,7 @@ from gateway import pki as pki_mod
 from gateway.config import render_toml
 from gateway.consumer import SequenceTracker, open_all
 from gateway.keyring import load as load_keyring
+from gateway.loadtest.procstat import usage
 from gateway.localhub.service import read_record
 from gateway.ports import free_ports
 
@@ -57,21 +58,6 @@ def hub_argv(pki_dir: Path, port: int, record: Path) -> list[str]:
         str(record),
         "--quiet",
     ]
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mb(pid: int) -> tuple[float, float]:
-    status = Path(f"/proc/{pid}/status").read_text()
-    values = {}
-    for line in status.splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            key, amount = line.split(":")
-            values[key] = int(amount.split()[0]) / 1024
-    return values["VmRSS"], values["VmHWM"]
 
 
 def wait_for(path: Path, pattern: str, timeout: float = 60) -> None:
@@ -153,10 +139,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             "gateway", fieldgate("--log-level", "warning", "run", "--config", str(config))
         )
         time.sleep(args.warmup)
-        t0, cpu0 = time.time(), cpu_seconds(gateway.pid)
+        t0, (cpu0, _, _) = time.time(), usage(gateway.pid)
         time.sleep(args.duration)
-        t1, cpu1 = time.time(), cpu_seconds(gateway.pid)
-        rss_now, rss_peak = rss_mb(gateway.pid)
+        t1, (cpu1, rss_now, rss_peak) = time.time(), usage(gateway.pid)
         code = stop(gateway)
         time.sleep(1.0)
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,7 +13,6 @@ from conftest import Proc, fieldgate, start_hub, start_simulator
 
 # Three devices x 8 points x 5 Hz: small enough for CI, large enough to batch and to measure.
 TINY = [
-    "loadtest",
     "--modbus",
     "3",
     "--points",
@@ -47,22 +47,23 @@ FIELDS = {
 }
 
 
-@pytest.mark.slow
-def test_a_tiny_fleet_reports_every_field_and_loses_nothing(tmp_path: Path) -> None:
-    out = tmp_path / "out"
+def loadtest(out: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """Run `fieldgate loadtest ... --out OUT --no-live`; the result and its report."""
     run = subprocess.run(
-        fieldgate(
-            *TINY,
-            "--out",
-            str(out),
-            "--no-live",
-        ),
+        fieldgate("loadtest", *args, "--out", str(out), "--no-live"),
         capture_output=True,
         text=True,
         timeout=180,
     )
+    report = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else {}
+    return run, report
+
+
+@pytest.mark.slow
+def test_a_tiny_fleet_reports_every_field_and_loses_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run, report = loadtest(out, *TINY)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    report = json.loads((out / "report.json").read_text())
     assert FIELDS <= set(report)
     assert report["result"] == "ok" and report["problems"] == []
     assert report["offered_points_per_s"] == 3 * 8 * 5
@@ -82,22 +83,8 @@ def test_a_tiny_fleet_reports_every_field_and_loses_nothing(tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_a_run_whose_hub_dies_reports_the_backlog_instead_of_success(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    run = subprocess.run(
-        fieldgate(
-            *TINY,
-            "--stop-hub-after",
-            "3",
-            "--out",
-            str(out),
-            "--no-live",
-        ),
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    run, report = loadtest(tmp_path / "out", *TINY, "--stop-hub-after", "3")
     assert run.returncode == 1, run.stdout[-3000:]
-    report = json.loads((out / "report.json").read_text())
     assert report["result"] == "failed"
     missing = report["loss"]["accepted_not_delivered"]
     assert missing > 0
@@ -114,36 +101,19 @@ def test_loadtest_measures_a_users_own_config_at_its_hub(
     config, _ = start_simulator(
         procs, tmp_path, pki_dir, hub_port, 3, "--period", "0.2", "--max-age", "0.5"
     )
-    out = tmp_path / "out"
-    run = subprocess.run(
-        fieldgate(
-            "loadtest",
-            "--gateway-config",
-            str(config),
-            "--pki",
-            str(pki_dir),
-            "--duration",
-            "4",
-            "--ramp",
-            "2",
-            "--out",
-            str(out),
-            "--no-live",
-        ),
-        capture_output=True,
-        text=True,
-        timeout=180,
+    run, report = loadtest(
+        tmp_path / "out",
+        "--gateway-config",
+        str(config),
+        "--pki",
+        str(pki_dir),
+        "--duration",
+        "4",
+        "--ramp",
+        "2",
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    report = json.loads((out / "report.json").read_text())
     assert report["offered_points_per_s"] == 3 * 9 * 5  # the config's points and periods
     assert report["points_per_s"] > 0 and report["loss"]["accepted_not_delivered"] == 0
-    refused = subprocess.run(
-        fieldgate(
-            "loadtest", "--gateway-config", str(config), "--out", str(tmp_path / "o2"), "--no-live"
-        ),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    refused, _ = loadtest(tmp_path / "o2", "--gateway-config", str(config))
     assert refused.returncode == 1 and "--gateway-config needs --pki" in refused.stderr

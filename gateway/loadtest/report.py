@@ -66,39 +66,39 @@ def write_plots(out: Path, report: dict[str, Any], collector: Collector) -> list
     t = [row["t"] for row in line]
     written = []
 
+    def save(
+        fig: Any, ax: Any, name: str, title: str, xlabel: str, ylabel: str, hold: bool = True
+    ) -> None:
+        if hold:
+            ax.axvspan(*report["hold_window_s"], color="green", alpha=0.08, label="hold (measured)")
+            ax.legend()
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        fig.tight_layout()
+        fig.savefig(out / name)
+        plt.close(fig)
+        written.append(name)
+
     fig, ax = plt.subplots(figsize=(9, 4))
     ax.plot(t, [row["points"] for row in line], label="delivered (opened at the hub)")
     ax.axhline(report["offered_points_per_s"], color="grey", linestyle="--", label="offered")
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("points/s")
-    ax.axvspan(*report["hold_window_s"], color="green", alpha=0.08, label="hold (measured)")
-    ax.set_title("Throughput")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "throughput.png")
-    written.append("throughput.png")
-    plt.close(fig)
+    save(fig, ax, "throughput.png", "Throughput", "seconds", "points/s")
 
     fig, ax = plt.subplots(figsize=(9, 4))
     ax.plot(t, [row["p50_ms"] for row in line], label="p50")
     ax.plot(t, [row["p99_ms"] for row in line], label="p99")
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("ms, read to hub")
-    ax.axvspan(*report["hold_window_s"], color="green", alpha=0.08, label="hold (measured)")
-    ax.set_title("Latency over time")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "latency.png")
-    written.append("latency.png")
-    plt.close(fig)
+    save(fig, ax, "latency.png", "Latency over time", "seconds", "ms, read to hub")
 
     fig, ax = plt.subplots(figsize=(9, 4))
     ax.hist([lat for _, lat in collector.all_latencies], bins=60)
-    ax.set_xlabel("ms, read to hub")
-    ax.set_ylabel("readings (sampled)")
-    ax.set_title("Latency histogram")
-    fig.tight_layout()
-    fig.savefig(out / "latency-histogram.png")
-    written.append("latency-histogram.png")
-    plt.close(fig)
+    save(
+        fig,
+        ax,
+        "latency-histogram.png",
+        "Latency histogram",
+        "ms, read to hub",
+        "readings (sampled)",
+        hold=False,
+    )
     return written

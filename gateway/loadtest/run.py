@@ -29,6 +29,7 @@ from gateway import config as config_mod
 from gateway import pki as pki_mod
 from gateway import runtime
 from gateway.errors import FieldgateError
+from gateway.loadtest.procstat import usage
 from gateway.loadtest.report import write_plots, write_report
 from gateway.loadtest.stats import Collector, summarize, timeline
 from gateway.localhub.broker import Broker
@@ -56,45 +57,6 @@ class Plan:
     stop_hub_after: float | None = None
     drain_timeout: float = 20.0
     live: bool = True
-
-
-def _proc_tree(root: int) -> list[int]:
-    """``root`` and its descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
-def _cpu_rss(root: int) -> tuple[float, float, float]:
-    """(CPU seconds, RSS MB, peak RSS MB) summed over the process tree."""
-    cpu = rss = peak = 0.0
-    tick = os.sysconf("SC_CLK_TCK")
-    for pid in _proc_tree(root):
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        cpu += (int(fields[11]) + int(fields[12])) / tick
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                rss += int(line.split()[1]) / 1024
-            elif line.startswith("VmHWM:"):
-                peak += int(line.split()[1]) / 1024
-    return cpu, rss, peak
 
 
 def _store_paths(cfg: config_mod.Config, workers: int) -> list[Path]:
@@ -258,7 +220,7 @@ async def loadtest(plan: Plan, stop: asyncio.Event) -> int:
                 if now >= hold_to or gateway.returncode is not None:
                     break
                 phase = "ramp" if now < hold_from else "hold"
-                cpu, rss, peak = _cpu_rss(gateway.pid)
+                cpu, rss, peak = usage(gateway.pid)
                 if phase == "hold" and "start" not in cpu_at:
                     cpu_at["start"] = cpu
                 backlog = max(
@@ -283,7 +245,7 @@ async def loadtest(plan: Plan, stop: asyncio.Event) -> int:
                     async with asyncio.timeout(1.0):
                         await stop.wait()
             hold_to = min(hold_to, time.time())
-            cpu_end, _, peak = _cpu_rss(gateway.pid)
+            cpu_end, _, peak = usage(gateway.pid)
             cpu_hold = cpu_end - cpu_at.get("start", cpu_end)
             gateway_code = await _stop(gateway)
             promised = {d: n for p in stores for d, n in store_accepted(p).items()}
