@@ -147,7 +147,9 @@ def open_all(
         try:
             item = open_message(topic, body, keyring, received=received)
         except EnvelopeError as err:
-            errors.append(f"{topic.split('/', 2)[1] if topic.count('/') else topic}: {err}")
+            device = topic.split("/", 2)[1] if topic.count("/") >= 2 else topic
+            # Most refusals already name the device ("plc-4 seq 12: ..."); do not repeat it.
+            errors.append(str(err) if str(err).startswith(device) else f"{device}: {err}")
             continue
         if tracker is not None:
             tracker.add(item)
