@@ -34,10 +34,14 @@ class Evidence:
     transport: str
     endpoint: str
     fingerprint: dict[str, str] = field(default_factory=dict)
+    # Set when the adapter's own proof failed (a bond too weak, a wrong challenge answer).
+    refusal: str | None = None
 
 
 # Returns None when admitted, or the reason the device is refused.
 Admit = Callable[[Evidence], str | None]
+# A device that is not in the registry showed itself: (transport, endpoint, what was seen).
+Unknown = Callable[[str, str, str], None]
 
 
 @dataclass(slots=True)

@@ -14,14 +14,16 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from adapters.base import DeviceHealth
 from adapters.modbus.client import ModbusPoller
 from gateway import keyring
 from gateway.auth import AuthGate, Registration
 from gateway.batcher import Batch, Batcher
-from gateway.config import Config
+from gateway.config import Config, DeviceConfig
 from gateway.envelope import Sealer
 from gateway.errors import FieldgateError, KeyringError, UplinkError
 from gateway.events import SecurityEvents
@@ -180,7 +182,7 @@ class Gateway:
     ) -> None:
         cfg = self.config
         gate = AuthGate(
-            [Registration(d.id, "modbus-tcp", d.modbus.label, d.enabled) for d in cfg.devices],
+            [Registration(d.id, d.transport, d.endpoint, d.enabled) for d in cfg.devices],
             self.events,
         )
         pipeline = Pipeline(gate, batcher, sealer, self.counters)
@@ -208,7 +210,11 @@ class Gateway:
                         name=f"poll[{d.id}]",
                     )
                     for d in cfg.devices
-                    if d.enabled
+                    if d.enabled and d.modbus is not None
+                ]
+                pollers += [
+                    intake.create_task(radio, name=f"ble[{name}]")
+                    for name, radio in self._radios(pipeline, gate).items()
                 ]
                 await stop.wait()
                 log.info("stopping: polling stops, open batches are flushed")
@@ -219,6 +225,30 @@ class Gateway:
             writer.cancel()
             queue.close()
             await self._drain(queue, session_tasks)
+
+    def _radios(self, pipeline: Pipeline, gate: AuthGate) -> dict[str, Coroutine[Any, Any, None]]:
+        """One task per BLE adapter, serving that adapter's devices."""
+        by_adapter: dict[str, list[DeviceConfig]] = {}
+        for d in self.config.devices:
+            if d.enabled and d.ble is not None:
+                by_adapter.setdefault(d.ble.adapter, []).append(d)
+        if not by_adapter:
+            return {}
+        from adapters.ble.client import BleAdapter  # bleak loads only where BLE is configured
+
+        return {
+            name: BleAdapter(
+                name,
+                self.config.ble,
+                devices,
+                sink=pipeline.accept,
+                admit=gate.admit,
+                unknown=gate.unknown,
+                health=self.health,
+                state_dir=self.config.gateway.state_dir,
+            ).run()
+            for name, devices in by_adapter.items()
+        }
 
     async def _write(self, pipeline: Pipeline, queue: EnvelopeQueue) -> None:
         sealed = pipeline.sealed

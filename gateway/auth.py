@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from adapters.base import Evidence
 from gateway.events import SecurityEvents
 
+UNKNOWN_LIMIT = 1000
+
 
 @dataclass(frozen=True, slots=True)
 class Registration:
@@ -29,6 +31,7 @@ class AuthGate:
         self._events = events
         self._admitted: set[str] = set()
         self.quarantined: dict[str, str] = {}
+        self._unknown: set[tuple[str, str]] = set()
 
     def admitted(self, device_id: str) -> bool:
         return device_id in self._admitted
@@ -46,6 +49,7 @@ class AuthGate:
                     "registry match",
                     endpoint=evidence.endpoint,
                     transport=evidence.transport,
+                    **evidence.fingerprint,
                 )
             return None
         self._admitted.discard(device_id)
@@ -56,8 +60,28 @@ class AuthGate:
             reason,
             endpoint=evidence.endpoint,
             transport=evidence.transport,
+            **evidence.fingerprint,
         )
         return reason
+
+    def unknown(self, transport: str, endpoint: str, seen: str) -> None:
+        """A device outside the registry showed itself: one event per endpoint and run, and at
+        most ``UNKNOWN_LIMIT`` of them, so that a busy radio cannot flood the record."""
+        key = (transport, endpoint)
+        if key in self._unknown or len(self._unknown) > UNKNOWN_LIMIT:
+            return
+        self._unknown.add(key)
+        if len(self._unknown) > UNKNOWN_LIMIT:
+            reason = f"more than {UNKNOWN_LIMIT} unknown devices; no further ones are recorded"
+            self._events.record("device-unknown", None, reason, transport=transport)
+            return
+        self._events.record(
+            "device-unknown",
+            None,
+            f"not in the registry: {seen}",
+            endpoint=endpoint,
+            transport=transport,
+        )
 
     def _check(self, evidence: Evidence) -> str | None:
         entry = self._registry.get(evidence.device_id)
@@ -73,4 +97,4 @@ class AuthGate:
             seen = evidence.fingerprint.get(key)
             if seen != expected:
                 return f"fingerprint {key}: expected {expected!r}, device reports {seen!r}"
-        return None
+        return evidence.refusal

@@ -94,6 +94,12 @@ def cmd_simulate_modbus(args: argparse.Namespace) -> int:
     return run_simulator(args)
 
 
+def cmd_simulate_ble(args: argparse.Namespace) -> int:
+    from adapters.ble.run import run_simulator
+
+    return run_simulator(args)
+
+
 def cmd_open(args: argparse.Namespace) -> int:
     from gateway.open_cli import open_record
 
@@ -317,6 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     modbus.add_argument("--max-age", type=float, default=1.0)
     modbus.add_argument("--state-dir", default=None)
     modbus.set_defaults(func=cmd_simulate_modbus)
+    ble = sim.add_parser(
+        "ble", help="simulated BLE peripherals behind a simulated bluetoothd on a private D-Bus"
+    )
+    from adapters.ble.run import add_arguments
+
+    add_arguments(ble)
+    ble.set_defaults(func=cmd_simulate_ble)
 
     store = verbs.add_parser("store", help="inspect the durable store").add_subparsers(
         dest="store_verb", required=True

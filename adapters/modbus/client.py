@@ -51,19 +51,22 @@ class ModbusPoller:
         backoff_min: float = 0.5,
         backoff_max: float = 30.0,
     ) -> None:
+        if device.modbus is None:
+            raise ValueError(f"{device.id} is not a Modbus device")
         self.device = device
+        self.modbus = device.modbus
         self._sink = sink
         self._admit = admit
         self.health = health
         self._backoff = (backoff_min, backoff_max)
-        self.endpoint = device.modbus.label
-        self.blocks = plan_reads(device.points, max_gap=device.modbus.max_gap)
+        self.endpoint = self.modbus.label
+        self.blocks = plan_reads(device.points, max_gap=self.modbus.max_gap)
 
     async def run(self) -> None:
         """Poll until cancelled; returns early only if the device is refused admission."""
         attempt = 0
         while True:
-            cfg = self.device.modbus
+            cfg = self.modbus
             client = AsyncModbusTcpClient(
                 cfg.host, port=cfg.port, timeout=cfg.timeout, retries=0, reconnect_delay=0
             )
@@ -88,7 +91,7 @@ class ModbusPoller:
 
     async def _connect(self, client: AsyncModbusTcpClient) -> None:
         try:
-            async with asyncio.timeout(self.device.modbus.timeout * 2):
+            async with asyncio.timeout(self.modbus.timeout * 2):
                 ok = await client.connect()
         except (TimeoutError, OSError, ModbusException) as err:
             raise DeviceUnavailable(self.device.id, self.endpoint, f"connect: {err!r}") from err
@@ -98,8 +101,8 @@ class ModbusPoller:
 
     async def _poll(self, client: AsyncModbusTcpClient) -> None:
         loop = asyncio.get_running_loop()
-        unit = self.device.modbus.unit
-        timeout = self.device.modbus.timeout
+        unit = self.modbus.unit
+        timeout = self.modbus.timeout
         device_id = self.device.id
         readers: list[Callable[..., Awaitable[Any]]] = [
             getattr(client, _READERS[b.table]) for b in self.blocks

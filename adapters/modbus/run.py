@@ -7,10 +7,9 @@ import asyncio
 import sys
 from pathlib import Path
 
+from adapters import simconfig
 from adapters.modbus.simulator import DeviceSpec, SimulatedFleet, gateway_config, make_points
-from gateway import pki as pki_mod
 from gateway import runtime
-from gateway.config import render_toml
 from gateway.errors import ConfigError
 
 FAULT_KINDS = ("dead", "slow:", "exception:", "down")
@@ -41,24 +40,15 @@ def build_specs(args: argparse.Namespace) -> list[DeviceSpec]:
 
 
 def write_config(args: argparse.Namespace, specs: list[DeviceSpec]) -> Path:
-    pki_dir = Path(args.pki)
-    target = Path(args.write_config)
     doc = gateway_config(
         specs,
         host=args.host,
-        pki_dir=pki_dir,
+        pki_dir=Path(args.pki),
         hub_port=args.hub_port,
         state_dir=Path(args.state_dir) if args.state_dir else None,
         max_age=args.max_age,
     )
-    pki = pki_mod.Pki(pki_dir)
-    if pki.root_cert.exists():
-        missing = [s.device_id for s in specs if not pki.device_cert(s.device_id).exists()]
-        if missing:
-            pki_mod.issue(pki_dir, missing)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(render_toml(doc))
-    return target
+    return simconfig.write(doc, Path(args.write_config), Path(args.pki))
 
 
 def run_simulator(args: argparse.Namespace) -> int:

@@ -29,8 +29,8 @@ from typing import Any
 
 from adapters.modbus.client import DeviceServer
 from adapters.modbus.registers import encode_value, plan_reads
+from adapters.simconfig import device_files, skeleton
 from gateway.config import REGISTER_WIDTH, Point
-from gateway.pki import DEFAULT_KEY_ID, Pki
 
 TABLE_SIZE = 2048  # registers (or bits) per table of a simulated device
 _FC_TABLE = {
@@ -243,26 +243,19 @@ def gateway_config(
     max_bytes: int = 4000,
 ) -> dict[str, Any]:
     """A gateway config that polls exactly these simulated devices."""
-    pki = Pki(pki_dir.resolve())
-    doc: dict[str, Any] = {
-        "hub": {
-            "hostname": "localhost",
-            "address": hub_host,
-            "port": hub_port,
-            "ca_file": str(pki.root_cert),
-        },
-        "sealing": {"keyring": str(pki.keyring), "key_id": DEFAULT_KEY_ID},
-        "batching": {"max_bytes": max_bytes, "max_age": max_age},
-        "secrets": {"passphrase_file": str(pki.passphrase_file)},
-        "gateway": {"state_dir": str((state_dir or pki_dir.parent / "gateway").resolve())},
-        "devices": [],
-    }
+    doc = skeleton(
+        pki_dir=pki_dir,
+        hub_port=hub_port,
+        hub_host=hub_host,
+        state_dir=state_dir,
+        max_age=max_age,
+        max_bytes=max_bytes,
+    )
     for spec in specs:
         doc["devices"].append(
             {
                 "id": spec.device_id,
-                "cert": str(pki.device_cert(spec.device_id)),
-                "key": str(pki.device_key(spec.device_id)),
+                **device_files(pki_dir, spec.device_id),
                 "modbus": {"host": host, "port": spec.port, "unit": spec.unit},
                 "points": [
                     {
