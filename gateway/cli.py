@@ -175,6 +175,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
 
     plan = Plan(
         modbus=args.modbus,
+        ble=args.ble,
         points=args.points,
         rate=args.rate,
         duration=args.duration,
@@ -196,7 +197,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
     return run_demo(
-        Path(args.state), devices=args.devices, points=args.points, duration=args.duration
+        Path(args.state),
+        devices=args.devices,
+        points=args.points,
+        ble=args.ble,
+        duration=args.duration,
     )
 
 
@@ -224,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
         "with a live view of what the hub receives",
     )
     demo.add_argument("--state", default="fieldgate-state", help="folder for PKI and config")
-    demo.add_argument("--devices", type=int, default=5)
+    demo.add_argument("--devices", type=int, default=5, help="simulated Modbus devices")
+    demo.add_argument("--ble", type=int, default=3, help="simulated BLE peripherals")
     demo.add_argument("--points", type=int, default=9)
     demo.add_argument(
         "--duration",
@@ -238,8 +244,19 @@ def build_parser() -> argparse.ArgumentParser:
         "loadtest", help="measure a simulated fleet end to end: ramp, hold, stop, report"
     )
     load.add_argument("--modbus", type=int, default=10, help="simulated Modbus devices")
-    load.add_argument("--points", type=int, default=10, help="points per device")
-    load.add_argument("--rate", type=float, default=1.0, help="polls per second per device")
+    load.add_argument(
+        "--ble",
+        type=int,
+        default=0,
+        help="simulated BLE peripherals (each notification carries 4 points)",
+    )
+    load.add_argument("--points", type=int, default=10, help="points per Modbus device")
+    load.add_argument(
+        "--rate",
+        type=float,
+        default=1.0,
+        help="polls (Modbus) and notifications (BLE) per second per device",
+    )
     load.add_argument("--duration", type=float, default=30.0, help="seconds to hold the load")
     load.add_argument("--ramp", type=float, default=5.0, help="seconds before the hold")
     load.add_argument("--workers", type=int, default=1, help="gateway processes")

@@ -4,7 +4,8 @@ It makes (or reuses) a development PKI in the state folder, starts the local hub
 this process, the Modbus simulator and the gateway as child processes (as they would run in the
 field), and shows per device what the hub opened: readings, sequence accounting, latency and
 the latest values. Ctrl-C stops the gateway first (it flushes its batches), then the devices and
-the hub, and leaves nothing running.
+the hub, and leaves nothing running. BLE peripherals (``--ble``) run behind a simulated bluetoothd
+on a private D-Bus, beside the Modbus devices, through the same gateway.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from adapters.ble.run import simulator_argv as ble_argv
+from adapters.ble.simulator import SOCKET_NAME
 from adapters.modbus.run import simulator_argv
 from gateway import pki as pki_mod
 from gateway import runtime
@@ -76,7 +79,13 @@ async def _stop_child(proc: asyncio.subprocess.Process, name: str) -> None:
 
 
 async def demo(
-    state: Path, *, devices: int, points: int, duration: float | None, stop: asyncio.Event
+    state: Path,
+    *,
+    devices: int,
+    points: int,
+    ble: int,
+    duration: float | None,
+    stop: asyncio.Event,
 ) -> int:
     state.mkdir(parents=True, exist_ok=True)
     pki_dir = state / "pki"
@@ -99,6 +108,18 @@ async def demo(
         state_dir=state / "gateway",
         extra=("--points", str(points), "--period", "0.5"),
     )
+    bus_dir = state / "ble-bus"
+    ble_args = ble_argv(
+        devices=ble,
+        bus_dir=bus_dir,
+        config=config,
+        pki=pki_dir,
+        hub_port=hub_port,
+        state_dir=state / "gateway",
+        # One peripheral with a private address (found by its app id), values twice a second;
+        # --merge adds them to the Modbus devices' config.
+        extra=("--rpa", "1", "--rate", "2", "--poll-period", "5", "--merge"),
+    )
     console = Console()
     console.print(f"state folder: {state.resolve()}  (config: {config})")
     async with Broker(pki_mod.Pki(pki_dir), port=hub_port, log_path=logs / "mosquitto.log"):
@@ -107,6 +128,7 @@ async def demo(
         )
         with (
             open(logs / "simulator.log", "ab") as sim_log,
+            open(logs / "ble-simulator.log", "ab") as ble_log,
             open(logs / "gateway.log", "ab") as gw_log,
         ):
             sim = await asyncio.create_subprocess_exec(
@@ -117,9 +139,20 @@ async def demo(
                 stdout=sim_log,
                 stderr=sim_log,
             )
-            gateway = None
+            gateway = ble_sim = None
             try:
                 await _wait_for(config, sim)
+                if ble:
+                    ble_sim = await asyncio.create_subprocess_exec(
+                        *fieldgate,
+                        *ble_args,
+                        stdin=asyncio.subprocess.DEVNULL,
+                        **runtime.child_process_options(),
+                        stdout=ble_log,
+                        stderr=ble_log,
+                    )
+                    # It writes the config first, then opens its bus.
+                    await _wait_for(bus_dir / SOCKET_NAME, ble_sim)
                 gateway = await asyncio.create_subprocess_exec(
                     *fieldgate,
                     "run",
@@ -162,6 +195,8 @@ async def demo(
                 if gateway is not None:
                     await _stop_child(gateway, "gateway")
                 await _stop_child(sim, "simulator")
+                if ble_sim is not None:
+                    await _stop_child(ble_sim, "BLE simulator")
                 service.close()
     code = gateway.returncode if gateway is not None else 1
     command = Path(sys.executable).parent / "fieldgate"
@@ -174,24 +209,27 @@ async def demo(
     return 0 if code == 0 else 1
 
 
-async def _wait_for(config: Path, sim: asyncio.subprocess.Process) -> None:
+async def _wait_for(path: Path, sim: asyncio.subprocess.Process) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 20
-    while not config.exists():
+    while not path.exists():
         if sim.returncode is not None:
-            raise RuntimeError("the simulator exited early; see its log")
+            raise RuntimeError("a simulator exited early; see its log")
         if loop.time() > deadline:
-            raise RuntimeError("the simulator did not write its config in 20 s")
+            raise RuntimeError(f"a simulator did not make {path} in 20 s")
         # Another process's file: nothing to wait on but the file itself.
         await asyncio.sleep(0.05)
 
 
-def run_demo(state: Path, *, devices: int, points: int, duration: float | None) -> int:
+def run_demo(state: Path, *, devices: int, points: int, ble: int, duration: float | None) -> int:
     config = state / "gateway.toml"
     if config.exists():
         os.remove(config)
+    (state / "ble-bus" / SOCKET_NAME).unlink(missing_ok=True)
 
     async def main(stop: asyncio.Event) -> int:
-        return await demo(state, devices=devices, points=points, duration=duration, stop=stop)
+        return await demo(
+            state, devices=devices, points=points, ble=ble, duration=duration, stop=stop
+        )
 
     return int(runtime.run(main))

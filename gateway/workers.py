@@ -1,7 +1,8 @@
 """Several gateway processes over disjoint device sets: one event loop (one core) each.
 
 ``fieldgate run --workers W`` starts W children, ``fieldgate run --worker I/W`` each. Worker I
-takes devices I, I+W, I+2W, ... of the config, and has its own state folder
+takes Modbus devices I, I+W, I+2W, ... of the config and the BLE devices of every W-th adapter
+(one process per radio), and has its own state folder
 (``state_dir/worker-I``): its own store, security events and sessions. The parent forwards
 SIGTERM/SIGINT, so every worker flushes, and restarts a worker that dies unexpectedly,
 with backoff. A worker that exits 2 (refused config) stops them all: restarting cannot help.
@@ -31,9 +32,14 @@ def worker_config(cfg: Config, index: int, count: int) -> Config:
     store_path = cfg.store.path
     if store_path is not None:
         store_path = store_path.with_name(f"{store_path.stem}-worker-{index}{store_path.suffix}")
+    modbus = [d for d in cfg.devices if d.ble is None][index::count]
+    # A radio serves one process: discovery, pairing and connection slots are the adapter's.
+    adapters = sorted({d.ble.adapter for d in cfg.devices if d.ble is not None})
+    mine = set(adapters[index::count])
+    ble = [d for d in cfg.devices if d.ble is not None and d.ble.adapter in mine]
     return cfg.model_copy(
         update={
-            "devices": cfg.devices[index::count],
+            "devices": modbus + ble,
             "gateway": cfg.gateway.model_copy(
                 update={"state_dir": cfg.gateway.state_dir / f"worker-{index}"}
             ),

@@ -150,6 +150,47 @@ def start_simulator(
     return config, sim
 
 
+def start_ble_simulator(
+    procs: list[Proc], tmp: Path, pki_dir: Path, hub_port: int, devices: int, *extra: str
+) -> tuple[Path, Proc, str]:
+    """Simulated peripherals behind a simulated bluetoothd; returns (config, process, bus)."""
+    from adapters.ble.run import simulator_argv as ble_argv
+    from adapters.ble.simulator import bus_address
+
+    config = tmp / "gateway.toml"
+    bus_dir = tmp / "bus"
+    sim = Proc(
+        fieldgate(
+            *ble_argv(
+                devices=devices,
+                bus_dir=bus_dir,
+                config=config,
+                pki=pki_dir,
+                hub_port=hub_port,
+                state_dir=tmp / "state",
+                extra=extra,
+            )
+        ),
+        tmp / "ble-sim.log",
+    )
+    procs.append(sim)
+    sim.wait_for("simulated BLE peripherals")
+    return config, sim, bus_address(bus_dir)
+
+
+def ble_sim(address: str, call: str, *args: object) -> object:
+    """Call the running BLE simulator's control interface (stats, set, drop_link, set_slots)."""
+    import asyncio
+
+    from adapters.ble.simulator import SimControl
+
+    async def go() -> object:
+        async with SimControl(address) as control:
+            return await getattr(control, call)(*args)
+
+    return asyncio.run(go())
+
+
 def wait_until(predicate: object, timeout: float, what: str) -> None:
     assert callable(predicate)
     deadline = time.monotonic() + timeout

@@ -11,10 +11,13 @@ import pytest
 
 from conftest import Proc, fieldgate, start_hub, start_simulator
 
-# Three devices x 8 points x 5 Hz: small enough for CI, large enough to batch and to measure.
+# Three Modbus devices x 8 points and two BLE peripherals (4 points per notification), at 5 Hz:
+# small enough for CI, large enough to batch and to measure.
 TINY = [
     "--modbus",
     "3",
+    "--ble",
+    "2",
     "--points",
     "8",
     "--rate",
@@ -66,9 +69,17 @@ def test_a_tiny_fleet_reports_every_field_and_loses_nothing(tmp_path: Path) -> N
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert FIELDS <= set(report)
     assert report["result"] == "ok" and report["problems"] == []
-    assert report["offered_points_per_s"] == 3 * 8 * 5
+    # BLE: 4 points per notification, and the status characteristic's 2 points every 10 s.
+    assert report["offered_points_per_s"] == round(3 * 8 * 5 + 2 * 4 * 5 + 2 * 2 / 10)
     assert report["points_per_s"] > 0
-    assert report["loss"] == {"sequence_gaps": 0, "accepted_not_delivered": 0, "duplicates": 0}
+    assert report["loss"] == {
+        "sequence_gaps": 0,
+        "accepted_not_delivered": 0,
+        "duplicates": 0,
+        "notification_gaps": 0,
+    }
+    assert report["ble_peripherals"]["connected"] == 2
+    assert report["ble_peripherals"]["notifications_sent"] >= 2 * 5 * 5
     accepted = report["readings"]["accepted"]
     assert accepted > 0 and report["readings"]["delivered_unique"] == accepted
     assert set(report["latency_ms"]) == {"p50", "p95", "p99"}

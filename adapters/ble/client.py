@@ -438,8 +438,13 @@ class BleLink:
                     raise DeviceUnavailable(
                         self.device.id, self.endpoint, f"connect: {_why(err)}"
                     ) from err
-                identity, level = await self._bond(client)
-            await self._admit(client, identity, level)
+                # bleak also reports the drops of connects it retried itself
+                # (le-connection-abort-by-local): only a drop from now on is a lost link.
+                lost.clear()
+                if not client.is_connected:
+                    lost.set()
+                identity, level, failed = await self._bond(client)
+            await self._admit(client, identity, level, failed)
             self.refusals = 0
             if self.rotate:
                 await self._poll_once(client)
@@ -451,8 +456,11 @@ class BleLink:
 
     # -- admission --
 
-    async def _bond(self, client: BleakClient) -> tuple[str, str]:
-        """Pair if the config asks for a bond and there is none; returns (identity, level)."""
+    async def _bond(self, client: BleakClient) -> tuple[str, str, str | None]:
+        """Pair if the config asks for a bond and there is none.
+
+        Returns the identity address, the bond's level, and why pairing failed (or None).
+        """
         required = self.ble.bond
         bonds = self.adapter.bonds
         assert self.ble_device is not None
@@ -462,29 +470,30 @@ class BleLink:
             paired = manager.is_paired(path)
             identity = client.address.upper()
             level = (bonds.level(identity) or "just-works") if paired else "none"
-            return identity, level
+            return identity, level, None
         if manager.is_paired(path):
             identity = manager.get_device_address(path).upper()
-            return identity, bonds.level(identity) or "just-works"
+            return identity, bonds.level(identity) or "just-works", None
         pairing = Pairing(self.ble.passkey if required == "authenticated" else None)
         agent = self.adapter.agent
         agent.pairing[path] = pairing
         try:
             await client.pair()
         except BleakDBusError as err:
-            fingerprint = {"identity": client.address.upper(), "bond": "none"}
-            raise Refused(f"pairing failed: {_why(err)}", fingerprint) from err
+            return client.address.upper(), "none", f"pairing failed: {_why(err)}"
         finally:
             agent.pairing.pop(path, None)
         identity = client.address.upper()
         level = "authenticated" if pairing.passkey_given else "just-works"
         bonds.record(identity, level, self.ble.app_id)
         log.info("%s: bonded with %s (%s)", self.device.id, identity, level)
-        return identity, level
+        return identity, level, None
 
-    async def _admit(self, client: BleakClient, identity: str, level: str) -> None:
+    async def _admit(
+        self, client: BleakClient, identity: str, level: str, failed: str | None
+    ) -> None:
         fingerprint = {"identity": identity, "bond": level}
-        reason = self._identity_problem(identity)
+        reason = failed or self._identity_problem(identity)
         if reason is None and BOND_LEVELS[level] < BOND_LEVELS[self.ble.bond]:
             reason = f"bond is {level}, the config requires {self.ble.bond}"
         if reason is None and self.ble.challenge is not None:
@@ -536,11 +545,19 @@ class BleLink:
                     self.device.id, self.endpoint, f"subscribe {row.uuid}: {_why(err)}"
                 ) from err
         self.health.up()
-        async with asyncio.TaskGroup() as group:
-            if self.poll_rows:
-                group.create_task(self._poll(client), name=f"ble-poll[{self.device.id}]")
-            await lost.wait()
-            raise DeviceUnavailable(self.device.id, self.endpoint, "link lost")
+        waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(lost.wait())]
+        if self.poll_rows:
+            waits.append(asyncio.ensure_future(self._poll(client)))
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+        for task in done:
+            error = None if task.cancelled() else task.exception()
+            if error is not None:
+                raise error
+        raise DeviceUnavailable(self.device.id, self.endpoint, "link lost")
 
     def _on_notify(self, decoder: gatt.Decoder) -> Callable[[Any, bytearray], None]:
         device_id = self.device.id

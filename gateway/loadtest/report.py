@@ -44,6 +44,14 @@ def write_report(out: Path, report: dict[str, Any], console: Console) -> None:
         ("gateway CPU-s per 1M points", f"{gateway['cpu_s_per_1M_points']}"),
         ("gateway cores used, peak RSS MB", f"{gateway['cpu_cores']}, {gateway['peak_rss_mb']}"),
     ]
+    ble = report.get("ble_peripherals")
+    if ble and "error" not in ble:
+        rows.append(
+            (
+                "BLE notifications sent / missing at the hub",
+                f"{ble['notifications_sent']:,} / {report['loss']['notification_gaps']:,}",
+            )
+        )
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)

@@ -16,6 +16,7 @@ import platform
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,10 +40,15 @@ from gateway.ports import free_ports
 from gateway.store import accepted as store_accepted
 from gateway.workers import worker_config
 
+BLE_POINTS = 4  # a simulated peripheral's notification: counter, temperature, humidity, battery
+BLE_STATUS_POINTS = 2
+BLE_POLL_PERIOD = 10.0
+
 
 @dataclass
 class Plan:
     modbus: int = 10
+    ble: int = 0
     points: int = 10
     rate: float = 1.0
     duration: float = 30.0
@@ -64,8 +70,19 @@ def _store_paths(cfg: config_mod.Config, workers: int) -> list[Path]:
     return [c.store.path or c.gateway.state_dir / "store.db" for c in shares]
 
 
-def _offered(cfg: config_mod.Config) -> float:
-    return sum(1.0 / p.period for d in cfg.devices if d.enabled for p in d.points)
+def _offered(cfg: config_mod.Config, plan: Plan) -> float:
+    """Points per second the devices offer. Notifications come at the devices' own rate, which
+    a config does not say: they count only for the simulated peripherals (``plan.ble``)."""
+    modbus = sum(1.0 / p.period for d in cfg.devices if d.enabled for p in d.points)
+    polled = sum(
+        len(row.values) / row.period
+        for d in cfg.devices
+        if d.enabled and d.ble is not None
+        for row in d.ble.characteristics
+        if row.mode == "poll"
+    )
+    notified = plan.ble * BLE_POINTS * plan.rate if plan.gateway_config is None else 0.0
+    return modbus + polled + notified
 
 
 async def _wait_file(
@@ -154,37 +171,41 @@ async def loadtest(plan: Plan, stop: asyncio.Event) -> int:
             return proc
 
         stack.push_async_callback(_stop_all, children)
+        ble_bus: str | None = None
         if plan.gateway_config is None:
             config_path = out / "gateway.toml"
             config_path.unlink(missing_ok=True)
-            sim = await start(
-                "simulator",
-                *simulator_argv(
-                    devices=plan.modbus,
-                    port=free_ports(plan.modbus),
-                    config=config_path,
-                    pki=pki_dir,
-                    hub_port=port,
-                    state_dir=out / "state",
-                    extra=(
-                        "--points",
-                        str(plan.points),
-                        "--types",
-                        plan.types,
-                        "--period",
-                        str(1 / plan.rate),
-                        "--max-age",
-                        str(plan.max_age),
-                        "--step",
-                        "0.1",
+            if plan.modbus:
+                sim = await start(
+                    "simulator",
+                    *simulator_argv(
+                        devices=plan.modbus,
+                        port=free_ports(plan.modbus),
+                        config=config_path,
+                        pki=pki_dir,
+                        hub_port=port,
+                        state_dir=out / "state",
+                        extra=(
+                            "--points",
+                            str(plan.points),
+                            "--types",
+                            plan.types,
+                            "--period",
+                            str(1 / plan.rate),
+                            "--max-age",
+                            str(plan.max_age),
+                            "--step",
+                            "0.1",
+                        ),
                     ),
-                ),
-            )
-            await _wait_file(out / "simulator.log", "simulated Modbus devices on", sim)
+                )
+                await _wait_file(out / "simulator.log", "simulated Modbus devices on", sim)
+            if plan.ble:
+                ble_bus = await _start_ble(plan, start, out, config_path, pki_dir, port)
         else:
             config_path = plan.gateway_config
         cfg = config_mod.load(config_path)
-        offered = _offered(cfg)
+        offered = _offered(cfg, plan)
         stores = _store_paths(cfg, plan.workers)
 
         collector = Collector(started=time.time())
@@ -247,6 +268,7 @@ async def loadtest(plan: Plan, stop: asyncio.Event) -> int:
             hold_to = min(hold_to, time.time())
             cpu_end, _, peak = usage(gateway.pid)
             cpu_hold = cpu_end - cpu_at.get("start", cpu_end)
+            peripherals = await _ble_stats(ble_bus) if ble_bus else None
             gateway_code = await _stop(gateway)
             promised = {d: n for p in stores for d, n in store_accepted(p).items()}
             loop = asyncio.get_running_loop()
@@ -292,6 +314,7 @@ async def loadtest(plan: Plan, stop: asyncio.Event) -> int:
             "platform": platform.platform(),
         },
         **summary,
+        **({"ble_peripherals": peripherals} if peripherals else {}),
         "timeline": timeline(collector),
     }
     write_report(out, report, console)
@@ -300,6 +323,62 @@ async def loadtest(plan: Plan, stop: asyncio.Event) -> int:
         f"report: {out / 'report.json'}" + (f"; plots: {', '.join(plots)}" if plots else "")
     )
     return 0 if not problems else 1
+
+
+Starter = Callable[..., Awaitable[asyncio.subprocess.Process]]
+
+
+async def _start_ble(
+    plan: Plan, start: Starter, out: Path, config: Path, pki_dir: Path, hub_port: int
+) -> str:
+    """Simulated peripherals notifying at ``plan.rate``; added to the config the Modbus
+    simulator wrote, if any. Returns the simulator's bus address."""
+    from adapters.ble.run import simulator_argv as ble_argv
+    from adapters.ble.simulator import bus_address
+
+    bus_dir = out / "ble-bus"
+    sim = await start(
+        "ble-simulator",
+        *ble_argv(
+            devices=plan.ble,
+            bus_dir=bus_dir,
+            config=config,
+            pki=pki_dir,
+            hub_port=hub_port,
+            state_dir=out / "state",
+            extra=(
+                "--rate",
+                str(plan.rate),
+                "--poll-period",
+                str(BLE_POLL_PERIOD),
+                "--max-age",
+                str(plan.max_age),
+                "--slots",
+                str(plan.ble),
+                *(("--merge",) if plan.modbus else ()),
+            ),
+        ),
+    )
+    await _wait_file(out / "ble-simulator.log", "simulated BLE peripherals", sim)
+    return bus_address(bus_dir)
+
+
+async def _ble_stats(address: str) -> dict[str, Any]:
+    """What the simulated peripherals themselves counted: sent, and dropped at the socket."""
+    from adapters.ble.simulator import SimControl
+
+    try:
+        async with SimControl(address) as control:
+            stats = await control.stats()
+    except (OSError, RuntimeError) as err:
+        return {"error": repr(err)}
+    devices = stats["devices"].values()
+    return {
+        "connected": stats["connected"],
+        "notifications_sent": sum(d["notifications"] for d in devices),
+        "notifications_dropped_at_socket": sum(d["dropped"] for d in devices),
+        "connect_aborts": stats["adapter"]["aborts"],
+    }
 
 
 async def _stop(proc: asyncio.subprocess.Process, grace: float = 30.0) -> int:

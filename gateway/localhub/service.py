@@ -20,7 +20,7 @@ from typing import IO, Any
 import orjson
 
 from gateway import keyring as keyring_mod
-from gateway.consumer import Opened, SequenceTracker, open_message
+from gateway.consumer import Opened, SequenceTracker, open_all, open_message
 from gateway.errors import EnvelopeError, UplinkError
 from gateway.pki import SERVICE_IDENTITY, Pki, ensure_hub_identity
 from gateway.uplink.mqtt import MqttClient
@@ -61,9 +61,12 @@ class HubService:
         self.keyring = keyring_mod.load(pki.keyring, passphrase)
         cert, key = ensure_hub_identity(pki.root, identity)
         self._context = client_context(pki.root_cert, cert, key, passphrase)
-        self._record: IO[bytes] | None = open(record, "ab") if record else None
         self._on_opened = on_opened
         self.tracker = SequenceTracker()
+        if record is not None and record.exists():
+            # The record is the hub's memory: what arrived before this start is not a gap.
+            open_all(read_record(record), self.keyring, self.tracker)
+        self._record: IO[bytes] | None = open(record, "ab") if record else None
         self.devices: dict[str, DeviceView] = {}
         self.refused: list[str] = []
         self.connected = asyncio.Event()
