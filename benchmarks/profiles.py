@@ -3,7 +3,8 @@
 (a) wide Modbus: 100 devices x 60 float32 points (120 coalesced registers) x 10 Hz, with one
     and with two gateway workers;
 (b) many identities: 1,000 devices x 5 points x 1 Hz, one process;
-(c) a BLE fleet: once the BLE adapter lands;
+(c) a BLE fleet: 1,000 simulated peripherals x 10 Hz notifications (4 points each), one process
+    (benchmarks/ble.py runs the same fleet and compares AcquireNotify with D-Bus signals);
 (d) the baseline: a per-reading azure-iot-device publisher (benchmarks/baseline.py) against
     fieldgate on the same fleet, in the same run.
 
@@ -49,6 +50,8 @@ PROFILES: dict[str, list[str]] = {
         "2",
     ],
     "b_many_identities": ["--modbus", "1000", "--points", "5", "--rate", "1", "--ramp", "15"],
+    # Connecting and bonding 1,000 peripherals, one connect at a time, takes about 40 s here.
+    "c_ble_fleet": ["--modbus", "0", "--ble", "1000", "--rate", "10", "--ramp", "90"],
     "d_fieldgate_side": ["--modbus", "20", "--points", "10", "--rate", "2", "--ramp", "6"],
 }
 BASELINE = ["--devices", "20", "--points", "10", "--rate", "2", "--warmup", "6"]
@@ -85,7 +88,7 @@ def loadtest(name: str, args: list[str], duration: float, out: Path) -> dict[str
         check=False,
     )
     report = json.loads((folder / "report.json").read_text())
-    return {k: report[k] for k in KEEP}
+    return {k: report[k] for k in (*KEEP, "ble_peripherals") if k in report}
 
 
 def main() -> None:

@@ -176,6 +176,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     plan = Plan(
         modbus=args.modbus,
         ble=args.ble,
+        ble_signals=args.ble_signals,
         points=args.points,
         rate=args.rate,
         duration=args.duration,
@@ -249,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="simulated BLE peripherals (each notification carries 4 points)",
+    )
+    load.add_argument(
+        "--ble-signals",
+        action="store_true",
+        help="the peripherals offer no AcquireNotify: notifications travel as D-Bus signals",
     )
     load.add_argument("--points", type=int, default=10, help="points per Modbus device")
     load.add_argument(

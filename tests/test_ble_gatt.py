@@ -23,6 +23,10 @@ def test_a_decode_table_scales_each_field_and_refuses_a_value_of_the_wrong_lengt
     assert decoder.decode(decoder.encode([-1234, 500, 7, True])) == [-12.34, 45.0, 7, True]
     with pytest.raises(ValueError, match="5 bytes, the decode table expects 6"):
         decoder.decode(b"\x00" * 5)
+    padded = gatt.Decoder(
+        "<2h?xB", (gatt.Field("a", 0.5), gatt.Field("b", 2), gatt.Field("c", 3.0), gatt.Field("d"))
+    )
+    assert padded.decode(padded.encode([2, 3, True, 10])) == [1.0, 6, True, 10]
     assert gatt.struct_fields("<IhHB") == 4
     assert gatt.struct_fields("<2h3xf") == 3
     for bad in ("<s", "<", "hello", "<0h"):

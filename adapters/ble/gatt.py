@@ -14,6 +14,7 @@ import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from typing import Any
 
 ADDRESS_PATTERN = r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$"
@@ -64,11 +65,16 @@ def struct_fields(fmt: str) -> int:
         raise ValueError(f"format {fmt!r}: {err}") from err
     if size == 0:
         raise ValueError(f"format {fmt!r} reads no bytes")
-    count = 0
+    return len(_value_codes(fmt))
+
+
+def _value_codes(fmt: str) -> list[str]:
+    """The struct code of each value ``fmt`` unpacks to (repeat counts expanded, pads left out)."""
+    codes: list[str] = []
     for number, code in re.findall(r"(\d*)([bBhHiIlLqQefd?x])", fmt):
         if code != "x":
-            count += int(number) if number else 1
-    return count
+            codes += [code] * (int(number) if number else 1)
+    return codes
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +90,21 @@ class Decoder:
 
     fmt: str
     fields: tuple[Field, ...]
+    _struct: struct.Struct = dc_field(init=False, repr=False, compare=False)
+    # (index, scale, offset) of the fields that are not passed through as read
+    _scaled: tuple[tuple[int, float, float], ...] = dc_field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        compiled = struct.Struct(self.fmt)
+        # Bools pass through; so do fields without scale or offset.
+        codes = _value_codes(self.fmt)
+        scaled = tuple(
+            (i, f.scale, f.offset)
+            for i, (f, code) in enumerate(zip(self.fields, codes, strict=False))
+            if code != "?" and not (f.scale == 1.0 and f.offset == 0.0)
+        )
+        object.__setattr__(self, "_struct", compiled)
+        object.__setattr__(self, "_scaled", scaled)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -91,26 +112,20 @@ class Decoder:
 
     @property
     def size(self) -> int:
-        return struct.calcsize(self.fmt)
+        return self._struct.size
 
     def decode(self, data: bytes | bytearray) -> list[Any]:
         """The engineering values; raises ValueError for a value of the wrong length."""
-        if len(data) != struct.calcsize(self.fmt):
-            raise ValueError(f"{len(data)} bytes, the decode table expects {self.size}")
-        raw = struct.unpack(self.fmt, data)
-        out: list[Any] = []
-        for value, spec in zip(raw, self.fields, strict=True):
-            if isinstance(value, bool):
-                out.append(value)
-            elif spec.scale == 1.0 and spec.offset == 0.0:
-                out.append(value)
-            else:
-                out.append(value * spec.scale + spec.offset)
+        if len(data) != self._struct.size:
+            raise ValueError(f"{len(data)} bytes, the decode table expects {self._struct.size}")
+        out = list(self._struct.unpack(data))
+        for i, scale, offset in self._scaled:
+            out[i] = out[i] * scale + offset
         return out
 
     def encode(self, values: Sequence[Any]) -> bytes:
         """The inverse of :meth:`decode` for raw (unscaled) values: the peripherals' side."""
-        return struct.pack(self.fmt, *values)
+        return self._struct.pack(*values)
 
 
 def address_bytes(address: str) -> bytes:

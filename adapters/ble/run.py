@@ -132,7 +132,9 @@ def run_simulator(args: argparse.Namespace) -> int:
 
     async def main(stop: asyncio.Event) -> None:
         with PrivateBus(Path(args.bus_dir)) as bus:
-            async with BlueZSimulator(bus.address, specs, slots=args.slots):
+            async with BlueZSimulator(
+                bus.address, specs, slots=args.slots, acquire_notify=not args.signals_only
+            ):
                 print(
                     f"{len(specs)} simulated BLE peripherals ({args.unknown} not allow-listed) "
                     f"behind a simulated bluetoothd on {bus.address}; Ctrl-C stops",
@@ -178,6 +180,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "notify=good|garbage|short, rate=HZ, connect-aborts=N, connect-delay=SECONDS",
     )
     parser.add_argument("--poll-period", type=float, default=10.0, help="status poll period")
+    parser.add_argument(
+        "--signals-only",
+        action="store_true",
+        help="offer no AcquireNotify: every notification is a D-Bus signal",
+    )
     parser.add_argument("--write-config", metavar="FILE", help="write a gateway config too")
     parser.add_argument(
         "--merge", action="store_true", help="add to the devices FILE already has (Modbus too)"

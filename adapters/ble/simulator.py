@@ -317,6 +317,7 @@ class Peripheral:
     adapter: str
     path: str
     address: str
+    acquire: bool = True  # offers AcquireNotify beside StartNotify
     exported: bool = False  # Device1 visible on the bus
     gatt_exported: bool = False
     connected: bool = False
@@ -401,7 +402,8 @@ class Peripheral:
             }
             if "notify" in flags:
                 props["Notifying"] = Variant("b", False)
-                props["NotifyAcquired"] = Variant("b", False)
+                if self.acquire:
+                    props["NotifyAcquired"] = Variant("b", False)
             objects[f"{self.path}/{NODES[uuid]}"] = {CHAR: props}
         return objects
 
@@ -418,17 +420,25 @@ class BlueZSimulator:
         adapter: str = "hci0",
         slots: int = 10_000,
         temporary_timeout: float = TEMPORARY_TIMEOUT,
+        acquire_notify: bool = True,
     ) -> None:
         self.bus_address = address
         self.adapter = adapter
         self.adapter_path = f"/org/bluez/{adapter}"
         self.slots = slots
         self.temporary_timeout = temporary_timeout
+        self.offer_acquire = acquire_notify
         self.peripherals: dict[str, Peripheral] = {}
         self.by_id: dict[str, Peripheral] = {}
         for spec in specs:
             address_now = _random_private_address() if spec.rpa else spec.identity
-            p = Peripheral(spec, adapter, gatt.device_path(adapter, address_now), address_now)
+            p = Peripheral(
+                spec,
+                adapter,
+                gatt.device_path(adapter, address_now),
+                address_now,
+                acquire=acquire_notify,
+            )
             self.peripherals[p.path] = p
             self.by_id[spec.device_id] = p
         self.discovering = 0  # clients discovering
@@ -871,7 +881,7 @@ class BlueZSimulator:
     def acquire_notify(self, msg: Message) -> Message:
         p, uuid = self._char(msg)
         self._check_encrypted(p, uuid)
-        if uuid != gatt.MEASUREMENT:
+        if uuid != gatt.MEASUREMENT or not p.acquire:
             raise SimError("org.bluez.Error.NotSupported", "Notify not supported")
         if p.notifying is not None:
             raise SimError("org.bluez.Error.NotPermitted", "Notify already acquired")

@@ -49,6 +49,7 @@ BLE_POLL_PERIOD = 10.0
 class Plan:
     modbus: int = 10
     ble: int = 0
+    ble_signals: bool = False
     points: int = 10
     rate: float = 1.0
     duration: float = 30.0
@@ -356,6 +357,7 @@ async def _start_ble(
                 "--slots",
                 str(plan.ble),
                 *(("--merge",) if plan.modbus else ()),
+                *(("--signals-only",) if plan.ble_signals else ()),
             ),
         ),
     )
