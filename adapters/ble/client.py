@@ -107,8 +107,19 @@ class BondBook:
                 return identity
         return None
 
-    def record(self, identity: str, level: str, app_id: str | None) -> None:
-        self._data[identity] = {"level": level, "app_id": app_id, "at": time.time()}
+    def record(self, identity: str, level: str) -> None:
+        """A bond this gateway's agent just made."""
+        self._data[identity] = {"level": level, "app_id": None, "at": time.time()}
+        self._save()
+
+    def bind(self, identity: str, app_id: str) -> None:
+        """An app id was admitted with this identity: from now on it is bound to it."""
+        entry = self._data.setdefault(identity, {"level": "just-works", "at": time.time()})
+        if entry.get("app_id") != app_id:
+            entry["app_id"] = app_id
+            self._save()
+
+    def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         with open(tmp, "wb") as f:
@@ -130,9 +141,11 @@ class Pairing:
 class Agent:
     """fieldgate's ``org.bluez.Agent1``: answers only for the device it is pairing right now.
 
-    A passkey request is answered with the configured passkey (authenticated pairing). Numeric
-    comparison is refused: a headless gateway has no display to compare. Anything for a device
-    fieldgate did not ask to pair is refused.
+    A passkey request is answered with the configured passkey (authenticated pairing). Where
+    the config asks for Just Works, a request to authorize or confirm is accepted (and the bond
+    counts as Just Works); where it asks for an authenticated bond, numeric comparison is
+    refused: a headless gateway has no display to compare. Anything for a device fieldgate did
+    not ask to pair is refused.
     """
 
     def __init__(self) -> None:
@@ -180,6 +193,12 @@ class Agent:
         if member == "RequestPasskey" and pairing is not None and pairing.passkey is not None:
             pairing.passkey_given = True
             return Message.new_method_return(msg, "u", [pairing.passkey])
+        if (
+            member in ("RequestAuthorization", "RequestConfirmation")
+            and pairing is not None
+            and pairing.passkey is None
+        ):
+            return Message.new_method_return(msg)
         log.warning("pairing agent: refused %s for %s", member, device)
         return Message.new_error(msg, "org.bluez.Error.Rejected", f"{member} refused by fieldgate")
 
@@ -325,10 +344,11 @@ class BleAdapter:
 
 
 class Refused(Exception):
-    def __init__(self, reason: str, fingerprint: dict[str, str]) -> None:
+    """The auth gate refused this connection (and recorded why)."""
+
+    def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.fingerprint = fingerprint
 
 
 class BleLink:
@@ -485,7 +505,7 @@ class BleLink:
             agent.pairing.pop(path, None)
         identity = client.address.upper()
         level = "authenticated" if pairing.passkey_given else "just-works"
-        bonds.record(identity, level, self.ble.app_id)
+        bonds.record(identity, level)
         log.info("%s: bonded with %s (%s)", self.device.id, identity, level)
         return identity, level, None
 
@@ -503,7 +523,9 @@ class BleLink:
             Evidence(self.device.id, "ble", self.endpoint, fingerprint, refusal=reason)
         )
         if refusal is not None:
-            raise Refused(refusal, fingerprint)
+            raise Refused(refusal)
+        if self.ble.app_id is not None:
+            self.adapter.bonds.bind(identity, self.ble.app_id)
 
     def _identity_problem(self, identity: str) -> str | None:
         if self.ble.address is not None:
