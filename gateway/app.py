@@ -35,6 +35,11 @@ from gateway.uplink.session import DeviceSession, RateLimiter, client_context
 log = logging.getLogger("fieldgate")
 
 
+# Seconds between store commits, at least: groups the commits of a fleet whose envelopes are
+# sealed one at a time, for at most this much latency.
+COMMIT_INTERVAL = 0.01
+
+
 class StartupError(FieldgateError):
     """The gateway cannot start with this config and these files (exit code 2)."""
 
@@ -167,7 +172,7 @@ class Gateway:
         async with self._open_queue() as queue:
             self.queue = queue
             self.boot_id = queue.boot_id
-            batcher = Batcher(cfg.batching.max_bytes, cfg.batching.max_age)
+            batcher = Batcher(cfg.batching.max_bytes, cfg.batching.close_after)
             sealer = Sealer(key, cfg.sealing.key_id, queue.boot_id, batcher, queue.next_seq)
             await self._run(stop, queue, batcher, sealer, contexts)
         self.events.close()
@@ -252,8 +257,16 @@ class Gateway:
 
     async def _write(self, pipeline: Pipeline, queue: EnvelopeQueue) -> None:
         sealed = pipeline.sealed
+        loop = asyncio.get_running_loop()
+        last = -COMMIT_INTERVAL
         while True:
             envelopes = await sealed.get()
+            # At most one commit per COMMIT_INTERVAL: envelopes sealed meanwhile join it. A
+            # fleet whose reads are spread evenly would otherwise commit (and fsync) each
+            # envelope alone: on profile (b), 2.3 times the gateway's CPU.
+            pause = last + COMMIT_INTERVAL - loop.time()
+            if pause > 0:
+                await asyncio.sleep(pause)
             taken = 1
             while not sealed.empty():
                 envelopes = envelopes + sealed.get_nowait()
@@ -263,6 +276,7 @@ class Gateway:
             finally:
                 for _ in range(taken):
                     sealed.task_done()
+            last = loop.time()
 
     async def _drain(self, queue: EnvelopeQueue, sessions: list[asyncio.Task[None]]) -> None:
         grace = self.config.gateway.shutdown_grace

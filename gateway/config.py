@@ -95,7 +95,20 @@ class HubConfig(_Model):
 
 class BatchingConfig(_Model):
     max_bytes: int = Field(default=4000, ge=512, le=262_144)
-    max_age: float = Field(default=1.0, gt=0, le=3600)
+    max_age: float = Field(
+        default=1.0, gt=0, le=3600, description="seconds from a read to the hub, at most"
+    )
+    lead: float = Field(
+        default=0.05,
+        ge=0,
+        le=60,
+        description="a batch closes this long before max_age: time to seal, store and publish",
+    )
+
+    @property
+    def close_after(self) -> float:
+        """How long a batch stays open: max_age less the lead (at most half of max_age)."""
+        return self.max_age - min(self.lead, self.max_age / 2)
 
 
 class SealingConfig(_Model):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from struct import error as struct_error
 from typing import Any
@@ -31,6 +32,8 @@ from gateway.readings import Scan
 log = logging.getLogger(__name__)
 # pymodbus logs every timeout at ERROR; the poller reports transitions itself.
 logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+
+PHASES = 8
 
 _READERS = {
     "holding": "read_holding_registers",
@@ -107,7 +110,14 @@ class ModbusPoller:
         readers: list[Callable[..., Awaitable[Any]]] = [
             getattr(client, _READERS[b.table]) for b in self.blocks
         ]
-        start = loop.time()
+        # A fleet started together would read, seal and publish in one burst per period ever
+        # after, and the last of a burst waits for all the others. Each device starts in one
+        # of PHASES slots of its shortest period (at most 1 s, so a slow poll is not put off):
+        # bursts a PHASES-th the size, and still large enough that the work of a burst
+        # (commits, loop wake-ups) is shared.
+        spread = min(1.0, min(b.period for b in self.blocks))
+        phase = zlib.crc32(device_id.encode()) % PHASES / PHASES * spread
+        start = loop.time() + phase
         due = [start] * len(self.blocks)
         sink = self._sink
         health = self.health

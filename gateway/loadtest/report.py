@@ -29,6 +29,10 @@ def write_report(out: Path, report: dict[str, Any], console: Console) -> None:
         ("points/s opened at the hub", f"{report['points_per_s']:,}"),
         ("latency p50 / p95 / p99 (ms)", f"{latency['p50']} / {latency['p95']} / {latency['p99']}"),
         (
+            "hub consumer's own lag p50 / p99 (ms)",
+            f"{report['hub_consumer_lag_ms']['p50']} / {report['hub_consumer_lag_ms']['p99']}",
+        ),
+        (
             "readings accepted / delivered",
             f"{report['readings']['accepted']:,} / {report['readings']['delivered_unique']:,}",
         ),

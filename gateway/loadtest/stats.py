@@ -7,6 +7,7 @@ summary turns them into the report's figures. No I/O, no event loop: tested on i
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,9 +46,12 @@ class Collector:
         # Simulated BLE peripherals number their notifications ("counter"): per device the
         # lowest and highest seen and how many, to count notifications that never arrived.
         self.counters: dict[str, list[int]] = {}
+        # (arrival, ms from arrival until the consumer opened it): the measuring side's own delay
+        self.consumer_lag: list[tuple[float, float]] = []
 
     def opened(self, item: Opened, size: int) -> None:
         fresh = self.tracker.add(item)
+        self.consumer_lag.append((item.received, (time.time() - item.received) * 1000))
         for reading in fresh:
             if reading.point == COUNTER:
                 seen = self.counters.get(reading.device_id)
@@ -106,6 +110,7 @@ def summarize(
     points = sum(s.points for s in window)
     seconds = max(1e-9, hold_to - hold_from)
     latencies = [lat for t, lat in collector.all_latencies if hold_from <= t < hold_to]
+    lags = [lag for t, lag in collector.consumer_lag if hold_from <= t < hold_to]
     sizes = [size for t, size in collector.sizes if hold_from <= t < hold_to]
     delivered: dict[str, int] = defaultdict(int)
     for (device, _boot), stream in collector.tracker.streams.items():
@@ -119,6 +124,11 @@ def summarize(
         "points_per_s": round(points / seconds),
         "latency_ms": {
             f"p{int(q * 100)}": _round(percentile(latencies, q)) for q in (0.5, 0.95, 0.99)
+        },
+        # Not part of the latency above: how long the hub-side consumer (same machine) took to
+        # get to an envelope after it arrived, e.g. while opening a burst of them.
+        "hub_consumer_lag_ms": {
+            f"p{int(q * 100)}": _round(percentile(lags, q)) for q in (0.5, 0.99)
         },
         "loss": {
             "sequence_gaps": gaps,

@@ -70,9 +70,13 @@ class HubService:
         self.devices: dict[str, DeviceView] = {}
         self.refused: list[str] = []
         self.connected = asyncio.Event()
+        self._client: MqttClient | None = None
 
     def _message(self, topic: str, body: bytes) -> None:
-        now = time.time()
+        # Arrival is when the read that carried this message returned, not when this handler
+        # got to it: a burst of envelopes must not count the consumer's own work as latency.
+        client = self._client
+        now = client.read_at if client is not None and client.read_at else time.time()
         if self._record is not None:
             self._record.write(
                 orjson.dumps({"t": now, "topic": topic, "body": base64.b64encode(body).decode()})
@@ -116,6 +120,7 @@ class HubService:
                     clean_session=False,
                     on_message=self._message,
                 ) as client:
+                    self._client = client
                     granted = await client.subscribe([(TELEMETRY, 1)])
                     if granted != [1]:
                         raise UplinkError(f"subscription refused: {granted}", retryable=False)

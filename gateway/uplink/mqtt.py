@@ -14,6 +14,7 @@ import asyncio
 import logging
 import ssl
 import struct
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -60,9 +61,12 @@ class _Protocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        client = self._client
+        # When these bytes reached us: a handler that works through many messages of one read
+        # can tell arrival from its own delay.
+        client.read_at = time.time()
         buf = self._buf
         buf += data
-        client = self._client
         while len(buf) >= 2:
             # Remaining length: 1 to 4 bytes of 7 bits each.
             length = 0
@@ -130,6 +134,7 @@ class MqttClient:
         self._clean = clean_session
         self._timeout = connect_timeout
         self._on_message = on_message
+        self.read_at = 0.0  # wall-clock time of the last read from the broker
         self._protocol: _Protocol | None = None
         self._pending: dict[int, asyncio.Future[None]] = {}
         self._subacks: dict[int, asyncio.Future[list[int]]] = {}
