@@ -35,6 +35,10 @@ from gateway.uplink.session import DeviceSession, RateLimiter, client_context
 log = logging.getLogger("fieldgate")
 
 
+# Modbus devices read in lockstep up to BURST of them; larger fleets start in up to MAX_PHASES
+# slots of their period. One burst of 1,000 devices put p99 at max_age + 219 ms (profile (b)).
+BURST = 128
+MAX_PHASES = 8
 # Seconds between store commits, at least: groups the commits of a fleet whose envelopes are
 # sealed one at a time, for at most this much latency.
 COMMIT_INTERVAL = 0.01
@@ -208,14 +212,19 @@ class Gateway:
             session_tasks = [
                 uplink.create_task(s.run(), name=f"uplink[{d}]") for d, s in self.sessions.items()
             ]
+            modbus = [d for d in cfg.devices if d.enabled and d.modbus is not None]
+            # Bursts of at most about BURST devices: smaller ones would cost more commits and
+            # wake-ups than they save in waiting (3x the CPU on 20 devices, same latency).
+            phases = min(MAX_PHASES, max(1, -(-len(modbus) // BURST)))
             async with asyncio.TaskGroup() as intake:
                 pollers = [
                     intake.create_task(
-                        ModbusPoller(d, pipeline.accept, gate.admit, self.health[d.id]).run(),
+                        ModbusPoller(
+                            d, pipeline.accept, gate.admit, self.health[d.id], phases=phases
+                        ).run(),
                         name=f"poll[{d.id}]",
                     )
-                    for d in cfg.devices
-                    if d.enabled and d.modbus is not None
+                    for d in modbus
                 ]
                 pollers += [
                     intake.create_task(radio, name=f"ble[{name}]")

@@ -33,8 +33,6 @@ log = logging.getLogger(__name__)
 # pymodbus logs every timeout at ERROR; the poller reports transitions itself.
 logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
 
-PHASES = 8
-
 _READERS = {
     "holding": "read_holding_registers",
     "input": "read_input_registers",
@@ -53,6 +51,7 @@ class ModbusPoller:
         *,
         backoff_min: float = 0.5,
         backoff_max: float = 30.0,
+        phases: int = 1,
     ) -> None:
         if device.modbus is None:
             raise ValueError(f"{device.id} is not a Modbus device")
@@ -62,6 +61,7 @@ class ModbusPoller:
         self._admit = admit
         self.health = health
         self._backoff = (backoff_min, backoff_max)
+        self._phases = max(1, phases)
         self.endpoint = self.modbus.label
         self.blocks = plan_reads(device.points, max_gap=self.modbus.max_gap)
 
@@ -110,13 +110,12 @@ class ModbusPoller:
         readers: list[Callable[..., Awaitable[Any]]] = [
             getattr(client, _READERS[b.table]) for b in self.blocks
         ]
-        # A fleet started together would read, seal and publish in one burst per period ever
-        # after, and the last of a burst waits for all the others. Each device starts in one
-        # of PHASES slots of its shortest period (at most 1 s, so a slow poll is not put off):
-        # bursts a PHASES-th the size, and still large enough that the work of a burst
-        # (commits, loop wake-ups) is shared.
+        # A fleet started together reads, seals and publishes in one burst per period, and the
+        # last of a large burst waits for all the others. Each device starts in one of
+        # ``phases`` slots of its shortest period (at most 1 s, so a slow poll is not put off).
         spread = min(1.0, min(b.period for b in self.blocks))
-        phase = zlib.crc32(device_id.encode()) % PHASES / PHASES * spread
+        phases = self._phases
+        phase = zlib.crc32(device_id.encode()) % phases / phases * spread
         start = loop.time() + phase
         due = [start] * len(self.blocks)
         sink = self._sink
