@@ -1,13 +1,16 @@
-"""What every device simulator's ``--write-config`` shares: the gateway config around the
-devices (hub, sealing, secrets, state), device certificates, and merging into a config."""
+"""What every device simulator shares: the gateway config around the devices (hub, sealing,
+secrets, state), device certificates, merging into a config, the command line that starts a
+simulator, and running one until it is stopped."""
 
 from __future__ import annotations
 
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
 
 from gateway import pki as pki_mod
+from gateway import runtime
 from gateway.config import render_toml
 from gateway.pki import DEFAULT_KEY_ID, Pki
 
@@ -63,3 +66,40 @@ def write(doc: dict[str, Any], target: Path, pki_dir: Path, *, merge: bool = Fal
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(render_toml(doc))
     return target
+
+
+def argv(
+    kind: str,
+    devices: int,
+    config: Path,
+    pki: Path,
+    hub_port: int,
+    state_dir: Path,
+    extra: tuple[str, ...] = (),
+) -> list[str]:
+    """``fieldgate simulate KIND`` arguments that also write the matching gateway config."""
+    return [
+        "simulate",
+        kind,
+        "--devices",
+        str(devices),
+        "--write-config",
+        str(config),
+        "--pki",
+        str(pki),
+        "--hub-port",
+        str(hub_port),
+        "--state-dir",
+        str(state_dir),
+        *extra,
+    ]
+
+
+def serve(main: runtime.Main, what: str) -> int:
+    """Run a simulator until SIGINT/SIGTERM; 1 with a message if it cannot start (``what``)."""
+    try:
+        runtime.run(main)
+    except OSError as err:
+        print(f"fieldgate: {what}: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -13,22 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-POINTS_PER_NOTIFICATION = 4
+from profiles import run_loadtest  # this folder is on sys.path when a script here runs
+
+from gateway.loadtest.run import BLE_POINTS, BLE_POLL_PERIOD, BLE_STATUS_POINTS
 
 
 def run(name: str, args: argparse.Namespace, *extra: str) -> dict[str, Any]:
-    folder = Path(args.out) / name
-    subprocess.run(
+    report = run_loadtest(
         [
-            sys.executable,
-            "-m",
-            "gateway.cli",
-            "loadtest",
             "--modbus",
             "0",
             "--ble",
@@ -37,24 +32,19 @@ def run(name: str, args: argparse.Namespace, *extra: str) -> dict[str, Any]:
             str(args.rate),
             "--ramp",
             str(args.ramp),
-            "--duration",
-            str(args.duration),
-            "--out",
-            str(folder),
-            "--no-live",
             *extra,
         ],
-        stdout=subprocess.DEVNULL,
-        check=False,
+        args.duration,
+        Path(args.out) / name,
     )
-    report = json.loads((folder / "report.json").read_text())
     hold = report["hold_s"]
-    notify_points = report["points_per_s"] - args.peripherals * 2 / 10  # minus status polls
+    polled = args.peripherals * BLE_STATUS_POINTS / BLE_POLL_PERIOD
+    notify_points = report["points_per_s"] - polled
     return {
         "result": report["result"],
         "problems": report["problems"],
         "offered_notifications_per_s": args.peripherals * args.rate,
-        "notifications_per_s": round(notify_points / POINTS_PER_NOTIFICATION),
+        "notifications_per_s": round(notify_points / BLE_POINTS),
         "points_per_s": report["points_per_s"],
         "sequence_gaps": report["loss"]["sequence_gaps"],
         "accepted_not_delivered": report["loss"]["accepted_not_delivered"],

@@ -70,7 +70,12 @@ KEEP = (
 
 
 def loadtest(name: str, args: list[str], duration: float, out: Path) -> dict[str, Any]:
-    folder = out / name
+    report = run_loadtest(args, duration, out / name)
+    return {k: report[k] for k in (*KEEP, "ble_peripherals") if k in report}
+
+
+def run_loadtest(args: list[str], duration: float, folder: Path) -> dict[str, Any]:
+    """`fieldgate loadtest ARGS --duration D --out FOLDER`; its whole report."""
     subprocess.run(
         [
             sys.executable,
@@ -87,8 +92,8 @@ def loadtest(name: str, args: list[str], duration: float, out: Path) -> dict[str
         stdout=subprocess.DEVNULL,
         check=False,
     )
-    report = json.loads((folder / "report.json").read_text())
-    return {k: report[k] for k in (*KEEP, "ble_peripherals") if k in report}
+    report: dict[str, Any] = json.loads((folder / "report.json").read_text())
+    return report
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -98,7 +99,6 @@ async def demo(
     config = state / "gateway.toml"
     logs = state / "logs"
     logs.mkdir(exist_ok=True)
-    fieldgate = [sys.executable, "-m", "gateway.cli"]
     sim_args = simulator_argv(
         devices=devices,
         port=first_port,
@@ -131,38 +131,15 @@ async def demo(
             open(logs / "ble-simulator.log", "ab") as ble_log,
             open(logs / "gateway.log", "ab") as gw_log,
         ):
-            sim = await asyncio.create_subprocess_exec(
-                *fieldgate,
-                *sim_args,
-                stdin=asyncio.subprocess.DEVNULL,
-                **runtime.child_process_options(),
-                stdout=sim_log,
-                stderr=sim_log,
-            )
+            sim = await _spawn(sim_args, sim_log)
             gateway = ble_sim = None
             try:
                 await _wait_for(config, sim)
                 if ble:
-                    ble_sim = await asyncio.create_subprocess_exec(
-                        *fieldgate,
-                        *ble_args,
-                        stdin=asyncio.subprocess.DEVNULL,
-                        **runtime.child_process_options(),
-                        stdout=ble_log,
-                        stderr=ble_log,
-                    )
+                    ble_sim = await _spawn(ble_args, ble_log)
                     # It writes the config first, then opens its bus.
                     await _wait_for(bus_dir / SOCKET_NAME, ble_sim)
-                gateway = await asyncio.create_subprocess_exec(
-                    *fieldgate,
-                    "run",
-                    "--config",
-                    str(config),
-                    stdin=asyncio.subprocess.DEVNULL,
-                    **runtime.child_process_options(),
-                    stdout=gw_log,
-                    stderr=gw_log,
-                )
+                gateway = await _spawn(["run", "--config", str(config)], gw_log)
                 started = time.time()
                 note = "Ctrl-C stops." if duration is None else f"Stops after {duration:.0f} s."
                 async with asyncio.TaskGroup() as tg:
@@ -207,6 +184,20 @@ async def demo(
         soft_wrap=True,
     )
     return 0 if code == 0 else 1
+
+
+async def _spawn(args: list[str], log: BinaryIO) -> asyncio.subprocess.Process:
+    """``fieldgate ARGS`` as a helper process of the demo, its output into ``log``."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+        **runtime.child_process_options(),
+    )
 
 
 async def _wait_for(path: Path, sim: asyncio.subprocess.Process) -> None:

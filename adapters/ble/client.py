@@ -229,23 +229,24 @@ class BleAdapter:
         self.bonds = BondBook(state_dir)
         self.agent = Agent()
         self.connect_lock = asyncio.Lock()
-        rotate = len(devices) > section.max_connections
-        self.slots = asyncio.Semaphore(section.max_connections)
+        slots = section.max_connections
+        rotate = len(devices) > slots
+        self.slots = asyncio.Semaphore(slots)
         # When polled devices rotate through the slots, notifying devices leave one free.
-        held = section.max_connections - 1 if rotate and section.max_connections > 1 else None
-        self.held_slots = asyncio.Semaphore(held or section.max_connections)
+        held = slots - 1 if rotate and slots > 1 else slots
+        self.held_slots = asyncio.Semaphore(held)
         self.links = [
             BleLink(self, d, health[d.id], rotate=rotate and d.ble is not None and d.ble.polls)
             for d in devices
         ]
         holders = sum(1 for link in self.links if not link.rotate)
-        if holders > (held or section.max_connections):
+        if holders > held:
             log.warning(
                 "%s: %d devices keep a connection but the adapter has %d slots for them; "
                 "the rest wait for a slot",
                 name,
                 holders,
-                held or section.max_connections,
+                held,
             )
         self._by_address = {
             d.ble.address: link
@@ -321,23 +322,23 @@ class BleAdapter:
 
     def _seen(self, device: BLEDevice, adv: AdvertisementData) -> None:
         link = self._by_address.get(device.address.upper())
-        if link is None:
-            app_id = adv.manufacturer_data.get(self.section.company_id)
-            if app_id:
-                link = self._by_app_id.get(app_id.decode("utf-8", "replace"))
-                if link is None:
-                    self.unknown(
-                        "ble",
-                        f"{self.name}/{device.address}",
-                        f"{device.address} advertises app id {app_id.decode('utf-8', 'replace')!r}",
-                    )
-                    return
-            elif adv.manufacturer_data.get(self.section.company_id) is not None:
-                self.unknown("ble", f"{self.name}/{device.address}", f"address {device.address}")
-                return
-            else:
-                return
-        link.found(device)
+        if link is not None:
+            link.found(device)
+            return
+        data = adv.manufacturer_data.get(self.section.company_id)
+        if data is None:
+            return  # not one of the fleet's kind: somebody else's device
+        app_id = data.decode("utf-8", "replace")
+        link = self._by_app_id.get(app_id) if app_id else None
+        if link is not None:
+            link.found(device)
+            return
+        seen = (
+            f"{device.address} advertises app id {app_id!r}"
+            if app_id
+            else f"address {device.address}"
+        )
+        self.unknown("ble", f"{self.name}/{device.address}", seen)
 
 
 # -- one device ------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +14,6 @@ from adapters.ble import gatt
 
 if TYPE_CHECKING:
     from adapters.ble.simulator import PeripheralSpec
-from gateway import runtime
 from gateway.errors import ConfigError
 
 SECRET_FILE = "ble-fleet.secret"
@@ -142,12 +140,7 @@ def run_simulator(args: argparse.Namespace) -> int:
                 )
                 await stop.wait()
 
-    try:
-        runtime.run(main)
-    except OSError as err:
-        print(f"fieldgate: cannot start the BLE simulator: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return simconfig.serve(main, "cannot start the BLE simulator")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -207,20 +200,6 @@ def simulator_argv(
 ) -> list[str]:
     """``fieldgate`` arguments that start ``devices`` simulated peripherals and write the
     matching gateway config (used by the demo, the tests and the benchmarks)."""
-    return [
-        "simulate",
-        "ble",
-        "--devices",
-        str(devices),
-        "--bus-dir",
-        str(bus_dir),
-        "--write-config",
-        str(config),
-        "--pki",
-        str(pki),
-        "--hub-port",
-        str(hub_port),
-        "--state-dir",
-        str(state_dir),
-        *extra,
-    ]
+    return simconfig.argv(
+        "ble", devices, config, pki, hub_port, state_dir, ("--bus-dir", str(bus_dir), *extra)
+    )

@@ -35,6 +35,8 @@ import array
 import asyncio
 import contextlib
 import fcntl
+import hashlib
+import hmac
 import logging
 import math
 import os
@@ -52,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from dbus_fast import Message, MessageType, Variant
+from dbus_fast import Message, MessageType, RequestNameReply, Variant
 from dbus_fast.aio import MessageBus
 
 from adapters.ble import gatt
@@ -123,9 +125,6 @@ MEASUREMENT_DECODER = gatt.Decoder(
 
 def fleet_key(secret: bytes, device_id: str) -> bytes:
     """A peripheral's challenge key, derived from the fleet secret kept beside the PKI."""
-    import hashlib
-    import hmac
-
     return hmac.new(secret, b"fieldgate-ble-key:" + device_id.encode(), hashlib.sha256).digest()
 
 
@@ -167,8 +166,9 @@ def make_specs(
     for i in range(count + unknown):
         device_id = f"{prefix}{i + 1}" if i < count else f"{prefix}unknown-{i - count + 1}"
         # Static random identity addresses (the two top bits set), unique per index.
-        identity = "C0:" + ":".join(f"{b:02X}" for b in (0xFE, 0, i >> 16 & 0xFF, i >> 8 & 0xFF))
-        identity += f":{i & 0xFF:02X}"
+        identity = ":".join(
+            f"{b:02X}" for b in (0xC0, 0xFE, 0, i >> 16 & 0xFF, i >> 8 & 0xFF, i & 0xFF)
+        )
         specs.append(
             PeripheralSpec(
                 device_id=device_id,
@@ -460,8 +460,9 @@ class BlueZSimulator:
         bus.add_message_handler(self._on_message)
         self._spawn(self._send_loop(), "outbox")
         reply = await bus.request_name(BLUEZ)
-        log.debug("org.bluez: %s", reply)
-        reply = await bus.request_name("org.fieldgate.BleSim")
+        if reply != RequestNameReply.PRIMARY_OWNER:
+            await self.__aexit__()
+            raise OSError(f"{self.bus_address}: org.bluez is already served ({reply.name})")
         return self
 
     async def __aexit__(self, *exc: object) -> None:

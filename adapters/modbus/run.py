@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 from pathlib import Path
 
 from adapters import simconfig
 from adapters.modbus.simulator import DeviceSpec, SimulatedFleet, gateway_config, make_points
-from gateway import runtime
 from gateway.errors import ConfigError
 
 FAULT_KINDS = ("dead", "slow:", "exception:", "down")
@@ -67,12 +65,7 @@ def run_simulator(args: argparse.Namespace) -> int:
             )
             await stop.wait()
 
-    try:
-        runtime.run(main)
-    except OSError as err:
-        print(f"fieldgate: cannot listen: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return simconfig.serve(main, "cannot listen")
 
 
 def simulator_argv(
@@ -87,20 +80,6 @@ def simulator_argv(
 ) -> list[str]:
     """``fieldgate`` arguments that start ``devices`` simulated devices from ``port`` on and
     write the matching gateway config (used by the demo, the tests and the benchmarks)."""
-    return [
-        "simulate",
-        "modbus",
-        "--devices",
-        str(devices),
-        "--port",
-        str(port),
-        "--write-config",
-        str(config),
-        "--pki",
-        str(pki),
-        "--hub-port",
-        str(hub_port),
-        "--state-dir",
-        str(state_dir),
-        *extra,
-    ]
+    return simconfig.argv(
+        "modbus", devices, config, pki, hub_port, state_dir, ("--port", str(port), *extra)
+    )

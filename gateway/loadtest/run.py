@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from adapters.ble.gatt import MEASUREMENT_FORMAT, STATUS_FORMAT, struct_fields
 from adapters.modbus.run import simulator_argv
 from gateway import config as config_mod
 from gateway import pki as pki_mod
@@ -40,8 +41,10 @@ from gateway.ports import free_ports
 from gateway.store import accepted as store_accepted
 from gateway.workers import worker_config
 
-BLE_POINTS = 4  # a simulated peripheral's notification: counter, temperature, humidity, battery
-BLE_STATUS_POINTS = 2
+# A simulated peripheral's notification (counter, temperature, humidity, battery) and its
+# polled status characteristic, in points.
+BLE_POINTS = struct_fields(MEASUREMENT_FORMAT)
+BLE_STATUS_POINTS = struct_fields(STATUS_FORMAT)
 BLE_POLL_PERIOD = 10.0
 
 
