@@ -121,6 +121,9 @@ class SealingConfig(_Model):
 class SecretsConfig(_Model):
     passphrase_env: str = "FIELDGATE_KEY_PASSPHRASE"
     passphrase_file: FilePath | None = None
+    allow_clear_keys: bool = Field(
+        default=False, description="accept device keys that are not encrypted (with a warning)"
+    )
 
     @field_validator("passphrase_file")
     @classmethod
@@ -351,6 +354,10 @@ class BleSection(_Model):
 class DeviceConfig(_Model):
     id: str = Field(pattern=DEVICE_ID_PATTERN)
     enabled: bool = True
+    auth: Literal["x509-ca", "x509-thumbprint"] = Field(
+        default="x509-ca",
+        description="how IoT Hub knows the device: its CA (leaf CN = id) or its leaf's thumbprint",
+    )
     cert: FilePath = Field(description="PEM: the device leaf, then the intermediate")
     key: FilePath = Field(description="PEM: encrypted PKCS#8 private key")
     modbus: ModbusEndpoint | None = None
@@ -459,7 +466,7 @@ def validate(
     data: dict[str, Any], path: str, *, base: Path | None = None, check_files: bool = True
 ) -> Config:
     try:
-        return Config.model_validate(data, context={"base": base, "check_files": check_files})
+        config = Config.model_validate(data, context={"base": base, "check_files": check_files})
     except ValidationError as err:
         problems = []
         for error in err.errors():
@@ -467,6 +474,13 @@ def validate(
             reason = _reason(error)
             problems.append(f"{where}: {reason}" if where else reason)
         raise ConfigError(path, problems) from err
+    if check_files:
+        from gateway.preflight import problems as preflight
+
+        found = preflight(config)
+        if found:
+            raise ConfigError(path, found)
+    return config
 
 
 def load(path: str | Path, *, check_files: bool = True) -> Config:

@@ -145,6 +145,7 @@ def _builder(
     *,
     ca: bool,
     path_length: int | None,
+    start: dt.datetime | None = None,
 ) -> x509.CertificateBuilder:
     """What every certificate here shares: validity, constraints, key usage, key ids."""
     builder = (
@@ -153,8 +154,8 @@ def _builder(
         .issuer_name(issuer)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(_now())
-        .not_valid_after(_now() + dt.timedelta(days=days))
+        .not_valid_before(start or _now())
+        .not_valid_after((start or _now()) + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -215,10 +216,18 @@ def _leaf(
     server: bool,
     days: int,
     sans: Iterable[x509.GeneralName] = (),
+    start: dt.datetime | None = None,
 ) -> x509.Certificate:
     usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
     builder = _builder(
-        _name(cn), issuer.subject, key, _issuer_public(issuer), days, ca=False, path_length=None
+        _name(cn),
+        issuer.subject,
+        key,
+        _issuer_public(issuer),
+        days,
+        ca=False,
+        path_length=None,
+        start=start,
     )
     builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     names = list(sans)
@@ -358,3 +367,33 @@ def decrypted_key_pem(key_path: Path, passphrase: bytes) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
+
+
+def issue_leaf(
+    root: Path,
+    cn: str,
+    cert_path: Path,
+    key_path: Path,
+    *,
+    start: dt.datetime | None = None,
+    days: int = 365,
+    server: bool = False,
+    encrypt: bool = True,
+) -> None:
+    """A leaf from the PKI's intermediate with any CN, start of validity and EKU (server or
+    client), its key encrypted or in the clear: for tests of what a start must refuse."""
+    pki = Pki(Path(root))
+    passphrase = pki.passphrase()
+    inter_cert, inter_key = _load_intermediate(pki, passphrase)
+    key = _new_key()
+    cert = _leaf(cn, key, inter_cert, inter_key, server=server, days=days, start=start)
+    if encrypt:
+        pem = _key_pem(key, passphrase)
+    else:
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    _write_private(key_path, pem)
+    _write_public(cert_path, _cert_pem(cert, inter_cert))
