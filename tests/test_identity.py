@@ -150,3 +150,19 @@ def test_a_device_with_another_devices_cn_is_refused_before_it_delivers_to_nobod
     assert "devices[0].cert: tank-9's certificate has CN 'other-dev'" in result.stderr
     assert not record.exists() or not record.read_text().strip()
     assert not (tmp_path / "state").exists()
+
+
+def test_keys_allowed_in_the_clear_are_named_in_a_warning_at_start(
+    pki_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from gateway.app import Gateway
+
+    doc = good(pki_dir, tmp_path)
+    device(doc, 3).update(leaf(pki_dir, tmp_path, "plc-4", encrypt=False))
+    doc["secrets"] = {**doc["secrets"], "allow_clear_keys": True}  # type: ignore[dict-item]
+    path = tmp_path / "gateway.toml"
+    path.write_text(render_toml(doc))
+    with caplog.at_level("WARNING", logger="fieldgate"):
+        _, contexts = Gateway(load(path))._prepare()
+    assert len(contexts) == 4
+    assert "secrets.allow_clear_keys: 1 device keys are in the clear (plc-4)" in caplog.text
