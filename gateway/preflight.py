@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from gateway import identity
 from gateway.config import Config
@@ -72,7 +73,15 @@ def _credentials(config: Config) -> Iterator[identity.Credential]:
             device_id=device.id,
             auth=device.auth,
             cert_path=device.cert,
-            cert_pem=device.cert.read_bytes(),
+            cert_pem=_read(device.cert),
             key_path=device.key,
-            key_pem=device.key.read_bytes(),
+            key_pem=_read(device.key),
         )
+
+
+def _read(path: Path) -> bytes:
+    """A file's bytes; one that cannot be read counts as empty, which the checks name."""
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
