@@ -20,7 +20,7 @@ from typing import Any
 
 from adapters.base import DeviceHealth
 from adapters.modbus.client import ModbusPoller
-from gateway import keyring
+from gateway import identity, keyring
 from gateway.auth import AuthGate, Registration
 from gateway.batcher import Batch, Batcher
 from gateway.config import Config, DeviceConfig
@@ -160,7 +160,18 @@ class Gateway:
                     cfg.hub.ca_file, device.cert, device.key, passphrase
                 )
             except UplinkError as err:
-                raise StartupError(f"devices[{index}] ({device.id}): {err}") from err
+                why = identity.explain_key_failure(
+                    device.cert.read_bytes(), device.key.read_bytes(), passphrase
+                )
+                raise StartupError(f"devices[{index}] ({device.id}): {why}: {err}") from err
+        if cfg.secrets.allow_clear_keys:
+            clear = [d.id for d in cfg.devices if not identity.key_is_encrypted(d.key.read_bytes())]
+            if clear:
+                log.warning(
+                    "secrets.allow_clear_keys: %d device keys are in the clear (%s)",
+                    len(clear),
+                    ", ".join(clear[:5]) + (", ..." if len(clear) > 5 else ""),
+                )
         return key, contexts
 
     def _open_queue(self) -> Store | MemoryQueue:

@@ -56,21 +56,28 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_pki_init(args: argparse.Namespace) -> int:
     from gateway import pki
 
-    made = pki.init(Path(args.dir))
-    print(f"development PKI created in {made.root}")
+    root_key = Path(args.root_key) if args.root_key else None
+    made = pki.init(Path(args.dir), root_key=root_key)
+    print(f"DEVELOPMENT PKI created in {made.root}: for development and tests, not production")
     print(f"  trust root for the hub side: {made.root_cert}")
     print(f"  sealing keyring:             {made.keyring}")
     if made.passphrase_file.exists():
-        print(f"  key passphrase (0600):       {made.passphrase_file}")
+        print(f"  key passphrase (0600):       {made.passphrase_file} (beside the keys it unlocks)")
+    if root_key is not None:
+        print(f"  root key (0600, encrypted):  {root_key}")
+    else:
+        print("  root key:                    not kept (pass --root-key PATH to keep it elsewhere)")
     return 0
 
 
 def cmd_pki_issue(args: argparse.Namespace) -> int:
     from gateway import pki
 
-    for device_id in pki.issue(Path(args.dir), args.device_ids, days=args.days):
+    renewed = set(pki.existing(Path(args.dir), args.device_ids))
+    for device_id in pki.issue(Path(args.dir), args.device_ids, days=args.days, renew=args.renew):
         p = pki.Pki(Path(args.dir))
-        print(f"{device_id}: {p.device_cert(device_id)} {p.device_key(device_id)}")
+        what = "renewed (new key: re-register a thumbprint) " if device_id in renewed else ""
+        print(f"{device_id}: {what}{p.device_cert(device_id)} {p.device_key(device_id)}")
     return 0
 
 
@@ -292,10 +299,18 @@ def build_parser() -> argparse.ArgumentParser:
         "init", help="create a root, an intermediate, hub certificates and a sealing keyring"
     )
     init.add_argument("--dir", default="fieldgate-state/pki")
+    init.add_argument(
+        "--root-key",
+        metavar="PATH",
+        help="keep the root's key here, outside --dir (default: not kept)",
+    )
     init.set_defaults(func=cmd_pki_init)
     issue = pki.add_parser("issue", help="issue device certificates (CN = device id)")
     issue.add_argument("--dir", default="fieldgate-state/pki")
     issue.add_argument("--days", type=int, default=365)
+    issue.add_argument(
+        "--renew", action="store_true", help="replace the certificate and key of existing ids"
+    )
     issue.add_argument("device_ids", nargs="+")
     issue.set_defaults(func=cmd_pki_issue)
 

@@ -8,6 +8,8 @@ file's folder. A bad file raises :class:`ConfigError` naming the file, each bad 
 from __future__ import annotations
 
 import os
+import ssl
+import stat
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -46,7 +48,8 @@ DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No float here means anything as nan or inf: a scale of nan would turn every reading into nan.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _resolve(value: Path, info: ValidationInfo) -> Path:
@@ -68,6 +71,55 @@ def _existing_file(value: Path, info: ValidationInfo) -> Path:
 
 FilePath = Annotated[Path, Field()]
 
+# IoT Hub waits 1.5 x the client's keep-alive for a packet, and at most 1,767 s: a client that
+# asks for more than 1,177 s is cut off between its pings.
+MAX_KEEPALIVE = 1177
+
+
+def _checks_files(info: ValidationInfo) -> bool:
+    return bool((info.context or {}).get("check_files", True))
+
+
+def _trust_bundle(value: Path, info: ValidationInfo) -> Path:
+    path = _existing_file(value, info)
+    if not _checks_files(info):
+        return path
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(path))
+    except (ssl.SSLError, ValueError) as err:
+        why = getattr(err, "reason", None) or err
+        raise ValueError(f"{path} holds no PEM certificates that TLS can load ({why})") from None
+    return path
+
+
+def _private_file(value: Path, info: ValidationInfo) -> Path:
+    path = _existing_file(value, info)
+    if not _checks_files(info):
+        return path
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise ValueError(
+            f"{path} is mode {mode:04o}: group or others may read it; chmod 600 {path}"
+        )
+    return path
+
+
+def _state_dir(value: Path, info: ValidationInfo) -> Path:
+    path = _resolve(value, info)
+    if not _checks_files(info):
+        return path
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} exists and is not a folder")
+    # The nearest folder that exists must let the gateway make the rest.
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"cannot make {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot make {path}: {parent} is not writable")
+    return path
+
 
 class HubConfig(_Model):
     hostname: str = Field(
@@ -79,7 +131,7 @@ class HubConfig(_Model):
     port: int = Field(default=8883, ge=1, le=65535)
     ca_file: FilePath
     max_inflight: int = Field(default=16, ge=1, le=1000)
-    keepalive: int = Field(default=60, ge=5, le=1767)
+    keepalive: int = Field(default=60, ge=5, description=f"seconds, at most {MAX_KEEPALIVE}")
     connect_rate: float = Field(default=100.0, gt=0, description="new connections per second")
     send_rate: float = Field(
         default=0.0,
@@ -90,7 +142,17 @@ class HubConfig(_Model):
     backoff_max: float = Field(default=30.0, gt=0)
     connect_timeout: float = Field(default=10.0, gt=0)
 
-    _ca = field_validator("ca_file")(_existing_file)
+    _ca = field_validator("ca_file")(_trust_bundle)
+
+    @field_validator("keepalive")
+    @classmethod
+    def _keepalive(cls, value: int) -> int:
+        if value > MAX_KEEPALIVE:
+            raise ValueError(
+                f"{value} s is more than {MAX_KEEPALIVE} s: IoT Hub waits 1.5 x the keep-alive "
+                "and at most 1,767 s, so it would cut the connection off between pings"
+            )
+        return value
 
 
 class BatchingConfig(_Model):
@@ -121,11 +183,14 @@ class SealingConfig(_Model):
 class SecretsConfig(_Model):
     passphrase_env: str = "FIELDGATE_KEY_PASSPHRASE"
     passphrase_file: FilePath | None = None
+    allow_clear_keys: bool = Field(
+        default=False, description="accept device keys that are not encrypted (with a warning)"
+    )
 
     @field_validator("passphrase_file")
     @classmethod
     def _file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        return None if value is None else _existing_file(value, info)
+        return None if value is None else _private_file(value, info)
 
     def passphrase(self) -> bytes:
         """The passphrase that unlocks private keys and the sealing keyring."""
@@ -162,7 +227,7 @@ class GatewaySection(_Model):
     state_dir: FilePath = Path("state")
     shutdown_grace: float = Field(default=5.0, ge=0, le=300)
 
-    _state = field_validator("state_dir")(_resolve)
+    _state = field_validator("state_dir")(_state_dir)
 
 
 class Point(_Model):
@@ -186,6 +251,39 @@ class Point(_Model):
         if self.address + REGISTER_WIDTH[self.type] > 65536:
             raise ValueError(f"{self.type} at address {self.address} runs past register 65535")
         return self
+
+
+def _span(point: Point) -> str:
+    if point.table in ("coil", "discrete"):
+        return f"{point.table} {point.address}"
+    last = point.address + REGISTER_WIDTH[point.type] - 1
+    where = f"{point.address}" if last == point.address else f"{point.address}-{last}"
+    return f"{point.table} {where}"
+
+
+def overlapping_points(points: list[Point]) -> str | None:
+    """Two points of one device that read the same register or bit, named, or None."""
+
+    def end(point: Point) -> int:
+        bits = point.table in ("coil", "discrete")
+        return point.address + (1 if bits else REGISTER_WIDTH[point.type])
+
+    order = sorted(range(len(points)), key=lambda i: (points[i].table, points[i].address))
+    widest: int | None = None  # the point reaching furthest so far, in the current table
+    for i in order:
+        point = points[i]
+        if widest is not None and points[widest].table != point.table:
+            widest = None
+        if widest is not None and point.address < end(points[widest]):
+            first, second = sorted((widest, i))
+            a, b = points[first], points[second]
+            return (
+                f"points[{second}] {b.name!r} ({_span(b)}) overlaps points[{first}] {a.name!r} "
+                f"({_span(a)})"
+            )
+        if widest is None or end(point) > end(points[widest]):
+            widest = i
+    return None
 
 
 class ModbusEndpoint(_Model):
@@ -351,6 +449,10 @@ class BleSection(_Model):
 class DeviceConfig(_Model):
     id: str = Field(pattern=DEVICE_ID_PATTERN)
     enabled: bool = True
+    auth: Literal["x509-ca", "x509-thumbprint"] = Field(
+        default="x509-ca",
+        description="how IoT Hub knows the device: its CA (leaf CN = id) or its leaf's thumbprint",
+    )
     cert: FilePath = Field(description="PEM: the device leaf, then the intermediate")
     key: FilePath = Field(description="PEM: encrypted PKCS#8 private key")
     modbus: ModbusEndpoint | None = None
@@ -372,6 +474,9 @@ class DeviceConfig(_Model):
             if point.name in seen:
                 raise ValueError(f"point name {point.name!r} is used twice")
             seen.add(point.name)
+        overlap = overlapping_points(self.points)
+        if overlap is not None:
+            raise ValueError(overlap)
         return self
 
     @property
@@ -459,7 +564,7 @@ def validate(
     data: dict[str, Any], path: str, *, base: Path | None = None, check_files: bool = True
 ) -> Config:
     try:
-        return Config.model_validate(data, context={"base": base, "check_files": check_files})
+        config = Config.model_validate(data, context={"base": base, "check_files": check_files})
     except ValidationError as err:
         problems = []
         for error in err.errors():
@@ -467,6 +572,13 @@ def validate(
             reason = _reason(error)
             problems.append(f"{where}: {reason}" if where else reason)
         raise ConfigError(path, problems) from err
+    if check_files:
+        from gateway.preflight import problems as preflight
+
+        found = preflight(config)
+        if found:
+            raise ConfigError(path, found)
+    return config
 
 
 def load(path: str | Path, *, check_files: bool = True) -> Config:

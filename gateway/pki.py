@@ -2,7 +2,7 @@
 
 Layout of a PKI folder::
 
-    root.pem  root.key                 the development root (the broker trusts only this)
+    root.pem                           the development root (the broker trusts only this)
     intermediate.pem  intermediate.key the CA the gateway holds and issues from
     hub/server.pem  hub/server.key     the local hub stand-in's TLS certificate (+ intermediate)
     hub/service.pem hub/service.key    the hub-side consumer's identity (CN hub-service)
@@ -10,8 +10,11 @@ Layout of a PKI folder::
     keyring.json                       sealing keys, wrapped under the passphrase
     passphrase                         0600, only when FIELDGATE_KEY_PASSPHRASE was not set
 
-Every private key is PKCS#8 encrypted under the passphrase; none is written in the clear.
-Operators who bring their own certificates point the config at them instead.
+Every private key is PKCS#8 encrypted under the passphrase; none is written in the clear. The
+root's key is not kept here, where the gateway and its passphrase are: ``init`` writes it only
+to a path given outside this folder (``--root-key``), else it is gone once the intermediate is
+signed. This is a development PKI; operators who bring their own certificates point the config
+at them instead.
 """
 
 from __future__ import annotations
@@ -145,6 +148,7 @@ def _builder(
     *,
     ca: bool,
     path_length: int | None,
+    start: dt.datetime | None = None,
 ) -> x509.CertificateBuilder:
     """What every certificate here shares: validity, constraints, key usage, key ids."""
     builder = (
@@ -153,8 +157,8 @@ def _builder(
         .issuer_name(issuer)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(_now())
-        .not_valid_after(_now() + dt.timedelta(days=days))
+        .not_valid_before(start or _now())
+        .not_valid_after((start or _now()) + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -215,10 +219,18 @@ def _leaf(
     server: bool,
     days: int,
     sans: Iterable[x509.GeneralName] = (),
+    start: dt.datetime | None = None,
 ) -> x509.Certificate:
     usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
     builder = _builder(
-        _name(cn), issuer.subject, key, _issuer_public(issuer), days, ca=False, path_length=None
+        _name(cn),
+        issuer.subject,
+        key,
+        _issuer_public(issuer),
+        days,
+        ca=False,
+        path_length=None,
+        start=start,
     )
     builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     names = list(sans)
@@ -237,25 +249,36 @@ def init(
     server_names: Iterable[str] = ("localhost",),
     server_ips: Iterable[str] = ("127.0.0.1", "::1"),
     root_name: str = "fieldgate dev root",
+    root_key: Path | None = None,
 ) -> Pki:
     """Create a development root, an intermediate, the hub stand-in's certificates and a
-    sealing keyring. Refuses to touch a folder that already holds a root."""
+    sealing keyring. Refuses to touch a folder that already holds a root. The root's key is
+    written only to ``root_key``, which must lie outside the folder."""
     pki = Pki(Path(root))
     if pki.root_cert.exists():
         raise PkiError(f"{pki.root_cert} exists already; refusing to replace a PKI")
+    if root_key is not None:
+        if Path(root_key).resolve().is_relative_to(pki.root.resolve()):
+            raise PkiError(
+                f"--root-key {root_key} is inside {pki.root}: keep the root's key away from "
+                "the folder the gateway reads"
+            )
+        if Path(root_key).exists():
+            raise PkiError(f"--root-key {root_key} exists already; refusing to replace it")
     pki.root.mkdir(parents=True, exist_ok=True)
     os.chmod(pki.root, 0o700)
     if not os.environ.get(PASSPHRASE_ENV) and not pki.passphrase_file.exists():
         _write_private(pki.passphrase_file, secrets.token_urlsafe(32).encode() + b"\n")
     passphrase = pki.passphrase()
 
-    root_key = _new_key()
-    root_cert = _ca(root_name, root_key, None, root_key, path_length=1, days=3650)
+    ca_key = _new_key()
+    root_cert = _ca(root_name, ca_key, None, ca_key, path_length=1, days=3650)
     inter_key = _new_key()
     inter_cert = _ca(
-        "fieldgate gateway intermediate", inter_key, root_cert, root_key, path_length=0, days=1825
+        "fieldgate gateway intermediate", inter_key, root_cert, ca_key, path_length=0, days=1825
     )
-    _write_private(pki.root / "root.key", _key_pem(root_key, passphrase))
+    if root_key is not None:
+        _write_private(Path(root_key), _key_pem(ca_key, passphrase))
     _write_public(pki.root_cert, _cert_pem(root_cert))
     _write_private(pki.root / "intermediate.key", _key_pem(inter_key, passphrase))
     _write_public(pki.root / "intermediate.pem", _cert_pem(inter_cert))
@@ -314,16 +337,34 @@ def _issue_client(
     _write_public(cert_path, _cert_pem(leaf, inter_cert))
 
 
-def issue(root: Path, device_ids: Iterable[str], *, days: int = 365) -> list[str]:
-    """Issue a leaf (CN = device id, EKU clientAuth) per device; returns the ids issued."""
+def existing(root: Path, device_ids: Iterable[str]) -> list[str]:
+    """The ids among ``device_ids`` that already have a certificate or a key in the PKI."""
+    pki = Pki(Path(root))
+    return [d for d in device_ids if pki.device_cert(d).exists() or pki.device_key(d).exists()]
+
+
+def issue(
+    root: Path, device_ids: Iterable[str], *, days: int = 365, renew: bool = False
+) -> list[str]:
+    """Issue a leaf (CN = device id, EKU clientAuth) per device; returns the ids issued.
+    An id that has an identity already is refused (nothing is issued) unless ``renew``: a new
+    key changes the thumbprint a hub may have registered, and the old key is gone."""
 
     pki = Pki(Path(root))
+    ids = list(device_ids)
+    for device_id in ids:
+        if not re.match(DEVICE_ID_PATTERN, device_id):
+            raise PkiError(f"{device_id!r} is not a valid device id ({DEVICE_ID_PATTERN})")
+    taken = existing(root, ids)
+    if taken and not renew:
+        raise PkiError(
+            f"{', '.join(taken)}: an identity exists already ({pki.device_cert(taken[0])}); "
+            "refusing to replace it: pass --renew to issue a new certificate and key"
+        )
     passphrase = pki.passphrase()
     inter_cert, inter_key = _load_intermediate(pki, passphrase)
     done = []
-    for device_id in device_ids:
-        if not re.match(DEVICE_ID_PATTERN, device_id):
-            raise PkiError(f"{device_id!r} is not a valid device id ({DEVICE_ID_PATTERN})")
+    for device_id in ids:
         _issue_client(
             pki,
             device_id,
@@ -358,3 +399,33 @@ def decrypted_key_pem(key_path: Path, passphrase: bytes) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
+
+
+def issue_leaf(
+    root: Path,
+    cn: str,
+    cert_path: Path,
+    key_path: Path,
+    *,
+    start: dt.datetime | None = None,
+    days: int = 365,
+    server: bool = False,
+    encrypt: bool = True,
+) -> None:
+    """A leaf from the PKI's intermediate with any CN, start of validity and EKU (server or
+    client), its key encrypted or in the clear: for tests of what a start must refuse."""
+    pki = Pki(Path(root))
+    passphrase = pki.passphrase()
+    inter_cert, inter_key = _load_intermediate(pki, passphrase)
+    key = _new_key()
+    cert = _leaf(cn, key, inter_cert, inter_key, server=server, days=days, start=start)
+    if encrypt:
+        pem = _key_pem(key, passphrase)
+    else:
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    _write_private(key_path, pem)
+    _write_public(cert_path, _cert_pem(cert, inter_cert))

@@ -135,6 +135,7 @@ def test_a_missing_file_is_refused(tmp_path: Path) -> None:
 def test_a_wrong_passphrase_refuses_the_start(pki_dir: Path, tmp_path: Path) -> None:
     doc = good(pki_dir, tmp_path)
     (tmp_path / "wrong").write_text("not the passphrase\n")
+    (tmp_path / "wrong").chmod(0o600)
     doc["secrets"] = {"passphrase_file": str(tmp_path / "wrong")}
     path = tmp_path / "gateway.toml"
     path.write_text(render_toml(doc))
