@@ -29,11 +29,16 @@ from adapters.ble.simulator import SOCKET_NAME
 from adapters.modbus.run import simulator_argv
 from gateway import pki as pki_mod
 from gateway import runtime
+from gateway import store as store_mod
+from gateway.consumer import SequenceTracker
+from gateway.errors import FieldgateError
 from gateway.localhub.broker import Broker
 from gateway.localhub.service import HubService
 from gateway.ports import free_ports
 
 CHILD_GRACE = 15.0
+# Seconds the hub waits, after the gateway stopped, for what the gateway's store accepted.
+HUB_CATCH_UP = 15.0
 
 
 def _table(service: HubService, started: float, note: str) -> Group:
@@ -122,10 +127,15 @@ async def demo(
     )
     console = Console()
     console.print(f"state folder: {state.resolve()}  (config: {config})")
-    async with Broker(pki_mod.Pki(pki_dir), port=hub_port, log_path=logs / "mosquitto.log"):
+    # persist: what the broker queued for the hub service survives the broker's stop, as in IoT
+    # Hub; with "persistence false" anything still queued at a stop became a gap for good.
+    async with Broker(
+        pki_mod.Pki(pki_dir), port=hub_port, log_path=logs / "mosquitto.log", persist=state / "hub"
+    ):
         service = HubService(
             pki_mod.Pki(pki_dir), host="127.0.0.1", port=hub_port, record=state / "hub-record.jsonl"
         )
+        hub_stop = asyncio.Event()
         with (
             open(logs / "simulator.log", "ab") as sim_log,
             open(logs / "ble-simulator.log", "ab") as ble_log,
@@ -134,40 +144,33 @@ async def demo(
             sim = await _spawn(sim_args, sim_log)
             gateway = ble_sim = None
             try:
-                await _wait_for(config, sim)
-                if ble:
-                    ble_sim = await _spawn(ble_args, ble_log)
-                    # It writes the config first, then opens its bus.
-                    await _wait_for(bus_dir / SOCKET_NAME, ble_sim)
-                gateway = await _spawn(["run", "--config", str(config)], gw_log)
-                started = time.time()
-                note = "Ctrl-C stops." if duration is None else f"Stops after {duration:.0f} s."
                 async with asyncio.TaskGroup() as tg:
-                    tg.create_task(service.run(stop), name="hub-service")
-                    with Live(
-                        _table(service, started, note),
-                        console=console,
-                        refresh_per_second=2,
-                        transient=False,
-                    ) as live:
-                        deadline = None if duration is None else time.monotonic() + duration
-                        while not stop.is_set():
-                            if gateway.returncode is not None:
-                                note = f"gateway exited with {gateway.returncode}: see {logs}"
-                                break
-                            if deadline is not None and time.monotonic() >= deadline:
-                                break
-                            try:
-                                async with asyncio.timeout(0.5):
-                                    await stop.wait()
-                            except TimeoutError:
-                                pass
-                            live.update(_table(service, started, note))
-                        await _stop_child(gateway, "gateway")
-                        # Let the last envelopes arrive before the hub stops.
-                        await asyncio.sleep(0.5)
-                        live.update(_table(service, started, "stopped."))
-                    stop.set()
+                    # The hub side subscribes before the gateway starts: what the gateway sends
+                    # first (a backlog from an earlier run) must not meet a broker with no
+                    # subscription to queue it for.
+                    tg.create_task(service.run(hub_stop), name="hub-service")
+                    try:
+                        await _wait_for(config, sim)
+                        if ble:
+                            ble_sim = await _spawn(ble_args, ble_log)
+                            # It writes the config first, then opens its bus.
+                            await _wait_for(bus_dir / SOCKET_NAME, ble_sim)
+                        async with asyncio.timeout(CHILD_GRACE):
+                            await service.connected.wait()
+                        gateway = await _spawn(["run", "--config", str(config)], gw_log)
+                        store = state / "gateway" / "store.db"
+                        missing = await _show(
+                            service, gateway, store, console, logs, duration, stop
+                        )
+                        if missing:
+                            console.print(
+                                f"the hub did not receive {missing} accepted readings within "
+                                f"{HUB_CATCH_UP:.0f} s",
+                                style="bold red",
+                            )
+                    finally:
+                        hub_stop.set()
+                stop.set()
             finally:
                 if gateway is not None:
                     await _stop_child(gateway, "gateway")
@@ -184,6 +187,76 @@ async def demo(
         soft_wrap=True,
     )
     return 0 if code == 0 else 1
+
+
+async def _show(
+    service: HubService,
+    gateway: asyncio.subprocess.Process,
+    store: Path,
+    console: Console,
+    logs: Path,
+    duration: float | None,
+    stop: asyncio.Event,
+) -> int:
+    """The live view, until Ctrl-C, ``duration`` or the gateway's exit; then the gateway stops
+    and the hub catches up. Returns how many accepted readings the hub did not get."""
+    started = time.time()
+    note = "Ctrl-C stops." if duration is None else f"Stops after {duration:.0f} s."
+    with Live(
+        _table(service, started, note),
+        console=console,
+        refresh_per_second=2,
+        transient=False,
+    ) as live:
+        deadline = None if duration is None else time.monotonic() + duration
+        while not stop.is_set():
+            if gateway.returncode is not None:
+                note = f"gateway exited with {gateway.returncode}: see {logs}"
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            try:
+                async with asyncio.timeout(0.5):
+                    await stop.wait()
+            except TimeoutError:
+                pass
+            live.update(_table(service, started, note))
+        live.update(_table(service, started, "stopping: the gateway flushes..."))
+        await _stop_child(gateway, "gateway")
+        # The hub outlives the gateway's flush: it stops once it has opened every reading the
+        # gateway's store accepted, or after HUB_CATCH_UP.
+        missing = await _catch_up(service, store)
+        live.update(_table(service, started, "stopped."))
+    return missing
+
+
+def hub_missing(accepted: dict[str, int], boot_id: str | None, tracker: SequenceTracker) -> int:
+    """Readings the store accepted (sequence numbers 0 .. next-1 of its boot, per device) that
+    the hub has not opened yet."""
+    if boot_id is None:
+        return 0
+    missing = 0
+    for device, next_seq in accepted.items():
+        stream = tracker.streams.get((device, boot_id))
+        missing += next_seq - (stream.count_below(next_seq) if stream is not None else 0)
+    return missing
+
+
+async def _catch_up(service: HubService, store: Path) -> int:
+    try:
+        accepted = store_mod.accepted(store)
+        boot_id = store_mod.status(store)["boot_id"] if accepted else None
+    except FieldgateError as err:
+        print(f"cannot read the gateway's store: {err}", file=sys.stderr)
+        return 0
+    try:
+        async with asyncio.timeout(HUB_CATCH_UP):
+            while hub_missing(accepted, boot_id, service.tracker):
+                service.opened.clear()
+                await service.opened.wait()
+    except TimeoutError:
+        pass
+    return hub_missing(accepted, boot_id, service.tracker)
 
 
 async def _spawn(args: list[str], log: BinaryIO) -> asyncio.subprocess.Process:
