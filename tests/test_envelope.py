@@ -14,8 +14,9 @@ import pytest
 from gateway.batcher import Batch, Batcher
 from gateway.consumer import SequenceTracker, open_message
 from gateway.envelope import Sealer, open_envelope
-from gateway.errors import EnvelopeError
-from gateway.keyring import Keyring
+from gateway.errors import EnvelopeError, KeyringError
+from gateway.keyring import Keyring, write_new
+from gateway.keyring import load as load_keyring
 from gateway.readings import Header, Scan, telemetry_topic
 
 KEY = os.urandom(32)
@@ -202,3 +203,36 @@ def test_the_worked_example_in_the_docs_opens() -> None:
         (1204, "temp_return", 54.25, 1795900001000),
         (1205, "pump_on", True, 1795900001000),
     ]
+
+
+def test_the_documented_consumer_example_runs_with_a_str_passphrase(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "envelope.md").read_text()
+    example = re.search(r"^Library.*\n```python\n(.*?)\n```", doc, re.M | re.S)
+    assert example
+    write_new(tmp_path / "keyring.json", "correct horse €".encode(), "k1")
+    key = load_keyring(tmp_path / "keyring.json", b"correct horse \xe2\x82\xac").get("k1")
+    batcher = Batcher(4000, max_age=3600)
+    batcher.add(scan("boiler-7", 0), 0.0)
+    batch = batcher.take("boiler-7")
+    assert batch is not None
+    (envelope,), _ = Sealer(key, "k1", "boot1", batcher).seal(batch, final=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FIELDGATE_KEY_PASSPHRASE", "correct horse €")
+    names = {
+        "topic": telemetry_topic("boiler-7", envelope.header),
+        "body": envelope.body,
+    }
+    exec(compile(example[1], "docs/envelope.md", "exec"), names)
+    assert len(names["new_readings"]) == 60
+    assert names["tracker"].gaps() == {}
+
+
+def test_a_wrong_passphrase_or_type_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "keyring.json"
+    write_new(path, b"right", "k1")
+    with pytest.raises(KeyringError, match="wrong passphrase"):
+        load_keyring(path, "wrong")
+    with pytest.raises(KeyringError, match="must be str or bytes, not int"):
+        load_keyring(path, 1234)  # type: ignore[arg-type]
