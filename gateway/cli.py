@@ -375,7 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     opener.add_argument("--keyring", help="keyring file (passphrase from FIELDGATE_KEY_PASSPHRASE)")
     opener.add_argument("--json", action="store_true", help="one JSON reading per line")
     opener.add_argument(
-        "--summary", action="store_true", help="only counts, gaps and duplicates per device"
+        "--summary",
+        action="store_true",
+        help="no readings: one line per device (readings, duplicates, gaps, boots) and the "
+        "total, on stdout",
     )
     opener.set_defaults(func=cmd_open)
     return parser
