@@ -337,7 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="dead | slow:SECONDS | exception:CODE | down",
     )
     modbus.add_argument(
-        "--write-config", metavar="FILE", help="write a gateway config for these devices and exit"
+        "--write-config",
+        metavar="FILE",
+        help="also write a gateway config for these devices, once they listen; the devices "
+        "keep serving until Ctrl-C or SIGTERM",
     )
     modbus.add_argument(
         "--pki", default="fieldgate-state/pki", help="PKI folder the written config points at"
