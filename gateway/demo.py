@@ -4,9 +4,10 @@ It makes (or reuses) a development PKI in the state folder, starts the local hub
 this process, the Modbus simulator and the gateway as child processes (as they would run in the
 field), and shows per device how the gateway admitted it (or why it quarantined it, from its
 security events) and what the hub opened: readings, sequence accounting, envelopes the hub
-refused, latency and the latest values. Ctrl-C stops the gateway first (it flushes its batches), then the devices and
-the hub, and leaves nothing running. BLE peripherals (``--ble``) run behind a simulated bluetoothd
-on a private D-Bus, beside the Modbus devices, through the same gateway.
+refused, latency and the latest values. Ctrl-C stops the gateway first (it flushes its
+batches); the hub stops once it has opened everything the gateway's store accepted, then the
+devices stop, and nothing is left running. BLE peripherals (``--ble``) run behind a simulated
+bluetoothd on a private D-Bus, beside the Modbus devices, through the same gateway.
 """
 
 from __future__ import annotations
