@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,8 @@ def test_a_tiny_fleet_reports_every_field_and_loses_nothing(tmp_path: Path) -> N
     for plot in ("throughput.png", "latency.png", "latency-histogram.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "loadtest result: OK" in run.stdout
-    assert f"({report['packing_min_units_per_1k_points']})" in run.stdout  # beside the units
+    packing = re.search(r"packing minimum, 4 KB units per 1k points\s*│\s*([\d.]+)", run.stdout)
+    assert packing and float(packing[1]) == report["packing_min_units_per_1k_points"]
 
 
 @pytest.mark.slow
