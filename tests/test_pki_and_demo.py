@@ -16,7 +16,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway.demo import Admissions
+from gateway.consumer import Opened, SequenceTracker
+from gateway.demo import Admissions, hub_missing
+from gateway.readings import CODEC, Header
 
 from conftest import fieldgate
 
@@ -255,3 +257,15 @@ def test_the_demo_names_how_each_device_was_admitted_from_this_runs_events(
     }
     assert admissions.quarantined == {"ble-3": "challenge answer does not match the device key"}
     assert admissions.unknown == {"hci0/C0:FE:00:00:00:03": "not in the registry: address C0"}
+
+
+def test_the_hub_is_caught_up_only_when_every_accepted_reading_of_the_boot_was_opened() -> None:
+    tracker = SequenceTracker()
+    for first, count in ((0, 10), (20, 10)):  # 10..19 still on its way
+        header = Header(1, "k1", "b1", first, count, CODEC)
+        tracker.add(Opened("plc-1", header, [], 0.0))
+    assert hub_missing({"plc-1": 30, "plc-2": 5}, "b1", tracker) == 10 + 5
+    assert hub_missing({"plc-1": 30}, "another boot", tracker) == 30
+    tracker.add(Opened("plc-1", Header(1, "k1", "b1", 10, 10, CODEC), [], 0.0))
+    assert hub_missing({"plc-1": 30}, "b1", tracker) == 0
+    assert hub_missing({"plc-1": 25}, "b1", tracker) == 0  # more arrived than was read back
