@@ -249,6 +249,8 @@ class Gateway:
             await pipeline.sealed.join()
             writer.cancel()
             queue.close()
+            for session in self.sessions.values():
+                session.finish()
             await self._drain(queue, session_tasks)
 
     def _radios(self, pipeline: Pipeline, gate: AuthGate) -> dict[str, Coroutine[Any, Any, None]]:

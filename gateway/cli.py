@@ -352,7 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="dead | slow:SECONDS | exception:CODE | down",
     )
     modbus.add_argument(
-        "--write-config", metavar="FILE", help="write a gateway config for these devices and exit"
+        "--write-config",
+        metavar="FILE",
+        help="also write a gateway config for these devices, once they listen; the devices "
+        "keep serving until Ctrl-C or SIGTERM",
     )
     modbus.add_argument(
         "--pki", default="fieldgate-state/pki", help="PKI folder the written config points at"
@@ -390,7 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     opener.add_argument("--keyring", help="keyring file (passphrase from FIELDGATE_KEY_PASSPHRASE)")
     opener.add_argument("--json", action="store_true", help="one JSON reading per line")
     opener.add_argument(
-        "--summary", action="store_true", help="only counts, gaps and duplicates per device"
+        "--summary",
+        action="store_true",
+        help="no readings: one line per device (readings, duplicates, gaps, boots) and the "
+        "total, on stdout",
     )
     opener.set_defaults(func=cmd_open)
     return parser

@@ -104,6 +104,10 @@ class _Stream:
     def count(self) -> int:
         return sum(e - s for s, e in zip(self.starts, self.ends, strict=True))
 
+    def count_below(self, limit: int) -> int:
+        """How many sequence numbers below ``limit`` were seen."""
+        return sum(max(0, min(e, limit) - s) for s, e in zip(self.starts, self.ends, strict=True))
+
 
 class SequenceTracker:
     """Per (device, boot id): which readings arrived, which twice, which are missing."""

@@ -2,10 +2,12 @@
 
 It makes (or reuses) a development PKI in the state folder, starts the local hub stand-in in
 this process, the Modbus simulator and the gateway as child processes (as they would run in the
-field), and shows per device what the hub opened: readings, sequence accounting, latency and
-the latest values. Ctrl-C stops the gateway first (it flushes its batches), then the devices and
-the hub, and leaves nothing running. BLE peripherals (``--ble``) run behind a simulated bluetoothd
-on a private D-Bus, beside the Modbus devices, through the same gateway.
+field), and shows per device how the gateway admitted it (or why it quarantined it, from its
+security events) and what the hub opened: readings, sequence accounting, envelopes the hub
+refused, latency and the latest values. Ctrl-C stops the gateway first (it flushes its
+batches); the hub stops once it has opened everything the gateway's store accepted, then the
+devices stop, and nothing is left running. BLE peripherals (``--ble``) run behind a simulated
+bluetoothd on a private D-Bus, beside the Modbus devices, through the same gateway.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import signal
 import statistics
 import sys
 import time
+import tomllib
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
+import orjson
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -29,25 +33,97 @@ from adapters.ble.simulator import SOCKET_NAME
 from adapters.modbus.run import simulator_argv
 from gateway import pki as pki_mod
 from gateway import runtime
+from gateway import store as store_mod
+from gateway.consumer import SequenceTracker
+from gateway.errors import FieldgateError
+from gateway.events import FILE_NAME as EVENTS_FILE
 from gateway.localhub.broker import Broker
-from gateway.localhub.service import HubService
+from gateway.localhub.service import DeviceView, HubService
 from gateway.ports import free_ports
 
 CHILD_GRACE = 15.0
+# Seconds the hub waits, after the gateway stopped, for what the gateway's store accepted.
+HUB_CATCH_UP = 15.0
+# With this many BLE peripherals or more, the last one is quarantined (a wrong challenge answer).
+QUARANTINE_FROM = 2
 
 
-def _table(service: HubService, started: float, note: str) -> Group:
+def admission_text(event: dict[str, Any]) -> str:
+    """How a ``device-admitted`` event's device was verified, in a few words."""
+    if event.get("transport") == "ble":
+        checks = [f"bond {event.get('bond', '?')}"]
+        checks.append("challenge passed" if event.get("challenge") == "passed" else "no challenge")
+        return " + ".join(checks)
+    # The Modbus fingerprint (FC43 device identity) comes in a later issue: today a Modbus
+    # device is admitted by the endpoint the registry binds it to.
+    return f"registry binding ({event.get('endpoint', '?')})"
+
+
+class Admissions:
+    """The gateway's security events of this run, read as the file grows: how each device was
+    admitted, why one was quarantined, and the unknown devices seen."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        # Earlier runs' events stay in the file; this run's start after them.
+        self._offset = path.stat().st_size if path.exists() else 0
+        self._partial = b""
+        self.devices: dict[str, str] = {}
+        self.quarantined: dict[str, str] = {}
+        self.unknown: dict[str, str] = {}
+
+    def poll(self) -> None:
+        try:
+            with open(self.path, "rb") as events:
+                events.seek(self._offset)
+                data = events.read()
+        except FileNotFoundError:
+            return
+        self._offset += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()  # a line still being written
+        for line in lines:
+            if line.strip():
+                self.add(orjson.loads(line))
+
+    def add(self, event: dict[str, Any]) -> None:
+        kind, device = event.get("kind"), event.get("device")
+        if kind == "device-admitted" and device:
+            self.devices[device] = admission_text(event)
+            self.quarantined.pop(device, None)
+        elif kind == "device-quarantined" and device:
+            self.quarantined[device] = str(event.get("reason", "?"))
+            self.devices[device] = f"QUARANTINED: {self.quarantined[device]}"
+        elif kind == "device-unknown":
+            where = str(event.get("endpoint") or event.get("transport") or "?")
+            self.unknown[where] = str(event.get("reason", "?"))
+
+
+def _table(
+    service: HubService,
+    admissions: Admissions,
+    configured: list[str],
+    started: float,
+    note: str,
+    extra: str = "",
+) -> Group:
+    admissions.poll()
     table = Table(title="IoT Hub stand-in: what arrived, opened and checked", expand=True)
-    for column in ("device", "envelopes", "readings", "dups", "gaps", "refused", "latency p50"):
+    table.add_column("device", no_wrap=True)
+    table.add_column("admission (gateway)", overflow="fold", ratio=1)
+    for column in ("envelopes", "readings", "dups", "gaps", "refused at hub", "latency p50"):
         table.add_column(column, no_wrap=True)
     table.add_column("latest values", no_wrap=True, overflow="ellipsis", ratio=1)
     gaps = service.tracker.gaps()
-    for device, view in sorted(service.devices.items()):
+    for device in sorted({*configured, *service.devices, *admissions.devices}):
+        view = service.devices.get(device, DeviceView())
         holes = sum(len(g) for (d, _), g in gaps.items() if d == device)
         lat = f"{statistics.median(view.latencies_ms):.0f} ms" if view.latencies_ms else "-"
         values = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(view.last.items()))
+        admission = admissions.devices.get(device, "waiting")
         table.add_row(
             device,
+            Text(admission, style="bold red" if device in admissions.quarantined else ""),
             str(view.envelopes),
             str(view.readings),
             str(view.duplicates),
@@ -58,8 +134,14 @@ def _table(service: HubService, started: float, note: str) -> Group:
         )
     elapsed = time.time() - started
     total = sum(v.readings for v in service.devices.values())
-    footer = Text(f"{total} readings in {elapsed:.0f} s. {note}")
-    return Group(table, footer)
+    lines = [Text(f"{total} readings in {elapsed:.0f} s. {note}")]
+    for device, reason in sorted(admissions.quarantined.items()):
+        lines.append(Text(f"quarantined: {device}: {reason}", style="bold red"))
+    for where, reason in sorted(admissions.unknown.items()):
+        lines.append(Text(f"unknown device at {where}: {reason}", style="yellow"))
+    if extra:
+        lines.append(Text(extra))
+    return Group(table, *lines)
 
 
 def _fmt(value: object) -> str:
@@ -117,15 +199,38 @@ async def demo(
         hub_port=hub_port,
         state_dir=state / "gateway",
         # One peripheral with a private address (found by its app id), values twice a second;
-        # --merge adds them to the Modbus devices' config.
-        extra=("--rpa", "1", "--rate", "2", "--poll-period", "5", "--merge"),
+        # --merge adds them to the Modbus devices' config. The last one answers the challenge
+        # wrongly (quarantined), and one advertiser is not allow-listed (unknown).
+        extra=(
+            "--rpa",
+            "1",
+            "--rate",
+            "2",
+            "--poll-period",
+            "5",
+            "--merge",
+            "--unknown",
+            "1",
+            *(("--set", f"ble-{ble}:hmac=wrong") if ble >= QUARANTINE_FROM else ()),
+        ),
     )
+    security = ""
+    if ble < QUARANTINE_FROM:
+        security = (
+            "No quarantined device is shown: that one is a BLE peripheral "
+            f"(--ble {QUARANTINE_FROM} or more)."
+        )
     console = Console()
     console.print(f"state folder: {state.resolve()}  (config: {config})")
-    async with Broker(pki_mod.Pki(pki_dir), port=hub_port, log_path=logs / "mosquitto.log"):
+    # persist: what the broker queued for the hub service survives the broker's stop, as in IoT
+    # Hub; with "persistence false" anything still queued at a stop became a gap for good.
+    async with Broker(
+        pki_mod.Pki(pki_dir), port=hub_port, log_path=logs / "mosquitto.log", persist=state / "hub"
+    ):
         service = HubService(
             pki_mod.Pki(pki_dir), host="127.0.0.1", port=hub_port, record=state / "hub-record.jsonl"
         )
+        hub_stop = asyncio.Event()
         with (
             open(logs / "simulator.log", "ab") as sim_log,
             open(logs / "ble-simulator.log", "ab") as ble_log,
@@ -134,40 +239,38 @@ async def demo(
             sim = await _spawn(sim_args, sim_log)
             gateway = ble_sim = None
             try:
-                await _wait_for(config, sim)
-                if ble:
-                    ble_sim = await _spawn(ble_args, ble_log)
-                    # It writes the config first, then opens its bus.
-                    await _wait_for(bus_dir / SOCKET_NAME, ble_sim)
-                gateway = await _spawn(["run", "--config", str(config)], gw_log)
-                started = time.time()
-                note = "Ctrl-C stops." if duration is None else f"Stops after {duration:.0f} s."
                 async with asyncio.TaskGroup() as tg:
-                    tg.create_task(service.run(stop), name="hub-service")
-                    with Live(
-                        _table(service, started, note),
-                        console=console,
-                        refresh_per_second=2,
-                        transient=False,
-                    ) as live:
-                        deadline = None if duration is None else time.monotonic() + duration
-                        while not stop.is_set():
-                            if gateway.returncode is not None:
-                                note = f"gateway exited with {gateway.returncode}: see {logs}"
-                                break
-                            if deadline is not None and time.monotonic() >= deadline:
-                                break
-                            try:
-                                async with asyncio.timeout(0.5):
-                                    await stop.wait()
-                            except TimeoutError:
-                                pass
-                            live.update(_table(service, started, note))
-                        await _stop_child(gateway, "gateway")
-                        # Let the last envelopes arrive before the hub stops.
-                        await asyncio.sleep(0.5)
-                        live.update(_table(service, started, "stopped."))
-                    stop.set()
+                    # The hub side subscribes before the gateway starts: what the gateway sends
+                    # first (a backlog from an earlier run) must not meet a broker with no
+                    # subscription to queue it for.
+                    tg.create_task(service.run(hub_stop), name="hub-service")
+                    try:
+                        await _wait_for(config, sim)
+                        if ble:
+                            ble_sim = await _spawn(ble_args, ble_log)
+                            # It writes the config first, then opens its bus.
+                            await _wait_for(bus_dir / SOCKET_NAME, ble_sim)
+                        async with asyncio.timeout(CHILD_GRACE):
+                            await service.connected.wait()
+                        events = Admissions(state / "gateway" / EVENTS_FILE)
+                        gateway = await _spawn(["run", "--config", str(config)], gw_log)
+                        store = state / "gateway" / "store.db"
+                        view = _View(
+                            service,
+                            events,
+                            _device_ids(config),
+                            security,
+                        )
+                        missing = await _show(view, gateway, store, console, logs, duration, stop)
+                        if missing:
+                            console.print(
+                                f"the hub did not receive {missing} accepted readings within "
+                                f"{HUB_CATCH_UP:.0f} s",
+                                style="bold red",
+                            )
+                    finally:
+                        hub_stop.set()
+                stop.set()
             finally:
                 if gateway is not None:
                     await _stop_child(gateway, "gateway")
@@ -184,6 +287,102 @@ async def demo(
         soft_wrap=True,
     )
     return 0 if code == 0 else 1
+
+
+class _View:
+    """What the live table shows: the hub's side, the gateway's admissions, the config."""
+
+    def __init__(
+        self, service: HubService, admissions: Admissions, configured: list[str], extra: str
+    ) -> None:
+        self.service = service
+        self.admissions = admissions
+        self.configured = configured
+        self.extra = extra
+        self.started = time.time()
+
+    def render(self, note: str) -> Group:
+        return _table(
+            self.service, self.admissions, self.configured, self.started, note, self.extra
+        )
+
+
+def _device_ids(config: Path) -> list[str]:
+    try:
+        doc = tomllib.loads(config.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return []
+    return [str(d.get("id")) for d in doc.get("devices", []) if d.get("id")]
+
+
+async def _show(
+    view: _View,
+    gateway: asyncio.subprocess.Process,
+    store: Path,
+    console: Console,
+    logs: Path,
+    duration: float | None,
+    stop: asyncio.Event,
+) -> int:
+    """The live view, until Ctrl-C, ``duration`` or the gateway's exit; then the gateway stops
+    and the hub catches up. Returns how many accepted readings the hub did not get. On a
+    terminal the table is live; otherwise rich prints it once, at the end."""
+    note = "Ctrl-C stops." if duration is None else f"Stops after {duration:.0f} s."
+    with Live(
+        view.render(note),
+        console=console,
+        refresh_per_second=2,
+        transient=False,
+    ) as live:
+        deadline = None if duration is None else time.monotonic() + duration
+        while not stop.is_set():
+            if gateway.returncode is not None:
+                note = f"gateway exited with {gateway.returncode}: see {logs}"
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            try:
+                async with asyncio.timeout(0.5):
+                    await stop.wait()
+            except TimeoutError:
+                pass
+            live.update(view.render(note))
+        live.update(view.render("stopping: the gateway flushes..."))
+        await _stop_child(gateway, "gateway")
+        # The hub outlives the gateway's flush: it stops once it has opened every reading the
+        # gateway's store accepted, or after HUB_CATCH_UP.
+        missing = await _catch_up(view.service, store)
+        live.update(view.render("stopped."))
+    return missing
+
+
+def hub_missing(accepted: dict[str, int], boot_id: str | None, tracker: SequenceTracker) -> int:
+    """Readings the store accepted (sequence numbers 0 .. next-1 of its boot, per device) that
+    the hub has not opened yet."""
+    if boot_id is None:
+        return 0
+    missing = 0
+    for device, next_seq in accepted.items():
+        stream = tracker.streams.get((device, boot_id))
+        missing += next_seq - (stream.count_below(next_seq) if stream is not None else 0)
+    return missing
+
+
+async def _catch_up(service: HubService, store: Path) -> int:
+    try:
+        accepted = store_mod.accepted(store)
+        boot_id = store_mod.status(store)["boot_id"] if accepted else None
+    except FieldgateError as err:
+        print(f"cannot read the gateway's store: {err}", file=sys.stderr)
+        return 0
+    try:
+        async with asyncio.timeout(HUB_CATCH_UP):
+            while hub_missing(accepted, boot_id, service.tracker):
+                service.opened.clear()
+                await service.opened.wait()
+    except TimeoutError:
+        pass
+    return hub_missing(accepted, boot_id, service.tracker)
 
 
 async def _spawn(args: list[str], log: BinaryIO) -> asyncio.subprocess.Process:

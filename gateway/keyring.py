@@ -60,7 +60,14 @@ def write_new(path: Path, passphrase: bytes, key_id: str) -> None:
         json.dump(doc, out, indent=2)
 
 
-def load(path: Path, passphrase: bytes) -> Keyring:
+def load(path: Path, passphrase: str | bytes) -> Keyring:
+    """The keyring at ``path``, unwrapped with ``passphrase`` (a str is taken as UTF-8)."""
+    if isinstance(passphrase, str):
+        passphrase = passphrase.encode()
+    elif not isinstance(passphrase, bytes | bytearray | memoryview):
+        raise KeyringError(
+            f"{path}: the passphrase must be str or bytes, not {type(passphrase).__name__}"
+        )
     try:
         doc = json.loads(Path(path).read_text())
         if doc.get("format") != _FORMAT:

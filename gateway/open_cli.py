@@ -74,4 +74,32 @@ def open_record(
     )
     for (device, boot), holes in sorted(gaps.items()):
         print(f"  gap {device} boot {boot}: {holes[:5]}", file=sys.stderr)
+    if summary:
+        out.writelines(line + "\n" for line in summary_lines(tracker))
     return 1 if errors else 0
+
+
+def summary_lines(tracker: SequenceTracker) -> list[str]:
+    """One line per device (readings, duplicates, gaps with the readings they miss, boots),
+    then the total."""
+    per: dict[str, list[int]] = {}
+    for (device, _boot), stream in tracker.streams.items():
+        row = per.setdefault(device, [0, 0, 0, 0, 0])
+        holes = stream.gaps()
+        row[0] += stream.count()
+        row[1] += stream.duplicates
+        row[2] += len(holes)
+        row[3] += sum(end - start for start, end in holes)
+        row[4] += 1
+    width = max((len(d) for d in per), default=0)
+    lines = [f"{device:<{width}}  {_counts(*row)}" for device, row in sorted(per.items())]
+    total = [sum(column) for column in zip(*per.values(), strict=True)] or [0] * 5
+    lines.append(f"{'total':<{width}}  {_counts(*total)} on {len(per)} devices")
+    return lines
+
+
+def _counts(readings: int, duplicates: int, gaps: int, missing: int, boots: int) -> str:
+    return (
+        f"{readings} readings, {duplicates} duplicates, {gaps} gaps "
+        f"({missing} readings missing), {boots} boot{'s' if boots != 1 else ''}"
+    )

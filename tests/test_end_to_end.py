@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import subprocess
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -13,9 +14,11 @@ import pytest
 from adapters.modbus.simulator import held_value, make_points
 from gateway import config as config_mod
 from gateway.keyring import Keyring
+from gateway.ports import free_ports
 
 from conftest import (
     Proc,
+    edit_config,
     fieldgate,
     opened_from,
     start_hub,
@@ -148,3 +151,39 @@ def test_two_workers_share_the_devices_and_deliver_them_all(
     output = gateway.output()
     assert "[worker 0/2]" in output and "[worker 1/2]" in output
     assert output.count("every envelope was delivered") == 2
+
+
+def test_a_stop_with_nothing_left_to_send_does_not_wait_the_grace(
+    tmp_path: Path, pki_dir: Path, keyring: Keyring, procs: list[Proc]
+) -> None:
+    hub_port, record = start_hub(procs, tmp_path, pki_dir)
+    config, _ = start_simulator(
+        procs, tmp_path, pki_dir, hub_port, 3, "--period", "0.2", "--max-age", "0.5"
+    )
+    edit_config(config, gateway={"shutdown_grace": 30.0})
+    gateway = Proc(fieldgate("run", "--config", str(config)), tmp_path / "gateway.log")
+    procs.append(gateway)
+    wait_until(lambda: len(opened_from(record, keyring)[0]) >= 6, 40, "the first envelopes")
+    started = time.monotonic()
+    # A generous bound, as a behavioural check: the flush has 3 devices' batches to send.
+    assert gateway.stop(timeout=60) == 0, gateway.output()[-2000:]
+    assert time.monotonic() - started < 15, gateway.output()[-2000:]
+    assert "every envelope was delivered" in gateway.output()
+
+
+def test_a_session_waiting_to_reconnect_with_nothing_to_send_does_not_hold_up_the_stop(
+    tmp_path: Path, pki_dir: Path, procs: list[Proc]
+) -> None:
+    # No hub listens (its sessions back off and retry), and the devices never answer (nothing
+    # is queued): the stop has nothing to wait for.
+    config, _ = start_simulator(
+        procs, tmp_path, pki_dir, free_ports(1), 2, "--fault", "plc-1=down", "--fault", "plc-2=dead"
+    )
+    edit_config(config, gateway={"shutdown_grace": 30.0}, hub={"backoff_min": 5.0})
+    gateway = Proc(fieldgate("run", "--config", str(config)), tmp_path / "gateway.log")
+    procs.append(gateway)
+    gateway.wait_for(r"plc-2: uplink down")
+    started = time.monotonic()
+    assert gateway.stop(timeout=60) == 0, gateway.output()[-2000:]
+    assert time.monotonic() - started < 15, gateway.output()[-2000:]
+    assert "every envelope was delivered" in gateway.output()

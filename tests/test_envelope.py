@@ -7,6 +7,7 @@ import math
 import os
 import random
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,12 @@ import pytest
 from gateway.batcher import Batch, Batcher
 from gateway.consumer import SequenceTracker, open_message
 from gateway.envelope import Sealer, open_envelope
-from gateway.errors import EnvelopeError
-from gateway.keyring import Keyring
+from gateway.errors import EnvelopeError, KeyringError
+from gateway.keyring import Keyring, write_new
+from gateway.keyring import load as load_keyring
 from gateway.readings import Header, Scan, telemetry_topic
+
+from conftest import fieldgate
 
 KEY = os.urandom(32)
 RING = Keyring({"k1": KEY})
@@ -202,3 +206,74 @@ def test_the_worked_example_in_the_docs_opens() -> None:
         (1204, "temp_return", 54.25, 1795900001000),
         (1205, "pump_on", True, 1795900001000),
     ]
+
+
+def test_the_documented_consumer_example_runs_with_a_str_passphrase(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "envelope.md").read_text()
+    example = re.search(r"^Library.*\n```python\n(.*?)\n```", doc, re.M | re.S)
+    assert example
+    write_new(tmp_path / "keyring.json", "correct horse €".encode(), "k1")
+    key = load_keyring(tmp_path / "keyring.json", b"correct horse \xe2\x82\xac").get("k1")
+    batcher = Batcher(4000, max_age=3600)
+    batcher.add(scan("boiler-7", 0), 0.0)
+    batch = batcher.take("boiler-7")
+    assert batch is not None
+    (envelope,), _ = Sealer(key, "k1", "boot1", batcher).seal(batch, final=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FIELDGATE_KEY_PASSPHRASE", "correct horse €")
+    names = {
+        "topic": telemetry_topic("boiler-7", envelope.header),
+        "body": envelope.body,
+    }
+    exec(compile(example[1], "docs/envelope.md", "exec"), names)
+    assert len(names["new_readings"]) == 60
+    assert names["tracker"].gaps() == {}
+
+
+def test_a_wrong_passphrase_or_type_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "keyring.json"
+    write_new(path, b"right", "k1")
+    with pytest.raises(KeyringError, match="wrong passphrase"):
+        load_keyring(path, "wrong")
+    with pytest.raises(KeyringError, match="must be str or bytes, not int"):
+        load_keyring(path, 1234)  # type: ignore[arg-type]
+
+
+def test_open_summary_prints_one_line_per_device_and_the_total(tmp_path: Path) -> None:
+    ring = tmp_path / "keyring.json"
+    write_new(ring, b"pw", "k1")
+    key = load_keyring(ring, b"pw").get("k1")
+    lines = []
+    for device, envelopes in (("plc-1", 3), ("plc-2", 4)):
+        batcher = Batcher(4000, max_age=3600)
+        sealer = Sealer(key, "k1", "boot1", batcher)
+        sealed = []
+        for t in range(envelopes):
+            batcher.add(scan(device, t), float(t))
+            batch = batcher.take(device)
+            assert batch is not None
+            sealed += sealer.seal(batch, final=True)[0]
+        if device == "plc-2":
+            sealed = [sealed[0], sealed[0], *sealed[2:]]  # one twice, one missing
+        for e in sealed:
+            topic = telemetry_topic(device, e.header)
+            body = base64.b64encode(e.body).decode()
+            lines.append(f'{{"t": 1.0, "topic": "{topic}", "body": "{body}"}}')
+    record = tmp_path / "hub.jsonl"
+    record.write_text("\n".join(lines) + "\n")
+    done = subprocess.run(
+        fieldgate("open", str(record), "--keyring", str(ring), "--summary"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "FIELDGATE_KEY_PASSPHRASE": "pw"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "plc-1  180 readings, 0 duplicates, 0 gaps (0 readings missing), 1 boot",
+        "plc-2  180 readings, 60 duplicates, 1 gaps (60 readings missing), 1 boot",
+        "total  360 readings, 60 duplicates, 1 gaps (60 readings missing), 2 boots on 2 devices",
+    ]
+    assert " 0 refused" in done.stderr and "360 readings" in done.stderr

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from gateway.consumer import Opened
+from gateway.loadtest.stats import Collector, phase_label, summarize
+from gateway.readings import CODEC, Header, Reading
 
 from conftest import Proc, fieldgate, start_hub, start_simulator
 
@@ -84,12 +89,23 @@ def test_a_tiny_fleet_reports_every_field_and_loses_nothing(tmp_path: Path) -> N
     assert accepted > 0 and report["readings"]["delivered_unique"] == accepted
     assert set(report["latency_ms"]) == {"p50", "p95", "p99"}
     assert all(v is not None and v > 0 for v in report["latency_ms"].values())
-    assert set(report["gateway"]) == {"cpu_s_per_1M_points", "cpu_cores", "peak_rss_mb"}
+    assert set(report["gateway"]) == {
+        "cpu_s_per_1M_points",
+        "cpu_cores",
+        "peak_rss_mb",
+        "rss_high_water_mb",
+    }
     assert report["gateway"]["peak_rss_mb"] > 10
+    # The peak is one of the samples; the kernel's high-water mark is reported beside it.
+    samples = [row["rss_mb"] for row in report["timeline"] if row["rss_mb"] is not None]
+    assert report["gateway"]["peak_rss_mb"] == round(max(samples), 1)
+    assert report["gateway"]["rss_high_water_mb"] >= report["gateway"]["peak_rss_mb"]
     assert report["units_4k_per_1k_points"] >= report["packing_min_units_per_1k_points"] > 0
     for plot in ("throughput.png", "latency.png", "latency-histogram.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "loadtest result: OK" in run.stdout
+    packing = re.search(r"packing minimum, 4 KB units per 1k points\s*│\s*([\d.]+)", run.stdout)
+    assert packing and float(packing[1]) == report["packing_min_units_per_1k_points"]
 
 
 @pytest.mark.slow
@@ -128,3 +144,60 @@ def test_loadtest_measures_a_users_own_config_at_its_hub(
     assert report["points_per_s"] > 0 and report["loss"]["accepted_not_delivered"] == 0
     refused, _ = loadtest(tmp_path / "o2", "--gateway-config", str(config))
     assert refused.returncode == 1 and "--gateway-config needs --pki" in refused.stderr
+
+
+def _message(device: str, first: int, count: int, received: float) -> Opened:
+    header = Header(1, "k1", "boot", first, count, CODEC)
+    readings = [
+        Reading(device, "boot", first + i, "p", 1.0, int(received * 1000) - 300, "good")
+        for i in range(count)
+    ]
+    return Opened(device, header, readings, received)
+
+
+def test_throughput_counts_exactly_the_hold_not_the_seconds_around_it() -> None:
+    collector = Collector(started=1000.0)
+    # 100 points/s in messages of 10 every 0.1 s from t=0.05 to t=9.95 of the run ...
+    seq = 0
+    for i in range(100):
+        collector.opened(_message("plc-1", seq, 10, 1000.05 + i * 0.1), 500)
+        seq += 10
+    # ... then, after polling stopped at t=7.5, the final flush arrives at once.
+    collector.opened(_message("plc-1", seq, 400, 1007.6), 4000)
+    summary = summarize(
+        collector,
+        hold_from=1002.5,
+        hold_to=1007.5,
+        accepted={"plc-1": seq + 400},
+        cpu_hold_s=1.0,
+        peak_rss_mb=None,
+        offered_points_per_s=100.0,
+    )
+    assert summary["points_per_s"] == 100
+    assert summary["hold_s"] == 5.0
+
+
+def test_peak_rss_is_the_largest_sample_and_the_high_water_mark_is_named_apart() -> None:
+    collector = Collector(started=0.0)
+    for t, rss in ((1.0, 40.0), (2.0, 60.7), (3.0, 55.0)):
+        collector.sample(t, cpu_s=t, rss_mb=rss, backlog=0)
+    collector.opened(_message("plc-1", 0, 10, 2.5), 500)
+    summary = summarize(
+        collector,
+        hold_from=1.0,
+        hold_to=3.0,
+        accepted={"plc-1": 10},
+        cpu_hold_s=0.1,
+        peak_rss_mb=collector.max_rss_mb,
+        rss_high_water_mb=86.4,
+        offered_points_per_s=5.0,
+    )
+    assert summary["gateway"]["peak_rss_mb"] == 60.7
+    assert summary["gateway"]["rss_high_water_mb"] == 86.4
+
+
+def test_the_live_phase_never_says_more_than_the_phase_lasts() -> None:
+    assert phase_label(103.0, 100.0, ramp=5, duration=15) == "ramp (3 of 5 s)"
+    assert phase_label(112.0, 100.0, ramp=5, duration=15) == "hold (7 of 15 s)"
+    assert phase_label(124.0, 100.0, ramp=5, duration=15) == "hold (15 of 15 s)"
+    assert phase_label(100.0, 100.0, ramp=0, duration=15) == "hold (0 of 15 s)"

@@ -10,10 +10,15 @@ import subprocess
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from gateway.consumer import Opened, SequenceTracker
+from gateway.demo import Admissions, hub_missing
+from gateway.readings import CODEC, Header
 
 from conftest import fieldgate
 
@@ -75,7 +80,63 @@ def test_pki_init_and_issue_make_encrypted_keys_and_verifiable_chains(tmp_path: 
 def test_demo_shows_the_devices_and_ctrl_c_leaves_nothing_running(tmp_path: Path) -> None:
     state = tmp_path / "state"
     brokers_before = _pids("mosquitto")
-    log = tmp_path / "demo.out"
+    output = _demo_until_ctrl_c(
+        state, tmp_path / "demo.out", records=12, events=("device-quarantined", "device-unknown")
+    )
+    for device in ("plc-1", "plc-2", "plc-3"):
+        assert device in output
+    # Security, not only delivery: how each device was admitted, one quarantined and why, one
+    # unknown advertiser, and the hub's own refusals named as such.
+    assert "registry binding (127.0.0.1:" in output
+    assert "bond authenticated + challenge passed" in output
+    assert "quarantined: ble-3: challenge answer does not match the device key" in output
+    assert "unknown device at hci0/" in output
+    assert "refused at hub" in output
+    assert "gateway exit code 0" in output
+    opened = _open_summary(state)
+    assert opened.returncode == 0, opened.stderr
+    assert " 0 refused" in opened.stderr and " 0 gaps" in opened.stderr
+    gateway_log = (state / "logs" / "gateway.log").read_text()
+    assert re.search(r"readings: (\d+) read, \1 delivered, 0 dropped", gateway_log)
+    # Nothing the demo started survives it.
+    assert _pids("-f", str(state)) == set()
+    assert _pids("mosquitto") <= brokers_before
+
+
+@pytest.mark.slow
+def test_demo_ctrl_c_the_hub_gets_every_delivered_reading_run_after_run(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    for run, records in enumerate((12, 0)):
+        # The second run is stopped as soon as the hub opened anything of its own.
+        _demo_until_ctrl_c(state, tmp_path / f"demo-{run}.out", records=records)
+        delivered = re.findall(
+            r"readings: (\d+) read, (\d+) delivered, 0 dropped",
+            (state / "logs" / "gateway.log").read_text(),
+        )
+        assert len(delivered) == run + 1
+        opened = _open_summary(state)
+        assert opened.returncode == 0, opened.stderr
+        # Everything the gateway delivered, in this run and the ones before, is in the record.
+        total = re.search(r"(\d+) readings, (\d+) duplicates dropped, (\d+) gaps", opened.stderr)
+        assert total, opened.stderr
+        assert int(total[1]) == sum(int(d) for _, d in delivered), (delivered, opened.stderr)
+        assert total[3] == "0", opened.stderr
+
+
+def _demo_until_ctrl_c(
+    state: Path, log: Path, *, records: int, events: tuple[str, ...] = ()
+) -> str:
+    """Run the demo until the hub's record grew by ``records`` lines (or, with 0, until the
+    gateway of this run delivered something) and the gateway recorded security events of each
+    kind in ``events``; Ctrl-C it, return what it printed."""
+    security = state / "gateway" / "security-events.jsonl"
+
+    def seen_events() -> bool:
+        text = security.read_text() if security.exists() else ""
+        return all(f'"kind":"{kind}"' in text for kind in events)
+
+    record = state / "hub-record.jsonl"
+    before = len(record.read_bytes().splitlines()) if record.exists() else 0
     with open(log, "wb") as out:
         # A session of its own, like a terminal: Ctrl-C reaches the whole process group.
         demo = subprocess.Popen(
@@ -87,10 +148,11 @@ def test_demo_shows_the_devices_and_ctrl_c_leaves_nothing_running(tmp_path: Path
         )
         try:
             # The live table reaches a pipe only at the end; the hub's record shows progress.
-            record = state / "hub-record.jsonl"
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and (
-                not record.exists() or len(record.read_bytes().splitlines()) < 12
+                not record.exists()
+                or len(record.read_bytes().splitlines()) < before + max(records, 1)
+                or not seen_events()
             ):
                 time.sleep(0.2)
             os.killpg(demo.pid, signal.SIGINT)
@@ -100,25 +162,110 @@ def test_demo_shows_the_devices_and_ctrl_c_leaves_nothing_running(tmp_path: Path
                 os.killpg(demo.pid, signal.SIGKILL)
     output = log.read_text(errors="replace")
     assert code == 0, output[-3000:]
-    for device in ("plc-1", "plc-2", "plc-3"):
-        assert device in output
-    assert "gateway exit code 0" in output
-    record = state / "hub-record.jsonl"
-    opened = subprocess.run(
-        fieldgate("open", str(record), "--pki", str(state / "pki"), "--summary"),
+    return output
+
+
+def _open_summary(state: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        fieldgate(
+            "open", str(state / "hub-record.jsonl"), "--pki", str(state / "pki"), "--summary"
+        ),
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert opened.returncode == 0, opened.stderr
-    assert " 0 refused" in opened.stderr and " 0 gaps" in opened.stderr
-    gateway_log = (state / "logs" / "gateway.log").read_text()
-    assert re.search(r"readings: (\d+) read, \1 delivered, 0 dropped", gateway_log)
-    # Nothing the demo started survives it.
-    assert _pids("-f", str(state)) == set()
-    assert _pids("mosquitto") <= brokers_before
 
 
 def _pids(*pattern: str) -> set[str]:
     found = subprocess.run(["pgrep", *pattern], capture_output=True, text=True)
     return set(found.stdout.split())
+
+
+@pytest.mark.slow
+def test_demo_without_ble_says_that_no_quarantine_is_shown(tmp_path: Path) -> None:
+    done = subprocess.run(
+        fieldgate(
+            "demo",
+            "--state",
+            str(tmp_path / "state"),
+            "--devices",
+            "1",
+            "--ble",
+            "0",
+            "--duration",
+            "2",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "160"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "No quarantined device is shown" in done.stdout
+    assert "registry binding (127.0.0.1:" in done.stdout
+
+
+def test_the_demo_names_how_each_device_was_admitted_from_this_runs_events(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "security-events.jsonl"
+    earlier = {"kind": "device-quarantined", "device": "plc-1", "reason": "an earlier run"}
+    path.write_bytes(orjson.dumps(earlier) + b"\n")
+    admissions = Admissions(path)
+    now = [
+        {
+            "kind": "device-admitted",
+            "device": "plc-1",
+            "transport": "modbus-tcp",
+            "endpoint": "127.0.0.1:502/unit 1",
+        },
+        {
+            "kind": "device-admitted",
+            "device": "ble-1",
+            "transport": "ble",
+            "identity": "C0:FE:00:00:00:00",
+            "bond": "authenticated",
+            "challenge": "passed",
+        },
+        {"kind": "device-admitted", "device": "ble-2", "transport": "ble", "bond": "just-works"},
+        {
+            "kind": "device-quarantined",
+            "device": "ble-3",
+            "transport": "ble",
+            "reason": "challenge answer does not match the device key",
+        },
+        {
+            "kind": "device-unknown",
+            "device": None,
+            "transport": "ble",
+            "endpoint": "hci0/C0:FE:00:00:00:03",
+            "reason": "not in the registry: address C0",
+        },
+    ]
+    with open(path, "ab") as out:
+        out.write(b"".join(orjson.dumps(e) + b"\n" for e in now[:3]))
+        out.write(orjson.dumps(now[3])[:20])  # a line still being written
+        out.flush()
+        admissions.poll()
+        out.write(orjson.dumps(now[3])[20:] + b"\n" + orjson.dumps(now[4]) + b"\n")
+    admissions.poll()
+    assert admissions.devices == {
+        "plc-1": "registry binding (127.0.0.1:502/unit 1)",
+        "ble-1": "bond authenticated + challenge passed",
+        "ble-2": "bond just-works + no challenge",
+        "ble-3": "QUARANTINED: challenge answer does not match the device key",
+    }
+    assert admissions.quarantined == {"ble-3": "challenge answer does not match the device key"}
+    assert admissions.unknown == {"hci0/C0:FE:00:00:00:03": "not in the registry: address C0"}
+
+
+def test_the_hub_is_caught_up_only_when_every_accepted_reading_of_the_boot_was_opened() -> None:
+    tracker = SequenceTracker()
+    for first, count in ((0, 10), (20, 10)):  # 10..19 still on its way
+        header = Header(1, "k1", "b1", first, count, CODEC)
+        tracker.add(Opened("plc-1", header, [], 0.0))
+    assert hub_missing({"plc-1": 30, "plc-2": 5}, "b1", tracker) == 10 + 5
+    assert hub_missing({"plc-1": 30}, "another boot", tracker) == 30
+    tracker.add(Opened("plc-1", Header(1, "k1", "b1", 10, 10, CODEC), [], 0.0))
+    assert hub_missing({"plc-1": 30}, "b1", tracker) == 0
+    assert hub_missing({"plc-1": 25}, "b1", tracker) == 0  # more arrived than was read back

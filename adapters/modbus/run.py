@@ -51,12 +51,14 @@ def write_config(args: argparse.Namespace, specs: list[DeviceSpec]) -> Path:
 
 def run_simulator(args: argparse.Namespace) -> int:
     specs = build_specs(args)
-    if args.write_config:
-        path = write_config(args, specs)
-        print(f"wrote {path} for {len(specs)} devices", flush=True)
 
     async def main(stop: asyncio.Event) -> None:
         async with SimulatedFleet(specs, host=args.host, step=args.step):
+            # Written once every device listens: a simulator that cannot start leaves no
+            # config behind for devices that are not there.
+            if args.write_config:
+                path = write_config(args, specs)
+                print(f"wrote {path} for {len(specs)} devices", flush=True)
             last = specs[-1].port
             print(
                 f"{len(specs)} simulated Modbus devices on {args.host}:{args.port}-{last}, "

@@ -215,15 +215,21 @@ class SimulatedFleet:
             for device in self.devices:
                 if device.spec.fault == "down":
                     continue
-                await stack.enter_async_context(
-                    DeviceServer(
-                        self.host,
-                        device.spec.port,
-                        device.spec.unit,
-                        device.table_size(),
-                        device.action,
-                    )
+                server = DeviceServer(
+                    self.host,
+                    device.spec.port,
+                    device.spec.unit,
+                    device.table_size(),
+                    device.action,
                 )
+                try:
+                    await stack.enter_async_context(server)
+                except RuntimeError as err:
+                    # pymodbus logs the OSError of its listen and raises this instead.
+                    raise OSError(
+                        f"{device.spec.device_id}: {self.host}:{device.spec.port} is in use, "
+                        "or not an address of this machine"
+                    ) from err
             self._stack = stack.pop_all()
         return self
 

@@ -45,8 +45,16 @@ def write_report(out: Path, report: dict[str, Any], console: Console) -> None:
             "messages / 4 KB units per 1k points",
             f"{report['messages_per_1k_points']} / {report['units_4k_per_1k_points']}",
         ),
+        (
+            "packing minimum, 4 KB units per 1k points",
+            f"{report['packing_min_units_per_1k_points']}",
+        ),
         ("gateway CPU-s per 1M points", f"{gateway['cpu_s_per_1M_points']}"),
-        ("gateway cores used, peak RSS MB", f"{gateway['cpu_cores']}, {gateway['peak_rss_mb']}"),
+        ("gateway cores used", f"{gateway['cpu_cores']}"),
+        (
+            "gateway RSS MB: peak sampled / high-water (VmHWM)",
+            f"{gateway['peak_rss_mb']} / {gateway.get('rss_high_water_mb')}",
+        ),
     ]
     ble = report.get("ble_peripherals")
     if ble and "error" not in ble:

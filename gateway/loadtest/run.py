@@ -33,7 +33,7 @@ from gateway import runtime
 from gateway.errors import FieldgateError
 from gateway.loadtest.procstat import usage
 from gateway.loadtest.report import write_plots, write_report
-from gateway.loadtest.stats import Collector, summarize, timeline
+from gateway.loadtest.stats import Collector, phase_label, summarize, timeline
 from gateway.localhub.broker import Broker
 from gateway.localhub.service import HubService
 from gateway.pki import MONITOR_IDENTITY
@@ -102,11 +102,9 @@ async def _wait_file(
         await asyncio.sleep(0.1)  # another process's log: nothing to wait on but the file
 
 
-def _live_table(
-    phase: str, elapsed: float, offered: float, collector: Collector, sample: dict[str, Any]
-) -> Table:
+def _live_table(phase: str, offered: float, collector: Collector, sample: dict[str, Any]) -> Table:
     now = time.time()
-    table = Table(title=f"fieldgate loadtest: {phase} ({elapsed:.0f} s)", expand=False)
+    table = Table(title=f"fieldgate loadtest: {phase}", expand=False)
     for column in (
         "offered pts/s",
         "delivered pts/s",
@@ -236,7 +234,7 @@ async def loadtest(plan: Plan, stop: asyncio.Event) -> int:
         hold_from, hold_to = t0 + plan.ramp, t0 + plan.ramp + plan.duration
         cpu_at: dict[str, float] = {}
         sample: dict[str, Any] = {}
-        peak = 0.0
+        high_water = 0.0
         hub_stopped = False
         view = Live(console=console, refresh_per_second=2, transient=False) if plan.live else None
         with view if view is not None else contextlib.nullcontext():
@@ -245,7 +243,7 @@ async def loadtest(plan: Plan, stop: asyncio.Event) -> int:
                 if now >= hold_to or gateway.returncode is not None:
                     break
                 phase = "ramp" if now < hold_from else "hold"
-                cpu, rss, peak = usage(gateway.pid)
+                cpu, rss, high_water = usage(gateway.pid)
                 if phase == "hold" and "start" not in cpu_at:
                     cpu_at["start"] = cpu
                 backlog = max(
@@ -265,12 +263,14 @@ async def loadtest(plan: Plan, stop: asyncio.Event) -> int:
                     await broker.__aexit__(None, None, None)  # the hub goes away for good
                     hub_stopped = True
                 if view is not None:
-                    view.update(_live_table(phase, now - t0, offered, collector, sample))
+                    label = phase_label(now, t0, plan.ramp, plan.duration)
+                    view.update(_live_table(label, offered, collector, sample))
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(1.0):
+                    # Wake at the hold's end, not up to a second after it: polling stops there.
+                    async with asyncio.timeout(min(1.0, max(0.0, hold_to - time.time()))):
                         await stop.wait()
             hold_to = min(hold_to, time.time())
-            cpu_end, _, peak = usage(gateway.pid)
+            cpu_end, _, high_water = usage(gateway.pid)
             cpu_hold = cpu_end - cpu_at.get("start", cpu_end)
             peripherals = await _ble_stats(ble_bus) if ble_bus else None
             gateway_code = await _stop(gateway)
@@ -291,7 +291,8 @@ async def loadtest(plan: Plan, stop: asyncio.Event) -> int:
         hold_to=hold_to,
         accepted=promised,
         cpu_hold_s=cpu_hold,
-        peak_rss_mb=peak,
+        peak_rss_mb=collector.max_rss_mb,
+        rss_high_water_mb=high_water,
         offered_points_per_s=offered,
     )
     problems = []

@@ -42,6 +42,8 @@ class Collector:
         self.seconds: dict[int, Second] = defaultdict(Second)
         self.tracker = SequenceTracker()
         self.sizes: list[tuple[float, int]] = []  # (arrival, metered bytes) per message
+        self.arrivals: list[tuple[float, int]] = []  # (arrival, new points) per message
+        self.max_rss_mb: float | None = None  # the largest RSS sample taken
         self.all_latencies: list[tuple[float, float]] = []
         # Simulated BLE peripherals number their notifications ("counter"): per device the
         # lowest and highest seen and how many, to count notifications that never arrived.
@@ -65,6 +67,7 @@ class Collector:
         second.points += len(fresh)
         second.messages += 1
         self.sizes.append((item.received, size))
+        self.arrivals.append((item.received, len(fresh)))
         if fresh:
             step = max(1, len(fresh) // LATENCY_SAMPLES_PER_ENVELOPE)
             now_ms = item.received * 1000
@@ -76,6 +79,7 @@ class Collector:
     def sample(self, now: float, cpu_s: float, rss_mb: float, backlog: int | None) -> None:
         second = self.seconds[int(now - self.started)]
         second.cpu_s, second.rss_mb, second.backlog = cpu_s, rss_mb, backlog
+        self.max_rss_mb = rss_mb if self.max_rss_mb is None else max(self.max_rss_mb, rss_mb)
 
     def rate(self, now: float, window: int = 3) -> float:
         """Points/s over the last complete ``window`` seconds."""
@@ -93,6 +97,15 @@ class Collector:
         return percentile(values, q)
 
 
+def phase_label(now: float, started: float, ramp: float, duration: float) -> str:
+    """The live view's phase and how far into it, e.g. ``hold (12 of 15 s)``; never more
+    than the phase lasts."""
+    into = max(0.0, now - started)
+    if into < ramp:
+        return f"ramp ({into:.0f} of {ramp:.0f} s)"
+    return f"hold ({min(into - ramp, duration):.0f} of {duration:.0f} s)"
+
+
 def summarize(
     collector: Collector,
     *,
@@ -100,14 +113,19 @@ def summarize(
     hold_to: float,
     accepted: dict[str, int],
     cpu_hold_s: float,
-    peak_rss_mb: float,
+    peak_rss_mb: float | None,
     offered_points_per_s: float,
+    rss_high_water_mb: float | None = None,
 ) -> dict[str, Any]:
-    """The report's figures over the hold window [hold_from, hold_to) (absolute times), plus
-    the whole run's accounting against what the gateway's stores accepted."""
+    """The report's figures over the hold window [hold_from, hold_to) (absolute times: ramp
+    end to polling stop), plus the whole run's accounting against what the gateway's stores
+    accepted. ``peak_rss_mb`` is the largest RSS sampled; ``rss_high_water_mb`` the kernel's
+    high-water mark (VmHWM, summed over the processes), which also holds start-up peaks
+    between samples, such as the keyring's scrypt."""
     start, end = hold_from - collector.started, hold_to - collector.started
-    window = [s for t, s in collector.seconds.items() if start <= t < end]
-    points = sum(s.points for s in window)
+    # Points by arrival inside the window itself, not by whole seconds: a whole second would
+    # reach past the polling stop (or before the ramp's end).
+    points = sum(n for t, n in collector.arrivals if hold_from <= t < hold_to)
     seconds = max(1e-9, hold_to - hold_from)
     latencies = [lat for t, lat in collector.all_latencies if hold_from <= t < hold_to]
     lags = [lag for t, lag in collector.consumer_lag if hold_from <= t < hold_to]
@@ -153,6 +171,7 @@ def summarize(
             "cpu_s_per_1M_points": _round(cpu_hold_s / points * 1e6 if points else None),
             "cpu_cores": _round(cpu_hold_s / seconds, 3),
             "peak_rss_mb": _round(peak_rss_mb, 1),
+            "rss_high_water_mb": _round(rss_high_water_mb, 1),
         },
         "hold_s": round(seconds, 1),
         "hold_window_s": [round(start, 1), round(end, 1)],

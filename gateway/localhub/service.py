@@ -70,6 +70,8 @@ class HubService:
         self.devices: dict[str, DeviceView] = {}
         self.refused: list[str] = []
         self.connected = asyncio.Event()
+        # Set at every message opened: for waiting until something has arrived.
+        self.opened = asyncio.Event()
         self._client: MqttClient | None = None
 
     def _message(self, topic: str, body: bytes) -> None:
@@ -93,6 +95,7 @@ class HubService:
             log.warning("refused a message on %s: %s", topic, err)
             return
         fresh = self.tracker.add(opened)
+        self.opened.set()
         view.envelopes += 1
         view.readings += len(fresh)
         view.duplicates += len(opened.readings) - len(fresh)

@@ -8,6 +8,7 @@ consumers drop duplicates by device, boot id and sequence number).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from dataclasses import dataclass
@@ -101,7 +102,18 @@ class DeviceSession:
         self._queue = queue
         self._limiter = connects
         self._sends = sends
+        self._finishing = asyncio.Event()
         self.stats = SessionStats()
+
+    def finish(self) -> None:
+        """The queue was closed: stop retrying once nothing is left for this device (a session
+        waiting to reconnect would otherwise hold the stop for the whole grace)."""
+        self._finishing.set()
+
+    def _nothing_left(self) -> bool:
+        return self._finishing.is_set() and not any(
+            d.queued or d.leased for d in self._queue.depth() if d.device_id == self.device_id
+        )
 
     def _client(self) -> MqttClient:
         hub = self._hub
@@ -140,9 +152,15 @@ class DeviceSession:
                 self.stats.connected = False
                 self._queue.release(self.device_id)
             attempt += 1
-            await asyncio.sleep(
-                backoff_delay(attempt, self._hub.backoff_min, self._hub.backoff_max)
-            )
+            delay = backoff_delay(attempt, self._hub.backoff_min, self._hub.backoff_max)
+            until = asyncio.get_running_loop().time() + delay
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._finishing.wait()
+            if self._nothing_left():
+                return
+            # Something is left: the rest of the backoff still applies.
+            await asyncio.sleep(max(0.0, until - asyncio.get_running_loop().time()))
 
     async def _pump(self, client: MqttClient) -> bool:
         """True when the queue closed and every envelope was acked; raises on connection loss."""
