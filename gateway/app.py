@@ -29,6 +29,7 @@ from gateway.errors import FieldgateError, KeyringError, UplinkError
 from gateway.events import SecurityEvents
 from gateway.queue import EnvelopeQueue, MemoryQueue
 from gateway.readings import Envelope, Scan
+from gateway.statelock import StateInUse, lock_state, release_all
 from gateway.store import Store
 from gateway.uplink.session import DeviceSession, RateLimiter, client_context
 
@@ -173,13 +174,22 @@ class Gateway:
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
         key, contexts = self._prepare()
-        async with self._open_queue() as queue:
-            self.queue = queue
-            self.boot_id = queue.boot_id
-            batcher = Batcher(cfg.batching.max_bytes, cfg.batching.close_after)
-            sealer = Sealer(key, cfg.sealing.key_id, queue.boot_id, batcher, queue.next_seq)
-            await self._run(stop, queue, batcher, sealer, contexts)
-        self.events.close()
+        # Before anything in the state folder is opened: one gateway per folder and store.
+        store_path = cfg.store.path if cfg.store.kind != "memory" else None
+        try:
+            locks = lock_state(cfg.gateway.state_dir, store_path)
+        except StateInUse as err:
+            raise StartupError(str(err)) from None
+        try:
+            async with self._open_queue() as queue:
+                self.queue = queue
+                self.boot_id = queue.boot_id
+                batcher = Batcher(cfg.batching.max_bytes, cfg.batching.close_after)
+                sealer = Sealer(key, cfg.sealing.key_id, queue.boot_id, batcher, queue.next_seq)
+                await self._run(stop, queue, batcher, sealer, contexts)
+            self.events.close()
+        finally:
+            release_all(locks)
 
     async def _run(
         self,

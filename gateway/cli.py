@@ -43,7 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     elif args.workers > 1:
         from gateway.workers import run_workers
 
-        return run_workers(Path(args.config), args.workers)
+        return run_workers(Path(args.config), args.workers, cfg)
     gateway = Gateway(cfg)
 
     async def main(stop: asyncio.Event) -> None:

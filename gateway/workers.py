@@ -105,8 +105,22 @@ async def supervise(config: Path, count: int, stop: asyncio.Event) -> int:
     return 0 if all(c == 0 for c in codes) else 1
 
 
-def run_workers(config: Path, count: int) -> int:
+def run_workers(config: Path, count: int, cfg: Config | None = None) -> int:
+    """Run ``count`` workers; the parent holds the main state folder's lock meanwhile."""
+    from gateway.app import StartupError
+    from gateway.statelock import StateInUse, lock_state, release_all
+
     async def main(stop: asyncio.Event) -> int:
         return await supervise(config, count, stop)
 
-    return int(runtime.run(main))
+    locks = []
+    if cfg is not None:
+        store_path = cfg.store.path if cfg.store.kind != "memory" else None
+        try:
+            locks = lock_state(cfg.gateway.state_dir, store_path)
+        except StateInUse as err:
+            raise StartupError(str(err)) from None
+    try:
+        return int(runtime.run(main))
+    finally:
+        release_all(locks)
