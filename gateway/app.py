@@ -30,7 +30,7 @@ from gateway.events import SecurityEvents
 from gateway.queue import EnvelopeQueue, MemoryQueue
 from gateway.readings import Envelope, Scan
 from gateway.statelock import StateInUse, lock_state, release_all
-from gateway.store import Store
+from gateway.store import SeqMarks, Store
 from gateway.uplink.session import DeviceSession, RateLimiter, client_context
 
 log = logging.getLogger("fieldgate")
@@ -130,6 +130,7 @@ class Gateway:
         self._events: SecurityEvents | None = None
         self.queue: EnvelopeQueue | None = None
         self.sessions: dict[str, DeviceSession] = {}
+        self._marks: SeqMarks | None = None
 
     @property
     def events(self) -> SecurityEvents:
@@ -150,6 +151,7 @@ class Gateway:
         try:
             ring = keyring.load(cfg.sealing.keyring, passphrase)
             key = ring.get(cfg.sealing.key_id)
+            self._marks = SeqMarks.from_sealing(cfg.sealing.key_id, ring.keys)
         except KeyringError as err:
             raise StartupError(f"sealing.keyring: {err}") from err
         contexts = {}
@@ -169,7 +171,13 @@ class Gateway:
         if store.kind == "memory":
             return MemoryQueue(max_bytes=store.max_bytes, on_event=self._event)
         path = store.path or self.config.gateway.state_dir / "store.db"
-        return Store(path, max_bytes=store.max_bytes, policy=store.policy, on_event=self._event)
+        return Store(
+            path,
+            max_bytes=store.max_bytes,
+            policy=store.policy,
+            on_event=self._event,
+            marks=self._marks,
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config

@@ -18,11 +18,20 @@ everything sealed since the last commit, so commits group by themselves under lo
 
 A store file that cannot be opened or fails ``PRAGMA quick_check`` at start is moved aside
 (kept, never deleted), a new store starts with a new boot id, and the event is recorded.
+
+Sequence numbers never go back. Beside each device's ``next_seq`` the store keeps a mark
+(``meta`` key ``seqmark:<device>``), authenticated with a key derived from the sealing keys, so
+editing the file cannot forge one. At start, a ``next_seq`` below its mark, below the end of an
+envelope still stored for the same boot, or a mark that does not authenticate, means the
+sequence state went backwards: the event is recorded and the store moves to a **new boot id**,
+so that new readings can never reuse numbers a consumer has already seen.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import secrets
 import time
@@ -137,6 +146,95 @@ def move_aside(path: Path) -> Path:
     return target
 
 
+MARK_PREFIX = "seqmark:"
+MARKS_ON = "seqmarks"
+
+
+@dataclass(frozen=True, slots=True)
+class SeqMarks:
+    """Keys for the sequence marks: one derived per sealing key id; ``kid`` signs new marks."""
+
+    kid: str
+    keys: dict[str, bytes]
+
+    @classmethod
+    def from_sealing(cls, kid: str, sealing_keys: dict[str, bytes]) -> SeqMarks:
+        derived = {
+            k: hmac.new(v, b"fieldgate store sequence marks", hashlib.sha256).digest()
+            for k, v in sealing_keys.items()
+        }
+        return cls(kid, derived)
+
+    def sign(self, boot: str, device: str, next_seq: int) -> str:
+        return f"{next_seq}:{self.kid}:{self._mac(self.keys[self.kid], boot, device, next_seq)}"
+
+    def check(self, boot: str, device: str, value: str) -> int | None:
+        """The mark's number if it authenticates (or its key is gone), None if forged."""
+        number, kid, mac = _parse_mark(value)
+        if number is None:
+            return None
+        key = self.keys.get(kid)
+        if key is None:
+            return number  # signed by a key no longer in the keyring: cannot tell
+        good = hmac.compare_digest(mac, self._mac(key, boot, device, number))
+        return number if good else None
+
+    @staticmethod
+    def _mac(key: bytes, boot: str, device: str, next_seq: int) -> str:
+        msg = f"{boot}\n{device}\n{next_seq}".encode()
+        return hmac.new(key, msg, hashlib.sha256).hexdigest()[:32]
+
+
+def _parse_mark(value: str) -> tuple[int | None, str, str]:
+    number, _, rest = value.partition(":")
+    kid, _, mac = rest.partition(":")
+    try:
+        return int(number), kid, mac
+    except ValueError:
+        return None, kid, mac
+
+
+def sequence_problems(conn: apsw.Connection, marks: SeqMarks | None = None) -> dict[str, str]:
+    """Per device, why its sequence state went backwards (empty when it did not)."""
+    boot_row = _rows(conn, "SELECT value FROM meta WHERE key='boot_id'")
+    if not boot_row:
+        return {}
+    boot = boot_row[0][0]
+    next_seq = dict(_rows(conn, "SELECT device, next_seq FROM sequences"))
+    problems: dict[str, str] = {}
+    for device, end in _rows(
+        conn,
+        "SELECT device, max(first_seq + count) FROM envelopes WHERE boot=? GROUP BY device",
+        (boot,),
+    ):
+        if end > next_seq.get(device, 0):
+            problems[device] = (
+                f"next_seq {next_seq.get(device, 0)} is below the end ({end}) of an envelope "
+                "still stored"
+            )
+    enabled = bool(_rows(conn, "SELECT 1 FROM meta WHERE key=?", (MARKS_ON,)))
+    stored = {
+        k[len(MARK_PREFIX) :]: v
+        for k, v in _rows(
+            conn,
+            "SELECT key, value FROM meta WHERE key >= ? AND key < ?",
+            (MARK_PREFIX, "seqmark;"),
+        )
+    }
+    for device, value in stored.items():
+        number = marks.check(boot, device, value) if marks else _parse_mark(value)[0]
+        if number is None:
+            problems.setdefault(device, "its sequence mark does not authenticate (edited)")
+        elif number > next_seq.get(device, 0):
+            problems.setdefault(
+                device, f"next_seq {next_seq.get(device, 0)} is below its mark {number}"
+            )
+    if enabled:
+        for device in next_seq.keys() - stored.keys():
+            problems.setdefault(device, "its sequence mark is missing (deleted)")
+    return problems
+
+
 class Store:
     """A durable :class:`gateway.queue.EnvelopeQueue`. An async context manager."""
 
@@ -150,8 +248,10 @@ class Store:
         synchronous: str = "FULL",
         vfs: str | None = None,
         cache_bytes: int = 32 * 1024 * 1024,
+        marks: SeqMarks | None = None,
     ) -> None:
         self.path = Path(path)
+        self._marks = marks
         self.max_bytes = max_bytes
         self.policy = policy
         self._on_event = on_event or (lambda *a, **k: None)
@@ -212,6 +312,11 @@ class Store:
             else:
                 self.boot_id = secrets.token_hex(8)
                 conn.execute("INSERT INTO meta(key, value) VALUES('boot_id', ?)", (self.boot_id,))
+            rewound = sequence_problems(conn, self._marks)
+            if rewound:
+                self._new_boot(conn, rewound)
+            if self._marks is not None:
+                self._write_marks(conn)
         self.next_seq = dict(_rows(conn, "SELECT device, next_seq FROM sequences"))
         self.drops = {
             d: (e, r) for d, e, r in _rows(conn, "SELECT device, envelopes, readings FROM drops")
@@ -232,6 +337,40 @@ class Store:
                 len(rows),
                 self._bytes,
             )
+
+    def _new_boot(self, conn: apsw.Connection, rewound: dict[str, str]) -> None:
+        """Sequence state went back: never reuse a number, start a new boot id instead."""
+        old, self.boot_id = self.boot_id, secrets.token_hex(8)
+        conn.execute("UPDATE meta SET value=? WHERE key='boot_id'", (self.boot_id,))
+        conn.execute("DELETE FROM sequences")
+        conn.execute("DELETE FROM meta WHERE key >= ? AND key < ?", (MARK_PREFIX, "seqmark;"))
+        for device, why in sorted(rewound.items()):
+            log.error(
+                "store %s: the sequence state of %s went backwards (%s); boot %s ends, new boot %s",
+                self.path,
+                device,
+                why,
+                old,
+                self.boot_id,
+            )
+            self._on_event("sequence-rewound", device, why, old_boot=old, new_boot=self.boot_id)
+
+    def _write_marks(self, conn: apsw.Connection) -> None:
+        assert self._marks is not None
+        for device, next_seq in _rows(conn, "SELECT device, next_seq FROM sequences"):
+            self._put_mark(conn, device, next_seq)
+        conn.execute(
+            "INSERT INTO meta(key, value) VALUES(?, '1') ON CONFLICT(key) DO NOTHING", (MARKS_ON,)
+        )
+
+    def _put_mark(self, conn: apsw.Connection, device: str, next_seq: int) -> None:
+        if self._marks is None:
+            return
+        conn.execute(
+            "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) "
+            "DO UPDATE SET value=excluded.value",
+            (MARK_PREFIX + device, self._marks.sign(self.boot_id, device, next_seq)),
+        )
 
     def _shutdown(self) -> None:
         if self._conn is None:
@@ -365,6 +504,7 @@ class Store:
                     "DO UPDATE SET next_seq=excluded.next_seq",
                     (device, next_seq),
                 )
+                self._put_mark(conn, device, next_seq)
             if drop_ids:
                 conn.executemany("DELETE FROM envelopes WHERE id=?", [(i,) for i in drop_ids])
             for device, (count, readings) in drops.items():
@@ -608,6 +748,8 @@ def verify(path: Path) -> list[str]:
             if previous is not None and first < previous:
                 problems.append(f"{where}: overlaps or precedes the envelope before it")
             ends[(device, boot)] = first + count
+        for device, why in sorted(sequence_problems(conn).items()):
+            problems.append(f"{device}: sequence state went backwards: {why}")
     finally:
         conn.close()
     return problems

@@ -44,3 +44,46 @@ def test_a_second_gateway_on_one_state_dir_is_refused_and_a_dead_holder_frees_it
     procs.append(third)
     third.wait_for("gateway boot")
     assert third.stop() == 0
+
+
+def test_a_rewound_sequence_counter_moves_to_a_new_boot_and_no_reading_is_lost(
+    tmp_path: Path, pki_dir: Path, keyring: Keyring, procs: list[Proc]
+) -> None:
+    import apsw
+
+    from gateway.events import read_events
+
+    from conftest import opened_from, start_hub, wait_until
+
+    hub_port, record = start_hub(procs, tmp_path, pki_dir)
+    config, _ = start_simulator(
+        procs, tmp_path, pki_dir, hub_port, 2, "--period", "0.1", "--max-age", "0.3"
+    )
+    state = tmp_path / "state"
+    first = Proc(fieldgate("run", "--config", str(config)), tmp_path / "gateway-1.log")
+    procs.append(first)
+    wait_until(lambda: len(opened_from(record, keyring)[0]) >= 6, 30, "envelopes at the hub")
+    assert first.stop() == 0
+    # Anyone who can write the file winds a counter back by 40 readings.
+    conn = apsw.Connection(str(state / "store.db"))
+    conn.execute("UPDATE sequences SET next_seq = next_seq - 40 WHERE device='plc-1'")
+    conn.close()
+    verify = subprocess.run(
+        fieldgate("store", "verify", "--config", str(config)), capture_output=True, text=True
+    )
+    assert verify.returncode == 1
+    assert "plc-1: sequence state went backwards" in verify.stderr
+    before = len(opened_from(record, keyring)[0])
+    second = Proc(fieldgate("run", "--config", str(config)), tmp_path / "gateway-2.log")
+    procs.append(second)
+    wait_until(lambda: len(opened_from(record, keyring)[0]) >= before + 6, 30, "new envelopes")
+    assert second.stop() == 0
+    events = [e for e in read_events(state) if e["kind"] == "sequence-rewound"]
+    assert [e["device"] for e in events] == ["plc-1"]
+    assert events[0]["old_boot"] != events[0]["new_boot"]
+    opened, errors, tracker = opened_from(record, keyring)
+    assert errors == []
+    assert tracker.conflicts == []  # no number was used twice
+    assert tracker.gaps() == {}
+    assert len({o.header.boot_id for o in opened}) == 2
+    assert {o.header.boot_id for o in opened[before:]} == {events[0]["new_boot"]}
