@@ -143,6 +143,8 @@ class Gateway:
         if kind == "envelopes-dropped":
             self.counters.dropped_envelopes += int(fields.get("envelopes", 0))  # type: ignore[call-overload]
             self.counters.dropped_readings += int(fields.get("readings", 0))  # type: ignore[call-overload]
+        elif kind == "store-disk-writable":  # readings refused while the disk was full
+            self.counters.dropped_readings += int(fields.get("refused_readings", 0))  # type: ignore[call-overload]
         self.events.record(kind, device_id, reason, **fields)
 
     def _prepare(self) -> tuple[bytes, dict[str, ssl.SSLContext]]:

@@ -48,8 +48,12 @@ class StateLock:
             os.close(fd)
             raise StateInUse(f"{self.what} is in use by {holder}") from None
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} (started {stamp})\n".encode(), 0)
+        line = f"pid {os.getpid()} (started {stamp})\n".encode()
+        try:
+            os.pwrite(fd, line, 0)
+            os.ftruncate(fd, len(line))
+        except OSError:
+            pass  # a full disk: the lock holds all the same, only its note is missing
         self._fd = fd
         return self
 

@@ -19,6 +19,13 @@ everything sealed since the last commit, so commits group by themselves under lo
 A store file that cannot be opened or fails ``PRAGMA quick_check`` at start is moved aside
 (kept, never deleted), a new store starts with a new boot id, and the event is recorded.
 
+A full disk does not stop the gateway. When SQLite cannot write (``FullError``), new envelopes
+are refused (counted per device; one ``store-disk-full`` event when it starts and one
+``store-disk-writable`` with the counts when it ends), while what the store holds keeps being
+leased, delivered and deleted. A reserve file beside the store (``<store>.reserve``) is given
+up at that moment, so that deletes, checkpoints and a restart have the room SQLite needs; intake
+resumes by itself once the reserve can be written again (probed every ``PROBE_INTERVAL``).
+
 Sequence numbers never go back. Beside each device's ``next_seq`` the store keeps a mark
 (``meta`` key ``seqmark:<device>``), authenticated with a key derived from the sealing keys, so
 editing the file cannot forge one. At start, a ``next_seq`` below its mark, below the end of an
@@ -30,9 +37,11 @@ so that new readings can never reuse numbers a consumer has already seen.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import hmac
 import logging
+import os
 import secrets
 import time
 from collections import OrderedDict, deque
@@ -57,6 +66,8 @@ EventSink = Callable[..., None]
 HIGH_WATER = 0.8
 LOW_WATER = 0.7
 DELETE_DELAY = 0.25  # seconds acks gather before one delete transaction
+RESERVE_BYTES = 256 * 1024  # room kept for deletes, checkpoints and a restart on a full disk
+PROBE_INTERVAL = 1.0  # seconds between tries to write again while the disk is full
 
 
 class StoreError(FieldgateError):
@@ -94,14 +105,23 @@ def _schema(version: int) -> str:
 
 
 def open_database(
-    path: Path, *, synchronous: str = "FULL", vfs: str | None = None, readonly: bool = False
+    path: Path,
+    *,
+    synchronous: str = "FULL",
+    vfs: str | None = None,
+    readonly: bool = False,
+    exclusive: bool = False,
 ) -> apsw.Connection:
-    """Open (creating and migrating when writable) and check a store database."""
+    """Open (creating and migrating when writable) and check a store database.
+
+    ``exclusive``: WAL without the shared-memory file (``-shm``), which a full disk may have no
+    room for; no other process can read the store meanwhile."""
     flags = (
         apsw.SQLITE_OPEN_READONLY
         if readonly
         else (apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE)
     )
+    conn: apsw.Connection | None = None
     try:
         conn = (
             apsw.Connection(str(path), flags=flags, vfs=vfs)
@@ -109,6 +129,8 @@ def open_database(
             else apsw.Connection(str(path), flags=flags)
         )
         conn.setbusytimeout(5000)
+        if exclusive:
+            conn.execute("PRAGMA locking_mode=EXCLUSIVE")
         if not readonly:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={synchronous}")
@@ -122,8 +144,12 @@ def open_database(
             )
         if version < SCHEMA_VERSION and not readonly:
             _migrate(conn, version)
-    except (apsw.CorruptError, apsw.NotADBError) as err:
-        raise StoreCorrupt(f"{path}: {err}") from err
+    except BaseException as err:
+        if conn is not None:
+            conn.close()  # a failed open must not keep the file locked for the next try
+        if isinstance(err, apsw.CorruptError | apsw.NotADBError):
+            raise StoreCorrupt(f"{path}: {err}") from err
+        raise
     return conn
 
 
@@ -249,9 +275,16 @@ class Store:
         vfs: str | None = None,
         cache_bytes: int = 32 * 1024 * 1024,
         marks: SeqMarks | None = None,
+        reserve_bytes: int = RESERVE_BYTES,
     ) -> None:
         self.path = Path(path)
         self._marks = marks
+        self.reserve_path = self.path.with_name(self.path.name + ".reserve")
+        self._reserve_bytes = reserve_bytes
+        self.disk_full = False
+        self._next_probe = 0.0
+        # Per device, (envelopes, readings) refused during the current full-disk spell.
+        self.refused_full: dict[str, tuple[int, int]] = {}
         self.max_bytes = max_bytes
         self.policy = policy
         self._on_event = on_event or (lambda *a, **k: None)
@@ -295,8 +328,80 @@ class Store:
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._ensure_reserve()
         try:
-            conn = open_database(self.path, synchronous=self._synchronous, vfs=self._vfs)
+            self._open_checked()
+        except (apsw.FullError, apsw.IOError) as err:
+            # A full disk: give up the reserve and try once more with the room it leaves.
+            self._release_reserve()
+            self.disk_full = True
+            log.error("store %s: disk full at start (%s); reserve given up", self.path, err)
+            try:
+                self._open_checked()
+            except (apsw.FullError, apsw.IOError):
+                try:
+                    # No room for the -shm file: keep the WAL index in memory instead.
+                    self._open_checked(exclusive=True)
+                    log.warning(
+                        "store %s: opened without shared memory (disk full): `fieldgate store "
+                        "status` cannot read it while this gateway runs",
+                        self.path,
+                    )
+                except (apsw.FullError, apsw.IOError) as again:
+                    raise StoreError(
+                        f"{self.path}: the disk is full: the store cannot be opened ({again}); "
+                        "free some space"
+                    ) from again
+        if self.disk_full:
+            self._on_event(
+                "store-disk-full",
+                None,
+                "disk full at start: refusing new readings, delivering what is stored",
+                path=str(self.path),
+            )
+
+    def _ensure_reserve(self) -> bool:
+        """Write the reserve file if it is missing; False when the disk has not the room."""
+        if self._reserve_bytes <= 0:
+            return True
+        try:
+            if self.reserve_path.stat().st_size >= self._reserve_bytes:
+                return True
+        except FileNotFoundError:
+            pass
+        tmp = self.reserve_path.with_name(self.reserve_path.name + ".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                chunk = bytes(64 * 1024)
+                left = self._reserve_bytes
+                while left > 0:
+                    left -= os.write(fd, chunk[: min(left, len(chunk))])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.reserve_path)
+            return True
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                log.warning("store reserve %s: %s", self.reserve_path, err)
+            return False
+
+    def _release_reserve(self) -> None:
+        try:
+            self.reserve_path.unlink(missing_ok=True)
+        except OSError as err:
+            log.warning("store reserve %s: %s", self.reserve_path, err)
+
+    def _open_checked(self, *, exclusive: bool = False) -> None:
+        if self._conn is not None:  # a try that failed after the open
+            self._conn.close()
+            self._conn = None
+        try:
+            conn = open_database(
+                self.path, synchronous=self._synchronous, vfs=self._vfs, exclusive=exclusive
+            )
         except StoreCorrupt as err:
             kept = move_aside(self.path)
             log.error(
@@ -315,8 +420,12 @@ class Store:
             rewound = sequence_problems(conn, self._marks)
             if rewound:
                 self._new_boot(conn, rewound)
-            if self._marks is not None:
-                self._write_marks(conn)
+        if self._marks is not None:
+            try:
+                with conn:
+                    self._write_marks(conn)
+            except apsw.FullError:
+                pass  # marks of a store from before them: written at its next commit
         self.next_seq = dict(_rows(conn, "SELECT device, next_seq FROM sequences"))
         self.drops = {
             d: (e, r) for d, e, r in _rows(conn, "SELECT device, envelopes, readings FROM drops")
@@ -375,9 +484,19 @@ class Store:
     def _shutdown(self) -> None:
         if self._conn is None:
             return
-        self._delete_now(self._deletes)
+        try:
+            self._delete_now(self._deletes)
+        except apsw.FullError:
+            log.warning(
+                "disk full: %d delivered envelopes stay in the store (sent again at the next "
+                "start)",
+                len(self._deletes),
+            )
         self._deletes = []
-        self._conn.close()
+        try:
+            self._conn.close()
+        except apsw.Error as err:  # a checkpoint that found no room: the WAL stays, intact
+            log.warning("store %s: closing: %s", self.path, err)
         self._conn = None
 
     def _device(self, device_id: str) -> _Device:
@@ -393,6 +512,15 @@ class Store:
             raise StoreError("store is closed for new envelopes")
         if not envelopes:
             return
+        loop = asyncio.get_running_loop()
+        if self.disk_full:
+            if loop.time() < self._next_probe:
+                self._refuse_full(envelopes)
+                return
+            self._next_probe = loop.time() + PROBE_INTERVAL
+            if not await loop.run_in_executor(self._io, self._ensure_reserve):
+                self._refuse_full(envelopes)
+                return
         incoming = sum(len(e.body) for e in envelopes)
         refused: list[Envelope] = []
         victims: list[_Entry] = []
@@ -421,12 +549,26 @@ class Store:
         # Out of the queue before the commit's await, so that no session leases a victim.
         for victim in victims:
             self._forget(victim)
-        loop = asyncio.get_running_loop()
-        ids = await asyncio.shield(
-            loop.run_in_executor(
-                self._io, self._commit, list(envelopes), seq_updates, [v.id for v in victims], drops
+        try:
+            ids = await asyncio.shield(
+                loop.run_in_executor(
+                    self._io,
+                    self._commit,
+                    list(envelopes),
+                    seq_updates,
+                    [v.id for v in victims],
+                    drops,
+                )
             )
-        )
+        except apsw.FullError:
+            # Nothing of this transaction was written: the victims stay, new ones are refused.
+            for victim in victims:
+                self._restore(victim)
+            await self._disk_became_full(loop)
+            self._refuse_full([*envelopes, *refused])
+            return
+        if self.disk_full:
+            self._disk_writable()
         self.commits += 1
         self.next_seq.update(seq_updates)
         for envelope, id_ in zip(envelopes, ids, strict=True):
@@ -462,6 +604,69 @@ class Store:
             if heads[device] >= len(self._devices[device].pending):
                 del heads[device]
         return victims
+
+    def _restore(self, entry: _Entry) -> None:
+        """Put back an entry taken out for a drop that did not commit, in id order."""
+        pending = self._devices[entry.device].pending
+        index = next((i for i, e in enumerate(pending) if e.id > entry.id), len(pending))
+        pending.insert(index, entry)
+        self._bytes += entry.size
+        if entry.body is not None:
+            self._cached += entry.size
+        self._devices[entry.device].ready.set()
+
+    async def _disk_became_full(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._next_probe = loop.time() + PROBE_INTERVAL
+        if self.disk_full:
+            return
+        self.disk_full = True
+        await loop.run_in_executor(self._io, self._release_reserve)
+        log.error(
+            "store %s: the disk is full: new readings are refused until space returns; "
+            "stored envelopes keep being delivered",
+            self.path,
+        )
+        self._on_event(
+            "store-disk-full",
+            None,
+            "disk full: refusing new readings, delivering what is stored",
+            path=str(self.path),
+        )
+
+    def _refuse_full(self, envelopes: Sequence[Envelope]) -> None:
+        if envelopes and not self.refused_full:
+            first = envelopes[0]
+            log.warning(
+                "store %s: first envelope refused for want of disk space (%s seq %d)",
+                self.path,
+                first.device_id,
+                first.header.first_seq,
+            )
+        for envelope in envelopes:
+            count, readings = self.refused_full.get(envelope.device_id, (0, 0))
+            self.refused_full[envelope.device_id] = (count + 1, readings + envelope.header.count)
+
+    def _disk_writable(self, *, reason: str = "disk writable again: intake resumes") -> None:
+        refused, self.refused_full = self.refused_full, {}
+        self.disk_full = False
+        envelopes = sum(e for e, _ in refused.values())
+        readings = sum(r for _, r in refused.values())
+        log.warning(
+            "store %s: %s (%d envelopes, %d readings were refused while full)",
+            self.path,
+            reason,
+            envelopes,
+            readings,
+        )
+        self._on_event(
+            "store-disk-writable",
+            None,
+            reason,
+            path=str(self.path),
+            refused_envelopes=envelopes,
+            refused_readings=readings,
+            refused={d: {"envelopes": e, "readings": r} for d, (e, r) in sorted(refused.items())},
+        )
 
     def _forget(self, entry: _Entry) -> None:
         self._devices[entry.device].pending.remove(entry)
@@ -606,6 +811,9 @@ class Store:
         device.ready.set()
 
     def close(self) -> None:
+        if self.disk_full and self.refused_full:
+            self._disk_writable(reason="stopping while the disk is full")
+            self.disk_full = True
         self._closed = True
         for device in self._devices.values():
             device.ready.set()
@@ -618,14 +826,28 @@ class Store:
             await asyncio.sleep(DELETE_DELAY)
             self._delete_due.clear()
             batch, self._deletes = self._deletes, []
-            if batch:
+            if not batch:
+                continue
+            try:
                 await asyncio.shield(loop.run_in_executor(self._io, self._delete_now, batch))
+            except apsw.FullError:
+                # Not even room to delete: try again later (the rows are acked, never resent
+                # while this process runs).
+                self._deletes = batch + self._deletes
+                await asyncio.sleep(PROBE_INTERVAL)
+                self._delete_due.set()
 
     def _delete_now(self, ids: list[int]) -> None:
         if not ids or self._conn is None:
             return
         with self._conn:
             self._conn.executemany("DELETE FROM envelopes WHERE id=?", [(i,) for i in ids])
+        if self.disk_full:
+            # Hand the freed pages back to the file system's view: fold the WAL in, truncate it.
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except apsw.Error:
+                pass
 
     # -- status -----------------------------------------------------------------------------
 
