@@ -120,8 +120,10 @@ class Pipeline:
 
 
 class Gateway:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, adopt_stranded: bool = False) -> None:
         self.config = config
+        # A single process (not a worker): take over what workers of an earlier run left.
+        self._adopt_stranded = adopt_stranded
         self.boot_id = ""
         self.counters = Counters()
         self.health = {d.id: DeviceHealth(d.id) for d in config.devices if d.enabled}
@@ -191,6 +193,13 @@ class Gateway:
         except StateInUse as err:
             raise StartupError(str(err)) from None
         try:
+            if self._adopt_stranded:
+                from gateway.workers import adopt_stranded
+
+                try:
+                    adopt_stranded(cfg, 1)
+                except StateInUse as err:
+                    raise StartupError(str(err)) from None
             async with self._open_queue() as queue:
                 self.queue = queue
                 self.boot_id = queue.boot_id

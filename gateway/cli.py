@@ -44,7 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from gateway.workers import run_workers
 
         return run_workers(Path(args.config), args.workers, cfg)
-    gateway = Gateway(cfg)
+    gateway = Gateway(cfg, adopt_stranded=not args.worker)
 
     async def main(stop: asyncio.Event) -> None:
         await gateway.run(stop)

@@ -885,6 +885,68 @@ def _drop_counts(*groups: dict[str, list[tuple[int, int]]]) -> dict[str, tuple[i
     return out
 
 
+# -- stranded stores: moving envelopes between store files -----------------------------------
+
+
+def waiting(path: Path) -> dict[str, int]:
+    """Per device, how many envelopes a store file holds (the gateway must not run on it)."""
+    if not path.exists():
+        return {}
+    conn = open_database(path, readonly=True)
+    try:
+        if not _rows(conn, "SELECT 1 FROM sqlite_master WHERE name='envelopes'"):
+            return {}  # created a moment ago: no schema yet
+        return {
+            d: int(n)
+            for d, n in _rows(conn, "SELECT device, count(*) FROM envelopes GROUP BY device")
+        }
+    finally:
+        conn.close()
+
+
+def move_envelopes(source: Path, target: Path, devices: Sequence[str]) -> int:
+    """Move every envelope of ``devices`` from one store file into another, oldest first.
+
+    Header and body stay as they are, so the consumer sees each envelope's original boot and
+    sequence numbers; drop counts move along. First one transaction in the target, then one in
+    the source: a crash between the two leaves the envelopes in both, and they are sent twice
+    (byte-identical: duplicates to the consumer), never lost.
+    """
+    if not devices:
+        return 0
+    marks = ",".join("?" * len(devices))
+    dst = open_database(target)
+    try:
+        dst.execute("ATTACH DATABASE ? AS src", (str(source),))
+        with dst:
+            dst.execute(
+                "INSERT INTO main.envelopes(device, version, key_id, boot, first_seq, count, "
+                "codec, oldest_ts_ms, body) SELECT device, version, key_id, boot, first_seq, "
+                f"count, codec, oldest_ts_ms, body FROM src.envelopes WHERE device IN ({marks}) "
+                "ORDER BY id",
+                devices,
+            )
+            moved = dst.changes()
+            dst.execute(
+                "INSERT INTO main.drops(device, envelopes, readings) SELECT device, envelopes, "
+                f"readings FROM src.drops WHERE device IN ({marks}) AND true "
+                "ON CONFLICT(device) DO UPDATE SET envelopes=envelopes+excluded.envelopes, "
+                "readings=readings+excluded.readings",
+                devices,
+            )
+        dst.execute("DETACH DATABASE src")
+    finally:
+        dst.close()
+    src = open_database(source)
+    try:
+        with src:
+            src.execute(f"DELETE FROM envelopes WHERE device IN ({marks})", devices)
+            src.execute(f"DELETE FROM drops WHERE device IN ({marks})", devices)
+    finally:
+        src.close()
+    return moved
+
+
 # -- offline inspection (fieldgate store status / verify) -------------------------------------
 
 

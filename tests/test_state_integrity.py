@@ -87,3 +87,77 @@ def test_a_rewound_sequence_counter_moves_to_a_new_boot_and_no_reading_is_lost(
     assert tracker.gaps() == {}
     assert len({o.header.boot_id for o in opened}) == 2
     assert {o.header.boot_id for o in opened[before:]} == {events[0]["new_boot"]}
+
+
+def test_envelopes_left_by_another_layout_are_drained_single_to_workers_and_back(
+    tmp_path: Path, pki_dir: Path, keyring: Keyring, procs: list[Proc]
+) -> None:
+    from gateway.store import accepted, waiting
+
+    from conftest import free_ports, opened_from, start_hub, wait_until
+
+    hub_port = free_ports(1)
+    config, _ = start_simulator(
+        procs, tmp_path, pki_dir, hub_port, 4, "--period", "0.1", "--max-age", "0.3"
+    )
+    edit_config(config, gateway={"shutdown_grace": 0.5})
+    state = tmp_path / "state"
+    stores = [state / "store.db", state / "worker-0" / "store.db", state / "worker-1" / "store.db"]
+
+    def held() -> int:
+        return sum(sum(waiting(p).values()) for p in stores)
+
+    def promised() -> dict[tuple[str, str], int]:
+        """Per (device, boot), the readings every store has accepted."""
+        out = {}
+        for path in stores:
+            if path.exists():
+                from gateway.store import status
+
+                boot = status(path)["boot_id"]
+                out.update({(d, boot): n for d, n in accepted(path).items() if n})
+        return out
+
+    def run(*extra: str, name: str, until: object) -> Proc:
+        gateway = Proc(fieldgate("run", "--config", str(config), *extra), tmp_path / name)
+        procs.append(gateway)
+        wait_until(until, 30, f"progress of {name}")
+        assert gateway.stop() == 0
+        return gateway
+
+    # A single process with the hub away leaves its backlog in state/store.db.
+    run(name="single-1.log", until=lambda: sum(waiting(stores[0]).values()) >= 8)
+    left = held()
+    assert left >= 8
+    _, record = start_hub(procs, tmp_path, pki_dir, port=hub_port)
+    workers = run(
+        "--workers",
+        "2",
+        name="workers-1.log",
+        until=lambda: len(opened_from(record, keyring)[0]) >= left + 8,
+    )
+    assert held() == 0  # nothing stranded: the single store's envelopes were delivered
+    assert "(an earlier layout)" in workers.output()
+    # The reverse: workers with the hub away, then a single process.
+    hub = procs[-2]
+    assert hub.stop() == 0
+    run(
+        "--workers",
+        "2",
+        name="workers-2.log",
+        until=lambda: sum(sum(waiting(p).values()) for p in stores[1:]) >= 8,
+    )
+    left = held()
+    start_hub(procs, tmp_path, pki_dir, port=hub_port)
+    before = len(opened_from(record, keyring)[0])
+    single = run(
+        name="single-2.log",
+        until=lambda: len(opened_from(record, keyring)[0]) >= before + left + 4,
+    )
+    assert held() == 0
+    assert "(an earlier layout)" in single.output()
+    # Every reading any store accepted arrived, under its original boot and numbers.
+    _, errors, tracker = opened_from(record, keyring)
+    assert errors == [] and tracker.conflicts == [] and tracker.gaps() == {}
+    arrived = {key: stream.count() for key, stream in tracker.streams.items()}
+    assert arrived == promised()
