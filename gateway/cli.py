@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +37,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gateway.app import Gateway
 
     cfg = config_mod.load(args.config)
+    os.umask(0o077)  # state files 0600, state folders 0700, whoever creates them
     if args.worker:
         from gateway.workers import parse_worker, worker_config
 

@@ -24,9 +24,11 @@ ROUTINE = frozenset({"device-admitted"})
 
 class SecurityEvents:
     def __init__(self, state_dir: Path) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path = state_dir / FILE_NAME
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        if os.fstat(self._fd).st_mode & 0o077:  # written by an older fieldgate
+            os.fchmod(self._fd, 0o600)
         self.counts: dict[str, int] = {}
         # Events that could not be written (a full disk): counted, logged once per spell.
         self.unwritten = 0

@@ -153,6 +153,20 @@ def open_database(
     return conn
 
 
+def private_file(path: Path) -> None:
+    """Create the store file 0600 if it is missing (SQLite gives its -wal and -shm the same
+    mode), and tighten an existing one and its companions."""
+    if not path.exists():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            companion = Path(str(path) + suffix)
+            if companion.stat().st_mode & 0o077:
+                os.chmod(companion, 0o600)
+        except FileNotFoundError:
+            pass
+
+
 def _migrate(conn: apsw.Connection, version: int) -> None:
     """Apply every schema step after ``version`` in one transaction."""
     with conn:
@@ -327,7 +341,8 @@ class Store:
         self._io.shutdown(wait=True)
 
     def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_file(self.path)
         self._ensure_reserve()
         try:
             self._open_checked()
@@ -915,6 +930,7 @@ def move_envelopes(source: Path, target: Path, devices: Sequence[str]) -> int:
     if not devices:
         return 0
     marks = ",".join("?" * len(devices))
+    private_file(target)
     dst = open_database(target)
     try:
         dst.execute("ATTACH DATABASE ? AS src", (str(source),))

@@ -161,3 +161,50 @@ def test_envelopes_left_by_another_layout_are_drained_single_to_workers_and_back
     assert errors == [] and tracker.conflicts == [] and tracker.gaps() == {}
     arrived = {key: stream.count() for key, stream in tracker.streams.items()}
     assert arrived == promised()
+
+
+def test_state_files_are_0600_and_state_folders_0700_even_if_they_were_wider(
+    tmp_path: Path, pki_dir: Path, procs: list[Proc]
+) -> None:
+    import stat
+
+    from adapters.ble.client import BondBook
+
+    from conftest import free_ports, wait_until
+
+    config, _ = start_simulator(procs, tmp_path, pki_dir, free_ports(1), 2, "--period", "0.1")
+    edit_config(config, gateway={"shutdown_grace": 0.3})
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    os.chmod(state, 0o755)  # as an older fieldgate left it
+    (state / "security-events.jsonl").touch(mode=0o644)
+    os.chmod(state / "security-events.jsonl", 0o644)
+
+    def mode(path: Path) -> int:
+        return stat.S_IMODE(path.stat().st_mode)
+
+    gateway = Proc(fieldgate("run", "--config", str(config)), tmp_path / "gateway.log")
+    procs.append(gateway)
+    files = ["store.db", "store.db-wal", "store.db-shm", "security-events.jsonl", "fieldgate.lock"]
+    wait_until(lambda: all((state / n).exists() for n in files), 20, "the state files")
+    assert {name: mode(state / name) for name in files} == {name: 0o600 for name in files}
+    assert mode(state) == 0o700
+    assert gateway.stop() == 0
+    workers = Proc(
+        fieldgate("run", "--config", str(config), "--workers", "2"), tmp_path / "workers.log"
+    )
+    procs.append(workers)
+    wait_until(
+        lambda: all((state / f"worker-{i}" / n).exists() for i in range(2) for n in files),
+        30,
+        "both workers' stores",
+    )
+    for i in range(2):
+        folder = state / f"worker-{i}"
+        assert mode(folder) == 0o700
+        assert {n: mode(folder / n) for n in files} == {n: 0o600 for n in files}
+    assert workers.stop() == 0
+    # The BLE bond book (it names the paired devices) is written 0600 too.
+    bonds = BondBook(tmp_path / "ble-state")
+    bonds.record("AA:BB:CC:DD:EE:FF", "just-works")
+    assert mode(bonds.path) == 0o600 and mode(bonds.path.parent) == 0o700
