@@ -907,16 +907,19 @@ def waiting(path: Path) -> dict[str, int]:
     """Per device, how many envelopes a store file holds (the gateway must not run on it)."""
     if not path.exists():
         return {}
-    conn = open_database(path, readonly=True)
     try:
-        if not _rows(conn, "SELECT 1 FROM sqlite_master WHERE name='envelopes'"):
-            return {}  # created a moment ago: no schema yet
-        return {
-            d: int(n)
-            for d, n in _rows(conn, "SELECT device, count(*) FROM envelopes GROUP BY device")
-        }
-    finally:
-        conn.close()
+        conn = open_database(path, readonly=True)
+        try:
+            if not _rows(conn, "SELECT 1 FROM sqlite_master WHERE name='envelopes'"):
+                return {}  # created a moment ago: no schema yet
+            return {
+                d: int(n)
+                for d, n in _rows(conn, "SELECT device, count(*) FROM envelopes GROUP BY device")
+            }
+        finally:
+            conn.close()
+    except apsw.Error as err:
+        raise StoreError(f"{path}: {err}") from err
 
 
 def move_envelopes(source: Path, target: Path, devices: Sequence[str]) -> int:
@@ -929,6 +932,13 @@ def move_envelopes(source: Path, target: Path, devices: Sequence[str]) -> int:
     """
     if not devices:
         return 0
+    try:
+        return _move(source, target, devices)
+    except apsw.Error as err:
+        raise StoreError(f"moving envelopes from {source} to {target}: {err}") from err
+
+
+def _move(source: Path, target: Path, devices: Sequence[str]) -> int:
     marks = ",".join("?" * len(devices))
     private_file(target)
     dst = open_database(target)

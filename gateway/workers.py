@@ -102,7 +102,11 @@ def adopt_stranded(cfg: Config, count: int) -> None:
         for share in others.values():
             locks += lock_state(share.gateway.state_dir, share.store.path)
         for source in files:
-            held = store.waiting(source)
+            try:
+                held = store.waiting(source)
+            except store.StoreError as err:
+                log.warning("cannot look for stranded envelopes in %s: %s", source, err)
+                continue
             moves: dict[Path, list[str]] = {}
             for device in sorted(held):
                 target = owner.get(device)
@@ -117,7 +121,11 @@ def adopt_stranded(cfg: Config, count: int) -> None:
                     moves.setdefault(target, []).append(device)
             for target, devices in moves.items():
                 target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                moved = store.move_envelopes(source, target, devices)
+                try:
+                    moved = store.move_envelopes(source, target, devices)
+                except store.StoreError as err:  # e.g. a full disk: they stay, nothing lost
+                    log.error("stranded envelopes stay in %s until the next start: %s", source, err)
+                    continue
                 log.warning(
                     "moved %d envelopes of %d devices from %s (an earlier layout) to %s",
                     moved,
