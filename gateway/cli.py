@@ -12,9 +12,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway import runtime
 from gateway.errors import ConfigError, FieldgateError
+
+if TYPE_CHECKING:
+    from gateway.store import SeqMarks
 
 EXIT_FAILED = 1
 EXIT_REFUSED = 2
@@ -159,12 +163,30 @@ def cmd_store_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sequence_marks(args: argparse.Namespace) -> SeqMarks | None:
+    """With --config and its passphrase at hand: the keys that authenticate sequence marks."""
+    if not args.config:
+        return None
+    from gateway import config as config_mod
+    from gateway import keyring
+    from gateway.store import SeqMarks
+
+    try:
+        cfg = config_mod.load(args.config, check_files=False)
+        ring = keyring.load(cfg.sealing.keyring, cfg.secrets.passphrase())
+    except (FieldgateError, OSError) as err:
+        print(f"sequence marks not authenticated (no keyring: {err})", file=sys.stderr)
+        return None
+    return SeqMarks.from_sealing(cfg.sealing.key_id, ring.keys)
+
+
 def cmd_store_verify(args: argparse.Namespace) -> int:
     from gateway import store
 
+    marks = _sequence_marks(args)
     failed = False
     for path in _store_paths(args):
-        problems = store.verify(path)
+        problems = store.verify(path, marks)
         for line in problems:
             print(f"{path}: {line}", file=sys.stderr)
         print(f"{path}: {'sound' if not problems else f'{len(problems)} problems'}")

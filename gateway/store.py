@@ -1028,8 +1028,9 @@ def accepted(path: Path) -> dict[str, int]:
         conn.close()
 
 
-def verify(path: Path) -> list[str]:
-    """``PRAGMA integrity_check`` and a sanity check of every envelope header; [] if sound."""
+def verify(path: Path, marks: SeqMarks | None = None) -> list[str]:
+    """``PRAGMA integrity_check``, a sanity check of every envelope header and of the sequence
+    state (its marks authenticated when ``marks`` is given); [] if sound."""
     from gateway.envelope import NONCE_BYTES, TAG_BYTES
     from gateway.readings import CODEC, ENVELOPE_VERSION
 
@@ -1058,7 +1059,7 @@ def verify(path: Path) -> list[str]:
             if previous is not None and first < previous:
                 problems.append(f"{where}: overlaps or precedes the envelope before it")
             ends[(device, boot)] = first + count
-        for device, why in sorted(sequence_problems(conn).items()):
+        for device, why in sorted(sequence_problems(conn, marks).items()):
             problems.append(f"{device}: sequence state went backwards: {why}")
     finally:
         conn.close()

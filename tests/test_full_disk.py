@@ -113,3 +113,18 @@ def test_a_full_disk_refuses_new_readings_keeps_delivering_and_resumes(
     assert "Traceback" not in gateway.output() + again.output()
     _, errors, tracker = opened_from(record, keyring)
     assert errors == [] and tracker.conflicts == []
+
+
+def test_security_events_on_a_full_disk_are_counted_not_fatal(small_disk: Path) -> None:
+    from gateway.events import SecurityEvents
+
+    events = SecurityEvents(small_disk)
+    events.record("first", None, "written")
+    fill(small_disk)
+    for _ in range(3):
+        events.record("store-disk-full", None, "x" * 9000)  # no exception
+    assert events.unwritten == 3 and events.counts["store-disk-full"] == 3
+    (small_disk / "filler").unlink()
+    events.record("after", None, "written again")
+    events.close()
+    assert [e["kind"] for e in read_events(small_disk)] == ["first", "after"]

@@ -73,6 +73,23 @@ def test_a_rewound_sequence_counter_moves_to_a_new_boot_and_no_reading_is_lost(
     )
     assert verify.returncode == 1
     assert "plc-1: sequence state went backwards" in verify.stderr
+    # A mark edited to match the rewound counter does not authenticate with the keyring.
+    conn = apsw.Connection(str(state / "store.db"))
+    [(mark,)] = conn.execute("SELECT value FROM meta WHERE key='seqmark:plc-1'").fetchall()
+    forged = f"{int(mark.split(':')[0]) - 40}:{mark.split(':', 1)[1]}"
+    conn.execute("UPDATE meta SET value=? WHERE key='seqmark:plc-1'", (forged,))
+    conn.close()
+    env = {**os.environ, "FIELDGATE_KEY_PASSPHRASE": (pki_dir / "passphrase").read_text().strip()}
+    verify = subprocess.run(
+        fieldgate("store", "verify", "--config", str(config)),
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert verify.returncode == 1
+    assert "plc-1: sequence state went backwards: its sequence mark does not authenticate" in (
+        verify.stderr
+    )
     before = len(opened_from(record, keyring)[0])
     second = Proc(fieldgate("run", "--config", str(config)), tmp_path / "gateway-2.log")
     procs.append(second)
