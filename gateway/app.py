@@ -29,7 +29,7 @@ from gateway.errors import FieldgateError, KeyringError, UplinkError
 from gateway.events import SecurityEvents
 from gateway.queue import EnvelopeQueue, MemoryQueue
 from gateway.readings import Envelope, Scan
-from gateway.statelock import StateInUse, lock_state, release_all
+from gateway.statelock import StateInUse, StateLock, lock_state, release_all
 from gateway.store import SeqMarks, Store
 from gateway.uplink.session import DeviceSession, RateLimiter, client_context
 
@@ -186,29 +186,31 @@ class Gateway:
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
         key, contexts = self._prepare()
-        # Before anything in the state folder is opened: one gateway per folder and store.
+        locks = self._claim_state()
+        async with self._open_queue() as queue:
+            self.queue = queue
+            self.boot_id = queue.boot_id
+            batcher = Batcher(cfg.batching.max_bytes, cfg.batching.close_after)
+            sealer = Sealer(key, cfg.sealing.key_id, queue.boot_id, batcher, queue.next_seq)
+            await self._run(stop, queue, batcher, sealer, contexts)
+        self.events.close()
+        release_all(locks)
+
+    def _claim_state(self) -> list[StateLock]:
+        """Lock the state folder (and an outside store) before anything there is opened; the
+        kernel releases the locks however this process ends. A single process (not a worker)
+        then takes over the envelopes that workers of an earlier run left."""
+        cfg = self.config
         store_path = cfg.store.path if cfg.store.kind != "memory" else None
         try:
             locks = lock_state(cfg.gateway.state_dir, store_path)
-        except StateInUse as err:
-            raise StartupError(str(err)) from None
-        try:
             if self._adopt_stranded:
                 from gateway.workers import adopt_stranded
 
-                try:
-                    adopt_stranded(cfg, 1)
-                except StateInUse as err:
-                    raise StartupError(str(err)) from None
-            async with self._open_queue() as queue:
-                self.queue = queue
-                self.boot_id = queue.boot_id
-                batcher = Batcher(cfg.batching.max_bytes, cfg.batching.close_after)
-                sealer = Sealer(key, cfg.sealing.key_id, queue.boot_id, batcher, queue.next_seq)
-                await self._run(stop, queue, batcher, sealer, contexts)
-            self.events.close()
-        finally:
-            release_all(locks)
+                adopt_stranded(cfg, 1)
+        except StateInUse as err:
+            raise StartupError(str(err)) from None
+        return locks
 
     async def _run(
         self,
