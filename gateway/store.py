@@ -632,10 +632,12 @@ class Store:
 
     async def _disk_became_full(self, loop: asyncio.AbstractEventLoop) -> None:
         self._next_probe = loop.time() + PROBE_INTERVAL
+        # Also after a probe that rewrote the reserve but could not commit: the room is for
+        # deletes and checkpoints, not for new readings.
+        await loop.run_in_executor(self._io, self._release_reserve)
         if self.disk_full:
             return
         self.disk_full = True
-        await loop.run_in_executor(self._io, self._release_reserve)
         log.error(
             "store %s: the disk is full: new readings are refused until space returns; "
             "stored envelopes keep being delivered",

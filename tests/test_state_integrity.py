@@ -225,3 +225,20 @@ def test_state_files_are_0600_and_state_folders_0700_even_if_they_were_wider(
     bonds = BondBook(tmp_path / "ble-state")
     bonds.record("AA:BB:CC:DD:EE:FF", "just-works")
     assert mode(bonds.path) == 0o600 and mode(bonds.path.parent) == 0o700
+
+
+def test_a_store_kept_outside_the_state_dir_is_locked_too(tmp_path: Path) -> None:
+    import pytest
+
+    from gateway.statelock import StateInUse, lock_state, release_all
+
+    shared = tmp_path / "disk" / "store.db"
+    held = lock_state(tmp_path / "state-a", shared)
+    try:
+        # Another state folder, the same store file: refused, and nothing of it stays locked.
+        with pytest.raises(StateInUse, match=rf"store {shared} is in use by pid {os.getpid()}"):
+            lock_state(tmp_path / "state-b", shared)
+        release_all(lock_state(tmp_path / "state-b"))
+    finally:
+        release_all(held)
+    release_all(lock_state(tmp_path / "state-b", shared))  # free once the holder lets go
