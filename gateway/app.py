@@ -29,7 +29,8 @@ from gateway.errors import FieldgateError, KeyringError, UplinkError
 from gateway.events import SecurityEvents
 from gateway.queue import EnvelopeQueue, MemoryQueue
 from gateway.readings import Envelope, Scan
-from gateway.store import Store
+from gateway.statelock import StateInUse, StateLock, lock_state, release_all
+from gateway.store import SeqMarks, Store
 from gateway.uplink.session import DeviceSession, RateLimiter, client_context
 
 log = logging.getLogger("fieldgate")
@@ -119,8 +120,10 @@ class Pipeline:
 
 
 class Gateway:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, adopt_stranded: bool = False) -> None:
         self.config = config
+        # A single process (not a worker): take over what workers of an earlier run left.
+        self._adopt_stranded = adopt_stranded
         self.boot_id = ""
         self.counters = Counters()
         self.health = {d.id: DeviceHealth(d.id) for d in config.devices if d.enabled}
@@ -129,6 +132,7 @@ class Gateway:
         self._events: SecurityEvents | None = None
         self.queue: EnvelopeQueue | None = None
         self.sessions: dict[str, DeviceSession] = {}
+        self._marks: SeqMarks | None = None
 
     @property
     def events(self) -> SecurityEvents:
@@ -141,6 +145,8 @@ class Gateway:
         if kind == "envelopes-dropped":
             self.counters.dropped_envelopes += int(fields.get("envelopes", 0))  # type: ignore[call-overload]
             self.counters.dropped_readings += int(fields.get("readings", 0))  # type: ignore[call-overload]
+        elif kind == "store-disk-writable":  # readings refused while the disk was full
+            self.counters.dropped_readings += int(fields.get("refused_readings", 0))  # type: ignore[call-overload]
         self.events.record(kind, device_id, reason, **fields)
 
     def _prepare(self) -> tuple[bytes, dict[str, ssl.SSLContext]]:
@@ -149,6 +155,7 @@ class Gateway:
         try:
             ring = keyring.load(cfg.sealing.keyring, passphrase)
             key = ring.get(cfg.sealing.key_id)
+            self._marks = SeqMarks.from_sealing(cfg.sealing.key_id, ring.keys)
         except KeyringError as err:
             raise StartupError(f"sealing.keyring: {err}") from err
         contexts = {}
@@ -179,11 +186,18 @@ class Gateway:
         if store.kind == "memory":
             return MemoryQueue(max_bytes=store.max_bytes, on_event=self._event)
         path = store.path or self.config.gateway.state_dir / "store.db"
-        return Store(path, max_bytes=store.max_bytes, policy=store.policy, on_event=self._event)
+        return Store(
+            path,
+            max_bytes=store.max_bytes,
+            policy=store.policy,
+            on_event=self._event,
+            marks=self._marks,
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
         key, contexts = self._prepare()
+        locks = self._claim_state()
         async with self._open_queue() as queue:
             self.queue = queue
             self.boot_id = queue.boot_id
@@ -191,6 +205,23 @@ class Gateway:
             sealer = Sealer(key, cfg.sealing.key_id, queue.boot_id, batcher, queue.next_seq)
             await self._run(stop, queue, batcher, sealer, contexts)
         self.events.close()
+        release_all(locks)
+
+    def _claim_state(self) -> list[StateLock]:
+        """Lock the state folder (and an outside store) before anything there is opened; the
+        kernel releases the locks however this process ends. A single process (not a worker)
+        then takes over the envelopes that workers of an earlier run left."""
+        cfg = self.config
+        store_path = cfg.store.path if cfg.store.kind != "memory" else None
+        try:
+            locks = lock_state(cfg.gateway.state_dir, store_path)
+            if self._adopt_stranded:
+                from gateway.workers import adopt_stranded
+
+                adopt_stranded(cfg, 1)
+        except StateInUse as err:
+            raise StartupError(str(err)) from None
+        return locks
 
     async def _run(
         self,

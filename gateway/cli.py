@@ -8,12 +8,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway import runtime
 from gateway.errors import ConfigError, FieldgateError
+
+if TYPE_CHECKING:
+    from gateway.store import SeqMarks
 
 EXIT_FAILED = 1
 EXIT_REFUSED = 2
@@ -36,6 +41,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gateway.app import Gateway
 
     cfg = config_mod.load(args.config)
+    os.umask(0o077)  # state files 0600, state folders 0700, whoever creates them
     if args.worker:
         from gateway.workers import parse_worker, worker_config
 
@@ -43,8 +49,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     elif args.workers > 1:
         from gateway.workers import run_workers
 
-        return run_workers(Path(args.config), args.workers)
-    gateway = Gateway(cfg)
+        return run_workers(Path(args.config), args.workers, cfg)
+    gateway = Gateway(cfg, adopt_stranded=not args.worker)
 
     async def main(stop: asyncio.Event) -> None:
         await gateway.run(stop)
@@ -164,12 +170,30 @@ def cmd_store_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sequence_marks(args: argparse.Namespace) -> SeqMarks | None:
+    """With --config and its passphrase at hand: the keys that authenticate sequence marks."""
+    if not args.config:
+        return None
+    from gateway import config as config_mod
+    from gateway import keyring
+    from gateway.store import SeqMarks
+
+    try:
+        cfg = config_mod.load(args.config, check_files=False)
+        ring = keyring.load(cfg.sealing.keyring, cfg.secrets.passphrase())
+    except (FieldgateError, OSError) as err:
+        print(f"sequence marks not authenticated (no keyring: {err})", file=sys.stderr)
+        return None
+    return SeqMarks.from_sealing(cfg.sealing.key_id, ring.keys)
+
+
 def cmd_store_verify(args: argparse.Namespace) -> int:
     from gateway import store
 
+    marks = _sequence_marks(args)
     failed = False
     for path in _store_paths(args):
-        problems = store.verify(path)
+        problems = store.verify(path, marks)
         for line in problems:
             print(f"{path}: {line}", file=sys.stderr)
         print(f"{path}: {'sound' if not problems else f'{len(problems)} problems'}")

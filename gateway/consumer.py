@@ -8,12 +8,15 @@ stand-in)::
 
 Delivery is at-least-once: an envelope may arrive twice after a reconnect. (device, boot id,
 sequence number) identifies every reading, so :class:`SequenceTracker` tells a duplicate from
-new data.
+new data. A resent envelope is byte-identical to the first, so the tracker keeps a short digest
+of every envelope's body: the same sequence numbers with other content are a **conflict**
+(somebody reused numbers), counted and reported, never taken for duplicates.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -30,6 +33,22 @@ class Opened:
     header: Header
     readings: list[Reading]
     received: float
+    digest: int = 0  # 64 bits of BLAKE2b over the body: tells a resend from other content
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """An envelope whose sequence numbers were seen before with other content."""
+
+    device_id: str
+    boot_id: str
+    first_seq: int
+    count: int
+    received: float
+
+
+def body_digest(body: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(body, digest_size=8).digest(), "big")
 
 
 def open_message(
@@ -46,7 +65,13 @@ def open_message(
     except ValueError as err:
         raise EnvelopeError(str(err)) from err
     readings = open_envelope(device_id, header, body, keyring)
-    return Opened(device_id, header, readings, time.time() if received is None else received)
+    return Opened(
+        device_id,
+        header,
+        readings,
+        time.time() if received is None else received,
+        body_digest(body),
+    )
 
 
 @dataclass
@@ -55,9 +80,13 @@ class _Stream:
     starts: list[int] = field(default_factory=list)
     ends: list[int] = field(default_factory=list)
     duplicates: int = 0
+    # first seq -> body digest of every envelope seen: 8 bytes of hash each
+    digests: dict[int, int] = field(default_factory=dict)
 
-    def add(self, first: int, count: int) -> int:
-        """Record [first, first + count); return how many of them were seen before."""
+    def add(self, first: int, count: int, *, duplicate: bool = True) -> int:
+        """Record [first, first + count); return how many of them were seen before.
+
+        ``duplicate=False`` (a conflict): covered, but not counted as duplicates."""
         end = first + count
         starts, ends = self.starts, self.ends
         if not starts or first >= ends[-1]:
@@ -81,7 +110,8 @@ class _Stream:
         k = bisect.bisect_left(starts, lo)
         starts.insert(k, lo)
         ends.insert(k, hi)
-        self.duplicates += seen
+        if duplicate:
+            self.duplicates += seen
         return seen
 
     def covered(self, seq: int) -> bool:
@@ -114,9 +144,16 @@ class SequenceTracker:
 
     def __init__(self) -> None:
         self.streams: dict[tuple[str, str], _Stream] = {}
+        self.conflicts: list[Conflict] = []
 
     def add(self, opened: Opened) -> list[Reading]:
-        """Record an envelope; return only its readings not seen before (deduplicated)."""
+        """Record an envelope; return its readings not seen before (deduplicated).
+
+        Only a byte-identical resend is a duplicate. An envelope that overlaps numbers seen
+        before with other content is a conflict: it is appended to :attr:`conflicts` and
+        **all** its readings are returned (they are not duplicates of anything), to be flagged:
+        ``conflicts`` grew by one.
+        """
         key = (opened.device_id, opened.header.boot_id)
         stream = self.streams.get(key)
         if stream is None:
@@ -124,10 +161,21 @@ class SequenceTracker:
         first, count = opened.header.first_seq, opened.header.count
         if not stream.overlaps(first, count):
             stream.add(first, count)
+            stream.digests[first] = opened.digest
+            return opened.readings
+        if stream.digests.get(first) != opened.digest:
+            self.conflicts.append(
+                Conflict(opened.device_id, opened.header.boot_id, first, count, opened.received)
+            )
+            stream.add(first, count, duplicate=False)
             return opened.readings
         fresh = [r for r in opened.readings if not stream.covered(r.seq)]
         stream.add(first, count)
         return fresh
+
+    @property
+    def conflicting_readings(self) -> int:
+        return sum(c.count for c in self.conflicts)
 
     def gaps(self) -> dict[tuple[str, str], list[tuple[int, int]]]:
         return {k: g for k, s in self.streams.items() if (g := s.gaps())}

@@ -30,7 +30,8 @@ def load_keyring(pki_dir: Path | None, keyring_path: Path | None) -> keyring_mod
 def open_record(
     record: Path, *, pki_dir: Path | None, keyring_path: Path | None, as_json: bool, summary: bool
 ) -> int:
-    """Print every reading (deduplicated); exit 1 if any envelope was refused."""
+    """Print every reading (deduplicated, conflicts flagged); exit 1 if any envelope was refused
+    or in conflict."""
     ring = load_keyring(pki_dir, keyring_path)
     tracker = SequenceTracker()
     messages = read_record(record)
@@ -38,8 +39,18 @@ def open_record(
     out = sys.stdout
     unique = 0
     for item in opened:
+        before = len(tracker.conflicts)
         fresh = tracker.add(item)
-        unique += len(fresh)
+        conflict = len(tracker.conflicts) > before
+        if conflict:
+            h = item.header
+            print(
+                f"CONFLICT {item.device_id} boot {h.boot_id} seq {h.first_seq}.."
+                f"{h.first_seq + h.count - 1}: numbers seen before with other content",
+                file=sys.stderr,
+            )
+        else:
+            unique += len(fresh)
         if summary:
             continue
         for r in fresh:
@@ -54,6 +65,7 @@ def open_record(
                             "value": r.value,
                             "ts_ms": r.ts_ms,
                             "quality": r.quality,
+                            **({"conflict": True} if conflict else {}),
                         }
                     ).decode()
                     + "\n"
@@ -61,7 +73,7 @@ def open_record(
             else:
                 out.write(
                     f"{r.device_id} {r.boot_id}:{r.seq} {r.point}={r.value!r} "
-                    f"ts={r.ts_ms} {r.quality}\n"
+                    f"ts={r.ts_ms} {r.quality}{' CONFLICT' if conflict else ''}\n"
                 )
     for line in errors:
         print(f"REFUSED {line}", file=sys.stderr)
@@ -69,14 +81,15 @@ def open_record(
     print(
         f"{len(messages)} messages: {len(opened)} opened, {len(errors)} refused; "
         f"{unique} readings, {tracker.duplicates} duplicates dropped, "
-        f"{sum(len(g) for g in gaps.values())} gaps",
+        f"{sum(len(g) for g in gaps.values())} gaps, {len(tracker.conflicts)} conflicts "
+        f"({tracker.conflicting_readings} readings)",
         file=sys.stderr,
     )
     for (device, boot), holes in sorted(gaps.items()):
         print(f"  gap {device} boot {boot}: {holes[:5]}", file=sys.stderr)
     if summary:
         out.writelines(line + "\n" for line in summary_lines(tracker))
-    return 1 if errors else 0
+    return 1 if errors or tracker.conflicts else 0
 
 
 def summary_lines(tracker: SequenceTracker) -> list[str]:

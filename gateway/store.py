@@ -18,12 +18,30 @@ everything sealed since the last commit, so commits group by themselves under lo
 
 A store file that cannot be opened or fails ``PRAGMA quick_check`` at start is moved aside
 (kept, never deleted), a new store starts with a new boot id, and the event is recorded.
+
+A full disk does not stop the gateway. When SQLite cannot write (``FullError``), new envelopes
+are refused (counted per device; one ``store-disk-full`` event when it starts and one
+``store-disk-writable`` with the counts when it ends), while what the store holds keeps being
+leased, delivered and deleted. A reserve file beside the store (``<store>.reserve``) is given
+up at that moment, so that deletes, checkpoints and a restart have the room SQLite needs; intake
+resumes by itself once the reserve can be written again (probed every ``PROBE_INTERVAL``).
+
+Sequence numbers never go back. Beside each device's ``next_seq`` the store keeps a mark
+(``meta`` key ``seqmark:<device>``), authenticated with a key derived from the sealing keys, so
+editing the file cannot forge one. At start, a ``next_seq`` below its mark, below the end of an
+envelope still stored for the same boot, or a mark that does not authenticate, means the
+sequence state went backwards: the event is recorded and the store moves to a **new boot id**,
+so that new readings can never reuse numbers a consumer has already seen.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import hashlib
+import hmac
 import logging
+import os
 import secrets
 import time
 from collections import OrderedDict, deque
@@ -48,6 +66,8 @@ EventSink = Callable[..., None]
 HIGH_WATER = 0.8
 LOW_WATER = 0.7
 DELETE_DELAY = 0.25  # seconds acks gather before one delete transaction
+RESERVE_BYTES = 256 * 1024  # room kept for deletes, checkpoints and a restart on a full disk
+PROBE_INTERVAL = 1.0  # seconds between tries to write again while the disk is full
 
 
 class StoreError(FieldgateError):
@@ -85,14 +105,23 @@ def _schema(version: int) -> str:
 
 
 def open_database(
-    path: Path, *, synchronous: str = "FULL", vfs: str | None = None, readonly: bool = False
+    path: Path,
+    *,
+    synchronous: str = "FULL",
+    vfs: str | None = None,
+    readonly: bool = False,
+    exclusive: bool = False,
 ) -> apsw.Connection:
-    """Open (creating and migrating when writable) and check a store database."""
+    """Open (creating and migrating when writable) and check a store database.
+
+    ``exclusive``: WAL without the shared-memory file (``-shm``), which a full disk may have no
+    room for; no other process can read the store meanwhile."""
     flags = (
         apsw.SQLITE_OPEN_READONLY
         if readonly
         else (apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE)
     )
+    conn: apsw.Connection | None = None
     try:
         conn = (
             apsw.Connection(str(path), flags=flags, vfs=vfs)
@@ -100,6 +129,8 @@ def open_database(
             else apsw.Connection(str(path), flags=flags)
         )
         conn.setbusytimeout(5000)
+        if exclusive:
+            conn.execute("PRAGMA locking_mode=EXCLUSIVE")
         if not readonly:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={synchronous}")
@@ -113,9 +144,27 @@ def open_database(
             )
         if version < SCHEMA_VERSION and not readonly:
             _migrate(conn, version)
-    except (apsw.CorruptError, apsw.NotADBError) as err:
-        raise StoreCorrupt(f"{path}: {err}") from err
+    except BaseException as err:
+        if conn is not None:
+            conn.close()  # a failed open must not keep the file locked for the next try
+        if isinstance(err, apsw.CorruptError | apsw.NotADBError):
+            raise StoreCorrupt(f"{path}: {err}") from err
+        raise
     return conn
+
+
+def private_file(path: Path) -> None:
+    """Create the store file 0600 if it is missing (SQLite gives its -wal and -shm the same
+    mode), and tighten an existing one and its companions."""
+    if not path.exists():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            companion = Path(str(path) + suffix)
+            if companion.stat().st_mode & 0o077:
+                os.chmod(companion, 0o600)
+        except FileNotFoundError:
+            pass
 
 
 def _migrate(conn: apsw.Connection, version: int) -> None:
@@ -137,6 +186,95 @@ def move_aside(path: Path) -> Path:
     return target
 
 
+MARK_PREFIX = "seqmark:"
+MARKS_ON = "seqmarks"
+
+
+@dataclass(frozen=True, slots=True)
+class SeqMarks:
+    """Keys for the sequence marks: one derived per sealing key id; ``kid`` signs new marks."""
+
+    kid: str
+    keys: dict[str, bytes]
+
+    @classmethod
+    def from_sealing(cls, kid: str, sealing_keys: dict[str, bytes]) -> SeqMarks:
+        derived = {
+            k: hmac.new(v, b"fieldgate store sequence marks", hashlib.sha256).digest()
+            for k, v in sealing_keys.items()
+        }
+        return cls(kid, derived)
+
+    def sign(self, boot: str, device: str, next_seq: int) -> str:
+        return f"{next_seq}:{self.kid}:{self._mac(self.keys[self.kid], boot, device, next_seq)}"
+
+    def check(self, boot: str, device: str, value: str) -> int | None:
+        """The mark's number if it authenticates (or its key is gone), None if forged."""
+        number, kid, mac = _parse_mark(value)
+        if number is None:
+            return None
+        key = self.keys.get(kid)
+        if key is None:
+            return number  # signed by a key no longer in the keyring: cannot tell
+        good = hmac.compare_digest(mac, self._mac(key, boot, device, number))
+        return number if good else None
+
+    @staticmethod
+    def _mac(key: bytes, boot: str, device: str, next_seq: int) -> str:
+        msg = f"{boot}\n{device}\n{next_seq}".encode()
+        return hmac.new(key, msg, hashlib.sha256).hexdigest()[:32]
+
+
+def _parse_mark(value: str) -> tuple[int | None, str, str]:
+    number, _, rest = value.partition(":")
+    kid, _, mac = rest.partition(":")
+    try:
+        return int(number), kid, mac
+    except ValueError:
+        return None, kid, mac
+
+
+def sequence_problems(conn: apsw.Connection, marks: SeqMarks | None = None) -> dict[str, str]:
+    """Per device, why its sequence state went backwards (empty when it did not)."""
+    boot_row = _rows(conn, "SELECT value FROM meta WHERE key='boot_id'")
+    if not boot_row:
+        return {}
+    boot = boot_row[0][0]
+    next_seq = dict(_rows(conn, "SELECT device, next_seq FROM sequences"))
+    problems: dict[str, str] = {}
+    for device, end in _rows(
+        conn,
+        "SELECT device, max(first_seq + count) FROM envelopes WHERE boot=? GROUP BY device",
+        (boot,),
+    ):
+        if end > next_seq.get(device, 0):
+            problems[device] = (
+                f"next_seq {next_seq.get(device, 0)} is below the end ({end}) of an envelope "
+                "still stored"
+            )
+    enabled = bool(_rows(conn, "SELECT 1 FROM meta WHERE key=?", (MARKS_ON,)))
+    stored = {
+        k[len(MARK_PREFIX) :]: v
+        for k, v in _rows(
+            conn,
+            "SELECT key, value FROM meta WHERE key >= ? AND key < ?",
+            (MARK_PREFIX, "seqmark;"),
+        )
+    }
+    for device, value in stored.items():
+        number = marks.check(boot, device, value) if marks else _parse_mark(value)[0]
+        if number is None:
+            problems.setdefault(device, "its sequence mark does not authenticate (edited)")
+        elif number > next_seq.get(device, 0):
+            problems.setdefault(
+                device, f"next_seq {next_seq.get(device, 0)} is below its mark {number}"
+            )
+    if enabled:
+        for device in next_seq.keys() - stored.keys():
+            problems.setdefault(device, "its sequence mark is missing (deleted)")
+    return problems
+
+
 class Store:
     """A durable :class:`gateway.queue.EnvelopeQueue`. An async context manager."""
 
@@ -150,8 +288,17 @@ class Store:
         synchronous: str = "FULL",
         vfs: str | None = None,
         cache_bytes: int = 32 * 1024 * 1024,
+        marks: SeqMarks | None = None,
+        reserve_bytes: int = RESERVE_BYTES,
     ) -> None:
         self.path = Path(path)
+        self._marks = marks
+        self.reserve_path = self.path.with_name(self.path.name + ".reserve")
+        self._reserve_bytes = reserve_bytes
+        self.disk_full = False
+        self._next_probe = 0.0
+        # Per device, (envelopes, readings) refused during the current full-disk spell.
+        self.refused_full: dict[str, tuple[int, int]] = {}
         self.max_bytes = max_bytes
         self.policy = policy
         self._on_event = on_event or (lambda *a, **k: None)
@@ -194,9 +341,82 @@ class Store:
         self._io.shutdown(wait=True)
 
     def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_file(self.path)
+        self._ensure_reserve()
         try:
-            conn = open_database(self.path, synchronous=self._synchronous, vfs=self._vfs)
+            self._open_checked()
+        except (apsw.FullError, apsw.IOError) as err:
+            # A full disk: give up the reserve and try once more with the room it leaves.
+            self._release_reserve()
+            self.disk_full = True
+            log.error("store %s: disk full at start (%s); reserve given up", self.path, err)
+            try:
+                self._open_checked()
+            except (apsw.FullError, apsw.IOError):
+                try:
+                    # No room for the -shm file: keep the WAL index in memory instead.
+                    self._open_checked(exclusive=True)
+                    log.warning(
+                        "store %s: opened without shared memory (disk full): `fieldgate store "
+                        "status` cannot read it while this gateway runs",
+                        self.path,
+                    )
+                except (apsw.FullError, apsw.IOError) as again:
+                    raise StoreError(
+                        f"{self.path}: the disk is full: the store cannot be opened ({again}); "
+                        "free some space"
+                    ) from again
+        if self.disk_full:
+            self._on_event(
+                "store-disk-full",
+                None,
+                "disk full at start: refusing new readings, delivering what is stored",
+                path=str(self.path),
+            )
+
+    def _ensure_reserve(self) -> bool:
+        """Write the reserve file if it is missing; False when the disk has not the room."""
+        if self._reserve_bytes <= 0:
+            return True
+        try:
+            if self.reserve_path.stat().st_size >= self._reserve_bytes:
+                return True
+        except FileNotFoundError:
+            pass
+        tmp = self.reserve_path.with_name(self.reserve_path.name + ".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                chunk = bytes(64 * 1024)
+                left = self._reserve_bytes
+                while left > 0:
+                    left -= os.write(fd, chunk[: min(left, len(chunk))])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.reserve_path)
+            return True
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                log.warning("store reserve %s: %s", self.reserve_path, err)
+            return False
+
+    def _release_reserve(self) -> None:
+        try:
+            self.reserve_path.unlink(missing_ok=True)
+        except OSError as err:
+            log.warning("store reserve %s: %s", self.reserve_path, err)
+
+    def _open_checked(self, *, exclusive: bool = False) -> None:
+        if self._conn is not None:  # a try that failed after the open
+            self._conn.close()
+            self._conn = None
+        try:
+            conn = open_database(
+                self.path, synchronous=self._synchronous, vfs=self._vfs, exclusive=exclusive
+            )
         except StoreCorrupt as err:
             kept = move_aside(self.path)
             log.error(
@@ -212,6 +432,15 @@ class Store:
             else:
                 self.boot_id = secrets.token_hex(8)
                 conn.execute("INSERT INTO meta(key, value) VALUES('boot_id', ?)", (self.boot_id,))
+            rewound = sequence_problems(conn, self._marks)
+            if rewound:
+                self._new_boot(conn, rewound)
+        if self._marks is not None:
+            try:
+                with conn:
+                    self._write_marks(conn)
+            except apsw.FullError:
+                pass  # marks of a store from before them: written at its next commit
         self.next_seq = dict(_rows(conn, "SELECT device, next_seq FROM sequences"))
         self.drops = {
             d: (e, r) for d, e, r in _rows(conn, "SELECT device, envelopes, readings FROM drops")
@@ -233,12 +462,56 @@ class Store:
                 self._bytes,
             )
 
+    def _new_boot(self, conn: apsw.Connection, rewound: dict[str, str]) -> None:
+        """Sequence state went back: never reuse a number, start a new boot id instead."""
+        old, self.boot_id = self.boot_id, secrets.token_hex(8)
+        conn.execute("UPDATE meta SET value=? WHERE key='boot_id'", (self.boot_id,))
+        conn.execute("DELETE FROM sequences")
+        conn.execute("DELETE FROM meta WHERE key >= ? AND key < ?", (MARK_PREFIX, "seqmark;"))
+        for device, why in sorted(rewound.items()):
+            log.error(
+                "store %s: the sequence state of %s went backwards (%s); boot %s ends, new boot %s",
+                self.path,
+                device,
+                why,
+                old,
+                self.boot_id,
+            )
+            self._on_event("sequence-rewound", device, why, old_boot=old, new_boot=self.boot_id)
+
+    def _write_marks(self, conn: apsw.Connection) -> None:
+        assert self._marks is not None
+        for device, next_seq in _rows(conn, "SELECT device, next_seq FROM sequences"):
+            self._put_mark(conn, device, next_seq)
+        conn.execute(
+            "INSERT INTO meta(key, value) VALUES(?, '1') ON CONFLICT(key) DO NOTHING", (MARKS_ON,)
+        )
+
+    def _put_mark(self, conn: apsw.Connection, device: str, next_seq: int) -> None:
+        if self._marks is None:
+            return
+        conn.execute(
+            "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) "
+            "DO UPDATE SET value=excluded.value",
+            (MARK_PREFIX + device, self._marks.sign(self.boot_id, device, next_seq)),
+        )
+
     def _shutdown(self) -> None:
         if self._conn is None:
             return
-        self._delete_now(self._deletes)
+        try:
+            self._delete_now(self._deletes)
+        except apsw.FullError:
+            log.warning(
+                "disk full: %d delivered envelopes stay in the store (sent again at the next "
+                "start)",
+                len(self._deletes),
+            )
         self._deletes = []
-        self._conn.close()
+        try:
+            self._conn.close()
+        except apsw.Error as err:  # a checkpoint that found no room: the WAL stays, intact
+            log.warning("store %s: closing: %s", self.path, err)
         self._conn = None
 
     def _device(self, device_id: str) -> _Device:
@@ -254,6 +527,15 @@ class Store:
             raise StoreError("store is closed for new envelopes")
         if not envelopes:
             return
+        loop = asyncio.get_running_loop()
+        if self.disk_full:
+            if loop.time() < self._next_probe:
+                self._refuse_full(envelopes)
+                return
+            self._next_probe = loop.time() + PROBE_INTERVAL
+            if not await loop.run_in_executor(self._io, self._ensure_reserve):
+                self._refuse_full(envelopes)
+                return
         incoming = sum(len(e.body) for e in envelopes)
         refused: list[Envelope] = []
         victims: list[_Entry] = []
@@ -282,12 +564,26 @@ class Store:
         # Out of the queue before the commit's await, so that no session leases a victim.
         for victim in victims:
             self._forget(victim)
-        loop = asyncio.get_running_loop()
-        ids = await asyncio.shield(
-            loop.run_in_executor(
-                self._io, self._commit, list(envelopes), seq_updates, [v.id for v in victims], drops
+        try:
+            ids = await asyncio.shield(
+                loop.run_in_executor(
+                    self._io,
+                    self._commit,
+                    list(envelopes),
+                    seq_updates,
+                    [v.id for v in victims],
+                    drops,
+                )
             )
-        )
+        except apsw.FullError:
+            # Nothing of this transaction was written: the victims stay, new ones are refused.
+            for victim in victims:
+                self._restore(victim)
+            await self._disk_became_full(loop)
+            self._refuse_full([*envelopes, *refused])
+            return
+        if self.disk_full:
+            self._disk_writable()
         self.commits += 1
         self.next_seq.update(seq_updates)
         for envelope, id_ in zip(envelopes, ids, strict=True):
@@ -323,6 +619,71 @@ class Store:
             if heads[device] >= len(self._devices[device].pending):
                 del heads[device]
         return victims
+
+    def _restore(self, entry: _Entry) -> None:
+        """Put back an entry taken out for a drop that did not commit, in id order."""
+        pending = self._devices[entry.device].pending
+        index = next((i for i, e in enumerate(pending) if e.id > entry.id), len(pending))
+        pending.insert(index, entry)
+        self._bytes += entry.size
+        if entry.body is not None:
+            self._cached += entry.size
+        self._devices[entry.device].ready.set()
+
+    async def _disk_became_full(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._next_probe = loop.time() + PROBE_INTERVAL
+        # Also after a probe that rewrote the reserve but could not commit: the room is for
+        # deletes and checkpoints, not for new readings.
+        await loop.run_in_executor(self._io, self._release_reserve)
+        if self.disk_full:
+            return
+        self.disk_full = True
+        log.error(
+            "store %s: the disk is full: new readings are refused until space returns; "
+            "stored envelopes keep being delivered",
+            self.path,
+        )
+        self._on_event(
+            "store-disk-full",
+            None,
+            "disk full: refusing new readings, delivering what is stored",
+            path=str(self.path),
+        )
+
+    def _refuse_full(self, envelopes: Sequence[Envelope]) -> None:
+        if envelopes and not self.refused_full:
+            first = envelopes[0]
+            log.warning(
+                "store %s: first envelope refused for want of disk space (%s seq %d)",
+                self.path,
+                first.device_id,
+                first.header.first_seq,
+            )
+        for envelope in envelopes:
+            count, readings = self.refused_full.get(envelope.device_id, (0, 0))
+            self.refused_full[envelope.device_id] = (count + 1, readings + envelope.header.count)
+
+    def _disk_writable(self, *, reason: str = "disk writable again: intake resumes") -> None:
+        refused, self.refused_full = self.refused_full, {}
+        self.disk_full = False
+        envelopes = sum(e for e, _ in refused.values())
+        readings = sum(r for _, r in refused.values())
+        log.warning(
+            "store %s: %s (%d envelopes, %d readings were refused while full)",
+            self.path,
+            reason,
+            envelopes,
+            readings,
+        )
+        self._on_event(
+            "store-disk-writable",
+            None,
+            reason,
+            path=str(self.path),
+            refused_envelopes=envelopes,
+            refused_readings=readings,
+            refused={d: {"envelopes": e, "readings": r} for d, (e, r) in sorted(refused.items())},
+        )
 
     def _forget(self, entry: _Entry) -> None:
         self._devices[entry.device].pending.remove(entry)
@@ -365,6 +726,7 @@ class Store:
                     "DO UPDATE SET next_seq=excluded.next_seq",
                     (device, next_seq),
                 )
+                self._put_mark(conn, device, next_seq)
             if drop_ids:
                 conn.executemany("DELETE FROM envelopes WHERE id=?", [(i,) for i in drop_ids])
             for device, (count, readings) in drops.items():
@@ -466,6 +828,9 @@ class Store:
         device.ready.set()
 
     def close(self) -> None:
+        if self.disk_full and self.refused_full:
+            self._disk_writable(reason="stopping while the disk is full")
+            self.disk_full = True
         self._closed = True
         for device in self._devices.values():
             device.ready.set()
@@ -478,14 +843,28 @@ class Store:
             await asyncio.sleep(DELETE_DELAY)
             self._delete_due.clear()
             batch, self._deletes = self._deletes, []
-            if batch:
+            if not batch:
+                continue
+            try:
                 await asyncio.shield(loop.run_in_executor(self._io, self._delete_now, batch))
+            except apsw.FullError:
+                # Not even room to delete: try again later (the rows are acked, never resent
+                # while this process runs).
+                self._deletes = batch + self._deletes
+                await asyncio.sleep(PROBE_INTERVAL)
+                self._delete_due.set()
 
     def _delete_now(self, ids: list[int]) -> None:
         if not ids or self._conn is None:
             return
         with self._conn:
             self._conn.executemany("DELETE FROM envelopes WHERE id=?", [(i,) for i in ids])
+        if self.disk_full:
+            # Hand the freed pages back to the file system's view: fold the WAL in, truncate it.
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except apsw.Error:
+                pass
 
     # -- status -----------------------------------------------------------------------------
 
@@ -521,6 +900,79 @@ def _drop_counts(*groups: dict[str, list[tuple[int, int]]]) -> dict[str, tuple[i
             envelopes, readings = out.get(device, (0, 0))
             out[device] = (envelopes + len(ranges), readings + sum(c for _, c in ranges))
     return out
+
+
+# -- stranded stores: moving envelopes between store files -----------------------------------
+
+
+def waiting(path: Path) -> dict[str, int]:
+    """Per device, how many envelopes a store file holds (the gateway must not run on it)."""
+    if not path.exists():
+        return {}
+    try:
+        conn = open_database(path, readonly=True)
+        try:
+            if not _rows(conn, "SELECT 1 FROM sqlite_master WHERE name='envelopes'"):
+                return {}  # created a moment ago: no schema yet
+            return {
+                d: int(n)
+                for d, n in _rows(conn, "SELECT device, count(*) FROM envelopes GROUP BY device")
+            }
+        finally:
+            conn.close()
+    except apsw.Error as err:
+        raise StoreError(f"{path}: {err}") from err
+
+
+def move_envelopes(source: Path, target: Path, devices: Sequence[str]) -> int:
+    """Move every envelope of ``devices`` from one store file into another, oldest first.
+
+    Header and body stay as they are, so the consumer sees each envelope's original boot and
+    sequence numbers; drop counts move along. First one transaction in the target, then one in
+    the source: a crash between the two leaves the envelopes in both, and they are sent twice
+    (byte-identical: duplicates to the consumer), never lost.
+    """
+    if not devices:
+        return 0
+    try:
+        return _move(source, target, devices)
+    except apsw.Error as err:
+        raise StoreError(f"moving envelopes from {source} to {target}: {err}") from err
+
+
+def _move(source: Path, target: Path, devices: Sequence[str]) -> int:
+    marks = ",".join("?" * len(devices))
+    private_file(target)
+    dst = open_database(target)
+    try:
+        dst.execute("ATTACH DATABASE ? AS src", (str(source),))
+        with dst:
+            dst.execute(
+                "INSERT INTO main.envelopes(device, version, key_id, boot, first_seq, count, "
+                "codec, oldest_ts_ms, body) SELECT device, version, key_id, boot, first_seq, "
+                f"count, codec, oldest_ts_ms, body FROM src.envelopes WHERE device IN ({marks}) "
+                "ORDER BY id",
+                devices,
+            )
+            moved = dst.changes()
+            dst.execute(
+                "INSERT INTO main.drops(device, envelopes, readings) SELECT device, envelopes, "
+                f"readings FROM src.drops WHERE device IN ({marks}) AND true "
+                "ON CONFLICT(device) DO UPDATE SET envelopes=envelopes+excluded.envelopes, "
+                "readings=readings+excluded.readings",
+                devices,
+            )
+        dst.execute("DETACH DATABASE src")
+    finally:
+        dst.close()
+    src = open_database(source)
+    try:
+        with src:
+            src.execute(f"DELETE FROM envelopes WHERE device IN ({marks})", devices)
+            src.execute(f"DELETE FROM drops WHERE device IN ({marks})", devices)
+    finally:
+        src.close()
+    return moved
 
 
 # -- offline inspection (fieldgate store status / verify) -------------------------------------
@@ -578,8 +1030,9 @@ def accepted(path: Path) -> dict[str, int]:
         conn.close()
 
 
-def verify(path: Path) -> list[str]:
-    """``PRAGMA integrity_check`` and a sanity check of every envelope header; [] if sound."""
+def verify(path: Path, marks: SeqMarks | None = None) -> list[str]:
+    """``PRAGMA integrity_check``, a sanity check of every envelope header and of the sequence
+    state (its marks authenticated when ``marks`` is given); [] if sound."""
     from gateway.envelope import NONCE_BYTES, TAG_BYTES
     from gateway.readings import CODEC, ENVELOPE_VERSION
 
@@ -608,6 +1061,8 @@ def verify(path: Path) -> list[str]:
             if previous is not None and first < previous:
                 problems.append(f"{where}: overlaps or precedes the envelope before it")
             ends[(device, boot)] = first + count
+        for device, why in sorted(sequence_problems(conn, marks).items()):
+            problems.append(f"{device}: sequence state went backwards: {why}")
     finally:
         conn.close()
     return problems

@@ -6,12 +6,18 @@ takes Modbus devices I, I+W, I+2W, ... of the config and the BLE devices of ever
 (``state_dir/worker-I``): its own store, security events and sessions. The parent forwards
 SIGTERM/SIGINT, so every worker flushes, and restarts a worker that dies unexpectedly,
 with backoff. A worker that exits 2 (refused config) stops them all: restarting cannot help.
+
+A run whose layout differs from the last one (single after workers, workers after single, another
+worker count) would find envelopes in store files no process drains. So before anything starts,
+:func:`adopt_stranded` moves each such envelope, unchanged, into the store of the process that
+now owns its device (the parent of ``--workers`` does it for all workers).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import signal
 import sys
 from pathlib import Path
@@ -46,6 +52,89 @@ def worker_config(cfg: Config, index: int, count: int) -> Config:
             "store": cfg.store.model_copy(update={"path": store_path}),
         }
     )
+
+
+def _store_file(cfg: Config) -> Path:
+    return cfg.store.path or cfg.gateway.state_dir / "store.db"
+
+
+def _worker_share(cfg: Config, index: int) -> Config:
+    """Worker ``index``'s folders and store file (whatever the worker count)."""
+    return worker_config(cfg, index, index + 1)
+
+
+def _worker_indices(cfg: Config) -> set[int]:
+    """Workers that have left a folder or a store file behind."""
+    found = set()
+    for child in cfg.gateway.state_dir.glob("worker-*"):
+        if (m := re.fullmatch(r"worker-(\d+)", child.name)) and child.is_dir():
+            found.add(int(m.group(1)))
+    if cfg.store.path is not None:
+        stem, suffix = cfg.store.path.stem, cfg.store.path.suffix
+        for child in cfg.store.path.parent.glob(f"{stem}-worker-*{suffix}"):
+            if m := re.fullmatch(rf"{re.escape(stem)}-worker-(\d+){re.escape(suffix)}", child.name):
+                found.add(int(m.group(1)))
+    return found
+
+
+def adopt_stranded(cfg: Config, count: int) -> None:
+    """Move envelopes left in store files of another layout to the store that now owns them.
+
+    ``count``: 1 for a single process, else the number of workers. The caller holds the main
+    state folder's lock; every worker folder involved is locked while envelopes move.
+    """
+    from gateway import store
+    from gateway.statelock import lock_state, release_all
+
+    if cfg.store.kind == "memory":
+        return
+    shares = {i: worker_config(cfg, i, count) for i in range(count)} if count > 1 else {}
+    owner: dict[str, Path] = {}
+    if shares:
+        for share in shares.values():
+            owner.update({d.id: _store_file(share) for d in share.devices})
+    else:
+        owner = {d.id: _store_file(cfg) for d in cfg.devices}
+    others = {i: _worker_share(cfg, i) for i in _worker_indices(cfg) | set(shares)}
+    files = [_store_file(cfg), *(_store_file(c) for c in others.values())]
+    locks = []
+    try:
+        for share in others.values():
+            locks += lock_state(share.gateway.state_dir, share.store.path)
+        for source in files:
+            try:
+                held = store.waiting(source)
+            except store.StoreError as err:
+                log.warning("cannot look for stranded envelopes in %s: %s", source, err)
+                continue
+            moves: dict[Path, list[str]] = {}
+            for device in sorted(held):
+                target = owner.get(device)
+                if target is None:
+                    log.warning(
+                        "%s: %d envelopes of %s, a device no longer configured, stay there",
+                        source,
+                        held[device],
+                        device,
+                    )
+                elif target != source:
+                    moves.setdefault(target, []).append(device)
+            for target, devices in moves.items():
+                target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                try:
+                    moved = store.move_envelopes(source, target, devices)
+                except store.StoreError as err:  # e.g. a full disk: they stay, nothing lost
+                    log.error("stranded envelopes stay in %s until the next start: %s", source, err)
+                    continue
+                log.warning(
+                    "moved %d envelopes of %d devices from %s (an earlier layout) to %s",
+                    moved,
+                    len(devices),
+                    source,
+                    target,
+                )
+    finally:
+        release_all(locks)
 
 
 def parse_worker(text: str) -> tuple[int, int]:
@@ -105,8 +194,24 @@ async def supervise(config: Path, count: int, stop: asyncio.Event) -> int:
     return 0 if all(c == 0 for c in codes) else 1
 
 
-def run_workers(config: Path, count: int) -> int:
+def run_workers(config: Path, count: int, cfg: Config | None = None) -> int:
+    """Run ``count`` workers; the parent holds the main state folder's lock meanwhile."""
+    from gateway.app import StartupError
+    from gateway.statelock import StateInUse, lock_state, release_all
+
     async def main(stop: asyncio.Event) -> int:
         return await supervise(config, count, stop)
 
-    return int(runtime.run(main))
+    locks = []
+    if cfg is not None:
+        store_path = cfg.store.path if cfg.store.kind != "memory" else None
+        try:
+            locks = lock_state(cfg.gateway.state_dir, store_path)
+            adopt_stranded(cfg, count)
+        except StateInUse as err:
+            release_all(locks)
+            raise StartupError(str(err)) from None
+    try:
+        return int(runtime.run(main))
+    finally:
+        release_all(locks)

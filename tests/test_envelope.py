@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gateway.batcher import Batch, Batcher
-from gateway.consumer import SequenceTracker, open_message
+from gateway.consumer import Opened, SequenceTracker, open_message
 from gateway.envelope import Sealer, open_envelope
 from gateway.errors import EnvelopeError, KeyringError
 from gateway.keyring import Keyring, write_new
@@ -155,6 +155,40 @@ def test_tracker_counts_duplicates_and_gaps() -> None:
     assert len(tracker.add(opened[1])) == 60
     assert tracker.gaps() == {} and tracker.duplicates == 60
     assert tracker.unique_readings() == 180
+
+
+def test_reused_sequence_numbers_with_other_content_are_a_conflict_not_duplicates() -> None:
+    def sealed(first_value: int, next_seq: dict[str, int]) -> list[Opened]:
+        batcher = Batcher(4000, 3600)
+        sealer = Sealer(KEY, "k1", "b", batcher, next_seq)
+        out = []
+        for t in range(first_value, first_value + 2):
+            batcher.add(scan("d", t), 0.0)
+            batch = batcher.take("d")
+            assert batch is not None
+            [env], _ = sealer.seal(batch)
+            out.append(open_message(telemetry_topic("d", env.header), env.body, RING))
+        return out
+
+    first = sealed(0, {})
+    # A rewound counter: the same (device, boot, seq) again, on other readings.
+    again = sealed(100, {})
+    tracker = SequenceTracker()
+    for o in first:
+        assert len(tracker.add(o)) == 60
+    assert tracker.add(first[0]) == []  # a byte-identical resend is a duplicate
+    assert tracker.duplicates == 60 and tracker.conflicts == []
+    fresh = tracker.add(again[0])
+    assert fresh == again[0].readings  # returned, to be flagged: not dropped as duplicates
+    assert tracker.duplicates == 60
+    assert [(c.device_id, c.boot_id, c.first_seq, c.count) for c in tracker.conflicts] == [
+        ("d", "b", 0, 60)
+    ]
+    # An overlap at other boundaries is a conflict as well.
+    shifted = sealed(200, {"d": 30})
+    assert tracker.add(shifted[0]) == shifted[0].readings
+    assert len(tracker.conflicts) == 2 and tracker.conflicting_readings == 120
+    assert tracker.duplicates == 60
 
 
 def test_no_reading_is_lost_or_reordered_when_a_batch_overshoots() -> None:

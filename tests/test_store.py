@@ -200,3 +200,56 @@ def test_verify_and_status_commands(tmp_path: Path) -> None:
         timeout=60,
     )
     assert bad.returncode == 1 and "2 problems" in bad.stdout
+
+
+def test_sequence_state_that_went_backwards_starts_a_new_boot_and_a_forged_mark_is_caught(
+    tmp_path: Path,
+) -> None:
+    from gateway.store import SeqMarks
+
+    path = tmp_path / "store.db"
+    marks = SeqMarks.from_sealing("k1", {"k1": b"\x01" * 32})
+
+    async def put() -> str:
+        async with Store(path, max_bytes=10**7, marks=marks) as store:
+            boot = store.boot_id
+            await store.put([envelope("a", 0, boot=boot), envelope("a", 10, boot=boot)])
+            await store.put([envelope("b", 0, boot=boot)])
+            return boot
+
+    def reopen() -> tuple[str, dict[str, int], Events]:
+        events = Events()
+
+        async def go() -> tuple[str, dict[str, int]]:
+            async with Store(path, max_bytes=10**7, marks=marks, on_event=events) as store:
+                return store.boot_id, dict(store.next_seq)
+
+        boot, seqs = run(go)
+        return boot, seqs, events
+
+    boot = run(put)
+    conn = apsw.Connection(str(path))
+    # Below the end of an envelope still stored: caught even without a key.
+    conn.execute("UPDATE sequences SET next_seq=5 WHERE device='a'")
+    assert verify(path) == [
+        "a: sequence state went backwards: next_seq 5 is below the end (20) of an envelope "
+        "still stored"
+    ]
+    conn.close()
+    boot2, seqs, events = reopen()
+    assert boot2 != boot and seqs == {}  # numbers start afresh under a new boot, never reused
+    assert [(e["device"], e["old_boot"], e["new_boot"]) for e in events.of("sequence-rewound")] == [
+        ("a", boot, boot2)
+    ]
+    # A mark edited to match a rewound counter does not authenticate.
+    run(put)
+    conn = apsw.Connection(str(path))
+    conn.execute("UPDATE sequences SET next_seq=100 WHERE device='b'")
+    conn.execute("UPDATE meta SET value='100:k1:' || substr(value, -32) WHERE key='seqmark:b'")
+    conn.close()
+    boot3, _, events = reopen()
+    assert boot3 != boot2
+    assert [e["device"] for e in events.of("sequence-rewound")] == ["b"]
+    assert "does not authenticate" in events.of("sequence-rewound")[0]["reason"]
+    # A clean reopen keeps its boot.
+    assert reopen()[0] == boot3

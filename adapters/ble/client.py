@@ -120,9 +120,10 @@ class BondBook:
             self._save()
 
     def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
+        tmp.unlink(missing_ok=True)  # created anew below, 0600 (it names paired devices)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
             f.write(orjson.dumps(self._data, option=orjson.OPT_INDENT_2))
             f.flush()
             os.fsync(f.fileno())

@@ -49,7 +49,7 @@ async def _report(service: HubService, stop: asyncio.Event) -> None:
         print(
             f"{time.strftime('%H:%M:%S')} {len(service.devices)} devices, "
             f"{total} readings (+{total - last}), duplicates {service.tracker.duplicates}, "
-            f"refused {len(service.refused)}",
+            f"refused {len(service.refused)}, conflicts {len(service.tracker.conflicts)}",
             flush=True,
         )
         last = total

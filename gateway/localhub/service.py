@@ -37,6 +37,7 @@ class DeviceView:
     readings: int = 0
     duplicates: int = 0
     refused: int = 0
+    conflicts: int = 0  # envelopes reusing sequence numbers with other content
     last: dict[str, Any] = field(default_factory=dict)
     last_ts_ms: int = 0
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
@@ -94,11 +95,22 @@ class HubService:
             self.refused.append(f"{topic}: {err}")
             log.warning("refused a message on %s: %s", topic, err)
             return
+        before = len(self.tracker.conflicts)
         fresh = self.tracker.add(opened)
         self.opened.set()
         view.envelopes += 1
-        view.readings += len(fresh)
-        view.duplicates += len(opened.readings) - len(fresh)
+        if len(self.tracker.conflicts) > before:
+            h = opened.header
+            view.conflicts += 1
+            line = (
+                f"{topic}: CONFLICT boot {h.boot_id} seq {h.first_seq}..{h.first_seq + h.count - 1}"
+                " seen before with other content"
+            )
+            self.refused.append(line)
+            log.warning("%s", line)
+        else:
+            view.readings += len(fresh)
+            view.duplicates += len(opened.readings) - len(fresh)
         for reading in fresh:
             view.last[reading.point] = reading.value
         if fresh:
