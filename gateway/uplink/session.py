@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -24,6 +25,9 @@ from gateway.uplink.mqtt import MqttClient
 log = logging.getLogger(__name__)
 
 API_VERSION = "2021-04-12"
+
+# (kind, device_id, reason, **fields): how a session records a security event.
+EventSink = Callable[..., None]
 
 
 def client_context(ca_file: Path, cert: Path, key: Path, passphrase: bytes) -> ssl.SSLContext:
@@ -45,6 +49,10 @@ def client_context(ca_file: Path, cert: Path, key: Path, passphrase: bytes) -> s
 
 def iothub_username(hub_hostname: str, device_id: str) -> str:
     return f"{hub_hostname}/{device_id}/?api-version={API_VERSION}"
+
+
+# backoff_delay's attempt number from which its ceiling is the maximum, whatever the minimum.
+REFUSED_ATTEMPT = 30
 
 
 class RateLimiter:
@@ -94,8 +102,12 @@ class DeviceSession:
         queue: EnvelopeQueue,
         connects: RateLimiter,
         sends: RateLimiter,
+        on_event: EventSink | None = None,
     ) -> None:
         self.device_id = device_id
+        self._on_event = on_event or (lambda *a, **k: None)
+        # The refusal last recorded as a security event, while the uplink stays down.
+        self._refused: tuple[str, int | None] | None = None
         self._hub = hub
         self._context = context
         self._queue = queue
@@ -119,8 +131,10 @@ class DeviceSession:
     async def run(self) -> None:
         """Publish until the queue is closed and drained; reconnect with backoff in between."""
         attempt = 0
+        down: str | None = None  # the cause of the failures since the last connection
         while True:
             await self._limiter.acquire()
+            refused = False
             try:
                 async with self._client() as client:
                     self.stats.connected = True
@@ -128,21 +142,60 @@ class DeviceSession:
                     if attempt or self.stats.connects == 1:
                         log.info("%s: connected to %s", self.device_id, self._hub.hostname)
                     attempt = 0
+                    down = None
+                    self._refused = None
                     self.stats.last_error = None
                     if await self._pump(client):
                         return
             except UplinkError as err:
-                if self.stats.last_error is None:
+                if err.cause != down:
                     # Log the transition, not every retry.
                     log.warning("%s: uplink down: %s", self.device_id, err)
+                    down = err.cause
                 self.stats.last_error = str(err)
+                self._record_refusal(err)
+                refused = not err.retryable
             finally:
                 self.stats.connected = False
                 self._queue.release(self.device_id)
             attempt += 1
+            # A refusal (certificate, TLS, CONNACK) is not fixed by retrying soon: wait the
+            # longest backoff (still with jitter), in case the operator fixes the hub's side.
             await asyncio.sleep(
-                backoff_delay(attempt, self._hub.backoff_min, self._hub.backoff_max)
+                backoff_delay(
+                    max(attempt, REFUSED_ATTEMPT) if refused else attempt,
+                    self._hub.backoff_min,
+                    self._hub.backoff_max,
+                )
             )
+
+    def _record_refusal(self, err: UplinkError) -> None:
+        """A security event per refusal transition: the same refusal again while down records
+        nothing; another refusal, or the first after a connection, records one.
+
+        Network-level failures (hub unreachable, timed out, connection lost after CONNACK)
+        are not refusals: they are logged, and leave no security event.
+        """
+        if not err.refusal:
+            return
+        key = (err.cause, err.connack)
+        if key == self._refused:
+            return
+        self._refused = key
+        hub = self._hub
+        # What the library said, for an operator who wants the raw words.
+        origin = err.__cause__
+        detail = (str(origin) or type(origin).__name__) if origin is not None else str(err)
+        self._on_event(
+            "uplink-refused",
+            self.device_id,
+            str(err),
+            cause=err.cause,
+            endpoint=f"{hub.address or hub.hostname}:{hub.port}",
+            hub=hub.hostname,
+            detail=detail,
+            connack=err.connack,
+        )
 
     async def _pump(self, client: MqttClient) -> bool:
         """True when the queue closed and every envelope was acked; raises on connection loss."""
