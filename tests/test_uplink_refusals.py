@@ -18,9 +18,12 @@ from fakehub import FakeHub
 from gateway import pki as pki_mod
 from gateway.config import HubConfig
 from gateway.events import SecurityEvents, read_events
+from gateway.localhub.broker import Broker
 from gateway.pki import Pki
+from gateway.ports import free_ports
 from gateway.queue import MemoryQueue
-from gateway.uplink.session import DeviceSession, RateLimiter, client_context
+from gateway.uplink.mqtt import MqttClient
+from gateway.uplink.session import DeviceSession, RateLimiter, client_context, iothub_username
 
 from conftest import Proc, edit_config, fieldgate, start_simulator, wait_until
 
@@ -210,3 +213,58 @@ def test_a_connack_refusal_backs_off_to_the_maximum_and_is_recorded_once(
     assert event["cause"] == "refused-connack" and event["connack"] == 5
     assert "not authorized" in event["reason"]
     assert gateway.output().count("uplink down") == 1, gateway.output()[-2000:]
+
+
+def test_uplink_offers_only_aead_suites_and_refuses_a_cbc_only_hub(
+    pki_dir: Path, tmp_path: Path
+) -> None:
+    pki = Pki(pki_dir)
+    context = client_context(
+        pki.root_cert, pki.device_cert("plc-1"), pki.device_key("plc-1"), pki.passphrase()
+    )
+    offered = [c for c in context.get_ciphers() if c["protocol"] == "TLSv1.2"]
+    assert offered and all(c["aead"] and c["kea"] == "kx-ecdhe" for c in offered), offered
+
+    cert, key, passphrase = _server(pki_dir, tmp_path, "cbc")
+    events = SecurityEvents(tmp_path / "state")
+    cbc = "ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES256-SHA384:ECDHE-ECDSA-AES128-SHA"
+    options: dict[str, Any] = {"tls_max": ssl.TLSVersion.TLSv1_2, "ciphers": cbc}
+    with FakeHub(cert, key, passphrase, **options) as hub:
+        session = _session(pki_dir, hub.port, events, backoff_min=0.01, backoff_max=0.05)
+        asyncio.run(_run_until(session, lambda: hub.attempts >= 2))
+    events.close()
+    assert hub.handshakes == 0
+    refused = [e for e in read_events(tmp_path / "state") if e["kind"] == "uplink-refused"]
+    assert [e["cause"] for e in refused] == ["handshake"], refused
+    assert "handshake failed" in refused[0]["reason"]
+
+
+def test_uplink_still_reaches_the_stand_in_over_tls_1_2(pki_dir: Path) -> None:
+    pki = Pki(pki_dir)
+    context = client_context(
+        pki.root_cert, pki.device_cert("plc-1"), pki.device_key("plc-1"), pki.passphrase()
+    )
+    # TLS 1.3 would not show the TLS 1.2 list at work.
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+
+    async def scenario() -> tuple[str, str] | None:
+        port = free_ports(1)
+        async with (
+            Broker(pki, port=port),
+            MqttClient(
+                host="127.0.0.1",
+                port=port,
+                client_id="plc-1",
+                ssl_context=context,
+                server_hostname="localhost",
+                username=iothub_username("localhost", "plc-1"),
+                connect_timeout=5,
+            ) as client,
+        ):
+            delivered = client.publish("devices/plc-1/messages/events/a=1", b"x")
+            assert delivered is not None
+            await asyncio.wait_for(delivered, 5)
+            return client.tls_cipher()
+
+    cipher = asyncio.run(scenario())
+    assert cipher is not None and cipher[1] == "TLSv1.2" and "GCM" in cipher[0], cipher

@@ -296,6 +296,12 @@ class MqttClient:
                 return self._next_id
         raise UplinkError(f"{self.client_id}: no free packet id")
 
+    def tls_cipher(self) -> tuple[str, str] | None:
+        """The negotiated TLS suite and version, or None without a TLS connection."""
+        transport = self._protocol.transport if self._protocol is not None else None
+        info = transport.get_extra_info("cipher") if transport is not None else None
+        return (str(info[0]), str(info[1])) if info else None
+
     @property
     def inflight(self) -> int:
         return len(self._pending)

@@ -26,15 +26,31 @@ log = logging.getLogger(__name__)
 
 API_VERSION = "2021-04-12"
 
+# TLS 1.2 suites the uplink offers: forward secret (ECDHE) and AEAD (AES-GCM, ChaCha20-Poly1305)
+# only, the ones IoT Hub offers too. OpenSSL's default list adds six CBC suites (and DHE), so a
+# hub endpoint that offers only CBC would be accepted. TLS 1.3 suites, all AEAD, are kept as
+# they are (set_ciphers does not touch them).
+TLS12_CIPHERS = ":".join(
+    (
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    )
+)
+
 # (kind, device_id, reason, **fields): how a session records a security event.
 EventSink = Callable[..., None]
 
 
 def client_context(ca_file: Path, cert: Path, key: Path, passphrase: bytes) -> ssl.SSLContext:
-    """TLS 1.2+ client context that verifies the hub against ``ca_file`` and presents a device
-    certificate chain whose key is encrypted under ``passphrase``."""
+    """TLS 1.2+ client context, AEAD suites only, that verifies the hub against ``ca_file``
+    and presents a device certificate chain whose key is encrypted under ``passphrase``."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_CIPHERS)
     ctx.load_verify_locations(cafile=str(ca_file))
     try:
         ctx.load_cert_chain(str(cert), str(key), password=passphrase)
