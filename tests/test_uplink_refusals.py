@@ -268,3 +268,25 @@ def test_uplink_still_reaches_the_stand_in_over_tls_1_2(pki_dir: Path) -> None:
 
     cipher = asyncio.run(scenario())
     assert cipher is not None and cipher[1] == "TLSv1.2" and "GCM" in cipher[0], cipher
+
+
+def test_gateway_records_an_expired_hub_certificate_once_and_still_stops_cleanly(
+    tmp_path: Path, pki_dir: Path, procs: list[Proc]
+) -> None:
+    cert, key, passphrase = _server(
+        pki_dir, tmp_path, "expired", valid_from=NOW - dt.timedelta(days=30), valid_until=NOW
+    )
+    with FakeHub(cert, key, passphrase) as hub:
+        config, _ = start_simulator(procs, tmp_path, pki_dir, hub.port, 1)
+        edit_config(config, hub={"backoff_min": 0.01, "backoff_max": 0.2})
+        gateway = Proc(fieldgate("run", "--config", str(config)), tmp_path / "gateway.log")
+        procs.append(gateway)
+        wait_until(lambda: hub.attempts >= 3, 30, "three attempts at the hub")
+        assert gateway.stop() == 0
+    refused = [e for e in read_events(tmp_path / "state") if e["kind"] == "uplink-refused"]
+    assert [(e["device"], e["cause"]) for e in refused] == [("plc-1", "expired")], refused
+    assert f"127.0.0.1:{hub.port}" == refused[0]["endpoint"]
+    down = [line for line in gateway.output().splitlines() if "uplink down" in line]
+    assert len(down) == 1 and down[0].endswith(
+        "server certificate refused: certificate has expired"
+    )
