@@ -90,8 +90,11 @@ ATTACKS: dict[str, tuple[Any, dict[str, Any], str, str]] = {
 }
 
 
-def _session(pki_dir: Path, port: int, events: SecurityEvents, **hub: Any) -> DeviceSession:
+def _session(
+    pki_dir: Path, port: int, events: SecurityEvents, identity: Pki | None = None, **hub: Any
+) -> DeviceSession:
     pki = Pki(pki_dir)
+    device = identity or pki
     config = HubConfig(
         hostname="localhost",
         address="127.0.0.1",
@@ -101,7 +104,7 @@ def _session(pki_dir: Path, port: int, events: SecurityEvents, **hub: Any) -> De
         **hub,
     )
     context = client_context(
-        pki.root_cert, pki.device_cert("plc-1"), pki.device_key("plc-1"), pki.passphrase()
+        pki.root_cert, device.device_cert("plc-1"), device.device_key("plc-1"), device.passphrase()
     )
     return DeviceSession(
         "plc-1",
@@ -290,3 +293,30 @@ def test_gateway_records_an_expired_hub_certificate_once_and_still_stops_cleanly
     assert len(down) == 1 and down[0].endswith(
         "server certificate refused: certificate has expired"
     )
+
+
+def test_a_hub_that_refuses_the_devices_certificate_is_recorded_once(
+    pki_dir: Path, tmp_path: Path
+) -> None:
+    # The stand-in trusts only our root; this device's certificate comes from another one.
+    stranger = pki_mod.init(tmp_path / "stranger", root_name="another root")
+    pki_mod.issue(stranger.root, ["plc-1"])
+    events = SecurityEvents(tmp_path / "state")
+
+    async def scenario() -> None:
+        port = free_ports(1)
+        async with Broker(Pki(pki_dir), port=port):
+            session = _session(pki_dir, port, events, stranger, backoff_min=0.01, backoff_max=0.05)
+            task = asyncio.create_task(session.run())
+            # TLS 1.3: the broker refuses a client certificate after the handshake, by
+            # closing the connection before any CONNACK.
+            await _until(lambda: session.stats.last_error is not None, task)
+            await _until(lambda: len(read_events(tmp_path / "state")) >= 1, task)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(scenario())
+    events.close()
+    refused = [e for e in read_events(tmp_path / "state") if e["kind"] == "uplink-refused"]
+    assert [e["cause"] for e in refused] == ["handshake"], refused
+    assert "before its CONNACK" in refused[0]["reason"]
