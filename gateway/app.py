@@ -240,7 +240,8 @@ class Gateway:
         connects = RateLimiter(cfg.hub.connect_rate)
         sends = RateLimiter(cfg.hub.send_rate)
         self.sessions = {
-            d: DeviceSession(d, cfg.hub, ctx, queue, connects, sends) for d, ctx in contexts.items()
+            d: DeviceSession(d, cfg.hub, ctx, queue, connects, sends, on_event=self.events.record)
+            for d, ctx in contexts.items()
         }
         log.info(
             "gateway boot %s: %d devices, hub %s:%d",

@@ -442,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except asyncio.CancelledError:
-        # A second SIGINT/SIGTERM: stopped at once, without waiting for the flush.
+        # A second SIGINT/SIGTERM/SIGHUP: stopped at once, without waiting for the flush.
         print("fieldgate: stopped without finishing (second signal)", file=sys.stderr)
         return EXIT_FAILED
     except BrokenPipeError:

@@ -5,6 +5,8 @@ Library exceptions are translated at the room's boundary and kept as ``__cause__
 
 from __future__ import annotations
 
+from typing import Literal
+
 
 class FieldgateError(Exception):
     """Base of every error fieldgate raises on purpose."""
@@ -49,9 +51,58 @@ class PkiError(FieldgateError):
     pass
 
 
-class UplinkError(FieldgateError):
-    """The hub connection failed. ``retryable`` is False for what a retry cannot fix."""
+# Why a hub connection failed. The first group is the hub (or something posing as it) being
+# refused or refusing us: security events, and a retry soon cannot fix them. The second group
+# is the network or the hub being away: retried at the short backoff, no security event.
+UplinkCause = Literal[
+    "untrusted",  # the server's chain does not lead to our CA (rogue CA, self-signed)
+    "expired",
+    "not-yet-valid",
+    "hostname",  # the certificate names another host
+    "eku",  # the certificate is not for TLS servers (wrong extended key usage)
+    "protocol",  # no TLS version in common (a server of TLS 1.1 or older)
+    "handshake",  # any other TLS refusal: no common cipher, closed during the handshake
+    "refused-connack",  # the broker said no in its CONNACK (not authorized, bad identity)
+    "unavailable",  # CONNACK 3: the server is unavailable for now
+    "unreachable",
+    "timeout",
+    "lost",
+]
+REFUSAL_CAUSES: frozenset[UplinkCause] = frozenset(
+    [
+        "untrusted",
+        "expired",
+        "not-yet-valid",
+        "hostname",
+        "eku",
+        "protocol",
+        "handshake",
+        "refused-connack",
+    ]
+)
 
-    def __init__(self, message: str, *, retryable: bool = True) -> None:
-        self.retryable = retryable
+
+class UplinkError(FieldgateError):
+    """The hub connection failed, for ``cause``; ``connack`` is the broker's refusal code.
+
+    ``retryable`` is False for what a retry soon cannot fix (every refusal): the session then
+    waits its longest backoff before it tries again.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool | None = None,
+        cause: UplinkCause = "lost",
+        connack: int | None = None,
+    ) -> None:
+        self.cause: UplinkCause = cause
+        self.connack = connack
+        self.retryable = cause not in REFUSAL_CAUSES if retryable is None else retryable
         super().__init__(message)
+
+    @property
+    def refusal(self) -> bool:
+        """A security refusal (a bad server certificate, TLS, CONNACK), not a network fault."""
+        return self.cause in REFUSAL_CAUSES

@@ -429,3 +429,45 @@ def issue_leaf(
         )
     _write_private(key_path, pem)
     _write_public(cert_path, _cert_pem(cert, inter_cert))
+
+
+def issue_server(
+    pki: Pki,
+    cert_path: Path,
+    key_path: Path,
+    *,
+    valid_from: dt.datetime | None = None,
+    valid_until: dt.datetime | None = None,
+    usage: x509.ObjectIdentifier = ExtendedKeyUsageOID.SERVER_AUTH,
+    names: Iterable[str] = ("localhost",),
+    ips: Iterable[str] = ("127.0.0.1",),
+) -> None:
+    """A hub server leaf signed by ``pki``'s intermediate, with a chosen validity window, EKU
+    and names: what tests of the uplink's refusals (expired, wrong EKU, wrong host) serve.
+    The key is encrypted under the PKI's passphrase; the file holds leaf + intermediate."""
+    passphrase = pki.passphrase()
+    inter_cert, inter_key = _load_intermediate(pki, passphrase)
+    key = _new_key()
+    start = valid_from or _now()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name("hub"))
+        .issuer_name(inter_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(valid_until or start + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(_issuer_public(inter_cert)),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    )
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
+    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    leaf = builder.sign(inter_key, hashes.SHA256())
+    _write_private(key_path, _key_pem(key, passphrase))
+    _write_public(cert_path, _cert_pem(leaf, inter_cert))

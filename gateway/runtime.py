@@ -13,6 +13,11 @@ log = logging.getLogger("fieldgate.runtime")
 
 Main = Callable[[asyncio.Event], Coroutine[Any, Any, Any]]
 
+# SIGHUP (a closed terminal, or an operator used to daemons) stops as gracefully as SIGTERM:
+# its default action would kill the process without a flush and leave its helpers (the hub
+# stand-in's broker, the demo's simulators) running. A config reload on SIGHUP is its own issue.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     try:
@@ -37,7 +42,7 @@ def raise_open_file_limit() -> None:
 
 
 def run(main: Main) -> Any:
-    """Run ``main(stop)``; the first SIGINT/SIGTERM sets ``stop``, a second one cancels."""
+    """Run ``main(stop)``; the first SIGINT/SIGTERM/SIGHUP sets ``stop``, a second one cancels."""
     raise_open_file_limit()
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(_with_signals(main))
@@ -55,13 +60,13 @@ async def _with_signals(main: Main) -> Any:
         else:
             stop.set()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal)
     loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     try:
         return await main(stop)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        for sig in (*STOP_SIGNALS, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
 
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from gateway.errors import UplinkError
+from gateway.errors import UplinkCause, UplinkError
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,39 @@ CONNACK_CODES = {
 }
 
 MessageHandler = Callable[[str, bytes], None]
+
+# OpenSSL's X509_V_ERR_* codes (x509_vfy.h) a hub's certificate is refused with.
+_VERIFY_CAUSES: dict[int, UplinkCause] = {
+    2: "untrusted",  # unable to get issuer certificate
+    7: "untrusted",  # certificate signature failure
+    9: "not-yet-valid",
+    10: "expired",
+    18: "untrusted",  # self-signed certificate
+    19: "untrusted",  # self-signed certificate in chain
+    20: "untrusted",  # unable to get local issuer certificate
+    21: "untrusted",  # unable to verify the first certificate
+    26: "eku",  # unsuitable certificate purpose
+    62: "hostname",
+    64: "hostname",  # IP address mismatch
+}
+
+
+def tls_failure(err: ssl.SSLError) -> tuple[UplinkCause, str]:
+    """Why a TLS handshake failed, as a cause and a text that is never empty."""
+    if isinstance(err, ssl.SSLCertVerificationError):
+        cause = _VERIFY_CAUSES.get(err.verify_code, "untrusted")
+        detail = err.verify_message or err.reason or str(err) or f"code {err.verify_code}"
+        return cause, f"server certificate refused: {detail}"
+    reason = err.reason or str(err) or type(err).__name__
+    if "PROTOCOL_VERSION" in reason or "UNSUPPORTED_PROTOCOL" in reason:
+        return "protocol", f"handshake failed: no TLS version in common (1.2 or newer): {reason}"
+    if isinstance(err, ssl.SSLEOFError):
+        return "handshake", f"handshake failed: the server closed the connection: {reason}"
+    return "handshake", f"handshake failed: {reason}"
+
+
+def _os_text(err: OSError) -> str:
+    return err.strerror or str(err) or type(err).__name__
 
 
 def _varint(n: int) -> bytes:
@@ -173,27 +206,47 @@ class MqttClient:
                 self._connack = self._loop.create_future()
                 self._send_connect()
                 code = await self._connack
-        except ssl.SSLCertVerificationError as err:
-            raise UplinkError(
-                f"{self.client_id}: TLS to {where}: server certificate refused: "
-                f"{err.verify_message}"
-            ) from err
         except ssl.SSLError as err:
-            raise UplinkError(
-                f"{self.client_id}: TLS to {where} failed: {err.reason or err}"
-            ) from err
+            cause, text = tls_failure(err)
+            raise UplinkError(f"{self.client_id}: TLS to {where}: {text}", cause=cause) from err
         except TimeoutError as err:
             self._abort()
-            raise UplinkError(f"{self.client_id}: connecting to {where} timed out") from err
+            raise UplinkError(
+                f"{self.client_id}: connecting to {where} timed out", cause="timeout"
+            ) from err
+        except UplinkError as err:
+            # Lost after the handshake, before any CONNACK: a TLS 1.3 broker refuses a client
+            # certificate only now, and says nothing more than this.
+            raise UplinkError(
+                f"{self.client_id}: {where} ended the connection before its CONNACK (it may "
+                f"have refused this device's certificate): {err}",
+                cause="handshake",
+            ) from err
+        except ConnectionResetError as err:
+            if err.errno is None and self._ssl is not None:
+                # TCP was up and the peer hung up without a word during the TLS handshake
+                # (what a server that speaks only TLS 1.1 or other ciphers may do): the error
+                # carries no text at all, so say what happened.
+                raise UplinkError(
+                    f"{self.client_id}: TLS to {where}: handshake failed: the server closed "
+                    "the connection (it may offer only TLS versions or ciphers this gateway "
+                    "refuses, such as TLS 1.1)",
+                    cause="handshake",
+                ) from err
+            raise UplinkError(
+                f"{self.client_id}: cannot reach {where}: {_os_text(err)}", cause="unreachable"
+            ) from err
         except OSError as err:
             raise UplinkError(
-                f"{self.client_id}: cannot reach {where}: {err.strerror or err}"
+                f"{self.client_id}: cannot reach {where}: {_os_text(err)}", cause="unreachable"
             ) from err
         if code != 0:
             self._abort()
             reason = CONNACK_CODES.get(code, f"code {code}")
             raise UplinkError(
-                f"{self.client_id}: broker refused the connection: {reason}", retryable=code == 3
+                f"{self.client_id}: broker refused the connection: {reason} (CONNACK {code})",
+                cause="unavailable" if code == 3 else "refused-connack",
+                connack=code,
             )
         self._last_in = self._last_out = self._loop.time()
         self._schedule_ping()
@@ -242,6 +295,12 @@ class MqttClient:
             if self._next_id not in self._pending and self._next_id not in self._subacks:
                 return self._next_id
         raise UplinkError(f"{self.client_id}: no free packet id")
+
+    def tls_cipher(self) -> tuple[str, str] | None:
+        """The negotiated TLS suite and version, or None without a TLS connection."""
+        transport = self._protocol.transport if self._protocol is not None else None
+        info = transport.get_extra_info("cipher") if transport is not None else None
+        return (str(info[0]), str(info[1])) if info else None
 
     @property
     def inflight(self) -> int:

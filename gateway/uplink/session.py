@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -26,12 +27,31 @@ log = logging.getLogger(__name__)
 
 API_VERSION = "2021-04-12"
 
+# TLS 1.2 suites the uplink offers: forward secret (ECDHE) and AEAD (AES-GCM, ChaCha20-Poly1305)
+# only, the ones IoT Hub offers too. OpenSSL's default list adds six CBC suites (and DHE), so a
+# hub endpoint that offers only CBC would be accepted. TLS 1.3 suites, all AEAD, are kept as
+# they are (set_ciphers does not touch them).
+TLS12_CIPHERS = ":".join(
+    (
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    )
+)
+
+# (kind, device_id, reason, **fields): how a session records a security event.
+EventSink = Callable[..., None]
+
 
 def client_context(ca_file: Path, cert: Path, key: Path, passphrase: bytes) -> ssl.SSLContext:
-    """TLS 1.2+ client context that verifies the hub against ``ca_file`` and presents a device
-    certificate chain whose key is encrypted under ``passphrase``."""
+    """TLS 1.2+ client context, AEAD suites only, that verifies the hub against ``ca_file``
+    and presents a device certificate chain whose key is encrypted under ``passphrase``."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_CIPHERS)
     ctx.load_verify_locations(cafile=str(ca_file))
     try:
         ctx.load_cert_chain(str(cert), str(key), password=passphrase)
@@ -46,6 +66,10 @@ def client_context(ca_file: Path, cert: Path, key: Path, passphrase: bytes) -> s
 
 def iothub_username(hub_hostname: str, device_id: str) -> str:
     return f"{hub_hostname}/{device_id}/?api-version={API_VERSION}"
+
+
+# backoff_delay's attempt number from which its ceiling is the maximum, whatever the minimum.
+REFUSED_ATTEMPT = 30
 
 
 class RateLimiter:
@@ -95,8 +119,12 @@ class DeviceSession:
         queue: EnvelopeQueue,
         connects: RateLimiter,
         sends: RateLimiter,
+        on_event: EventSink | None = None,
     ) -> None:
         self.device_id = device_id
+        self._on_event = on_event or (lambda *a, **k: None)
+        # The refusal last recorded as a security event, while the uplink stays down.
+        self._refused: tuple[str, int | None] | None = None
         self._hub = hub
         self._context = context
         self._queue = queue
@@ -131,8 +159,10 @@ class DeviceSession:
     async def run(self) -> None:
         """Publish until the queue is closed and drained; reconnect with backoff in between."""
         attempt = 0
+        down: str | None = None  # the cause of the failures since the last connection
         while True:
             await self._limiter.acquire()
+            refused = False
             try:
                 async with self._client() as client:
                     self.stats.connected = True
@@ -140,19 +170,30 @@ class DeviceSession:
                     if attempt or self.stats.connects == 1:
                         log.info("%s: connected to %s", self.device_id, self._hub.hostname)
                     attempt = 0
+                    down = None
+                    self._refused = None
                     self.stats.last_error = None
                     if await self._pump(client):
                         return
             except UplinkError as err:
-                if self.stats.last_error is None:
+                if err.cause != down:
                     # Log the transition, not every retry.
                     log.warning("%s: uplink down: %s", self.device_id, err)
+                    down = err.cause
                 self.stats.last_error = str(err)
+                self._record_refusal(err)
+                refused = not err.retryable
             finally:
                 self.stats.connected = False
                 self._queue.release(self.device_id)
             attempt += 1
-            delay = backoff_delay(attempt, self._hub.backoff_min, self._hub.backoff_max)
+            # A refusal (certificate, TLS, CONNACK) is not fixed by retrying soon: wait the
+            # longest backoff (still with jitter), in case the operator fixes the hub's side.
+            delay = backoff_delay(
+                max(attempt, REFUSED_ATTEMPT) if refused else attempt,
+                self._hub.backoff_min,
+                self._hub.backoff_max,
+            )
             until = asyncio.get_running_loop().time() + delay
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
@@ -161,6 +202,34 @@ class DeviceSession:
                 return
             # Something is left: the rest of the backoff still applies.
             await asyncio.sleep(max(0.0, until - asyncio.get_running_loop().time()))
+
+    def _record_refusal(self, err: UplinkError) -> None:
+        """A security event per refusal transition: the same refusal again while down records
+        nothing; another refusal, or the first after a connection, records one.
+
+        Network-level failures (hub unreachable, timed out, connection lost after CONNACK)
+        are not refusals: they are logged, and leave no security event.
+        """
+        if not err.refusal:
+            return
+        key = (err.cause, err.connack)
+        if key == self._refused:
+            return
+        self._refused = key
+        hub = self._hub
+        # What the library said, for an operator who wants the raw words.
+        origin = err.__cause__
+        detail = (str(origin) or type(origin).__name__) if origin is not None else str(err)
+        self._on_event(
+            "uplink-refused",
+            self.device_id,
+            str(err),
+            cause=err.cause,
+            endpoint=f"{hub.address or hub.hostname}:{hub.port}",
+            hub=hub.hostname,
+            detail=detail,
+            connack=err.connack,
+        )
 
     async def _pump(self, client: MqttClient) -> bool:
         """True when the queue closed and every envelope was acked; raises on connection loss."""
