@@ -143,10 +143,11 @@ class ModbusPoller:
         self.misbehaviour = Misbehaviour(device.id, every=report_every, settle=settle)
         self._client: AsyncModbusTcpClient | None = None
         self._out_of_step: str | None = None  # a violation seen while no read was waiting
+        self.attempt = 0  # connections in a row that delivered no reading: the backoff step
 
     async def run(self) -> None:
         """Poll until cancelled; returns early only if the device is refused admission."""
-        attempt = 0
+        self.attempt = 0
         while True:
             cfg = self.modbus
             client = AsyncModbusTcpClient(
@@ -183,9 +184,9 @@ class ModbusPoller:
             # The backoff grows until a connection delivers a reading, so that a device that
             # breaks every connection it is given is not reconnected at the shortest delay.
             if self.health.reads_ok > reads_before:
-                attempt = 0
-            attempt += 1
-            await asyncio.sleep(backoff_delay(attempt, *self._backoff))
+                self.attempt = 0
+            self.attempt += 1
+            await asyncio.sleep(backoff_delay(self.attempt, *self._backoff))
 
     def _wrong(self, cause: str, resync: bool) -> None:
         """The framer dropped a response (or bytes nobody asked for): count it, tell it, and
