@@ -111,6 +111,14 @@ def test_misbehaviour_is_told_when_it_starts_every_so_often_and_when_it_ends() -
     )
 
 
+def test_a_good_read_clears_the_last_error_so_the_next_episode_is_told_again() -> None:
+    health = DeviceHealth("plc-3")
+    health.up()
+    health.last_error = "Modbus exception 0x0B on holding@0"  # the device stayed up
+    health.up()
+    assert health.last_error is None
+
+
 # -- the poller against a hostile device, in one event loop --------------------------------
 
 
@@ -234,6 +242,20 @@ def test_exceptions_and_resets_are_told_once_without_a_traceback(
             "bad-1: unavailable: read holding@0: ConnectionResetError('connection closed by the"
             " device')"
         ]
+
+
+def test_a_second_episode_is_told_again(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="adapters")
+
+    def done(_device: HostileDevice, _scans: list[Scan]) -> bool:
+        return sum("now answering correctly" in r.getMessage() for r in caplog.records) == 2
+
+    asyncio.run(_poll_until("good:3,exc0b:3,good:12,exc0b:3,good", done, settle=0.3))
+    told = [r.getMessage() for r in caplog.records if "answering" in r.getMessage()]
+    assert [line.split(" in ")[0] for line in told] == [
+        "bad-1: answering wrongly: Modbus exception 0x0B",
+        "bad-1: 3 wrong answers (Modbus exception 0x0B 3)",
+    ] * 2
 
 
 def test_the_end_of_an_episode_is_told_with_its_counts(caplog: pytest.LogCaptureFixture) -> None:
