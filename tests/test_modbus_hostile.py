@@ -21,6 +21,7 @@ from adapters.modbus.checks import Expected, Misbehaviour, check_response
 from adapters.modbus.client import ModbusPoller
 from adapters.simconfig import device_files
 from gateway.config import DeviceConfig, render_toml
+from gateway.events import read_events
 from gateway.keyring import Keyring
 from gateway.readings import Scan
 
@@ -367,3 +368,13 @@ def test_a_hostile_device_delivers_only_its_correct_answers_and_no_traceback(
     for cause in ("wrong function code", "trailing bytes", "wrong transaction id"):
         assert cause in ended
     assert "plc-1: answering" not in log
+
+    # The episode is audited at its start and at its end, once each.
+    events = [e for e in read_events(tmp_path / "state") if e["kind"].startswith("wrong-answers")]
+    assert [(e["kind"], e["device"]) for e in events] == [
+        ("wrong-answers", "plc-2"),
+        ("wrong-answers-ended", "plc-2"),
+    ]
+    assert events[0]["reason"] == "wrong function code"
+    assert events[1]["counts"]["wrong function code"] == sent["wrong_fc"] + sent["unknown_fc"]
+    assert events[1]["counts"]["Modbus exception 0x0B"] == sent["exc0b"]

@@ -66,6 +66,10 @@ _FUNCTION_CODES: dict[str, int] = {
 }
 
 
+# A security event: (kind, device id, reason, **fields), as gateway.events records it.
+OnEvent = Callable[..., None]
+
+
 class WrongAnswer(Exception):
     """A device's response did not match its request (``cause`` from :mod:`.checks`)."""
 
@@ -128,6 +132,7 @@ class ModbusPoller:
         phases: int = 1,
         report_every: float = 60.0,
         settle: float = 10.0,
+        on_event: OnEvent | None = None,
     ) -> None:
         if device.modbus is None:
             raise ValueError(f"{device.id} is not a Modbus device")
@@ -141,6 +146,7 @@ class ModbusPoller:
         self.endpoint = self.modbus.label
         self.blocks = plan_reads(device.points, max_gap=self.modbus.max_gap)
         self.misbehaviour = Misbehaviour(device.id, every=report_every, settle=settle)
+        self._on_event = on_event
         self._client: AsyncModbusTcpClient | None = None
         self._out_of_step: str | None = None  # a violation seen while no read was waiting
         self.attempt = 0  # connections in a row that delivered no reading: the backoff step
@@ -194,7 +200,7 @@ class ModbusPoller:
         health = self.health
         health.malformed += 1
         health.malformed_causes[cause] = health.malformed_causes.get(cause, 0) + 1
-        self._tell(self.misbehaviour.bad(cause, time.monotonic()))
+        self._bad(cause)
         client = self._client
         waiting = None if client is None else client.ctx.response_future
         if waiting is not None and not waiting.done():
@@ -211,12 +217,29 @@ class ModbusPoller:
         if not waiting.done():
             waiting.set_exception(ConnectionResetError("connection closed by the device"))
 
-    def _tell(self, line: str | None) -> None:
+    def _bad(self, cause: str) -> None:
+        """One wrong answer: told (and recorded as a security event) when an episode starts,
+        then only in the periodic counts."""
+        starting = self.misbehaviour.since is None
+        line = self.misbehaviour.bad(cause, time.monotonic())
         if line is not None:
-            if self.misbehaviour.since is None:
-                log.info("%s", line)
-            else:
-                log.warning("%s", line)
+            log.warning("%s", line)
+        if starting and self._on_event is not None:
+            self._on_event("wrong-answers", self.device.id, cause, endpoint=self.endpoint)
+
+    def _good(self) -> None:
+        counts = dict(self.misbehaviour.counts)
+        line = self.misbehaviour.good(time.monotonic())
+        if line is not None:
+            log.info("%s", line)
+            if self._on_event is not None:
+                self._on_event(
+                    "wrong-answers-ended",
+                    self.device.id,
+                    "answering correctly again",
+                    endpoint=self.endpoint,
+                    counts=counts,
+                )
 
     async def _connect(self, client: AsyncModbusTcpClient) -> None:
         try:
@@ -299,7 +322,7 @@ class ModbusPoller:
                 code = getattr(response, "exception_code", 0)
                 what = f"Modbus exception 0x{code:02X}" if isinstance(code, int) else "exception"
                 health.last_error = f"{what} on {block.table}@{block.address}"
-                self._tell(misbehaviour.bad(what, time.monotonic()))
+                self._bad(what)
                 continue
             try:
                 values = block.decode(response.bits if block.bits else response.registers)
@@ -310,7 +333,7 @@ class ModbusPoller:
             health.reads_ok += 1
             health.up()
             if misbehaviour.since is not None:
-                self._tell(misbehaviour.good(time.monotonic()))
+                self._good()
             sink(Scan(device_id, ts_ms, block.names, values))
 
 
