@@ -176,9 +176,10 @@ class HostileDevice:
         elif mode == "exc0b":
             writer.write(frame(tid, unit, bytes([fc | 0x80, 0x0B])))
         elif mode == "flood":
-            writer.write(good)
-            for i in range(50):
-                writer.write(frame((tid + 100 + i) & 0xFFFF, unit, read_pdu(fc, count, None)))
+            flood = [
+                frame((tid + 100 + i) & 0xFFFF, unit, read_pdu(fc, count, None)) for i in range(50)
+            ]
+            writer.write(good + b"".join(flood))
         elif mode == "reset":
             sock = writer.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

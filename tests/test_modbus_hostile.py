@@ -216,6 +216,7 @@ def test_a_wrong_answer_is_counted_and_dropped_never_a_reading_nor_a_traceback(
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
     told = [r.getMessage() for r in caplog.records if "answering wrongly" in r.getMessage()]
     assert told == [f"bad-1: answering wrongly: {cause}"]
+    assert health.malformed_causes.keys() <= {cause, checks.UNSOLICITED}  # no other cause
 
 
 @pytest.mark.parametrize("mode", ["exc0b", "reset"])
