@@ -260,6 +260,21 @@ def test_a_second_episode_is_told_again(caplog: pytest.LogCaptureFixture) -> Non
     ] * 2
 
 
+def test_an_episode_going_on_at_stop_is_told_with_its_counts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="adapters")
+
+    def done(device: HostileDevice, _scans: list[Scan]) -> bool:
+        return device.sent["silent"] == 1  # asked again: the fifth wrong answer was judged
+
+    asyncio.run(_poll_until("good:3,wrong_unit:5,silent", done))
+    told = [r.getMessage() for r in caplog.records if "answering" in r.getMessage()]
+    assert told[0] == "bad-1: answering wrongly: wrong unit id"
+    assert told[-1].startswith("bad-1: 5 wrong answers (wrong unit id 5) in ")
+    assert told[-1].endswith("; still answering wrongly when polling stopped")
+
+
 def test_the_end_of_an_episode_is_told_with_its_counts(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="adapters")
 

@@ -137,6 +137,12 @@ class Misbehaviour:
         self.since = None
         return line
 
+    def at_stop(self, now: float) -> str | None:
+        """The counts of an episode still going on when polling stops, so none are lost."""
+        if self.since is None:
+            return None
+        return f"{self._summary(now)}; still answering wrongly when polling stopped"
+
     def _summary(self, now: float) -> str:
         assert self.since is not None
         total = sum(self.counts.values())

@@ -153,6 +153,14 @@ class ModbusPoller:
 
     async def run(self) -> None:
         """Poll until cancelled; returns early only if the device is refused admission."""
+        try:
+            await self._run()
+        finally:
+            line = self.misbehaviour.at_stop(time.monotonic())
+            if line is not None:
+                log.warning("%s", line)
+
+    async def _run(self) -> None:
         self.attempt = 0
         while True:
             cfg = self.modbus
