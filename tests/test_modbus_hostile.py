@@ -214,7 +214,7 @@ def test_a_wrong_answer_is_counted_and_dropped_never_a_reading_nor_a_traceback(
     assert health.malformed_causes.get(cause, 0) >= 10, health.malformed_causes
     assert health.malformed == sum(health.malformed_causes.values())
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
-    told = [r.getMessage() for r in caplog.records if "answering wrongly" in r.getMessage()]
+    told = [r.getMessage() for r in caplog.records if "answering wrongly:" in r.getMessage()]
     assert told == [f"bad-1: answering wrongly: {cause}"]
     assert health.malformed_causes.keys() <= {cause, checks.UNSOLICITED}  # no other cause
 
@@ -236,7 +236,7 @@ def test_exceptions_and_resets_are_told_once_without_a_traceback(
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
     messages = [r.getMessage() for r in caplog.records]
     if mode == "exc0b":
-        told = [m for m in messages if "answering wrongly" in m]
+        told = [m for m in messages if "answering wrongly:" in m]
         assert told == ["bad-1: answering wrongly: Modbus exception 0x0B"]
     else:
         told = [m for m in messages if "unavailable" in m]
@@ -379,7 +379,7 @@ def test_a_hostile_device_delivers_only_its_correct_answers_and_no_traceback(
     log = gateway.output()
     assert "Traceback" not in log and "Fatal error" not in log and " ERROR " not in log
     assert log.count("plc-2: answering wrongly: wrong function code") == 1
-    assert log.count("answering wrongly") == 1  # one episode, told once at its start
+    assert log.count("answering wrongly:") == 1  # one episode, told once at its start
     assert log.count("now answering correctly") == 1
     for cause in ("wrong function code", "trailing bytes", "wrong transaction id"):
         assert cause in ended
