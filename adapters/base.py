@@ -52,6 +52,7 @@ class DeviceHealth:
     reads_ok: int = 0
     reads_failed: int = 0
     malformed: int = 0
+    malformed_causes: dict[str, int] = field(default_factory=dict)
     overruns: int = 0
     last_error: str | None = None
 
@@ -59,7 +60,9 @@ class DeviceHealth:
         if self.state != UP:
             if self.state == DOWN:
                 log.info("%s: recovered", self.device_id)
-            self.state, self.since, self.last_error = UP, time.time(), None
+            self.state, self.since = UP, time.time()
+        # Cleared on every good read, so that the next episode of errors is told again.
+        self.last_error = None
 
     def down(self, reason: str) -> None:
         if self.state != DOWN:

@@ -263,7 +263,12 @@ class Gateway:
                 pollers = [
                     intake.create_task(
                         ModbusPoller(
-                            d, pipeline.accept, gate.admit, self.health[d.id], phases=phases
+                            d,
+                            pipeline.accept,
+                            gate.admit,
+                            self.health[d.id],
+                            phases=phases,
+                            on_event=self._event,
                         ).run(),
                         name=f"poll[{d.id}]",
                     )

@@ -1,0 +1,151 @@
+"""Pure: does a Modbus TCP response match its request, and how a device's wrong answers are told.
+
+:func:`check_response` judges the bytes received for the one request in flight on a connection:
+transaction id, unit id, function code (or its exception), byte count against what was asked,
+and the MBAP length against the frame, with no byte before or after it. pymodbus skips frames
+with a wrong transaction or unit id and decodes whatever function code arrives; the client
+module runs this check on the raw frame first (:mod:`adapters.modbus.client` owns pymodbus).
+
+:class:`Misbehaviour` turns a stream of wrong answers into log lines once per transition: one
+warning when a device starts answering wrongly, counts at most every ``every`` seconds while it
+goes on, and one line with the counts when it has answered correctly for ``settle`` seconds.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+
+MBAP_SIZE = 7  # transaction id, protocol id, length, unit id
+MAX_LENGTH = 254  # the MBAP length field: unit id + a PDU of at most 253 bytes
+
+# Causes, one name each; ``resync``: the stream is out of step, close the connection.
+BAD_HEADER = "not an MBAP frame"
+TRAILING = "trailing bytes"
+LENGTH = "length mismatch"
+TRUNCATED = "truncated frame"
+UNSOLICITED = "unsolicited data"
+WRONG_TID = "wrong transaction id"
+WRONG_UNIT = "wrong unit id"
+WRONG_FC = "wrong function code"
+WRONG_COUNT = "wrong byte count"
+UNDECODABLE = "undecodable response"
+RESYNC = frozenset({BAD_HEADER, TRAILING, LENGTH, TRUNCATED, UNSOLICITED, UNDECODABLE})
+
+
+@dataclass(frozen=True, slots=True)
+class Expected:
+    """What the answer to one read must be."""
+
+    transaction_id: int
+    unit: int
+    function_code: int
+    count: int  # registers, or bits
+    bits: bool
+
+    @property
+    def byte_count(self) -> int:
+        return (self.count + 7) // 8 if self.bits else 2 * self.count
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """``used`` bytes judged (0: wait for more); ``cause`` None: a correct answer, whose PDU is
+    ``data[MBAP_SIZE:used]``."""
+
+    used: int
+    cause: str | None = None
+
+    @property
+    def resync(self) -> bool:
+        return self.cause in RESYNC
+
+
+WAIT = Verdict(0)
+
+
+def check_response(data: bytes, expected: Expected | None) -> Verdict:
+    """Judge ``data``, everything received since the request was sent."""
+    if not data:
+        return WAIT
+    if expected is None:
+        return Verdict(len(data), UNSOLICITED)
+    if len(data) >= 4 and data[2:4] != b"\x00\x00":
+        return Verdict(len(data), BAD_HEADER)
+    if len(data) < MBAP_SIZE:
+        return WAIT
+    tid, _pid, length, unit = struct.unpack_from(">HHHB", data)
+    if not 3 <= length <= MAX_LENGTH:  # unit id, function code, at least one byte
+        return Verdict(len(data), BAD_HEADER)
+    end = 6 + length
+    if len(data) < end:
+        return WAIT
+    if len(data) > end:
+        return Verdict(len(data), TRAILING)
+    pdu = data[MBAP_SIZE:end]
+    function_code = pdu[0]
+    if tid != expected.transaction_id:
+        return Verdict(end, WRONG_TID)
+    if unit != expected.unit:
+        return Verdict(end, WRONG_UNIT)
+    if function_code == expected.function_code | 0x80:
+        return Verdict(end, TRAILING if len(pdu) > 2 else None)
+    if function_code != expected.function_code:
+        return Verdict(end, WRONG_FC)
+    byte_count = pdu[1]
+    if byte_count > len(pdu) - 2:
+        return Verdict(end, LENGTH)
+    if byte_count < len(pdu) - 2:
+        return Verdict(end, TRAILING)
+    if byte_count != expected.byte_count:
+        return Verdict(end, WRONG_COUNT)
+    return Verdict(end)
+
+
+@dataclass(slots=True)
+class Misbehaviour:
+    """A device's wrong answers (malformed responses, Modbus exceptions), told per transition."""
+
+    device_id: str
+    every: float = 60.0
+    settle: float = 10.0
+    counts: Counter[str] = field(default_factory=Counter)
+    since: float | None = None  # when the current episode began; None: answering correctly
+    last_bad: float = 0.0
+    _reported: float = 0.0
+
+    def bad(self, cause: str, now: float) -> str | None:
+        """Count one wrong answer; returns a line to log, if one is due."""
+        self.last_bad = now
+        if self.since is None:
+            self.since, self._reported = now, now
+            self.counts.clear()
+            self.counts[cause] += 1
+            return f"{self.device_id}: answering wrongly: {cause}"
+        self.counts[cause] += 1
+        if now - self._reported >= self.every:
+            self._reported = now
+            return f"{self._summary(now)}; still answering wrongly"
+        return None
+
+    def good(self, now: float) -> str | None:
+        """A correct answer; returns the closing line of an episode once it has settled."""
+        if self.since is None or now - self.last_bad < self.settle:
+            return None
+        line = f"{self._summary(now)}; now answering correctly"
+        self.since = None
+        return line
+
+    def at_stop(self, now: float) -> str | None:
+        """The counts of an episode still going on when polling stops, so none are lost."""
+        if self.since is None:
+            return None
+        return f"{self._summary(now)}; still answering wrongly when polling stopped"
+
+    def _summary(self, now: float) -> str:
+        assert self.since is not None
+        total = sum(self.counts.values())
+        causes = ", ".join(f"{cause} {n:,}" for cause, n in self.counts.most_common())
+        noun = "wrong answer" if total == 1 else "wrong answers"
+        return f"{self.device_id}: {total:,} {noun} ({causes}) in {now - self.since:.0f} s"
