@@ -22,11 +22,12 @@ from adapters.base import DeviceHealth
 from adapters.modbus.client import ModbusPoller
 from gateway import identity, keyring
 from gateway.auth import AuthGate, Registration
-from gateway.batcher import Batch, Batcher
+from gateway.batcher import Batcher
 from gateway.config import Config, DeviceConfig
 from gateway.envelope import Sealer
 from gateway.errors import FieldgateError, KeyringError, UplinkError
 from gateway.events import SecurityEvents
+from gateway.pipeline import Output, PipelineStep
 from gateway.queue import EnvelopeQueue, MemoryQueue
 from gateway.readings import Envelope, Scan
 from gateway.statelock import StateInUse, StateLock, lock_state, release_all
@@ -51,72 +52,53 @@ class StartupError(FieldgateError):
 
 @dataclass
 class Counters:
-    """What the stop's summary line reports: readings read, and readings dropped when full."""
+    """What the stop's summary line reports besides the readings read: readings dropped when
+    the store was full."""
 
-    readings: int = 0
     dropped_envelopes: int = 0
     dropped_readings: int = 0
 
 
-class Pipeline:
-    """gate -> batcher -> sealer, on the event loop, per scan; sealed envelopes go to a queue
-    that one writer task drains into the store (so that store commits group naturally)."""
+class Intake:
+    """The asyncio shell around the pure :class:`~gateway.pipeline.PipelineStep`: one timer per
+    device's open batch, and a queue of sealed envelopes that one writer task drains into the
+    store (so that store commits group naturally)."""
 
-    def __init__(
-        self, gate: AuthGate, batcher: Batcher, sealer: Sealer, counters: Counters
-    ) -> None:
-        self._gate = gate
-        self._batcher = batcher
-        self._sealer = sealer
-        self._counters = counters
+    def __init__(self, step: PipelineStep) -> None:
+        self._step = step
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._loop = asyncio.get_running_loop()
         self.sealed: asyncio.Queue[list[Envelope]] = asyncio.Queue()
 
     def accept(self, scan: Scan) -> None:
-        counters = self._counters
-        if not self._gate.admitted(scan.device_id):
-            return  # quarantined: its refusal is already a security event
-        counters.readings += len(scan.values)
-        self._add(scan)
-
-    def _add(self, scan: Scan) -> None:
+        now = self._loop.time()
         # The age budget runs from the read, not from its arrival here: the read's round trip
         # and any wait on the loop are part of a reading's age.
-        read_at = self._loop.time() - max(0.0, time.time() - scan.ts_ms / 1000)
-        closed, opened = self._batcher.add(scan, read_at)
-        if opened:
-            self._arm(scan.device_id)
-        if closed is not None:
-            self._emit(closed)
+        read_at = now - max(0.0, time.time() - scan.ts_ms / 1000)
+        out = self._step.add(scan, read_at, now)
+        if out is not None:
+            self._apply(scan.device_id, out)
 
-    def _arm(self, device_id: str) -> None:
-        timer = self._timers.pop(device_id, None)
-        if timer is not None:
-            timer.cancel()
-        deadline = self._batcher.deadline(device_id)
-        if deadline is not None:
-            self._timers[device_id] = self._loop.call_at(deadline, self._expire, device_id)
+    def _apply(self, device_id: str, out: Output) -> None:
+        if out.envelopes:
+            self.sealed.put_nowait(out.envelopes)
+        if out.arm is not None:
+            timer = self._timers.pop(device_id, None)
+            if timer is not None:
+                timer.cancel()
+            self._timers[device_id] = self._loop.call_at(out.arm, self._expire, device_id)
 
     def _expire(self, device_id: str) -> None:
         self._timers.pop(device_id, None)
-        batch = self._batcher.take(device_id)
-        if batch is not None:
-            self._emit(batch)
-
-    def _emit(self, batch: Batch, *, final: bool = False) -> None:
-        envelopes, leftover = self._sealer.seal(batch, final=final)
-        self.sealed.put_nowait(envelopes)
-        # Scans that did not fit go to the head of the next batch, ahead of newer ones.
-        if leftover and self._batcher.requeue(batch.device_id, leftover, self._loop.time()):
-            self._arm(batch.device_id)
+        self._apply(device_id, self._step.expire(device_id, self._loop.time()))
 
     def flush(self) -> None:
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
-        for batch in self._batcher.take_all():
-            self._emit(batch, final=True)
+        envelopes = self._step.flush()
+        if envelopes:
+            self.sealed.put_nowait(envelopes)
 
 
 class Gateway:
@@ -133,6 +115,7 @@ class Gateway:
         self.queue: EnvelopeQueue | None = None
         self.sessions: dict[str, DeviceSession] = {}
         self._marks: SeqMarks | None = None
+        self.step: PipelineStep | None = None
 
     @property
     def events(self) -> SecurityEvents:
@@ -202,7 +185,9 @@ class Gateway:
             self.queue = queue
             self.boot_id = queue.boot_id
             batcher = Batcher(cfg.batching.max_bytes, cfg.batching.close_after)
-            sealer = Sealer(key, cfg.sealing.key_id, queue.boot_id, batcher, queue.next_seq)
+            sealer = Sealer(
+                key, cfg.sealing.key_id, queue.boot_id, cfg.batching.max_bytes, queue.next_seq
+            )
             await self._run(stop, queue, batcher, sealer, contexts)
         self.events.close()
         release_all(locks)
@@ -236,7 +221,8 @@ class Gateway:
             [Registration(d.id, d.transport, d.endpoint, d.enabled) for d in cfg.devices],
             self.events,
         )
-        pipeline = Pipeline(gate, batcher, sealer, self.counters)
+        self.step = PipelineStep(batcher, sealer, gate.admitted)
+        pipeline = Intake(self.step)
         connects = RateLimiter(cfg.hub.connect_rate)
         sends = RateLimiter(cfg.hub.send_rate)
         self.sessions = {
@@ -290,7 +276,7 @@ class Gateway:
                 session.finish()
             await self._drain(queue, session_tasks)
 
-    def _radios(self, pipeline: Pipeline, gate: AuthGate) -> dict[str, Coroutine[Any, Any, None]]:
+    def _radios(self, pipeline: Intake, gate: AuthGate) -> dict[str, Coroutine[Any, Any, None]]:
         """One task per BLE adapter, serving that adapter's devices."""
         by_adapter: dict[str, list[DeviceConfig]] = {}
         for d in self.config.devices:
@@ -314,7 +300,7 @@ class Gateway:
             for name, devices in by_adapter.items()
         }
 
-    async def _write(self, pipeline: Pipeline, queue: EnvelopeQueue) -> None:
+    async def _write(self, pipeline: Intake, queue: EnvelopeQueue) -> None:
         sealed = pipeline.sealed
         loop = asyncio.get_running_loop()
         last = -COMMIT_INTERVAL
@@ -358,7 +344,7 @@ class Gateway:
         delivered = sum(s.stats.readings_acked for s in self.sessions.values())
         log.info(
             "readings: %d read, %d delivered, %d dropped",
-            self.counters.readings,
+            self.step.readings if self.step is not None else 0,
             delivered,
             self.counters.dropped_readings,
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -17,7 +18,7 @@ import zstandard
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from gateway.batcher import Batch, Batcher
+from gateway.batcher import Batch
 from gateway.errors import EnvelopeError, KeyringError
 from gateway.keyring import Keyring
 from gateway.readings import BAD, CODEC, ENVELOPE_VERSION, Envelope, Header, Reading, Scan
@@ -56,25 +57,38 @@ def encode_scans(scans: Iterable[Scan]) -> bytes:
     return orjson.dumps({"p": list(tables), "s": rows})
 
 
+@dataclass(slots=True)
+class Sealed:
+    """What sealing one batch gave: the envelopes, the scans that did not fit (to start the
+    next batch, ahead of newer scans), and, per envelope sealed on the way, (the batcher's raw
+    estimate for its share of the batch, its metered size) for the batcher to learn from."""
+
+    envelopes: list[Envelope] = field(default_factory=list)
+    leftover: list[Scan] = field(default_factory=list)
+    observed: list[tuple[int, int]] = field(default_factory=list)
+
+
 class Sealer:
-    """Turns batches into envelopes for one gateway boot; owns the per-device sequence numbers."""
+    """Turns batches into envelopes of at most ``max_bytes`` for one gateway boot; owns the
+    per-device sequence numbers. It knows nothing of the batcher: what it learnt about sizes
+    goes back in :attr:`Sealed.observed`."""
 
     def __init__(
         self,
         key: bytes,
         key_id: str,
         boot_id: str,
-        batcher: Batcher,
+        max_bytes: int,
         next_seq: dict[str, int] | None = None,
     ) -> None:
         self._aead = AESGCM(key)
         self._key_id = key_id
         self.boot_id = boot_id
-        self._batcher = batcher
+        self.max_bytes = max_bytes
         self._zstd = zstandard.ZstdCompressor(level=1)
         self.next_seq: dict[str, int] = dict(next_seq or {})
 
-    def seal(self, batch: Batch, *, final: bool = False) -> tuple[list[Envelope], list[Scan]]:
+    def seal(self, batch: Batch, *, final: bool = False) -> Sealed:
         """Seal a batch into envelopes of at most ``max_bytes``.
 
         When the batch came out too big (the batcher's estimate was low), the scans that did
@@ -82,21 +96,22 @@ class Sealer:
         shutdown flush) they are sealed into further envelopes instead.
         """
         scans = batch.scans
-        envelopes: list[Envelope] = []
+        out = Sealed()
         estimated = batch.estimated_raw
+        limit = self.max_bytes
         while scans:
             envelope = self._seal_one(batch.device_id, scans)
             share = estimated * len(scans) // max(1, len(batch.scans))
-            self._batcher.observe(batch.device_id, share, envelope.size)
-            limit = self._batcher.max_bytes
+            out.observed.append((share, envelope.size))
             if envelope.size > limit and len(scans) > 1:
                 # Keep the share that fits, judged by size, and try again with it.
                 keep = max(1, min(len(scans) - 1, len(scans) * limit * 95 // (envelope.size * 100)))
                 envelope, used = self._seal_fitting(batch.device_id, scans[:keep])
-                envelopes.append(envelope)
+                out.envelopes.append(envelope)
                 rest = scans[used:]
                 if not final:
-                    return envelopes, list(rest)
+                    out.leftover = list(rest)
+                    return out
                 scans = rest
                 continue
             if envelope.size > HUB_MESSAGE_CAP:
@@ -105,16 +120,16 @@ class Sealer:
                     "IoT Hub's 256 KB message cap"
                 )
             self._commit(envelope)
-            envelopes.append(envelope)
+            out.envelopes.append(envelope)
             break
-        return envelopes, []
+        return out
 
     def _seal_fitting(self, device_id: str, scans: list[Scan]) -> tuple[Envelope, int]:
         """Seal the longest head of ``scans`` that fits (at least one scan); returns the
         envelope and how many scans it holds."""
         while True:
             envelope = self._seal_one(device_id, scans)
-            if envelope.size <= self._batcher.max_bytes or len(scans) == 1:
+            if envelope.size <= self.max_bytes or len(scans) == 1:
                 self._commit(envelope)
                 return envelope, len(scans)
             scans = scans[: max(1, len(scans) * 9 // 10)]

@@ -18,7 +18,8 @@ from gateway.envelope import Sealer, open_envelope
 from gateway.errors import EnvelopeError, KeyringError
 from gateway.keyring import Keyring, write_new
 from gateway.keyring import load as load_keyring
-from gateway.readings import Header, Scan, telemetry_topic
+from gateway.pipeline import PipelineStep
+from gateway.readings import Envelope, Header, Scan, telemetry_topic
 
 from conftest import fieldgate
 
@@ -32,23 +33,27 @@ def scan(device: str, t: int) -> Scan:
     return Scan(device, 1_700_000_000_000 + t * 100, NAMES, values)
 
 
-def sealed_stream(max_bytes: int, scans: int) -> list[object]:
-    batcher = Batcher(max_bytes, max_age=3600)
-    sealer = Sealer(KEY, "k1", "boot1", batcher)
+def step(max_bytes: int = 4000, max_age: float = 3600, boot: str = "boot1") -> PipelineStep:
+    """The gateway's own pipeline step (gate -> batcher -> sealer), every device admitted."""
+    return PipelineStep(
+        Batcher(max_bytes, max_age), Sealer(KEY, "k1", boot, max_bytes), lambda _device: True
+    )
+
+
+def sealed_stream(max_bytes: int, scans: int) -> list[Envelope]:
+    pipeline = step(max_bytes)
     envelopes = []
     for t in range(scans):
-        closed, _ = batcher.add(scan("dev", t), float(t))
-        if closed:
-            sealed, leftover = sealer.seal(closed)
-            envelopes += sealed
-            batcher.requeue("dev", leftover, float(t))
+        out = pipeline.add(scan("dev", t), float(t), float(t))
+        assert out is not None
+        envelopes += out.envelopes
     return envelopes
 
 
 @pytest.mark.parametrize("max_bytes", [4000, 16000])
 def test_batches_fill_the_meter_unit_without_passing_it(max_bytes: int) -> None:
     envelopes = sealed_stream(max_bytes, 6000)
-    sizes = [e.size for e in envelopes]  # type: ignore[attr-defined]
+    sizes = [e.size for e in envelopes]
     assert max(sizes) <= max_bytes
     # After the first few batches teach the batcher the ratio, units are well filled.
     steady = sizes[5:]
@@ -59,8 +64,8 @@ def test_sequence_numbers_are_contiguous_across_envelopes() -> None:
     envelopes = sealed_stream(4000, 500)
     expected = 0
     for e in envelopes:
-        assert e.header.first_seq == expected  # type: ignore[attr-defined]
-        expected += e.header.count  # type: ignore[attr-defined]
+        assert e.header.first_seq == expected
+        expected += e.header.count
 
 
 def test_batch_closes_at_its_age_deadline() -> None:
@@ -74,13 +79,36 @@ def test_batch_closes_at_its_age_deadline() -> None:
     assert batcher.take("d") is None
 
 
+def test_the_step_arms_a_deadline_when_a_batch_opens_and_seals_it_at_expiry() -> None:
+    pipeline = step(max_age=1.0)
+    first = pipeline.add(scan("d", 0), 10.0, 10.2)
+    assert first is not None and first.envelopes == [] and first.arm == 11.0
+    second = pipeline.add(scan("d", 1), 10.5, 10.6)
+    assert second is not None and second.envelopes == [] and second.arm is None
+    expired = pipeline.expire("d", 11.0)
+    assert [e.header.count for e in expired.envelopes] == [120]
+    assert expired.arm is None
+    assert pipeline.expire("d", 12.0).envelopes == []
+    assert pipeline.readings == 120
+
+
+def test_a_device_the_gate_has_not_admitted_takes_nothing_in() -> None:
+    pipeline = PipelineStep(
+        Batcher(4000, 1.0), Sealer(KEY, "k1", "b", 4000), lambda device: device == "in"
+    )
+    assert pipeline.add(scan("out", 0), 0.0, 0.0) is None
+    assert pipeline.add(scan("in", 0), 0.0, 0.0) is not None
+    assert pipeline.readings == 60
+    assert [e.device_id for e in pipeline.flush()] == ["in"]
+
+
 def _one() -> tuple[Header, bytes]:
     batcher = Batcher(4000, 1.0)
-    sealer = Sealer(KEY, "k1", "b0", batcher, next_seq={"dev-a": 500})
+    sealer = Sealer(KEY, "k1", "b0", 4000, next_seq={"dev-a": 500})
     batcher.add(scan("dev-a", 1), 0.0)
     batch = batcher.take("dev-a")
     assert batch is not None
-    [env], _ = sealer.seal(batch)
+    [env] = sealer.seal(batch).envelopes
     return env.header, env.body
 
 
@@ -138,14 +166,11 @@ def test_unknown_key_and_garbage_are_refused_cleanly() -> None:
 
 
 def test_tracker_counts_duplicates_and_gaps() -> None:
-    batcher = Batcher(4000, 3600)
-    sealer = Sealer(KEY, "k1", "b", batcher)
+    pipeline = step(boot="b")
     opened = []
     for t in range(3):
-        batcher.add(scan("d", t), 0.0)
-        batch = batcher.take("d")
-        assert batch is not None
-        [env], _ = sealer.seal(batch)
+        pipeline.add(scan("d", t), 0.0, 0.0)
+        [env] = pipeline.expire("d", 0.0).envelopes
         opened.append(open_message(telemetry_topic("d", env.header), env.body, RING))
     tracker = SequenceTracker()
     assert len(tracker.add(opened[0])) == 60
@@ -160,13 +185,13 @@ def test_tracker_counts_duplicates_and_gaps() -> None:
 def test_reused_sequence_numbers_with_other_content_are_a_conflict_not_duplicates() -> None:
     def sealed(first_value: int, next_seq: dict[str, int]) -> list[Opened]:
         batcher = Batcher(4000, 3600)
-        sealer = Sealer(KEY, "k1", "b", batcher, next_seq)
+        sealer = Sealer(KEY, "k1", "b", 4000, next_seq)
         out = []
         for t in range(first_value, first_value + 2):
             batcher.add(scan("d", t), 0.0)
             batch = batcher.take("d")
             assert batch is not None
-            [env], _ = sealer.seal(batch)
+            [env] = sealer.seal(batch).envelopes
             out.append(open_message(telemetry_topic("d", env.header), env.body, RING))
         return out
 
@@ -192,20 +217,14 @@ def test_reused_sequence_numbers_with_other_content_are_a_conflict_not_duplicate
 
 
 def test_no_reading_is_lost_or_reordered_when_a_batch_overshoots() -> None:
-    batcher = Batcher(4000, 3600)
-    sealer = Sealer(KEY, "k1", "b", batcher)
-    opened = []
+    pipeline = step(boot="b")
+    sealed: list[Envelope] = []
     for t in range(3000):
-        closed, _ = batcher.add(scan("d", t), float(t))
-        if closed:
-            sealed, leftover = sealer.seal(closed)
-            batcher.requeue("d", leftover, float(t))
-            opened += [open_message(telemetry_topic("d", e.header), e.body, RING) for e in sealed]
-    rest = batcher.take("d")
-    assert rest is not None
-    sealed, leftover = sealer.seal(rest, final=True)
-    assert leftover == []
-    opened += [open_message(telemetry_topic("d", e.header), e.body, RING) for e in sealed]
+        out = pipeline.add(scan("d", t), float(t), float(t))
+        assert out is not None
+        sealed += out.envelopes
+    sealed += pipeline.flush()
+    opened = [open_message(telemetry_topic("d", e.header), e.body, RING) for e in sealed]
     readings = [r for o in opened for r in o.readings]
     assert len(readings) == 3000 * 60
     assert [r.seq for r in readings] == list(range(3000 * 60))
@@ -214,12 +233,13 @@ def test_no_reading_is_lost_or_reordered_when_a_batch_overshoots() -> None:
 
 
 def test_final_flush_splits_an_oversized_batch_instead_of_returning_scans() -> None:
-    sealer = Sealer(KEY, "k1", "b", Batcher(4000, 3600))
+    sealer = Sealer(KEY, "k1", "b", 4000)
     rng = random.Random(3)
     scans = [Scan("d", t, NAMES, [rng.uniform(-1e6, 1e6) for _ in NAMES]) for t in range(200)]
     batch = Batch("d", scans, 200 * 60, estimated_raw=1000)  # an estimate far too low
-    envelopes, leftover = sealer.seal(batch, final=True)
-    assert leftover == [] and len(envelopes) > 3
+    sealed = sealer.seal(batch, final=True)
+    envelopes = sealed.envelopes
+    assert sealed.leftover == [] and len(envelopes) > 3
     assert all(e.size <= 4000 for e in envelopes)
     assert sum(e.header.count for e in envelopes) == 200 * 60
     assert next(e.header.first_seq for e in envelopes) == 0
@@ -254,7 +274,7 @@ def test_the_documented_consumer_example_runs_with_a_str_passphrase(
     batcher.add(scan("boiler-7", 0), 0.0)
     batch = batcher.take("boiler-7")
     assert batch is not None
-    (envelope,), _ = Sealer(key, "k1", "boot1", batcher).seal(batch, final=True)
+    (envelope,) = Sealer(key, "k1", "boot1", 4000).seal(batch, final=True).envelopes
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FIELDGATE_KEY_PASSPHRASE", "correct horse €")
     names = {
@@ -282,13 +302,13 @@ def test_open_summary_prints_one_line_per_device_and_the_total(tmp_path: Path) -
     lines = []
     for device, envelopes in (("plc-1", 3), ("plc-2", 4)):
         batcher = Batcher(4000, max_age=3600)
-        sealer = Sealer(key, "k1", "boot1", batcher)
+        sealer = Sealer(key, "k1", "boot1", 4000)
         sealed = []
         for t in range(envelopes):
             batcher.add(scan(device, t), float(t))
             batch = batcher.take(device)
             assert batch is not None
-            sealed += sealer.seal(batch, final=True)[0]
+            sealed += sealer.seal(batch, final=True).envelopes
         if device == "plc-2":
             sealed = [sealed[0], sealed[0], *sealed[2:]]  # one twice, one missing
         for e in sealed:
