@@ -33,8 +33,12 @@ class Evidence:
     device_id: str
     transport: str
     endpoint: str
+    # Facts, recorded with the admission event (an identity address, a bond level).
     fingerprint: dict[str, str] = field(default_factory=dict)
-    # Set when the adapter's own proof failed (a bond too weak, a wrong challenge answer).
+    # Secret-free proofs the gate checks but never records (a challenge's nonce and answer).
+    proofs: dict[str, bytes] = field(default_factory=dict)
+    # Set when the adapter could not collect its evidence (pairing failed, no answer); the
+    # gate refuses with this reason. Whether evidence is good enough is the gate's decision.
     refusal: str | None = None
 
 

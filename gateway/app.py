@@ -217,10 +217,7 @@ class Gateway:
         contexts: dict[str, ssl.SSLContext],
     ) -> None:
         cfg = self.config
-        gate = AuthGate(
-            [Registration(d.id, d.transport, d.endpoint, d.enabled) for d in cfg.devices],
-            self.events,
-        )
+        gate = AuthGate([_registration(d) for d in cfg.devices], self.events)
         self.step = PipelineStep(batcher, sealer, gate.admitted)
         pipeline = Intake(self.step)
         connects = RateLimiter(cfg.hub.connect_rate)
@@ -284,7 +281,7 @@ class Gateway:
                 by_adapter.setdefault(d.ble.adapter, []).append(d)
         if not by_adapter:
             return {}
-        from adapters.ble.client import BleAdapter  # bleak loads only where BLE is configured
+        from adapters.ble.adapter import BleAdapter  # bleak loads only where BLE is configured
 
         return {
             name: BleAdapter(
@@ -348,3 +345,15 @@ class Gateway:
             delivered,
             self.counters.dropped_readings,
         )
+
+
+def _registration(device: DeviceConfig) -> Registration:
+    """What the registry (the config) says of a device, for the auth gate."""
+    requirements = None
+    if device.ble is not None:
+        from adapters.ble.admission import BleRequirements
+
+        ble = device.ble
+        key_file = ble.challenge.key_file if ble.challenge is not None else None
+        requirements = BleRequirements.of(ble.address, ble.app_id, ble.bond, key_file)
+    return Registration(device.id, device.transport, device.endpoint, device.enabled, requirements)

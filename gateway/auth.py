@@ -1,19 +1,36 @@
 """The auth gate: only devices the registry knows, bound where the registry says, pass.
 
 For now the registry is the validated config. A device is admitted when it is known, enabled,
-and observed at the endpoint it is bound to; whatever it reported as its fingerprint must match
-what the registry expects. Anything else is refused with a reason, recorded as a security event,
-and the device stays quarantined: none of its readings pass :meth:`AuthGate.admitted`.
+observed at the endpoint it is bound to, and its evidence satisfies what the registry requires
+of it (for BLE: identity, bond and challenge, judged by :mod:`adapters.ble.admission`).
+Adapters only collect evidence; every verdict is taken here. A refusal is recorded as a
+security event with its reason, and the device stays quarantined: none of its readings pass
+:meth:`AuthGate.admitted`.
 """
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from adapters.base import Evidence
 from gateway.events import SecurityEvents
 
 UNKNOWN_LIMIT = 1000
+RECENT_ANSWERS = 32  # accepted challenge answers remembered per device, to name a replay
+
+
+class Requirements(Protocol):
+    """A transport's pure check of a device's evidence (see adapters.ble.admission)."""
+
+    def check(
+        self,
+        fingerprint: Mapping[str, str],
+        proofs: Mapping[str, bytes],
+        accepted_answers: Collection[bytes] = (),
+    ) -> tuple[str | None, dict[str, str]]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +39,7 @@ class Registration:
     transport: str
     endpoint: str
     enabled: bool = True
-    fingerprint: tuple[tuple[str, str], ...] = ()
+    requirements: Requirements | None = None
 
 
 class AuthGate:
@@ -32,15 +49,20 @@ class AuthGate:
         self._admitted: set[str] = set()
         self.quarantined: dict[str, str] = {}
         self._unknown: set[tuple[str, str]] = set()
+        self._answers: dict[str, deque[bytes]] = {}
 
     def admitted(self, device_id: str) -> bool:
         return device_id in self._admitted
 
     def admit(self, evidence: Evidence) -> str | None:
         """None if the device may send, else the reason it is refused (and quarantined)."""
-        reason = self._check(evidence)
+        reason, found = self._check(evidence)
         device_id = evidence.device_id
+        fingerprint = {**evidence.fingerprint, **found}
         if reason is None:
+            answer = evidence.proofs.get("answer")
+            if answer is not None:
+                self._answers.setdefault(device_id, deque(maxlen=RECENT_ANSWERS)).append(answer)
             if device_id not in self._admitted:
                 self._admitted.add(device_id)
                 self._events.record(
@@ -49,7 +71,7 @@ class AuthGate:
                     "registry match",
                     endpoint=evidence.endpoint,
                     transport=evidence.transport,
-                    **evidence.fingerprint,
+                    **fingerprint,
                 )
             return None
         self._admitted.discard(device_id)
@@ -60,7 +82,7 @@ class AuthGate:
             reason,
             endpoint=evidence.endpoint,
             transport=evidence.transport,
-            **evidence.fingerprint,
+            **fingerprint,
         )
         return reason
 
@@ -83,18 +105,20 @@ class AuthGate:
             transport=transport,
         )
 
-    def _check(self, evidence: Evidence) -> str | None:
+    def _check(self, evidence: Evidence) -> tuple[str | None, dict[str, str]]:
         entry = self._registry.get(evidence.device_id)
         if entry is None:
-            return "not in the registry"
+            return "not in the registry", {}
         if not entry.enabled:
-            return "disabled in the registry"
+            return "disabled in the registry", {}
         if entry.transport != evidence.transport:
-            return f"registered for {entry.transport}, seen on {evidence.transport}"
+            return f"registered for {entry.transport}, seen on {evidence.transport}", {}
         if entry.endpoint != evidence.endpoint:
-            return f"bound to {entry.endpoint}, seen at {evidence.endpoint}"
-        for key, expected in entry.fingerprint:
-            seen = evidence.fingerprint.get(key)
-            if seen != expected:
-                return f"fingerprint {key}: expected {expected!r}, device reports {seen!r}"
-        return evidence.refusal
+            return f"bound to {entry.endpoint}, seen at {evidence.endpoint}", {}
+        if evidence.refusal is not None:
+            return evidence.refusal, {}
+        if entry.requirements is None:
+            return None, {}
+        return entry.requirements.check(
+            evidence.fingerprint, evidence.proofs, self._answers.get(evidence.device_id, ())
+        )

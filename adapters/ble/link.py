@@ -1,0 +1,310 @@
+"""One BLE device's link: find, connect, collect evidence, serve notifications and polls.
+
+Before any of its data flows, a connection's evidence goes to the auth gate, which decides
+(with :mod:`adapters.ble.admission`): the identity address BlueZ shows, how the bond was made
+(fieldgate pairs through its own agent, so it knows: authenticated means the passkey was
+entered; a bond made elsewhere counts as Just Works), the identity the app id was bound to
+before, and the answer to a fresh challenge nonce. A refused device is held off for
+``ble.hold_off`` seconds, doubling with each further refusal: failures are rate-limited.
+
+Notifications use AcquireNotify (a socket per characteristic) where the device offers it,
+which carries four times what D-Bus signals do. Malformed values are counted and logged (first,
+then every 1,000th); the link stays up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+from adapters.base import DeviceHealth, Evidence
+from adapters.ble import admission, bluez, gatt
+from gateway.backoff import backoff_delay
+from gateway.config import BleCharacteristic, DeviceConfig
+from gateway.errors import DeviceRefused, DeviceUnavailable
+from gateway.readings import Scan
+
+if TYPE_CHECKING:
+    from adapters.ble.adapter import BleAdapter
+
+log = logging.getLogger("adapters.ble")
+
+HOLD_OFF_MAX = 24 * 3600.0
+
+
+def decoder_for(row: BleCharacteristic) -> gatt.Decoder:
+    return gatt.Decoder(
+        row.format, tuple(gatt.Field(v.name, v.scale, v.offset) for v in row.values)
+    )
+
+
+class BleLink:
+    def __init__(
+        self, adapter: BleAdapter, device: DeviceConfig, health: DeviceHealth, *, rotate: bool
+    ) -> None:
+        assert device.ble is not None
+        self.adapter = adapter
+        self.device = device
+        self.ble = device.ble
+        self.health = health
+        self.rotate = rotate
+        self.endpoint = self.ble.label
+        self.found_device: bluez.Found | None = None
+        self._found = asyncio.Event()
+        self.notify_rows = [
+            (r, decoder_for(r)) for r in self.ble.characteristics if r.mode == "notify"
+        ]
+        self.poll_rows = [(r, decoder_for(r)) for r in self.ble.characteristics if r.mode == "poll"]
+        self.gatt_ops = asyncio.Semaphore(adapter.section.max_gatt_ops)
+        self.refusals = 0
+
+    @property
+    def needs_device(self) -> bool:
+        return self.found_device is None
+
+    def found(self, device: bluez.Found) -> None:
+        if self.found_device is None:
+            self.found_device = device
+            self._found.set()
+            self.adapter.check_complete()
+
+    def _lost(self) -> None:
+        """BlueZ no longer knows the device (removed after discovery): find it again."""
+        self.found_device = None
+        self._found.clear()
+        self.adapter.want()
+
+    async def run(self) -> None:
+        attempt = 0
+        next_poll = 0.0
+        self.adapter.want()
+        while True:
+            if self.found_device is None:
+                await self._found.wait()
+            if self.rotate:
+                await asyncio.sleep(max(0.0, next_poll - time.monotonic()))
+                next_poll = time.monotonic() + min(r.period for r, _ in self.poll_rows)
+            try:
+                async with self._slot():
+                    await self._session()
+                attempt = 0
+                if self.rotate:
+                    continue
+                raise DeviceUnavailable(self.device.id, self.endpoint, "link lost")
+            except DeviceRefused as refused:
+                self.refusals += 1
+                hold = min(HOLD_OFF_MAX, self.adapter.section.hold_off * 2 ** (self.refusals - 1))
+                self.health.quarantine(f"{refused.reason}; next attempt in {hold:.0f} s")
+                await asyncio.sleep(hold)
+                continue
+            except DeviceUnavailable as err:
+                self.health.down(err.reason)
+            except bluez.DeviceGone:
+                self.health.down("BlueZ no longer knows the device; discovering it again")
+                self._lost()
+            except Exception as err:
+                # A bug must cost this device a reconnect, never the other devices their data.
+                log.exception("%s: BLE link failed", self.device.id)
+                self.health.down(f"internal error: {err!r}")
+            attempt += 1
+            section = self.adapter.section
+            await asyncio.sleep(backoff_delay(attempt, section.backoff_min, section.backoff_max))
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        adapter = self.adapter
+        if self.rotate:
+            async with adapter.slots:
+                yield
+        else:
+            async with adapter.held_slots, adapter.slots:
+                yield
+
+    @contextlib.contextmanager
+    def _unavailable(self) -> Any:
+        """A radio failure of this device's link, as :class:`DeviceUnavailable`."""
+        try:
+            yield
+        except bluez.DeviceGone:
+            raise
+        except bluez.BlueZError as err:
+            raise DeviceUnavailable(self.device.id, self.endpoint, err.reason) from err
+
+    async def _session(self) -> None:
+        """Connect, admit, serve; returns after one poll round (rotating), else on link loss."""
+        assert self.found_device is not None
+        lost = asyncio.Event()
+        adapter = self.adapter
+        link = bluez.Connection(
+            self.found_device, adapter.name, adapter.section.connect_timeout, lost.set
+        )
+        try:
+            async with adapter.connect_lock:
+                with self._unavailable():
+                    await link.connect()
+                evidence = await self._bond(link)
+            if evidence.refusal is None and self.ble.challenge is not None:
+                evidence = await self._challenge(link, evidence)
+            refusal = adapter.admit(evidence)
+            if refusal is not None:
+                raise DeviceRefused(self.device.id, refusal)
+            if self.ble.app_id is not None:
+                adapter.bonds.bind(evidence.fingerprint[admission.IDENTITY], self.ble.app_id)
+            self.refusals = 0
+            if self.rotate:
+                await self._poll_once(link)
+                return
+            await self._serve(link, lost)
+        finally:
+            await link.disconnect()
+
+    # -- evidence --
+
+    def _evidence(self, identity: str, level: str, refusal: str | None = None) -> Evidence:
+        fingerprint = {admission.IDENTITY: identity, admission.BOND: level}
+        if self.ble.app_id is not None:
+            bound = self.adapter.bonds.identity_of(self.ble.app_id)
+            if bound is not None:
+                fingerprint[admission.BOUND] = bound
+        return Evidence(self.device.id, "ble", self.endpoint, fingerprint, refusal=refusal)
+
+    async def _bond(self, link: bluez.Connection) -> Evidence:
+        """Pair if the config asks for a bond and there is none; the identity and the bond."""
+        required = self.ble.bond
+        bonds = self.adapter.bonds
+        with self._unavailable():
+            paired = await link.paired()
+            if required == "none":
+                identity = link.address
+                level = (bonds.level(identity) or "just-works") if paired else "none"
+                return self._evidence(identity, level)
+            if paired:
+                identity = await link.identity_address()
+                return self._evidence(identity, bonds.level(identity) or "just-works")
+        pairing = bluez.Pairing(self.ble.passkey if required == "authenticated" else None)
+        agent = self.adapter.agent
+        agent.pairing[link.path] = pairing
+        try:
+            await link.pair()
+        except bluez.PairingFailed as err:
+            return self._evidence(link.address, "none", refusal=err.reason)
+        finally:
+            agent.pairing.pop(link.path, None)
+        identity = link.address
+        level = "authenticated" if pairing.passkey_given else "just-works"
+        bonds.record(identity, level)
+        log.info("%s: bonded with %s (%s)", self.device.id, identity, level)
+        return self._evidence(identity, level)
+
+    async def _challenge(self, link: bluez.Connection, evidence: Evidence) -> Evidence:
+        """Write a fresh nonce to the challenge characteristic and read the answer back."""
+        assert self.ble.challenge is not None
+        uuid = self.ble.challenge.characteristic
+        nonce = secrets.token_bytes(gatt.NONCE_SIZE)
+        try:
+            async with self.gatt_ops:
+                await link.write(uuid, nonce)
+                answer = await link.read(uuid)
+        except bluez.BlueZError as err:
+            return Evidence(
+                evidence.device_id,
+                evidence.transport,
+                evidence.endpoint,
+                evidence.fingerprint,
+                refusal=f"challenge not answered: {err.detail}",
+            )
+        return Evidence(
+            evidence.device_id,
+            evidence.transport,
+            evidence.endpoint,
+            evidence.fingerprint,
+            proofs={admission.NONCE: nonce, admission.ANSWER: answer},
+        )
+
+    # -- data --
+
+    async def _serve(self, link: bluez.Connection, lost: asyncio.Event) -> None:
+        for row, decoder in self.notify_rows:
+            async with self.gatt_ops:
+                with self._unavailable():
+                    await link.start_notify(row.uuid, self._on_notify(decoder))
+        self.health.up()
+        waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(lost.wait())]
+        if self.poll_rows:
+            waits.append(asyncio.ensure_future(self._poll(link)))
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+        for task in done:
+            error = None if task.cancelled() else task.exception()
+            if error is not None:
+                raise error
+        raise DeviceUnavailable(self.device.id, self.endpoint, "link lost")
+
+    def _on_notify(self, decoder: gatt.Decoder) -> Callable[[bytearray], None]:
+        device_id = self.device.id
+        names = decoder.names
+        sink = self.adapter.sink
+        health = self.health
+
+        def on_notify(data: bytearray) -> None:
+            ts_ms = int(time.time() * 1000)
+            try:
+                values = decoder.decode(data)
+            except ValueError as err:
+                self._malformed(err)
+                return
+            health.reads_ok += 1
+            sink(Scan(device_id, ts_ms, names, values))
+
+        return on_notify
+
+    def _malformed(self, err: Exception) -> None:
+        health = self.health
+        health.malformed += 1
+        if health.malformed == 1 or health.malformed % 1000 == 0:
+            log.warning(
+                "%s: malformed value (%d so far): %s", self.device.id, health.malformed, err
+            )
+
+    async def _read(
+        self, link: bluez.Connection, row: BleCharacteristic, decoder: gatt.Decoder
+    ) -> None:
+        ts_ms = int(time.time() * 1000)
+        try:
+            async with self.gatt_ops:
+                data = await link.read(row.uuid)
+        except bluez.DeviceGone:
+            raise
+        except bluez.BlueZError as err:
+            self.health.reads_failed += 1
+            raise DeviceUnavailable(self.device.id, self.endpoint, err.reason) from err
+        try:
+            values = decoder.decode(data)
+        except ValueError as err:
+            self._malformed(err)
+            return
+        self.health.reads_ok += 1
+        self.health.up()
+        self.adapter.sink(Scan(self.device.id, ts_ms, decoder.names, values))
+
+    async def _poll_once(self, link: bluez.Connection) -> None:
+        for row, decoder in self.poll_rows:
+            await self._read(link, row, decoder)
+
+    async def _poll(self, link: bluez.Connection) -> None:
+        loop = asyncio.get_running_loop()
+        due = [loop.time()] * len(self.poll_rows)
+        while True:
+            index = min(range(len(due)), key=due.__getitem__)
+            await asyncio.sleep(max(0.0, due[index] - loop.time()))
+            row, decoder = self.poll_rows[index]
+            await self._read(link, row, decoder)
+            due[index] = max(due[index] + row.period, loop.time())
