@@ -108,7 +108,7 @@ def cmd_simulate_modbus(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate_ble(args: argparse.Namespace) -> int:
-    from adapters.ble.run import run_simulator
+    from adapters.ble.sim.run import run_simulator
 
     return run_simulator(args)
 
@@ -391,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     ble = sim.add_parser(
         "ble", help="simulated BLE peripherals behind a simulated bluetoothd on a private D-Bus"
     )
-    from adapters.ble.run import add_arguments
+    from adapters.ble.sim.run import add_arguments
 
     add_arguments(ble)
     ble.set_defaults(func=cmd_simulate_ble)

@@ -28,8 +28,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from adapters.ble.run import simulator_argv as ble_argv
-from adapters.ble.simulator import SOCKET_NAME
+from adapters.ble.sim.bus import SOCKET_NAME
+from adapters.ble.sim.run import simulator_argv as ble_argv
 from adapters.modbus.run import simulator_argv
 from gateway import pki as pki_mod
 from gateway import runtime

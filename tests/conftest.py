@@ -154,8 +154,8 @@ def start_ble_simulator(
     procs: list[Proc], tmp: Path, pki_dir: Path, hub_port: int, devices: int, *extra: str
 ) -> tuple[Path, Proc, str]:
     """Simulated peripherals behind a simulated bluetoothd; returns (config, process, bus)."""
-    from adapters.ble.run import simulator_argv as ble_argv
-    from adapters.ble.simulator import bus_address
+    from adapters.ble.sim.bus import bus_address
+    from adapters.ble.sim.run import simulator_argv as ble_argv
 
     config = tmp / "gateway.toml"
     bus_dir = tmp / "bus"
@@ -182,7 +182,7 @@ def ble_sim(address: str, call: str, *args: object) -> object:
     """Call the running BLE simulator's control interface (stats, set, drop_link, set_slots)."""
     import asyncio
 
-    from adapters.ble.simulator import SimControl
+    from adapters.ble.sim.control import SimControl
 
     async def go() -> object:
         async with SimControl(address) as control:

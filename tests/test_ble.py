@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from adapters.ble.simulator import MEASUREMENT_DECODER, measurement_raw
+from adapters.ble.sim.fleet import MEASUREMENT_DECODER, measurement_raw
 from gateway.config import render_toml
 from gateway.consumer import Opened
 from gateway.events import read_events

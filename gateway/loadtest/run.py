@@ -338,8 +338,8 @@ async def _start_ble(
 ) -> str:
     """Simulated peripherals notifying at ``plan.rate``; added to the config the Modbus
     simulator wrote, if any. Returns the simulator's bus address."""
-    from adapters.ble.run import simulator_argv as ble_argv
-    from adapters.ble.simulator import bus_address
+    from adapters.ble.sim.bus import bus_address
+    from adapters.ble.sim.run import simulator_argv as ble_argv
 
     bus_dir = out / "ble-bus"
     sim = await start(
@@ -371,7 +371,7 @@ async def _start_ble(
 
 async def _ble_stats(address: str) -> dict[str, Any]:
     """What the simulated peripherals themselves counted: sent, and dropped at the socket."""
-    from adapters.ble.simulator import SimControl
+    from adapters.ble.sim.control import SimControl
 
     try:
         async with SimControl(address) as control:

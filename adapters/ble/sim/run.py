@@ -13,7 +13,7 @@ from adapters import simconfig
 from adapters.ble import gatt
 
 if TYPE_CHECKING:
-    from adapters.ble.simulator import PeripheralSpec
+    from adapters.ble.sim.fleet import PeripheralSpec
 from gateway.errors import ConfigError
 
 SECRET_FILE = "ble-fleet.secret"
@@ -33,7 +33,7 @@ def fleet_secret(pki_dir: Path) -> bytes:
 
 
 def build_specs(args: argparse.Namespace) -> list[PeripheralSpec]:
-    from adapters.ble.simulator import apply_setting, make_specs
+    from adapters.ble.sim.fleet import apply_setting, make_specs
 
     specs = make_specs(
         args.devices,
@@ -103,7 +103,7 @@ def device_entry(
 
 
 def write_config(args: argparse.Namespace, specs: list[PeripheralSpec]) -> Path:
-    from adapters.ble.simulator import bus_address
+    from adapters.ble.sim.bus import bus_address
 
     pki_dir = Path(args.pki)
     doc = simconfig.skeleton(
@@ -121,7 +121,8 @@ def write_config(args: argparse.Namespace, specs: list[PeripheralSpec]) -> Path:
 
 def run_simulator(args: argparse.Namespace) -> int:
     # The simulator (and dbus-fast) load only for this verb, not for every fieldgate command.
-    from adapters.ble.simulator import BlueZSimulator, PrivateBus
+    from adapters.ble.sim.bluetoothd import BlueZSimulator
+    from adapters.ble.sim.bus import PrivateBus
 
     specs = build_specs(args)
     if args.write_config:

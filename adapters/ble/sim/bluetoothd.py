@@ -35,22 +35,16 @@ import array
 import asyncio
 import contextlib
 import fcntl
-import hashlib
-import hmac
 import logging
-import math
 import os
 import random
-import shutil
 import socket
 import struct
-import subprocess
 import termios
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -58,7 +52,12 @@ from dbus_fast import Message, MessageType, RequestNameReply, Variant
 from dbus_fast.aio import MessageBus
 
 from adapters.ble import gatt
-from gateway.runtime import child_process_options
+from adapters.ble.sim.fleet import (
+    MEASUREMENT_DECODER,
+    PeripheralSpec,
+    apply_setting,
+    measurement_raw,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +72,6 @@ AGENT_MANAGER = "org.bluez.AgentManager1"
 AGENT = "org.bluez.Agent1"
 CONTROL = "org.fieldgate.BleSim1"
 CONTROL_PATH = "/org/fieldgate/sim"
-SOCKET_NAME = "system_bus_socket"
 ABORT = "le-connection-abort-by-local"
 TEMPORARY_TIMEOUT = 30.0  # BlueZ's TemporaryTimeout: unknown devices go 30 s after discovery
 ADVERTISE_EVERY = 2.0  # seconds between advertisements (RSSI updates) while discovering
@@ -87,9 +85,6 @@ NODES = {
     gatt.STATUS: f"{SERVICE_NODE}/char000d",
     gatt.CHALLENGE: f"{SERVICE_NODE}/char000f",
 }
-BOND_MODES = ("none", "just-works", "passkey")
-NOTIFY_MODES = ("good", "garbage", "short")
-HMAC_MODES = ("good", "wrong", "replay")
 
 
 class SimError(Exception):
@@ -99,206 +94,6 @@ class SimError(Exception):
         super().__init__(text)
         self.name = name
         self.text = text
-
-
-# -- values -------------------------------------------------------------------------------------
-
-
-def measurement_raw(seed: int, counter: int) -> tuple[int, int, int, int]:
-    """The raw measurement a peripheral sends as its ``counter``-th notification."""
-    temperature = int(2000 + 500 * math.sin(counter / 50.0 + seed)) + (counter * 7 + seed) % 11
-    humidity = 4000 + (counter * 37 + seed * 101) % 3000
-    battery = 100 - (counter // 1000 + seed) % 60
-    return counter & 0xFFFFFFFF, temperature, humidity, battery
-
-
-MEASUREMENT_DECODER = gatt.Decoder(
-    gatt.MEASUREMENT_FORMAT,
-    (
-        gatt.Field("counter"),
-        gatt.Field("temperature", 0.01),
-        gatt.Field("humidity", 0.01),
-        gatt.Field("battery"),
-    ),
-)
-
-
-def fleet_key(secret: bytes, device_id: str) -> bytes:
-    """A peripheral's challenge key, derived from the fleet secret kept beside the PKI."""
-    return hmac.new(secret, b"fieldgate-ble-key:" + device_id.encode(), hashlib.sha256).digest()
-
-
-# -- the fleet's description ---------------------------------------------------------------------
-
-
-@dataclass
-class PeripheralSpec:
-    device_id: str
-    identity: str  # identity address
-    seed: int
-    rate: float = 1.0  # notifications per second while subscribed
-    bond: str = "passkey"  # none | just-works | passkey
-    passkey: int = 0
-    key: bytes | None = None  # challenge key; None: no challenge characteristic
-    rpa: bool = False  # advertises a resolvable private address until bonded
-    app_id: str | None = None  # advertised in manufacturer data
-    allowed: bool = True  # written into the gateway config
-    hmac: str = "good"
-    notify: str = "good"
-    connect_aborts: int = 0
-    connect_delay: float = 0.0
-
-
-def make_specs(
-    count: int,
-    *,
-    prefix: str = "ble-",
-    rate: float = 1.0,
-    bond: str = "passkey",
-    challenge: bool = True,
-    rpa: int = 0,
-    unknown: int = 0,
-    secret: bytes = b"",
-) -> list[PeripheralSpec]:
-    """``count`` allow-listed peripherals (the first ``rpa`` with private addresses and app
-    ids), then ``unknown`` ones that advertise the same profile but are not in the config."""
-    specs = []
-    for i in range(count + unknown):
-        device_id = f"{prefix}{i + 1}" if i < count else f"{prefix}unknown-{i - count + 1}"
-        # Static random identity addresses (the two top bits set), unique per index.
-        identity = ":".join(
-            f"{b:02X}" for b in (0xC0, 0xFE, 0, i >> 16 & 0xFF, i >> 8 & 0xFF, i & 0xFF)
-        )
-        specs.append(
-            PeripheralSpec(
-                device_id=device_id,
-                identity=identity,
-                seed=i,
-                rate=rate,
-                bond=bond,
-                passkey=(123457 * (i + 1)) % 1_000_000,
-                key=fleet_key(secret, device_id) if challenge else None,
-                rpa=i < rpa,
-                app_id=device_id if i < rpa else None,
-                allowed=i < count,
-            )
-        )
-    return specs
-
-
-def apply_setting(spec: PeripheralSpec, key: str, value: str) -> None:
-    """One ``--set ID:KEY=VALUE``; raises ValueError naming what is wrong."""
-    if key == "bond":
-        if value not in BOND_MODES:
-            raise ValueError(f"bond must be one of {', '.join(BOND_MODES)}")
-        spec.bond = value
-    elif key == "hmac":
-        if value not in HMAC_MODES:
-            raise ValueError(f"hmac must be one of {', '.join(HMAC_MODES)}")
-        spec.hmac = value
-    elif key == "notify":
-        if value not in NOTIFY_MODES:
-            raise ValueError(f"notify must be one of {', '.join(NOTIFY_MODES)}")
-        spec.notify = value
-    elif key == "rate":
-        spec.rate = float(value)
-    elif key == "connect-aborts":
-        spec.connect_aborts = int(value)
-    elif key == "connect-delay":
-        spec.connect_delay = float(value)
-    else:
-        raise ValueError(
-            f"unknown setting {key!r}: bond, hmac, notify, rate, connect-aborts, connect-delay"
-        )
-
-
-# -- the private bus -------------------------------------------------------------------------------
-
-_BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>fieldgate-ble</type>
-  <listen>unix:path={socket}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <allow own="*"/>
-    <allow send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-  </policy>
-  <limit name="max_completed_connections">{connections}</limit>
-  <limit name="max_incomplete_connections">{connections}</limit>
-  <limit name="max_connections_per_user">{connections}</limit>
-  <limit name="max_match_rules_per_connection">{connections}</limit>
-  <limit name="max_replies_per_connection">{connections}</limit>
-  <limit name="max_pending_service_starts">10000</limit>
-  <limit name="max_incoming_bytes">1000000000</limit>
-  <limit name="max_outgoing_bytes">1000000000</limit>
-  <limit name="max_message_size">1000000000</limit>
-  <limit name="reply_timeout">60000</limit>
-</busconfig>
-"""
-
-
-def bus_address(bus_dir: Path) -> str:
-    return f"unix:path={bus_dir.resolve() / SOCKET_NAME}"
-
-
-class PrivateBus:
-    """A ``dbus-daemon`` of its own on a socket in ``bus_dir``, with limits raised for a fleet
-    (the system bus allows 256 connections per user; every bleak client opens one)."""
-
-    def __init__(self, bus_dir: Path, *, connections: int = 20_000) -> None:
-        self.dir = bus_dir.resolve()
-        self.address = bus_address(self.dir)
-        self._connections = connections
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> PrivateBus:
-        daemon = shutil.which("dbus-daemon") or "/usr/bin/dbus-daemon"
-        if not Path(daemon).exists():
-            raise OSError("dbus-daemon is not installed (Debian: apt-get install dbus)")
-        self.dir.mkdir(parents=True, exist_ok=True)
-        sock = self.dir / SOCKET_NAME
-        if len(str(sock)) > 100:
-            raise OSError(f"socket path too long for a unix socket: {sock}")
-        sock.unlink(missing_ok=True)
-        conf = self.dir / "bus.conf"
-        conf.write_text(_BUS_CONFIG.format(socket=sock, connections=self._connections))
-        self._proc = subprocess.Popen(
-            [daemon, f"--config-file={conf}", "--nofork", "--nopidfile", "--nosyslog"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            **child_process_options(),
-        )
-        deadline = time.monotonic() + 10
-        while not sock.exists():
-            if self._proc.poll() is not None:
-                err = self._proc.stderr.read().decode() if self._proc.stderr else ""
-                raise OSError(f"dbus-daemon failed: {err.strip()}")
-            if time.monotonic() > deadline:
-                self.__exit__()
-                raise OSError("dbus-daemon did not open its socket within 10 s")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        (self.dir / SOCKET_NAME).unlink(missing_ok=True)
 
 
 # -- the simulated bluetoothd ----------------------------------------------------------------------
@@ -1020,50 +815,3 @@ _HANDLERS: dict[tuple[str, str], Callable[[BlueZSimulator, Message], Any]] = {
     (CONTROL, "SetSlots"): BlueZSimulator.control_slots,
     (CONTROL, "Stats"): BlueZSimulator.control_stats,
 }
-
-
-class SimControl:
-    """Drive a running simulator from a test or a benchmark: faults, slots, counters."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self._bus: MessageBus | None = None
-
-    async def __aenter__(self) -> SimControl:
-        self._bus = await MessageBus(bus_address=self.address).connect()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._bus is not None:
-            self._bus.disconnect()
-            self._bus = None
-
-    async def _call(self, member: str, signature: str = "", body: list[Any] | None = None) -> Any:
-        assert self._bus is not None
-        reply = await self._bus.call(
-            Message(
-                destination=BLUEZ,
-                path=CONTROL_PATH,
-                interface=CONTROL,
-                member=member,
-                signature=signature,
-                body=body or [],
-            )
-        )
-        if reply is None or reply.message_type == MessageType.ERROR:
-            detail = reply.body[0] if reply is not None and reply.body else "no reply"
-            raise RuntimeError(f"simulator {member}: {detail}")
-        return reply.body[0] if reply.body else None
-
-    async def set(self, device_id: str, key: str, value: str = "") -> None:
-        await self._call("Set", "sss", [device_id, key, value])
-
-    async def drop_link(self, device_id: str) -> None:
-        await self.set(device_id, "drop-link")
-
-    async def set_slots(self, slots: int) -> None:
-        await self._call("SetSlots", "u", [slots])
-
-    async def stats(self) -> dict[str, Any]:
-        report: dict[str, Any] = orjson.loads(await self._call("Stats"))
-        return report

@@ -1,0 +1,2 @@
+"""Test tools: simulated BLE peripherals behind a simulated bluetoothd. Never imported by
+the product."""
