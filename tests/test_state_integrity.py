@@ -185,7 +185,7 @@ def test_state_files_are_0600_and_state_folders_0700_even_if_they_were_wider(
 ) -> None:
     import stat
 
-    from adapters.ble.client import BondBook
+    from adapters.ble.bonds import BondBook
 
     from conftest import free_ports, wait_until
 
