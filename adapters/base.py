@@ -1,7 +1,7 @@
 """What every adapter gives the gateway, and what the gateway gives every adapter.
 
 An adapter polls or listens to its devices and hands each read to a :data:`ScanSink` as a
-:class:`~gateway.readings.Scan`. Before a device's data may flow, the adapter collects
+:class:`~gateway.core.readings.Scan`. Before a device's data may flow, the adapter collects
 :class:`Evidence` of the device's identity and asks the gateway's auth gate (an
 :data:`Admit` callable) to admit it; a refused device is quarantined and never polled again in
 this run. Health is kept per device and logs transitions, not repetitions.
@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gateway.readings import Scan
+from gateway.core.readings import Scan
 
 log = logging.getLogger("fieldgate.devices")
 

@@ -85,12 +85,12 @@ async def publish(config_path: Path, duration: float) -> None:
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
-    from adapters.modbus.run import simulator_argv
-    from gateway import pki as pki_mod
-    from gateway.loadtest.procstat import usage
-    from gateway.localhub.broker import Broker
-    from gateway.pki import SERVICE_IDENTITY
-    from gateway.ports import free_ports
+    from adapters.modbus.sim.run import simulator_argv
+    from gateway.identity import pki as pki_mod
+    from gateway.identity.pki import SERVICE_IDENTITY
+    from gateway.testbed.loadtest.procstat import usage
+    from gateway.testbed.localhub.broker import Broker
+    from gateway.testbed.ports import free_ports
     from gateway.uplink.mqtt import MqttClient
     from gateway.uplink.session import client_context
 

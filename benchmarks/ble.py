@@ -18,7 +18,7 @@ from typing import Any
 
 from profiles import run_loadtest  # this folder is on sys.path when a script here runs
 
-from gateway.loadtest.run import BLE_POINTS, BLE_POLL_PERIOD, BLE_STATUS_POINTS
+from gateway.testbed.loadtest.run import BLE_POINTS, BLE_POLL_PERIOD, BLE_STATUS_POINTS
 
 
 def run(name: str, args: argparse.Namespace, *extra: str) -> dict[str, Any]:

@@ -30,14 +30,14 @@ import time
 import tomllib
 from pathlib import Path
 
-from adapters.modbus.run import simulator_argv
-from gateway import pki as pki_mod
+from adapters.modbus.sim.run import simulator_argv
 from gateway.config import render_toml
 from gateway.consumer import SequenceTracker, open_all
-from gateway.keyring import load as load_keyring
-from gateway.loadtest.procstat import usage
-from gateway.localhub.service import read_record
-from gateway.ports import free_ports
+from gateway.identity import pki as pki_mod
+from gateway.identity.keyring import load as load_keyring
+from gateway.testbed.loadtest.procstat import usage
+from gateway.testbed.localhub.service import read_record
+from gateway.testbed.ports import free_ports
 
 UNIT = 4096
 

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gateway.readings import CODEC, Envelope, Header
+from gateway.core.readings import CODEC, Envelope, Header
 from gateway.store import Store
 
 READINGS_PER_ENVELOPE = 500

@@ -20,18 +20,19 @@ from typing import Any
 
 from adapters.base import DeviceHealth
 from adapters.modbus.client import ModbusPoller
-from gateway import identity, keyring
-from gateway.auth import AuthGate, Registration
-from gateway.batcher import Batcher
 from gateway.config import Config, DeviceConfig
-from gateway.envelope import Sealer
-from gateway.errors import FieldgateError, KeyringError, UplinkError
+from gateway.core.auth import AuthGate, Registration
+from gateway.core.batcher import Batcher
+from gateway.core.envelope import Sealer
+from gateway.core.errors import FieldgateError, KeyringError, UplinkError
+from gateway.core.pipeline import Output, PipelineStep
+from gateway.core.readings import Envelope, Scan
 from gateway.events import SecurityEvents
-from gateway.pipeline import Output, PipelineStep
-from gateway.queue import EnvelopeQueue, MemoryQueue
-from gateway.readings import Envelope, Scan
+from gateway.identity import checks as identity
+from gateway.identity import keyring
 from gateway.statelock import StateInUse, StateLock, lock_state, release_all
 from gateway.store import SeqMarks, Store
+from gateway.store.queue import EnvelopeQueue, MemoryQueue
 from gateway.uplink.session import DeviceSession, RateLimiter, client_context
 
 log = logging.getLogger("fieldgate")
@@ -60,7 +61,7 @@ class Counters:
 
 
 class Intake:
-    """The asyncio shell around the pure :class:`~gateway.pipeline.PipelineStep`: one timer per
+    """The asyncio shell around the pure :class:`~gateway.core.pipeline.PipelineStep`: one timer per
     device's open batch, and a queue of sealed envelopes that one writer task drains into the
     store (so that store commits group naturally)."""
 

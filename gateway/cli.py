@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway import runtime
-from gateway.errors import ConfigError, FieldgateError
+from gateway.core.errors import ConfigError, FieldgateError
 
 if TYPE_CHECKING:
     from gateway.store import SeqMarks
@@ -60,7 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_pki_init(args: argparse.Namespace) -> int:
-    from gateway import pki
+    from gateway.identity import pki
 
     root_key = Path(args.root_key) if args.root_key else None
     made = pki.init(Path(args.dir), root_key=root_key)
@@ -77,7 +77,7 @@ def cmd_pki_init(args: argparse.Namespace) -> int:
 
 
 def cmd_pki_issue(args: argparse.Namespace) -> int:
-    from gateway import pki
+    from gateway.identity import pki
 
     renewed = set(pki.existing(Path(args.dir), args.device_ids))
     for device_id in pki.issue(Path(args.dir), args.device_ids, days=args.days, renew=args.renew):
@@ -88,7 +88,7 @@ def cmd_pki_issue(args: argparse.Namespace) -> int:
 
 
 def cmd_localhub(args: argparse.Namespace) -> int:
-    from gateway.localhub.run import run_localhub
+    from gateway.testbed.localhub.run import run_localhub
 
     return run_localhub(
         Path(args.pki),
@@ -102,7 +102,7 @@ def cmd_localhub(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate_modbus(args: argparse.Namespace) -> int:
-    from adapters.modbus.run import run_simulator
+    from adapters.modbus.sim.run import run_simulator
 
     return run_simulator(args)
 
@@ -175,7 +175,7 @@ def _sequence_marks(args: argparse.Namespace) -> SeqMarks | None:
     if not args.config:
         return None
     from gateway import config as config_mod
-    from gateway import keyring
+    from gateway.identity import keyring
     from gateway.store import SeqMarks
 
     try:
@@ -202,7 +202,7 @@ def cmd_store_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
-    from gateway.loadtest.run import Plan, run_loadtest
+    from gateway.testbed.loadtest.run import Plan, run_loadtest
 
     plan = Plan(
         modbus=args.modbus,
@@ -226,7 +226,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from gateway.demo import run_demo
+    from gateway.testbed.demo import run_demo
 
     return run_demo(
         Path(args.state),

@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from adapters.ble.gatt import ADDRESS_PATTERN, UUID_PATTERN, struct_fields
-from gateway.errors import ConfigError
+from gateway.core.errors import ConfigError
 
 Table = Literal["holding", "input", "coil", "discrete"]
 PointType = Literal["int16", "uint16", "int32", "uint32", "float32", "float64", "bool"]

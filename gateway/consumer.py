@@ -21,10 +21,10 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from gateway.envelope import open_envelope
-from gateway.errors import EnvelopeError
-from gateway.keyring import Keyring
-from gateway.readings import Header, Reading, parse_telemetry_topic
+from gateway.core.envelope import open_envelope
+from gateway.core.errors import EnvelopeError
+from gateway.core.readings import Header, Reading, parse_telemetry_topic
+from gateway.identity.keyring import Keyring
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,8 +10,8 @@ import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from gateway import identity
 from gateway.config import Config
+from gateway.identity import checks as identity
 
 Resolver = Callable[[str], set[str]]
 

@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from gateway.errors import FieldgateError
+from gateway.core.errors import FieldgateError
 
 LOCK_NAME = "fieldgate.lock"
 

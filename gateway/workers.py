@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 
 from gateway import runtime
-from gateway.backoff import backoff_delay
 from gateway.config import Config
+from gateway.core.backoff import backoff_delay
 
 log = logging.getLogger("fieldgate.workers")
 

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from adapters.modbus.run import simulator_argv
-from gateway import pki as pki_mod
+from adapters.modbus.sim.run import simulator_argv
 from gateway.consumer import Opened, SequenceTracker, open_all
-from gateway.keyring import Keyring
-from gateway.keyring import load as load_keyring
-from gateway.localhub.service import read_record
-from gateway.ports import free_ports
+from gateway.identity import pki as pki_mod
+from gateway.identity.keyring import Keyring
+from gateway.identity.keyring import load as load_keyring
+from gateway.testbed.localhub.service import read_record
+from gateway.testbed.ports import free_ports
 
 DEVICES = [f"plc-{i}" for i in range(1, 13)]
 

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from types import TracebackType
 
-from gateway.ports import free_ports
+from gateway.testbed.ports import free_ports
 
 
 class FakeHub:

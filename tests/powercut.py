@@ -110,7 +110,7 @@ def cut(journal: Path) -> int:
 
 async def _writer(db: Path, synchronous: str, count: int) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from gateway.readings import CODEC, Envelope, Header
+    from gateway.core.readings import CODEC, Envelope, Header
     from gateway.store import Store
 
     async with Store(db, max_bytes=1 << 40, synchronous=synchronous, vfs=VFS_NAME) as store:

@@ -11,7 +11,7 @@ import pytest
 from adapters.base import Evidence
 from adapters.ble import admission, gatt
 from adapters.ble.admission import BleRequirements
-from gateway.auth import UNKNOWN_LIMIT, AuthGate, Registration
+from gateway.core.auth import UNKNOWN_LIMIT, AuthGate, Registration
 from gateway.events import SecurityEvents, read_events
 
 KEY = os.urandom(32)

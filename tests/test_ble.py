@@ -15,7 +15,7 @@ from adapters.ble.sim.fleet import MEASUREMENT_DECODER, measurement_raw
 from gateway.config import render_toml
 from gateway.consumer import Opened
 from gateway.events import read_events
-from gateway.keyring import Keyring
+from gateway.identity.keyring import Keyring
 
 from conftest import (
     Proc,

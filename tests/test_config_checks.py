@@ -11,7 +11,7 @@ import pytest
 from test_config import good
 
 from gateway.config import load, render_toml
-from gateway.errors import ConfigError
+from gateway.core.errors import ConfigError
 
 Change = Callable[[dict[str, Any], Path], object]
 

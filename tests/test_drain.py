@@ -7,11 +7,11 @@ import os
 from pathlib import Path
 
 from gateway.config import HubConfig
-from gateway.localhub.broker import Broker
-from gateway.pki import Pki
-from gateway.ports import free_ports
-from gateway.readings import CODEC, Envelope, Header
+from gateway.core.readings import CODEC, Envelope, Header
+from gateway.identity.pki import Pki
 from gateway.store import Store
+from gateway.testbed.localhub.broker import Broker
+from gateway.testbed.ports import free_ports
 from gateway.uplink.session import DeviceSession, RateLimiter, client_context
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from adapters.modbus.simulator import held_value, make_points
+from adapters.modbus.sim.devices import held_value, make_points
 from gateway import config as config_mod
-from gateway.keyring import Keyring
-from gateway.ports import free_ports
+from gateway.identity.keyring import Keyring
+from gateway.testbed.ports import free_ports
 
 from conftest import (
     Proc,

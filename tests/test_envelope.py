@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from gateway.batcher import Batch, Batcher
 from gateway.consumer import Opened, SequenceTracker, open_message
-from gateway.envelope import Sealer, open_envelope
-from gateway.errors import EnvelopeError, KeyringError
-from gateway.keyring import Keyring, write_new
-from gateway.keyring import load as load_keyring
-from gateway.pipeline import PipelineStep
-from gateway.readings import Envelope, Header, Scan, telemetry_topic
+from gateway.core.batcher import Batch, Batcher
+from gateway.core.envelope import Sealer, open_envelope
+from gateway.core.errors import EnvelopeError, KeyringError
+from gateway.core.pipeline import PipelineStep
+from gateway.core.readings import Envelope, Header, Scan, telemetry_topic
+from gateway.identity.keyring import Keyring, write_new
+from gateway.identity.keyring import load as load_keyring
 
 from conftest import fieldgate
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway.events import read_events
-from gateway.keyring import Keyring
+from gateway.identity.keyring import Keyring
 
 from conftest import (
     Proc,

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway import pki as pki_mod
-from gateway.errors import UplinkError
-from gateway.localhub.broker import Broker
-from gateway.pki import SERVICE_IDENTITY, Pki
+from gateway.core.errors import UplinkError
+from gateway.identity import pki as pki_mod
+from gateway.identity.pki import SERVICE_IDENTITY, Pki
+from gateway.testbed.localhub.broker import Broker
 from gateway.uplink.mqtt import MqttClient
 from gateway.uplink.session import client_context, iothub_username
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from test_config import good
 
-from gateway import pki as pki_mod
 from gateway.config import load, render_toml
-from gateway.errors import ConfigError
+from gateway.core.errors import ConfigError
+from gateway.identity import pki as pki_mod
 
 from conftest import fieldgate, start_hub, start_simulator
 

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from gateway.consumer import Opened
-from gateway.loadtest.stats import Collector, phase_label, summarize
-from gateway.readings import CODEC, Header, Reading
+from gateway.core.readings import CODEC, Header, Reading
+from gateway.testbed.loadtest.stats import Collector, phase_label, summarize
 
 from conftest import Proc, fieldgate, start_hub, start_simulator
 

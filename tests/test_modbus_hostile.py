@@ -19,11 +19,11 @@ from adapters.base import DeviceHealth
 from adapters.modbus import checks
 from adapters.modbus.checks import Expected, Misbehaviour, check_response
 from adapters.modbus.client import ModbusPoller
-from adapters.simconfig import device_files
 from gateway.config import DeviceConfig, render_toml
+from gateway.core.readings import Scan
 from gateway.events import read_events
-from gateway.keyring import Keyring
-from gateway.readings import Scan
+from gateway.identity.keyring import Keyring
+from gateway.testbed.simconfig import device_files
 
 from conftest import (
     Proc,

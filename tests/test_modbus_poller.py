@@ -10,9 +10,9 @@ import pytest
 
 from adapters.base import DeviceHealth, Evidence
 from adapters.modbus.client import ModbusPoller
-from adapters.modbus.simulator import DeviceSpec, SimulatedFleet, make_points
+from adapters.modbus.sim.devices import DeviceSpec, SimulatedFleet, make_points
 from gateway.config import DeviceConfig
-from gateway.readings import Scan
+from gateway.core.readings import Scan
 
 from conftest import free_ports
 

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.consumer import Opened, SequenceTracker
-from gateway.demo import Admissions, hub_missing
-from gateway.readings import CODEC, Header
+from gateway.core.readings import CODEC, Header
+from gateway.testbed.demo import Admissions, hub_missing
 
 from conftest import fieldgate
 

@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from gateway.events import read_events
-from gateway.keyring import Keyring
+from gateway.identity.keyring import Keyring
 
 from conftest import Proc, fieldgate, opened_from, start_hub, start_simulator, wait_until
 

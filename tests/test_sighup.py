@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway.events import read_events
-from gateway.keyring import Keyring
+from gateway.identity.keyring import Keyring
 
 from conftest import Proc, fieldgate, opened_from, start_hub, start_simulator, wait_until
 

@@ -7,7 +7,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from gateway.keyring import Keyring
+from gateway.identity.keyring import Keyring
 
 from conftest import Proc, edit_config, fieldgate, start_simulator
 

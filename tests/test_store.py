@@ -12,7 +12,7 @@ from typing import Any
 import apsw
 import pytest
 
-from gateway.readings import CODEC, Envelope, Header
+from gateway.core.readings import CODEC, Envelope, Header
 from gateway.store import Store, status, verify
 
 from conftest import fieldgate

@@ -14,8 +14,8 @@ from typing import Any
 import apsw
 import pytest
 
-from adapters.modbus.simulator import held_value, make_points
-from gateway.keyring import Keyring
+from adapters.modbus.sim.devices import held_value, make_points
+from gateway.identity.keyring import Keyring
 
 from conftest import (
     Proc,

@@ -15,13 +15,13 @@ import pytest
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from fakehub import FakeHub
 
-from gateway import pki as pki_mod
 from gateway.config import HubConfig
 from gateway.events import SecurityEvents, read_events
-from gateway.localhub.broker import Broker
-from gateway.pki import Pki
-from gateway.ports import free_ports
-from gateway.queue import MemoryQueue
+from gateway.identity import pki as pki_mod
+from gateway.identity.pki import Pki
+from gateway.store.queue import MemoryQueue
+from gateway.testbed.localhub.broker import Broker
+from gateway.testbed.ports import free_ports
 from gateway.uplink.mqtt import MqttClient
 from gateway.uplink.session import DeviceSession, RateLimiter, client_context, iothub_username
 

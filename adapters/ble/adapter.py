@@ -22,8 +22,8 @@ from adapters.base import Admit, DeviceHealth, ScanSink, Unknown
 from adapters.ble import bluez
 from adapters.ble.bonds import BondBook
 from adapters.ble.link import BleLink
-from gateway.backoff import backoff_delay
 from gateway.config import BleSection, DeviceConfig
+from gateway.core.backoff import backoff_delay
 
 log = logging.getLogger("adapters.ble")
 

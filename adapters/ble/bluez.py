@@ -23,7 +23,7 @@ from bleak.exc import BleakDBusError, BleakDeviceNotFoundError, BleakError
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from gateway.errors import FieldgateError
+from gateway.core.errors import FieldgateError
 
 log = logging.getLogger("adapters.ble")
 # bleak asks the bluetoothctl tool for BlueZ's version and warns when it is missing (as in most

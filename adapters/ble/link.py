@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 from adapters.base import DeviceHealth, Evidence
 from adapters.ble import admission, bluez, gatt
-from gateway.backoff import backoff_delay
 from gateway.config import BleCharacteristic, DeviceConfig
-from gateway.errors import DeviceRefused, DeviceUnavailable
-from gateway.readings import Scan
+from gateway.core.backoff import backoff_delay
+from gateway.core.errors import DeviceRefused, DeviceUnavailable
+from gateway.core.readings import Scan
 
 if TYPE_CHECKING:
     from adapters.ble.adapter import BleAdapter

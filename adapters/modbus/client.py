@@ -43,10 +43,10 @@ from adapters.modbus.checks import (
     check_response,
 )
 from adapters.modbus.registers import plan_reads
-from gateway.backoff import backoff_delay
 from gateway.config import DeviceConfig
-from gateway.errors import DeviceUnavailable
-from gateway.readings import Scan
+from gateway.core.backoff import backoff_delay
+from gateway.core.errors import DeviceUnavailable
+from gateway.core.readings import Scan
 
 log = logging.getLogger(__name__)
 # pymodbus logs every timeout at ERROR; the poller reports transitions itself.

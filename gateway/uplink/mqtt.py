@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from gateway.errors import UplinkCause, UplinkError
+from gateway.core.errors import UplinkCause, UplinkError
 
 log = logging.getLogger(__name__)
 

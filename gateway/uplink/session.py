@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from gateway.backoff import backoff_delay
 from gateway.config import HubConfig
-from gateway.errors import UplinkError
-from gateway.queue import EnvelopeQueue, Leased
-from gateway.readings import telemetry_topic
+from gateway.core.backoff import backoff_delay
+from gateway.core.errors import UplinkError
+from gateway.core.readings import telemetry_topic
+from gateway.store.queue import EnvelopeQueue, Leased
 from gateway.uplink.mqtt import MqttClient
 
 log = logging.getLogger(__name__)

@@ -9,12 +9,12 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapters import simconfig
 from adapters.ble import gatt
+from gateway.testbed import simconfig
 
 if TYPE_CHECKING:
     from adapters.ble.sim.fleet import PeripheralSpec
-from gateway.errors import ConfigError
+from gateway.core.errors import ConfigError
 
 SECRET_FILE = "ble-fleet.secret"
 KEYS_DIR = "ble-keys"

@@ -1,6 +1,6 @@
 """The durable queue: sealed envelopes on SQLite, FIFO per device, bounded by bytes.
 
-The only module that imports apsw (SQLite). It keeps :mod:`gateway.queue`'s contract:
+The only module that imports apsw (SQLite). It keeps :mod:`gateway.store.queue`'s contract:
 
 - ``put`` returns once the envelopes are committed (WAL, ``synchronous=FULL``: NORMAL can lose
   committed rows on power loss). The device's next sequence number is committed in the same
@@ -54,9 +54,9 @@ from typing import Any, Literal
 
 import apsw
 
-from gateway.errors import FieldgateError
-from gateway.queue import DeviceDepth, Leased
-from gateway.readings import Envelope, Header
+from gateway.core.errors import FieldgateError
+from gateway.core.readings import Envelope, Header
+from gateway.store.queue import DeviceDepth, Leased
 
 log = logging.getLogger("fieldgate.store")
 
@@ -101,7 +101,7 @@ def _rows(conn: apsw.Connection, sql: str, params: Sequence[Any] = ()) -> list[A
 
 
 def _schema(version: int) -> str:
-    return (resources.files("gateway") / "schema" / f"schema_v{version}.sql").read_text()
+    return (resources.files("gateway.store") / "schema" / f"schema_v{version}.sql").read_text()
 
 
 def open_database(
@@ -276,7 +276,7 @@ def sequence_problems(conn: apsw.Connection, marks: SeqMarks | None = None) -> d
 
 
 class Store:
-    """A durable :class:`gateway.queue.EnvelopeQueue`. An async context manager."""
+    """A durable :class:`gateway.store.queue.EnvelopeQueue`. An async context manager."""
 
     def __init__(
         self,
@@ -1033,8 +1033,8 @@ def accepted(path: Path) -> dict[str, int]:
 def verify(path: Path, marks: SeqMarks | None = None) -> list[str]:
     """``PRAGMA integrity_check``, a sanity check of every envelope header and of the sequence
     state (its marks authenticated when ``marks`` is given); [] if sound."""
-    from gateway.envelope import NONCE_BYTES, TAG_BYTES
-    from gateway.readings import CODEC, ENVELOPE_VERSION
+    from gateway.core.envelope import NONCE_BYTES, TAG_BYTES
+    from gateway.core.readings import CODEC, ENVELOPE_VERSION
 
     try:
         conn = open_database(path, readonly=True)

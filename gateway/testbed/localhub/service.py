@@ -19,10 +19,10 @@ from typing import IO, Any
 
 import orjson
 
-from gateway import keyring as keyring_mod
 from gateway.consumer import Opened, SequenceTracker, open_all, open_message
-from gateway.errors import EnvelopeError, UplinkError
-from gateway.pki import SERVICE_IDENTITY, Pki, ensure_hub_identity
+from gateway.core.errors import EnvelopeError, UplinkError
+from gateway.identity import keyring as keyring_mod
+from gateway.identity.pki import SERVICE_IDENTITY, Pki, ensure_hub_identity
 from gateway.uplink.mqtt import MqttClient
 from gateway.uplink.session import client_context
 

@@ -30,16 +30,16 @@ from rich.text import Text
 
 from adapters.ble.sim.bus import SOCKET_NAME
 from adapters.ble.sim.run import simulator_argv as ble_argv
-from adapters.modbus.run import simulator_argv
-from gateway import pki as pki_mod
+from adapters.modbus.sim.run import simulator_argv
 from gateway import runtime
 from gateway import store as store_mod
 from gateway.consumer import SequenceTracker
-from gateway.errors import FieldgateError
+from gateway.core.errors import FieldgateError
 from gateway.events import FILE_NAME as EVENTS_FILE
-from gateway.localhub.broker import Broker
-from gateway.localhub.service import DeviceView, HubService
-from gateway.ports import free_ports
+from gateway.identity import pki as pki_mod
+from gateway.testbed.localhub.broker import Broker
+from gateway.testbed.localhub.service import DeviceView, HubService
+from gateway.testbed.ports import free_ports
 
 CHILD_GRACE = 15.0
 # Seconds the hub waits, after the gateway stopped, for what the gateway's store accepted.

@@ -18,10 +18,10 @@ import zstandard
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from gateway.batcher import Batch
-from gateway.errors import EnvelopeError, KeyringError
-from gateway.keyring import Keyring
-from gateway.readings import BAD, CODEC, ENVELOPE_VERSION, Envelope, Header, Reading, Scan
+from gateway.core.batcher import Batch
+from gateway.core.errors import EnvelopeError, KeyringError
+from gateway.core.readings import BAD, CODEC, ENVELOPE_VERSION, Envelope, Header, Reading, Scan
+from gateway.identity.keyring import Keyring
 
 NONCE_BYTES = 12
 TAG_BYTES = 16

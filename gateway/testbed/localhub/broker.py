@@ -15,8 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from gateway.errors import FieldgateError
-from gateway.pki import MONITOR_IDENTITY, SERVICE_IDENTITY, Pki, decrypted_key_pem
+from gateway.core.errors import FieldgateError
+from gateway.identity.pki import MONITOR_IDENTITY, SERVICE_IDENTITY, Pki, decrypted_key_pem
 from gateway.runtime import child_process_options
 
 CIPHERS = ":".join(

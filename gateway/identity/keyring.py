@@ -17,7 +17,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from gateway.errors import KeyringError
+from gateway.core.errors import KeyringError
 
 _FORMAT = "fieldgate-keyring-v1"
 _SCRYPT_N = 2**15

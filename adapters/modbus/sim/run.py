@@ -6,9 +6,9 @@ import argparse
 import asyncio
 from pathlib import Path
 
-from adapters import simconfig
-from adapters.modbus.simulator import DeviceSpec, SimulatedFleet, gateway_config, make_points
-from gateway.errors import ConfigError
+from adapters.modbus.sim.devices import DeviceSpec, SimulatedFleet, gateway_config, make_points
+from gateway.core.errors import ConfigError
+from gateway.testbed import simconfig
 
 FAULT_KINDS = ("dead", "slow:", "exception:", "down")
 

@@ -33,9 +33,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway import keyring
 from gateway.config import DEVICE_ID_PATTERN
-from gateway.errors import PkiError
+from gateway.core.errors import PkiError
+from gateway.identity import keyring
 
 PASSPHRASE_ENV = "FIELDGATE_KEY_PASSPHRASE"
 SERVICE_IDENTITY = "hub-service"

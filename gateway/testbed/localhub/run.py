@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 
 from gateway import runtime
-from gateway.localhub.broker import Broker
-from gateway.localhub.service import HubService
-from gateway.pki import Pki
+from gateway.identity.pki import Pki
+from gateway.testbed.localhub.broker import Broker
+from gateway.testbed.localhub.service import HubService
 
 
 async def serve(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gateway.readings import Scan
+from gateway.core.readings import Scan
 
 # Raw JSON bytes a scan costs beyond its values, and a value on average. They only seed the
 # estimate: the learnt ratio (sealed bytes / estimated raw bytes) absorbs their error.

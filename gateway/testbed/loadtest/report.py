@@ -14,7 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from gateway.loadtest.stats import Collector
+from gateway.testbed.loadtest.stats import Collector
 
 
 def write_report(out: Path, report: dict[str, Any], console: Console) -> None:

@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gateway.batcher import Batch, Batcher
-from gateway.envelope import Sealer
-from gateway.readings import Envelope, Scan
+from gateway.core.batcher import Batch, Batcher
+from gateway.core.envelope import Sealer
+from gateway.core.readings import Envelope, Scan
 
 
 @dataclass(slots=True)

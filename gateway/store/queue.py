@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from gateway.readings import Envelope
+from gateway.core.readings import Envelope
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from gateway import pki as pki_mod
 from gateway import runtime
 from gateway.config import render_toml
-from gateway.pki import DEFAULT_KEY_ID, Pki
+from gateway.identity import pki as pki_mod
+from gateway.identity.pki import DEFAULT_KEY_ID, Pki
 
 
 def skeleton(

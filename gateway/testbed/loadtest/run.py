@@ -26,19 +26,19 @@ from rich.live import Live
 from rich.table import Table
 
 from adapters.ble.gatt import MEASUREMENT_FORMAT, STATUS_FORMAT, struct_fields
-from adapters.modbus.run import simulator_argv
+from adapters.modbus.sim.run import simulator_argv
 from gateway import config as config_mod
-from gateway import pki as pki_mod
 from gateway import runtime
-from gateway.errors import FieldgateError
-from gateway.loadtest.procstat import usage
-from gateway.loadtest.report import write_plots, write_report
-from gateway.loadtest.stats import Collector, phase_label, summarize, timeline
-from gateway.localhub.broker import Broker
-from gateway.localhub.service import HubService
-from gateway.pki import MONITOR_IDENTITY
-from gateway.ports import free_ports
+from gateway.core.errors import FieldgateError
+from gateway.identity import pki as pki_mod
+from gateway.identity.pki import MONITOR_IDENTITY
 from gateway.store import accepted as store_accepted
+from gateway.testbed.loadtest.procstat import usage
+from gateway.testbed.loadtest.report import write_plots, write_report
+from gateway.testbed.loadtest.stats import Collector, phase_label, summarize, timeline
+from gateway.testbed.localhub.broker import Broker
+from gateway.testbed.localhub.service import HubService
+from gateway.testbed.ports import free_ports
 from gateway.workers import worker_config
 
 # A simulated peripheral's notification (counter, temperature, humidity, battery) and its

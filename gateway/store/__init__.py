@@ -1,0 +1,32 @@
+"""The store: sealed envelopes between the sealer and the uplink.
+
+    queue.py   the put/lease/ack contract both queues keep (EnvelopeQueue)
+    sqlite.py  the durable queue on SQLite (the only apsw import), its inspection and moves
+    schema/    one schema_vN.sql per version
+
+What the rest of fieldgate uses is re-exported here.
+"""
+
+from gateway.store.sqlite import (
+    SeqMarks,
+    Store,
+    StoreCorrupt,
+    StoreError,
+    accepted,
+    move_envelopes,
+    status,
+    verify,
+    waiting,
+)
+
+__all__ = [
+    "SeqMarks",
+    "Store",
+    "StoreCorrupt",
+    "StoreError",
+    "accepted",
+    "move_envelopes",
+    "status",
+    "verify",
+    "waiting",
+]
