@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from gateway.core.auth import Evidence as Evidence  # what adapters hand the gate
 from gateway.core.readings import Scan
 
 log = logging.getLogger("fieldgate.devices")
@@ -24,22 +25,6 @@ UP = "up"
 DOWN = "down"
 STARTING = "starting"
 QUARANTINED = "quarantined"
-
-
-@dataclass(frozen=True, slots=True)
-class Evidence:
-    """What an adapter observed about a device when it connected."""
-
-    device_id: str
-    transport: str
-    endpoint: str
-    # Facts, recorded with the admission event (an identity address, a bond level).
-    fingerprint: dict[str, str] = field(default_factory=dict)
-    # Secret-free proofs the gate checks but never records (a challenge's nonce and answer).
-    proofs: dict[str, bytes] = field(default_factory=dict)
-    # Set when the adapter could not collect its evidence (pairing failed, no answer); the
-    # gate refuses with this reason. Whether evidence is good enough is the gate's decision.
-    refusal: str | None = None
 
 
 # Returns None when admitted, or the reason the device is refused.

@@ -218,7 +218,7 @@ class Gateway:
         contexts: dict[str, ssl.SSLContext],
     ) -> None:
         cfg = self.config
-        gate = AuthGate([_registration(d) for d in cfg.devices], self.events)
+        gate = AuthGate([_registration(d) for d in cfg.devices], self.events.record)
         self.step = PipelineStep(batcher, sealer, gate.admitted)
         pipeline = Intake(self.step)
         connects = RateLimiter(cfg.hub.connect_rate)

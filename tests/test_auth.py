@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from adapters.base import Evidence
 from adapters.ble import admission, gatt
 from adapters.ble.admission import BleRequirements
-from gateway.core.auth import UNKNOWN_LIMIT, AuthGate, Registration
+from gateway.core.auth import UNKNOWN_LIMIT, AuthGate, Evidence, Registration
 from gateway.events import SecurityEvents, read_events
 
 KEY = os.urandom(32)
@@ -33,7 +32,7 @@ OPENED: list[SecurityEvents] = []
 def gate(tmp: Path, *registrations: Registration) -> AuthGate:
     events = SecurityEvents(tmp)
     OPENED.append(events)
-    return AuthGate(list(registrations), events)
+    return AuthGate(list(registrations), events.record)
 
 
 def ble(

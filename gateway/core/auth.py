@@ -11,15 +11,32 @@ security event with its reason, and the device stays quarantined: none of its re
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
-
-from adapters.base import Evidence
-from gateway.events import SecurityEvents
 
 UNKNOWN_LIMIT = 1000
 RECENT_ANSWERS = 32  # accepted challenge answers remembered per device, to name a replay
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """What an adapter observed about a device when it connected."""
+
+    device_id: str
+    transport: str
+    endpoint: str
+    # Facts, recorded with the admission event (an identity address, a bond level).
+    fingerprint: dict[str, str] = field(default_factory=dict)
+    # Secret-free proofs the gate checks but never records (a challenge's nonce and answer).
+    proofs: dict[str, bytes] = field(default_factory=dict)
+    # Set when the adapter could not collect its evidence (pairing failed, no answer); the
+    # gate refuses with this reason. Whether evidence is good enough is the gate's decision.
+    refusal: str | None = None
+
+
+# A security event: (kind, device id, reason, **fields), as gateway.events records it.
+EventSink = Callable[..., None]
 
 
 class Requirements(Protocol):
@@ -43,9 +60,9 @@ class Registration:
 
 
 class AuthGate:
-    def __init__(self, registry: list[Registration], events: SecurityEvents) -> None:
+    def __init__(self, registry: list[Registration], record: EventSink) -> None:
         self._registry = {r.device_id: r for r in registry}
-        self._events = events
+        self._record = record
         self._admitted: set[str] = set()
         self.quarantined: dict[str, str] = {}
         self._unknown: set[tuple[str, str]] = set()
@@ -65,7 +82,7 @@ class AuthGate:
                 self._answers.setdefault(device_id, deque(maxlen=RECENT_ANSWERS)).append(answer)
             if device_id not in self._admitted:
                 self._admitted.add(device_id)
-                self._events.record(
+                self._record(
                     "device-admitted",
                     device_id,
                     "registry match",
@@ -76,7 +93,7 @@ class AuthGate:
             return None
         self._admitted.discard(device_id)
         self.quarantined[device_id] = reason
-        self._events.record(
+        self._record(
             "device-quarantined",
             device_id,
             reason,
@@ -95,9 +112,9 @@ class AuthGate:
         self._unknown.add(key)
         if len(self._unknown) > UNKNOWN_LIMIT:
             reason = f"more than {UNKNOWN_LIMIT} unknown devices; no further ones are recorded"
-            self._events.record("device-unknown", None, reason, transport=transport)
+            self._record("device-unknown", None, reason, transport=transport)
             return
-        self._events.record(
+        self._record(
             "device-unknown",
             None,
             f"not in the registry: {seen}",
