@@ -24,7 +24,7 @@ from gateway.config import Config, DeviceConfig
 from gateway.core.auth import AuthGate, Registration
 from gateway.core.batcher import Batcher
 from gateway.core.envelope import Sealer
-from gateway.core.errors import FieldgateError, KeyringError, UplinkError
+from gateway.core.errors import KeyringError, StartupError, UplinkError
 from gateway.core.pipeline import Output, PipelineStep
 from gateway.core.readings import Envelope, Scan
 from gateway.events import SecurityEvents
@@ -45,10 +45,6 @@ MAX_PHASES = 8
 # Seconds between store commits, at least: groups the commits of a fleet whose envelopes are
 # sealed one at a time, for at most this much latency.
 COMMIT_INTERVAL = 0.01
-
-
-class StartupError(FieldgateError):
-    """The gateway cannot start with this config and these files (exit code 2)."""
 
 
 @dataclass

@@ -15,13 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway import runtime
-from gateway.core.errors import ConfigError, FieldgateError
+from gateway.core.errors import EXIT_FAILED, EXIT_REFUSED, ConfigError, FieldgateError
 
 if TYPE_CHECKING:
     from gateway.store import SeqMarks
-
-EXIT_FAILED = 1
-EXIT_REFUSED = 2
 
 
 def _setup_logging(level: str, worker: str | None = None) -> None:
@@ -437,8 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_REFUSED
     except FieldgateError as err:
         print(f"fieldgate: {err}", file=sys.stderr)
-        starting = type(err).__name__ in ("StartupError", "PkiError", "KeyringError")
-        return EXIT_REFUSED if starting else EXIT_FAILED
+        return err.exit_code
     except KeyboardInterrupt:
         return 130
     except asyncio.CancelledError:

@@ -25,10 +25,9 @@ from pathlib import Path
 from gateway import runtime
 from gateway.config import Config
 from gateway.core.backoff import backoff_delay
+from gateway.core.errors import EXIT_REFUSED
 
 log = logging.getLogger("fieldgate.workers")
-
-EXIT_REFUSED = 2
 
 
 def worker_config(cfg: Config, index: int, count: int) -> Config:
@@ -196,7 +195,7 @@ async def supervise(config: Path, count: int, stop: asyncio.Event) -> int:
 
 def run_workers(config: Path, count: int, cfg: Config | None = None) -> int:
     """Run ``count`` workers; the parent holds the main state folder's lock meanwhile."""
-    from gateway.app import StartupError
+    from gateway.core.errors import StartupError
     from gateway.statelock import StateInUse, lock_state, release_all
 
     async def main(stop: asyncio.Event) -> int:

@@ -1,19 +1,37 @@
 """The small error tree every room raises from.
 
-Library exceptions are translated at the room's boundary and kept as ``__cause__``.
+Library exceptions are translated at the room's boundary and kept as ``__cause__``
+(:func:`map_exceptions`). Each error knows the exit code it ends the ``fieldgate`` command with:
+:data:`EXIT_FAILED` (1, failed while running) unless it is a refusal before anything started,
+:data:`EXIT_REFUSED` (2: a bad config, identity, key or PKI).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import ClassVar, Literal
+
+EXIT_FAILED = 1
+EXIT_REFUSED = 2
 
 
 class FieldgateError(Exception):
     """Base of every error fieldgate raises on purpose."""
 
+    exit_code: ClassVar[int] = EXIT_FAILED
+
+
+class StartupError(FieldgateError):
+    """The gateway cannot start with this config and these files."""
+
+    exit_code = EXIT_REFUSED
+
 
 class ConfigError(FieldgateError):
     """A config file was refused. ``problems`` holds one line per bad field."""
+
+    exit_code = EXIT_REFUSED
 
     def __init__(self, path: str, problems: list[str]) -> None:
         self.path = path
@@ -22,11 +40,28 @@ class ConfigError(FieldgateError):
         super().__init__(f"{path}: invalid config\n{lines}")
 
 
+# Why a device could not be read. ``reason`` says it in words for the log; ``cause`` is what
+# health, metrics and events count by.
+DeviceCause = Literal[
+    "refused",  # nothing listens, or the connection was refused
+    "timeout",  # no answer in time
+    "lost",  # the link dropped
+    "exception",  # the device answered a Modbus exception
+    "malformed",  # the device's answer broke the protocol
+    "radio",  # the BLE stack (BlueZ) failed an operation
+    "internal",  # a bug of fieldgate's own, reported instead of crashing the device's task
+    "unavailable",  # anything else
+]
+
+
 class DeviceUnavailable(FieldgateError):
-    def __init__(self, device_id: str, endpoint: str, reason: str) -> None:
+    def __init__(
+        self, device_id: str, endpoint: str, reason: str, *, cause: DeviceCause = "unavailable"
+    ) -> None:
         self.device_id = device_id
         self.endpoint = endpoint
         self.reason = reason
+        self.cause: DeviceCause = cause
         super().__init__(f"device {device_id} at {endpoint} unavailable: {reason}")
 
 
@@ -44,11 +79,11 @@ class EnvelopeError(FieldgateError):
 
 
 class KeyringError(FieldgateError):
-    pass
+    exit_code = EXIT_REFUSED
 
 
 class PkiError(FieldgateError):
-    pass
+    exit_code = EXIT_REFUSED
 
 
 # Why a hub connection failed. The first group is the hub (or something posing as it) being
@@ -106,3 +141,26 @@ class UplinkError(FieldgateError):
     def refusal(self) -> bool:
         """A security refusal (a bad server certificate, TLS, CONNACK), not a network fault."""
         return self.cause in REFUSAL_CAUSES
+
+
+@contextlib.contextmanager
+def map_exceptions(
+    mapping: dict[
+        type[BaseException] | tuple[type[BaseException], ...],
+        Callable[[BaseException], FieldgateError],
+    ],
+) -> Iterator[None]:
+    """Translate a library's exceptions at a room's boundary, keeping each as ``__cause__``::
+
+        with map_exceptions({TimeoutError: lambda e: DeviceUnavailable(..., cause="timeout")}):
+            await client.read(...)
+
+    The first matching entry wins (dicts keep their order); anything else passes through.
+    """
+    try:
+        yield
+    except Exception as err:
+        for kinds, make in mapping.items():
+            if isinstance(err, kinds):
+                raise make(err) from err
+        raise
