@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
+from gateway.core import codec
 
 log = logging.getLogger("fieldgate.security")
 
@@ -36,7 +36,7 @@ class SecurityEvents:
 
     def record(self, kind: str, device_id: str | None, reason: str, **fields: Any) -> None:
         event = {"ts": time.time(), "kind": kind, "device": device_id, "reason": reason, **fields}
-        self._write(orjson.dumps(event) + b"\n")
+        self._write(codec.dumps(event) + b"\n")
         self.counts[kind] = self.counts.get(kind, 0) + 1
         level = logging.INFO if kind in ROUTINE else logging.WARNING
         log.log(level, "security event %s device=%s: %s", kind, device_id, reason)
@@ -75,7 +75,7 @@ def read_events(state_dir: Path) -> list[dict[str, Any]]:
     for line in path.read_bytes().splitlines():
         if line.strip():
             try:
-                out.append(orjson.loads(line))
-            except orjson.JSONDecodeError:
+                out.append(codec.loads(line))
+            except codec.JSONDecodeError:
                 continue  # cut short by a full disk
     return out

@@ -8,23 +8,20 @@ See docs/envelope.md for the format and a worked example.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import zstandard
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from gateway.core import codec
+from gateway.core.aead import NONCE_BYTES as NONCE_BYTES  # the store's sanity check reads them
+from gateway.core.aead import TAG_BYTES as TAG_BYTES
+from gateway.core.aead import Aead, AeadError, Keyring
 from gateway.core.batcher import Batch
 from gateway.core.errors import EnvelopeError, KeyringError
 from gateway.core.readings import BAD, CODEC, ENVELOPE_VERSION, Envelope, Header, Reading, Scan
-from gateway.identity.keyring import Keyring
 
-NONCE_BYTES = 12
-TAG_BYTES = 16
 # A decompressed batch larger than this is refused rather than allocated (a zstd bomb).
 MAX_PLAIN_BYTES = 16 * 1024 * 1024
 # IoT Hub refuses device-to-cloud messages over 256 KB.
@@ -54,7 +51,7 @@ def encode_scans(scans: Iterable[Scan]) -> bytes:
         if index is None:
             index = tables[scan.names] = len(tables)
         rows.append((scan.ts_ms, index, scan.values, scan.quality))
-    return orjson.dumps({"p": list(tables), "s": rows})
+    return codec.dumps({"p": list(tables), "s": rows})
 
 
 @dataclass(slots=True)
@@ -81,7 +78,7 @@ class Sealer:
         max_bytes: int,
         next_seq: dict[str, int] | None = None,
     ) -> None:
-        self._aead = AESGCM(key)
+        self._aead = Aead(key)
         self._key_id = key_id
         self.boot_id = boot_id
         self.max_bytes = max_bytes
@@ -141,9 +138,8 @@ class Sealer:
         count = sum(len(s.values) for s in scans)
         first = self.next_seq.get(device_id, 0)
         header = Header(ENVELOPE_VERSION, self._key_id, self.boot_id, first, count, CODEC)
-        nonce = os.urandom(NONCE_BYTES)
         plain = self._zstd.compress(encode_scans(scans))
-        body = nonce + self._aead.encrypt(nonce, plain, associated_data(device_id, header))
+        body = self._aead.seal(plain, associated_data(device_id, header))
         return Envelope(device_id, header, body, scans[0].ts_ms)
 
 
@@ -160,10 +156,8 @@ def open_envelope(device_id: str, header: Header, body: bytes, keyring: Keyring)
     except KeyringError as err:
         raise EnvelopeError(str(err)) from err
     try:
-        plain = AESGCM(key).decrypt(
-            body[:NONCE_BYTES], body[NONCE_BYTES:], associated_data(device_id, header)
-        )
-    except InvalidTag as err:
+        plain = Aead(key).open(body, associated_data(device_id, header))
+    except AeadError as err:
         raise EnvelopeError(
             f"{device_id} seq {header.first_seq}: authentication failed (tampered, moved to "
             "another device or sequence, or sealed under another key)"
@@ -172,11 +166,11 @@ def open_envelope(device_id: str, header: Header, body: bytes, keyring: Keyring)
         size = zstandard.frame_content_size(plain)
         if size < 0 or size > MAX_PLAIN_BYTES:
             raise EnvelopeError(f"decompressed size {size} is not allowed")
-        doc = orjson.loads(zstandard.ZstdDecompressor().decompress(plain))
+        doc = codec.loads(zstandard.ZstdDecompressor().decompress(plain))
         readings = list(_readings(device_id, header, doc))
     except (
         zstandard.ZstdError,
-        orjson.JSONDecodeError,
+        codec.JSONDecodeError,
         KeyError,
         TypeError,
         ValueError,

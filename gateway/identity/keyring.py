@@ -10,28 +10,16 @@ from __future__ import annotations
 import base64
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from gateway.core.aead import Aead, AeadError
+from gateway.core.aead import Keyring as Keyring
 from gateway.core.errors import KeyringError
 
 _FORMAT = "fieldgate-keyring-v1"
 _SCRYPT_N = 2**15
-
-
-@dataclass(frozen=True)
-class Keyring:
-    keys: dict[str, bytes]
-
-    def get(self, key_id: str) -> bytes:
-        try:
-            return self.keys[key_id]
-        except KeyError:
-            raise KeyringError(f"key id {key_id!r} is not in the keyring") from None
 
 
 def _kek(passphrase: bytes, salt: bytes, n: int) -> bytes:
@@ -41,9 +29,8 @@ def _kek(passphrase: bytes, salt: bytes, n: int) -> bytes:
 def write_new(path: Path, passphrase: bytes, key_id: str) -> None:
     """Create a keyring holding one fresh random key; refuses to overwrite."""
     salt = os.urandom(16)
-    kek = AESGCM(_kek(passphrase, salt, _SCRYPT_N))
-    nonce = os.urandom(12)
-    wrapped = nonce + kek.encrypt(nonce, os.urandom(32), key_id.encode())
+    kek = Aead(_kek(passphrase, salt, _SCRYPT_N))
+    wrapped = kek.seal(os.urandom(32), key_id.encode())
     doc = {
         "format": _FORMAT,
         "kdf": {
@@ -73,12 +60,11 @@ def load(path: Path, passphrase: str | bytes) -> Keyring:
         if doc.get("format") != _FORMAT:
             raise KeyringError(f"{path}: not a fieldgate keyring")
         kdf = doc["kdf"]
-        kek = AESGCM(_kek(passphrase, base64.b64decode(kdf["salt"]), int(kdf["n"])))
+        kek = Aead(_kek(passphrase, base64.b64decode(kdf["salt"]), int(kdf["n"])))
         keys = {}
         for key_id, blob in doc["keys"].items():
-            raw = base64.b64decode(blob)
-            keys[key_id] = kek.decrypt(raw[:12], raw[12:], key_id.encode())
-    except InvalidTag as err:
+            keys[key_id] = kek.open(base64.b64decode(blob), key_id.encode())
+    except AeadError as err:
         raise KeyringError(f"{path}: wrong passphrase, or the keyring was altered") from err
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise KeyringError(f"{path}: unreadable keyring: {err}") from err
