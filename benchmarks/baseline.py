@@ -88,11 +88,11 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     from adapters.modbus.sim.run import simulator_argv
     from gateway.identity import pki as pki_mod
     from gateway.identity.pki import SERVICE_IDENTITY
+    from gateway.identity.tls import client_context
     from gateway.testbed.loadtest.procstat import usage
     from gateway.testbed.localhub.broker import Broker
     from gateway.testbed.ports import free_ports
     from gateway.uplink.mqtt import MqttClient
-    from gateway.uplink.session import client_context
 
     with socket.socket() as probe:
         try:

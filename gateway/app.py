@@ -30,10 +30,12 @@ from gateway.core.readings import Envelope, Scan
 from gateway.events import SecurityEvents
 from gateway.identity import checks as identity
 from gateway.identity import keyring
+from gateway.identity.tls import client_context
 from gateway.statelock import StateInUse, StateLock, lock_state, release_all
 from gateway.store import SeqMarks, Store
 from gateway.store.queue import EnvelopeQueue, MemoryQueue
-from gateway.uplink.session import DeviceSession, RateLimiter, client_context
+from gateway.uplink.session import DeviceSession
+from gateway.uplink.throttle import RateLimiter
 
 log = logging.getLogger("fieldgate")
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 from gateway.core.envelope import open_envelope
 from gateway.core.errors import EnvelopeError
-from gateway.core.readings import Header, Reading, parse_telemetry_topic
+from gateway.core.iothub import parse_telemetry_topic
+from gateway.core.readings import Header, Reading
 from gateway.identity.keyring import Keyring
 
 

@@ -9,10 +9,12 @@ from pathlib import Path
 from gateway.config import HubConfig
 from gateway.core.readings import CODEC, Envelope, Header
 from gateway.identity.pki import Pki
+from gateway.identity.tls import client_context
 from gateway.store import Store
 from gateway.testbed.localhub.broker import Broker
 from gateway.testbed.ports import free_ports
-from gateway.uplink.session import DeviceSession, RateLimiter, client_context
+from gateway.uplink.session import DeviceSession
+from gateway.uplink.throttle import RateLimiter
 
 
 def _envelopes(device: str, count: int) -> list[Envelope]:

@@ -16,8 +16,9 @@ from gateway.consumer import Opened, SequenceTracker, open_message
 from gateway.core.batcher import Batch, Batcher
 from gateway.core.envelope import Sealer, open_envelope
 from gateway.core.errors import EnvelopeError, KeyringError
+from gateway.core.iothub import telemetry_topic
 from gateway.core.pipeline import PipelineStep
-from gateway.core.readings import Envelope, Header, Scan, telemetry_topic
+from gateway.core.readings import Envelope, Header, Scan
 from gateway.identity.keyring import Keyring, write_new
 from gateway.identity.keyring import load as load_keyring
 

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 
 from gateway.core.errors import UplinkError
+from gateway.core.iothub import iothub_username
 from gateway.identity import pki as pki_mod
 from gateway.identity.pki import SERVICE_IDENTITY, Pki
+from gateway.identity.tls import client_context
 from gateway.testbed.localhub.broker import Broker
 from gateway.uplink.mqtt import MqttClient
-from gateway.uplink.session import client_context, iothub_username
 
 from conftest import free_ports
 

@@ -16,14 +16,17 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from fakehub import FakeHub
 
 from gateway.config import HubConfig
+from gateway.core.iothub import iothub_username
 from gateway.events import SecurityEvents, read_events
 from gateway.identity import pki as pki_mod
 from gateway.identity.pki import Pki
+from gateway.identity.tls import client_context
 from gateway.store.queue import MemoryQueue
 from gateway.testbed.localhub.broker import Broker
 from gateway.testbed.ports import free_ports
 from gateway.uplink.mqtt import MqttClient
-from gateway.uplink.session import DeviceSession, RateLimiter, client_context, iothub_username
+from gateway.uplink.session import DeviceSession
+from gateway.uplink.throttle import RateLimiter
 
 from conftest import Proc, edit_config, fieldgate, start_simulator, wait_until
 

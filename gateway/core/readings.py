@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, unquote
 
 GOOD = "good"
 BAD = "bad"
@@ -106,31 +105,6 @@ class Envelope:
     @property
     def size(self) -> int:
         """Bytes IoT Hub meters: the body plus the properties riding in the topic."""
+        from gateway.core.iothub import encode_properties
+
         return len(self.body) + len(encode_properties(self.header.properties()))
-
-
-def encode_properties(props: dict[str, str]) -> str:
-    """IoT Hub's property bag: URL-encoded ``key=value`` pairs joined with ``&``."""
-    return "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in props.items())
-
-
-def decode_properties(text: str) -> dict[str, str]:
-    props: dict[str, str] = {}
-    for pair in text.split("&"):
-        if not pair:
-            continue
-        key, _, value = pair.partition("=")
-        props[unquote(key)] = unquote(value)
-    return props
-
-
-def telemetry_topic(device_id: str, header: Header) -> str:
-    return f"devices/{device_id}/messages/events/{encode_properties(header.properties())}"
-
-
-def parse_telemetry_topic(topic: str) -> tuple[str, dict[str, str]]:
-    """``devices/{id}/messages/events/{props}`` -> (device id, properties)."""
-    parts = topic.split("/", 4)
-    if len(parts) < 4 or parts[0] != "devices" or parts[2:4] != ["messages", "events"]:
-        raise ValueError(f"not a telemetry topic: {topic!r}")
-    return parts[1], decode_properties(parts[4] if len(parts) == 5 else "")

@@ -14,81 +14,28 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 from gateway.config import HubConfig
 from gateway.core.backoff import backoff_delay
 from gateway.core.errors import UplinkError
-from gateway.core.readings import telemetry_topic
+from gateway.core.iothub import iothub_username, telemetry_topic
 from gateway.store.queue import EnvelopeQueue, Leased
 from gateway.uplink.mqtt import MqttClient
+from gateway.uplink.throttle import RateLimiter
 
 log = logging.getLogger(__name__)
 
-API_VERSION = "2021-04-12"
 
 # TLS 1.2 suites the uplink offers: forward secret (ECDHE) and AEAD (AES-GCM, ChaCha20-Poly1305)
 # only, the ones IoT Hub offers too. OpenSSL's default list adds six CBC suites (and DHE), so a
 # hub endpoint that offers only CBC would be accepted. TLS 1.3 suites, all AEAD, are kept as
 # they are (set_ciphers does not touch them).
-TLS12_CIPHERS = ":".join(
-    (
-        "ECDHE-ECDSA-AES128-GCM-SHA256",
-        "ECDHE-ECDSA-AES256-GCM-SHA384",
-        "ECDHE-ECDSA-CHACHA20-POLY1305",
-        "ECDHE-RSA-AES128-GCM-SHA256",
-        "ECDHE-RSA-AES256-GCM-SHA384",
-        "ECDHE-RSA-CHACHA20-POLY1305",
-    )
-)
-
 # (kind, device_id, reason, **fields): how a session records a security event.
 EventSink = Callable[..., None]
 
 
-def client_context(ca_file: Path, cert: Path, key: Path, passphrase: bytes) -> ssl.SSLContext:
-    """TLS 1.2+ client context, AEAD suites only, that verifies the hub against ``ca_file``
-    and presents a device certificate chain whose key is encrypted under ``passphrase``."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_ciphers(TLS12_CIPHERS)
-    ctx.load_verify_locations(cafile=str(ca_file))
-    try:
-        ctx.load_cert_chain(str(cert), str(key), password=passphrase)
-    except ssl.SSLError as err:
-        raise UplinkError(
-            f"cannot load certificate {cert} with key {key}: {err.reason or err} "
-            "(wrong passphrase, or the key does not match the certificate)",
-            retryable=False,
-        ) from err
-    return ctx
-
-
-def iothub_username(hub_hostname: str, device_id: str) -> str:
-    return f"{hub_hostname}/{device_id}/?api-version={API_VERSION}"
-
-
 # backoff_delay's attempt number from which its ceiling is the maximum, whatever the minimum.
 REFUSED_ATTEMPT = 30
-
-
-class RateLimiter:
-    """Spaces events to at most ``rate`` per second (0: unlimited), first come first served:
-    the hub's connect throttle, and the send rate that paces a backlog's drain."""
-
-    def __init__(self, rate: float) -> None:
-        self._interval = 1.0 / rate if rate > 0 else 0.0
-        self._next = 0.0
-
-    async def acquire(self) -> None:
-        if not self._interval:
-            return
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        slot = max(now, self._next)
-        self._next = slot + self._interval
-        if slot > now:
-            await asyncio.sleep(slot - now)
 
 
 @dataclass(slots=True)

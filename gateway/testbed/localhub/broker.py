@@ -17,18 +17,11 @@ from pathlib import Path
 
 from gateway.core.errors import FieldgateError
 from gateway.identity.pki import MONITOR_IDENTITY, SERVICE_IDENTITY, Pki, decrypted_key_pem
+from gateway.identity.tls import TLS12_CIPHERS
 from gateway.runtime import child_process_options
 
-CIPHERS = ":".join(
-    (
-        "ECDHE-ECDSA-AES128-GCM-SHA256",
-        "ECDHE-ECDSA-AES256-GCM-SHA384",
-        "ECDHE-ECDSA-CHACHA20-POLY1305",
-        "ECDHE-RSA-AES128-GCM-SHA256",
-        "ECDHE-RSA-AES256-GCM-SHA384",
-        "ECDHE-RSA-CHACHA20-POLY1305",
-    )
-)
+# The uplink's own list: the stand-in takes exactly what a gateway offers on TLS 1.2.
+CIPHERS = TLS12_CIPHERS
 
 ACL = f"""\
 user {SERVICE_IDENTITY}

@@ -23,8 +23,8 @@ from gateway.consumer import Opened, SequenceTracker, open_all, open_message
 from gateway.core.errors import EnvelopeError, UplinkError
 from gateway.identity import keyring as keyring_mod
 from gateway.identity.pki import SERVICE_IDENTITY, Pki, ensure_hub_identity
+from gateway.identity.tls import client_context
 from gateway.uplink.mqtt import MqttClient
-from gateway.uplink.session import client_context
 
 log = logging.getLogger("fieldgate.localhub")
 
