@@ -81,8 +81,9 @@ class _Stream:
     starts: list[int] = field(default_factory=list)
     ends: list[int] = field(default_factory=list)
     duplicates: int = 0
-    # first seq -> body digest of every envelope seen: 8 bytes of hash each
-    digests: dict[int, int] = field(default_factory=dict)
+    # first_seq -> digests of every body seen there: the first one, and any conflicting one
+    # (a resend of a conflicting envelope is a duplicate of it, not a new conflict).
+    digests: dict[int, set[int]] = field(default_factory=dict)
 
     def add(self, first: int, count: int, *, duplicate: bool = True) -> int:
         """Record [first, first + count); return how many of them were seen before.
@@ -162,9 +163,11 @@ class SequenceTracker:
         first, count = opened.header.first_seq, opened.header.count
         if not stream.overlaps(first, count):
             stream.add(first, count)
-            stream.digests[first] = opened.digest
+            stream.digests.setdefault(first, set()).add(opened.digest)
             return opened.readings
-        if stream.digests.get(first) != opened.digest:
+        known = stream.digests.setdefault(first, set())
+        if opened.digest not in known:
+            known.add(opened.digest)
             self.conflicts.append(
                 Conflict(opened.device_id, opened.header.boot_id, first, count, opened.received)
             )

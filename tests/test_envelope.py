@@ -215,6 +215,10 @@ def test_reused_sequence_numbers_with_other_content_are_a_conflict_not_duplicate
     assert tracker.add(shifted[0]) == shifted[0].readings
     assert len(tracker.conflicts) == 2 and tracker.conflicting_readings == 120
     assert tracker.duplicates == 60
+    # The conflicting envelope resent (at-least-once, byte for byte) is a duplicate of itself,
+    # not a second conflict.
+    assert tracker.add(again[0]) == []
+    assert len(tracker.conflicts) == 2 and tracker.duplicates == 120
 
 
 def test_no_reading_is_lost_or_reordered_when_a_batch_overshoots() -> None:
