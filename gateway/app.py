@@ -180,16 +180,20 @@ class Gateway:
         cfg = self.config
         key, contexts = self._prepare()
         locks = self._claim_state()
-        async with self._open_queue() as queue:
-            self.queue = queue
-            self.boot_id = queue.boot_id
-            batcher = Batcher(cfg.batching.max_bytes, cfg.batching.close_after)
-            sealer = Sealer(
-                key, cfg.sealing.key_id, queue.boot_id, cfg.batching.max_bytes, queue.next_seq
-            )
-            await self._run(stop, queue, batcher, sealer, contexts)
-        self.events.close()
-        release_all(locks)
+        try:
+            async with self._open_queue() as queue:
+                self.queue = queue
+                self.boot_id = queue.boot_id
+                batcher = Batcher(cfg.batching.max_bytes, cfg.batching.close_after)
+                sealer = Sealer(
+                    key, cfg.sealing.key_id, queue.boot_id, cfg.batching.max_bytes, queue.next_seq
+                )
+                await self._run(stop, queue, batcher, sealer, contexts)
+        finally:
+            # However the run ends, the events file is closed and the state is free again.
+            if self._events is not None:
+                self.events.close()
+            release_all(locks)
 
     def _claim_state(self) -> list[StateLock]:
         """Lock the state folder (and an outside store) before anything there is opened; the
@@ -199,12 +203,18 @@ class Gateway:
         store_path = cfg.store.path if cfg.store.kind != "memory" else None
         try:
             locks = lock_state(cfg.gateway.state_dir, store_path)
-            if self._adopt_stranded:
-                from gateway.workers import adopt_stranded
-
-                adopt_stranded(cfg, 1)
         except StateInUse as err:
             raise StartupError(str(err)) from None
+        if self._adopt_stranded:
+            from gateway.workers import adopt_stranded
+
+            try:
+                adopt_stranded(cfg, 1)
+            except BaseException as err:
+                release_all(locks)
+                if isinstance(err, StateInUse):
+                    raise StartupError(str(err)) from None
+                raise
         return locks
 
     async def _run(

@@ -149,6 +149,8 @@ def open_database(
             conn.close()  # a failed open must not keep the file locked for the next try
         if isinstance(err, apsw.CorruptError | apsw.NotADBError):
             raise StoreCorrupt(f"{path}: {err}") from err
+        if isinstance(err, apsw.CantOpenError):
+            raise StoreError(f"{path}: cannot open the store: {err}") from err
         raise
     return conn
 
