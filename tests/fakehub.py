@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+import time
 import warnings
 from pathlib import Path
 from types import TracebackType
@@ -47,6 +48,7 @@ class FakeHub:
         self._hang_up = hang_up
         self.port = port or free_ports(1)
         self.attempts = 0  # TCP connections accepted
+        self.times: list[float] = []  # when each was accepted (time.monotonic)
         self.handshakes = 0  # TLS handshakes completed
         self.errors: list[str] = []
         self._sock = socket.create_server(("127.0.0.1", self.port))
@@ -72,6 +74,7 @@ class FakeHub:
             except TimeoutError:
                 continue
             self.attempts += 1
+            self.times.append(time.monotonic())
             conn.settimeout(5)
             if self._hang_up:
                 try:
