@@ -273,10 +273,10 @@ class Gateway:
                 await stop.wait()
                 log.info("stopping: polling stops, open batches are flushed")
                 for task in pollers:
-                    task.cancel()
+                    task.cancel("stop: polling ends")
             pipeline.flush()
             await pipeline.sealed.join()
-            writer.cancel()
+            writer.cancel("stop: every sealed envelope is in the store")
             queue.close()
             for session in self.sessions.values():
                 session.finish()
@@ -333,7 +333,7 @@ class Gateway:
         grace = self.config.gateway.shutdown_grace
         _, pending = await asyncio.wait(sessions, timeout=grace) if sessions else (set(), set())
         for task in pending:
-            task.cancel()
+            task.cancel(f"stop: shutdown grace of {grace:.1f} s passed")
         left = [d for d in queue.depth() if d.queued or d.leased]
         if left:
             total = sum(d.queued + d.leased for d in left)

@@ -184,7 +184,7 @@ class DeviceSession:
             async with asyncio.TaskGroup() as tg:
                 watcher = tg.create_task(_until_closed(client), name=f"watch[{self.device_id}]")
                 publisher = tg.create_task(self._publish(client), name=f"publish[{self.device_id}]")
-                publisher.add_done_callback(lambda _: watcher.cancel())
+                publisher.add_done_callback(lambda _: watcher.cancel("publisher done"))
         except* UplinkError as group:
             raise group.exceptions[0] from None
         return True
