@@ -32,7 +32,8 @@ from gateway.identity import checks as identity
 from gateway.identity import keyring
 from gateway.statelock import StateInUse, StateLock, lock_state, release_all
 from gateway.store import SeqMarks, Store
-from gateway.store.queue import EnvelopeQueue, MemoryQueue
+from gateway.store.memory import MemoryQueue
+from gateway.store.queue import EnvelopeQueue
 from gateway.uplink.session import DeviceSession, RateLimiter, client_context
 
 log = logging.getLogger("fieldgate")
@@ -164,7 +165,7 @@ class Gateway:
     def _open_queue(self) -> Store | MemoryQueue:
         store = self.config.store
         if store.kind == "memory":
-            return MemoryQueue(max_bytes=store.max_bytes, on_event=self._event)
+            return MemoryQueue(max_bytes=store.max_bytes, on_event=self._event, policy=store.policy)
         path = store.path or self.config.gateway.state_dir / "store.db"
         return Store(
             path,

@@ -19,7 +19,7 @@ from gateway.config import HubConfig
 from gateway.events import SecurityEvents, read_events
 from gateway.identity import pki as pki_mod
 from gateway.identity.pki import Pki
-from gateway.store.queue import MemoryQueue
+from gateway.store.memory import MemoryQueue
 from gateway.testbed.localhub.broker import Broker
 from gateway.testbed.ports import free_ports
 from gateway.uplink.mqtt import MqttClient

@@ -1,12 +1,15 @@
 """The store: sealed envelopes between the sealer and the uplink.
 
-    queue.py   the put/lease/ack contract both queues keep (EnvelopeQueue)
+    queue.py   the put/lease/ack contract both queues keep (EnvelopeQueue), Leased, DeviceDepth
+    ledger.py  pure bookkeeping both queues share: FIFOs, leases, bytes, drop victims
+    memory.py  the in-memory queue (store.kind = "memory")
     sqlite.py  the durable queue on SQLite (the only apsw import), its inspection and moves
     schema/    one schema_vN.sql per version
 
 What the rest of fieldgate uses is re-exported here.
 """
 
+from gateway.store.memory import MemoryQueue
 from gateway.store.sqlite import (
     SeqMarks,
     Store,
@@ -20,6 +23,7 @@ from gateway.store.sqlite import (
 )
 
 __all__ = [
+    "MemoryQueue",
     "SeqMarks",
     "Store",
     "StoreCorrupt",

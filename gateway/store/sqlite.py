@@ -44,24 +44,23 @@ import logging
 import os
 import secrets
 import time
-from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import apsw
 
 from gateway.core.errors import FieldgateError
 from gateway.core.readings import Envelope, Header
+from gateway.store.ledger import Entry, Ledger, Policy
 from gateway.store.queue import DeviceDepth, Leased
 
 log = logging.getLogger("fieldgate.store")
 
 SCHEMA_VERSION = 1
-Policy = Literal["drop-oldest", "refuse-newest"]
 EventSink = Callable[..., None]
 HIGH_WATER = 0.8
 LOW_WATER = 0.7
@@ -76,23 +75,6 @@ class StoreError(FieldgateError):
 
 class StoreCorrupt(StoreError):
     pass
-
-
-@dataclass(slots=True)
-class _Entry:
-    id: int
-    device: str
-    header: Header
-    size: int
-    oldest_ts_ms: int
-    body: bytes | None  # None: not cached in memory, read from the file at lease time
-
-
-@dataclass(slots=True)
-class _Device:
-    pending: deque[_Entry] = field(default_factory=deque)
-    leased: OrderedDict[int, _Entry] = field(default_factory=OrderedDict)
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def _rows(conn: apsw.Connection, sql: str, params: Sequence[Any] = ()) -> list[Any]:
@@ -306,9 +288,9 @@ class Store:
         self._vfs = vfs
         self._cache_bytes = cache_bytes
         self._cached = 0
-        self._devices: dict[str, _Device] = {}
-        self._bytes = 0
-        self._closed = False
+        # Pending and leased envelopes, bytes, drop victims; a body is held (cached) while
+        # ``cache_bytes`` allows, else None and read from the file at lease time.
+        self._ledger = Ledger()
         self._high = False
         self._deletes: list[int] = []
         self._delete_due = asyncio.Event()
@@ -452,14 +434,13 @@ class Store:
         )
         for id_, device, version, key_id, boot, first, count, codec, oldest, size in rows:
             header = Header(version, key_id, boot, first, count, codec)
-            self._device(device).pending.append(_Entry(id_, device, header, size, oldest, None))
-            self._bytes += size
+            self._ledger.add(Entry(id_, device, header, size, oldest, None))
         if rows:
             log.info(
                 "store %s: %d envelopes (%d bytes) waiting from before",
                 self.path,
                 len(rows),
-                self._bytes,
+                self._ledger.bytes,
             )
 
     def _new_boot(self, conn: apsw.Connection, rewound: dict[str, str]) -> None:
@@ -514,16 +495,10 @@ class Store:
             log.warning("store %s: closing: %s", self.path, err)
         self._conn = None
 
-    def _device(self, device_id: str) -> _Device:
-        entry = self._devices.get(device_id)
-        if entry is None:
-            entry = self._devices[device_id] = _Device()
-        return entry
-
     # -- put --------------------------------------------------------------------------------
 
     async def put(self, envelopes: Sequence[Envelope]) -> None:
-        if self._closed:
+        if self._ledger.closed:
             raise StoreError("store is closed for new envelopes")
         if not envelopes:
             return
@@ -536,31 +511,16 @@ class Store:
             if not await loop.run_in_executor(self._io, self._ensure_reserve):
                 self._refuse_full(envelopes)
                 return
-        incoming = sum(len(e.body) for e in envelopes)
-        refused: list[Envelope] = []
-        victims: list[_Entry] = []
-        if self._bytes + incoming > self.max_bytes:
-            if self.policy == "refuse-newest":
-                room = self.max_bytes - self._bytes
-                keep: list[Envelope] = []
-                for envelope in envelopes:
-                    if len(envelope.body) <= room:
-                        keep.append(envelope)
-                        room -= len(envelope.body)
-                    else:
-                        refused.append(envelope)
-                envelopes = keep
-            else:
-                victims = self._oldest_to_drop(self._bytes + incoming - self.max_bytes)
+        plan = self._ledger.plan(envelopes, self.max_bytes, self.policy)
+        envelopes, refused, victims = plan.keep, plan.refused, plan.victims
         seq_updates: dict[str, int] = {}
         for envelope in [*envelopes, *refused]:
             header = envelope.header
             end = header.first_seq + header.count
             if end > seq_updates.get(envelope.device_id, self.next_seq.get(envelope.device_id, 0)):
                 seq_updates[envelope.device_id] = end
-        dropped = _ranges([(v.device, v.header) for v in victims])
-        refused_ranges = _ranges([(e.device_id, e.header) for e in refused])
-        drops = _drop_counts(dropped, refused_ranges)
+        dropped = plan.dropped("store")
+        drops = _drop_counts(dropped)
         # Out of the queue before the commit's await, so that no session leases a victim.
         for victim in victims:
             self._forget(victim)
@@ -591,44 +551,18 @@ class Store:
             body = envelope.body if self._cached + size <= self._cache_bytes else None
             if body is not None:
                 self._cached += size
-            device = self._device(envelope.device_id)
-            device.pending.append(
-                _Entry(id_, envelope.device_id, envelope.header, size, envelope.oldest_ts_ms, body)
+            self._ledger.add(
+                Entry(id_, envelope.device_id, envelope.header, size, envelope.oldest_ts_ms, body)
             )
-            device.ready.set()
-            self._bytes += size
-        for reason, ranges in (
-            ("store full: dropped oldest", dropped),
-            ("store full: refused newest", refused_ranges),
-        ):
-            for device_id, device_ranges in ranges.items():
-                self._count_drop(device_id, reason, device_ranges)
+        for device_id, reason, device_ranges in dropped:
+            self._count_drop(device_id, reason, device_ranges)
         self._watermark()
 
-    def _oldest_to_drop(self, need: int) -> list[_Entry]:
-        """The oldest envelopes not out on lease, across devices, freeing at least ``need``."""
-        heads = {d: 0 for d, q in self._devices.items() if q.pending}
-        victims: list[_Entry] = []
-        freed = 0
-        while freed < need and heads:
-            device = min(heads, key=lambda d: self._devices[d].pending[heads[d]].id)
-            entry = self._devices[device].pending[heads[device]]
-            victims.append(entry)
-            freed += entry.size
-            heads[device] += 1
-            if heads[device] >= len(self._devices[device].pending):
-                del heads[device]
-        return victims
-
-    def _restore(self, entry: _Entry) -> None:
-        """Put back an entry taken out for a drop that did not commit, in id order."""
-        pending = self._devices[entry.device].pending
-        index = next((i for i, e in enumerate(pending) if e.id > entry.id), len(pending))
-        pending.insert(index, entry)
-        self._bytes += entry.size
+    def _restore(self, entry: Entry) -> None:
+        """Put back an entry taken out for a drop that did not commit."""
+        self._ledger.restore(entry)
         if entry.body is not None:
             self._cached += entry.size
-        self._devices[entry.device].ready.set()
 
     async def _disk_became_full(self, loop: asyncio.AbstractEventLoop) -> None:
         self._next_probe = loop.time() + PROBE_INTERVAL
@@ -685,9 +619,8 @@ class Store:
             refused={d: {"envelopes": e, "readings": r} for d, (e, r) in sorted(refused.items())},
         )
 
-    def _forget(self, entry: _Entry) -> None:
-        self._devices[entry.device].pending.remove(entry)
-        self._bytes -= entry.size
+    def _forget(self, entry: Entry) -> None:
+        self._ledger.forget(entry)
         if entry.body is not None:
             self._cached -= entry.size
 
@@ -753,17 +686,17 @@ class Store:
         )
 
     def _watermark(self) -> None:
-        fill = self._bytes / self.max_bytes
+        fill = self._ledger.bytes / self.max_bytes
         if fill >= HIGH_WATER and not self._high:
             self._high = True
             log.warning(
-                "store %.0f%% full (%d of %d bytes)", fill * 100, self._bytes, self.max_bytes
+                "store %.0f%% full (%d of %d bytes)", fill * 100, self._ledger.bytes, self.max_bytes
             )
             self._on_event(
                 "store-high-water",
                 None,
                 f"store {fill:.0%} full",
-                bytes=self._bytes,
+                bytes=self._ledger.bytes,
                 max_bytes=self.max_bytes,
             )
         elif fill < LOW_WATER and self._high:
@@ -773,17 +706,9 @@ class Store:
     # -- lease, ack, release ----------------------------------------------------------------
 
     async def lease(self, device_id: str, limit: int) -> list[Leased]:
-        device = self._device(device_id)
-        while not device.pending:
-            if self._closed:
-                return []
-            device.ready.clear()
-            await device.ready.wait()
-        taken: list[_Entry] = []
-        while device.pending and len(taken) < limit:
-            entry = device.pending.popleft()
-            device.leased[entry.id] = entry
-            taken.append(entry)
+        if not await self._ledger.wait(device_id):
+            return []
+        taken = self._ledger.lease(device_id, limit)
         missing = [e.id for e in taken if e.body is None]
         bodies: dict[int, bytes] = {}
         if missing:
@@ -808,10 +733,9 @@ class Store:
         return dict(_rows(self._conn, f"SELECT id, body FROM envelopes WHERE id IN ({marks})", ids))
 
     def ack(self, device_id: str, lease_id: int) -> None:
-        entry = self._devices[device_id].leased.pop(lease_id, None)
+        entry = self._ledger.ack(device_id, lease_id)
         if entry is None:
             return
-        self._bytes -= entry.size
         if entry.body is not None:
             self._cached -= entry.size
         self._deletes.append(entry.id)
@@ -820,20 +744,13 @@ class Store:
             self._watermark()
 
     def release(self, device_id: str) -> None:
-        device = self._devices.get(device_id)
-        if device is None or not device.leased:
-            return
-        device.pending.extendleft(reversed(device.leased.values()))
-        device.leased.clear()
-        device.ready.set()
+        self._ledger.release(device_id)
 
     def close(self) -> None:
         if self.disk_full and self.refused_full:
             self._disk_writable(reason="stopping while the disk is full")
             self.disk_full = True
-        self._closed = True
-        for device in self._devices.values():
-            device.ready.set()
+        self._ledger.close()
 
     async def _delete_acked(self) -> None:
         loop = asyncio.get_running_loop()
@@ -869,36 +786,17 @@ class Store:
     # -- status -----------------------------------------------------------------------------
 
     def depth(self) -> list[DeviceDepth]:
-        out = []
-        for device_id, device in self._devices.items():
-            entries = [*device.leased.values(), *device.pending]
-            out.append(
-                DeviceDepth(
-                    device_id,
-                    len(device.pending),
-                    len(device.leased),
-                    sum(e.size for e in entries),
-                    min((e.oldest_ts_ms for e in entries), default=None),
-                )
-            )
-        return out
+        return self._ledger.depth()
 
 
-def _ranges(items: list[tuple[str, Header]]) -> dict[str, list[tuple[int, int]]]:
-    """Per device, the (first seq, count) of each envelope in ``items``."""
-    out: dict[str, list[tuple[int, int]]] = {}
-    for device, header in items:
-        out.setdefault(device, []).append((header.first_seq, header.count))
-    return out
-
-
-def _drop_counts(*groups: dict[str, list[tuple[int, int]]]) -> dict[str, tuple[int, int]]:
-    """Per device, (envelopes, readings) over every group of dropped ranges."""
+def _drop_counts(
+    dropped: list[tuple[str, str, list[tuple[int, int]]]],
+) -> dict[str, tuple[int, int]]:
+    """Per device, (envelopes, readings) over every dropped or refused range."""
     out: dict[str, tuple[int, int]] = {}
-    for group in groups:
-        for device, ranges in group.items():
-            envelopes, readings = out.get(device, (0, 0))
-            out[device] = (envelopes + len(ranges), readings + sum(c for _, c in ranges))
+    for device, _, ranges in dropped:
+        envelopes, readings = out.get(device, (0, 0))
+        out[device] = (envelopes + len(ranges), readings + sum(c for _, c in ranges))
     return out
 
 
