@@ -1,6 +1,8 @@
 """The durable queue: sealed envelopes on SQLite, FIFO per device, bounded by bytes.
 
-The only module that imports apsw (SQLite). It keeps :mod:`gateway.store.queue`'s contract:
+The only module that imports apsw (SQLite). Offline inspection and the moves between store
+files are in :mod:`gateway.store.inspect`, over the small read and write helpers at the end of
+this module. It keeps :mod:`gateway.store.queue`'s contract:
 
 - ``put`` returns once the envelopes are committed (WAL, ``synchronous=FULL``: NORMAL can lose
   committed rows on power loss). The device's next sequence number is committed in the same
@@ -44,8 +46,9 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -800,45 +803,50 @@ def _drop_counts(
     return out
 
 
-# -- stranded stores: moving envelopes between store files -----------------------------------
+# -- small read and write helpers for gateway/store/inspect.py (apsw stays in this module) ---
 
 
-def waiting(path: Path) -> dict[str, int]:
-    """Per device, how many envelopes a store file holds (the gateway must not run on it)."""
-    if not path.exists():
-        return {}
+@contextmanager
+def store_errors(what: str) -> Iterator[None]:
+    """SQLite's errors as :class:`StoreError` ("what: error"), the cause kept."""
     try:
-        conn = open_database(path, readonly=True)
-        try:
-            if not _rows(conn, "SELECT 1 FROM sqlite_master WHERE name='envelopes'"):
-                return {}  # created a moment ago: no schema yet
-            return {
-                d: int(n)
-                for d, n in _rows(conn, "SELECT device, count(*) FROM envelopes GROUP BY device")
-            }
-        finally:
-            conn.close()
+        yield
     except apsw.Error as err:
-        raise StoreError(f"{path}: {err}") from err
+        raise StoreError(f"{what}: {err}") from err
 
 
-def move_envelopes(source: Path, target: Path, devices: Sequence[str]) -> int:
-    """Move every envelope of ``devices`` from one store file into another, oldest first.
+class Reader:
+    """A store file opened read-only (a running gateway may hold it)."""
 
-    Header and body stay as they are, so the consumer sees each envelope's original boot and
-    sequence numbers; drop counts move along. First one transaction in the target, then one in
-    the source: a crash between the two leaves the envelopes in both, and they are sent twice
-    (byte-identical: duplicates to the consumer), never lost.
-    """
-    if not devices:
-        return 0
+    def __init__(self, conn: apsw.Connection) -> None:
+        self._conn = conn
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return _rows(self._conn, sql, params)
+
+    def sequence_problems(self, marks: SeqMarks | None = None) -> dict[str, str]:
+        return sequence_problems(self._conn, marks)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @classmethod
+    def open(cls, path: Path) -> Reader:
+        return cls(open_database(path, readonly=True))
+
+
+@contextmanager
+def reading(path: Path) -> Iterator[Reader]:
+    db = Reader.open(path)
     try:
-        return _move(source, target, devices)
-    except apsw.Error as err:
-        raise StoreError(f"moving envelopes from {source} to {target}: {err}") from err
+        yield db
+    finally:
+        db.close()
 
 
-def _move(source: Path, target: Path, devices: Sequence[str]) -> int:
+def copy_envelopes(source: Path, target: Path, devices: Sequence[str]) -> int:
+    """Copy every envelope (oldest first) and drop count of ``devices`` from ``source`` into
+    ``target`` in one transaction of the target; how many envelopes."""
     marks = ",".join("?" * len(devices))
     private_file(target)
     dst = open_database(target)
@@ -863,6 +871,12 @@ def _move(source: Path, target: Path, devices: Sequence[str]) -> int:
         dst.execute("DETACH DATABASE src")
     finally:
         dst.close()
+    return int(moved)
+
+
+def delete_envelopes(source: Path, devices: Sequence[str]) -> None:
+    """Delete every envelope and drop count of ``devices`` from ``source``, one transaction."""
+    marks = ",".join("?" * len(devices))
     src = open_database(source)
     try:
         with src:
@@ -870,97 +884,3 @@ def _move(source: Path, target: Path, devices: Sequence[str]) -> int:
             src.execute(f"DELETE FROM drops WHERE device IN ({marks})", devices)
     finally:
         src.close()
-    return moved
-
-
-# -- offline inspection (fieldgate store status / verify) -------------------------------------
-
-
-def status(path: Path) -> dict[str, Any]:
-    """Depth per device, bytes, oldest age and drops, read from the file (the gateway may run)."""
-    if not path.exists():
-        raise StoreError(f"{path}: no store here")
-    conn = open_database(path, readonly=True)
-    try:
-        now_ms = time.time() * 1000
-        devices: dict[str, dict[str, Any]] = {}
-        for device, count, size, oldest, readings in conn.execute(
-            "SELECT device, count(*), sum(length(body)), min(oldest_ts_ms), sum(count) "
-            "FROM envelopes GROUP BY device ORDER BY device"
-        ):
-            devices[device] = {
-                "envelopes": count,
-                "bytes": size,
-                "readings": readings,
-                "oldest_age_s": round((now_ms - oldest) / 1000, 1),
-            }
-        for device, next_seq in conn.execute("SELECT device, next_seq FROM sequences"):
-            devices.setdefault(
-                device, {"envelopes": 0, "bytes": 0, "readings": 0, "oldest_age_s": None}
-            )["next_seq"] = next_seq
-        for device, envelopes, readings in conn.execute(
-            "SELECT device, envelopes, readings FROM drops"
-        ):
-            devices.setdefault(device, {})["dropped"] = {
-                "envelopes": envelopes,
-                "readings": readings,
-            }
-        boot = _rows(conn, "SELECT value FROM meta WHERE key='boot_id'")
-        return {
-            "path": str(path),
-            "boot_id": boot[0][0] if boot else None,
-            "bytes": sum(d.get("bytes") or 0 for d in devices.values()),
-            "envelopes": sum(d.get("envelopes") or 0 for d in devices.values()),
-            "devices": devices,
-        }
-    finally:
-        conn.close()
-
-
-def accepted(path: Path) -> dict[str, int]:
-    """Per device, how many readings the store has accepted (its next sequence number)."""
-    if not path.exists():
-        return {}
-    conn = open_database(path, readonly=True)
-    try:
-        return {d: int(n) for d, n in _rows(conn, "SELECT device, next_seq FROM sequences")}
-    finally:
-        conn.close()
-
-
-def verify(path: Path, marks: SeqMarks | None = None) -> list[str]:
-    """``PRAGMA integrity_check``, a sanity check of every envelope header and of the sequence
-    state (its marks authenticated when ``marks`` is given); [] if sound."""
-    from gateway.core.envelope import NONCE_BYTES, TAG_BYTES
-    from gateway.core.readings import CODEC, ENVELOPE_VERSION
-
-    try:
-        conn = open_database(path, readonly=True)
-    except StoreError as err:
-        return [str(err)]
-    problems: list[str] = []
-    try:
-        check = _rows(conn, "PRAGMA integrity_check")
-        if check != [("ok",)]:
-            problems += [f"integrity_check: {row[0]}" for row in check[:20]]
-        ends: dict[tuple[str, str], int] = {}
-        for id_, device, version, codec, boot, first, count, size in conn.execute(
-            "SELECT id, device, version, codec, boot, first_seq, count, length(body) "
-            "FROM envelopes ORDER BY id"
-        ):
-            where = f"envelope {id_} ({device} seq {first})"
-            if version != ENVELOPE_VERSION or codec != CODEC:
-                problems.append(f"{where}: version {version} codec {codec!r} unknown")
-            if count <= 0 or first < 0:
-                problems.append(f"{where}: bad count {count} or first seq {first}")
-            if size < NONCE_BYTES + TAG_BYTES:
-                problems.append(f"{where}: body of {size} bytes is too short")
-            previous = ends.get((device, boot))
-            if previous is not None and first < previous:
-                problems.append(f"{where}: overlaps or precedes the envelope before it")
-            ends[(device, boot)] = first + count
-        for device, why in sorted(sequence_problems(conn, marks).items()):
-            problems.append(f"{device}: sequence state went backwards: {why}")
-    finally:
-        conn.close()
-    return problems
