@@ -33,6 +33,7 @@ from gateway.identity import keyring
 from gateway.statelock import StateInUse, StateLock, lock_state, release_all
 from gateway.store import SeqMarks, Store
 from gateway.store.memory import MemoryQueue
+from gateway.store.paths import store_path
 from gateway.store.queue import EnvelopeQueue
 from gateway.uplink.session import DeviceSession, RateLimiter, client_context
 
@@ -166,9 +167,8 @@ class Gateway:
         store = self.config.store
         if store.kind == "memory":
             return MemoryQueue(max_bytes=store.max_bytes, on_event=self._event, policy=store.policy)
-        path = store.path or self.config.gateway.state_dir / "store.db"
         return Store(
-            path,
+            store_path(self.config),
             max_bytes=store.max_bytes,
             policy=store.policy,
             on_event=self._event,

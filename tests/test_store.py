@@ -286,3 +286,36 @@ def test_a_full_memory_queue_drops_by_its_policy_like_the_store(policy: str) -> 
         assert kept == [i * 10 for i in range(5, 15)]
     else:
         assert kept == [i * 10 for i in range(10)]
+
+
+@pytest.mark.parametrize("outside", [False, True])
+def test_the_store_path_rule_for_a_gateway_its_workers_and_what_they_left(
+    tmp_path: Path, outside: bool
+) -> None:
+    from types import SimpleNamespace
+
+    from gateway.store import paths
+
+    state = tmp_path / "state"
+    setting = tmp_path / "disk" / "q.db" if outside else None
+    cfg: Any = SimpleNamespace(
+        store=SimpleNamespace(path=setting), gateway=SimpleNamespace(state_dir=state)
+    )
+    single = setting or state / "store.db"
+    worker = [
+        (tmp_path / "disk" / f"q-worker-{i}.db") if outside else state / f"worker-{i}" / "store.db"
+        for i in range(12)
+    ]
+    assert paths.store_path(cfg) == single
+    assert paths.run_stores(cfg, 1) == [single]
+    assert paths.run_stores(cfg, 3) == worker[:3]
+    assert paths.stores_left(cfg) == [single]  # nothing yet: where the single store would be
+    for i in (11, 2):
+        worker[i].parent.mkdir(parents=True, exist_ok=True)
+        worker[i].write_bytes(b"")
+        paths.worker_state_dir(cfg, i).mkdir(parents=True, exist_ok=True)
+    assert paths.worker_indices(cfg) == {2, 11}
+    assert paths.stores_left(cfg) == [worker[2], worker[11]]  # in worker order
+    single.parent.mkdir(parents=True, exist_ok=True)
+    single.write_bytes(b"")
+    assert paths.stores_left(cfg) == [single, worker[2], worker[11]]

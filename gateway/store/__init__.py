@@ -5,6 +5,7 @@
     memory.py  the in-memory queue (store.kind = "memory")
     sqlite.py  the durable queue on SQLite (the only apsw import), small read/write helpers
     inspect.py offline inspection (status, accepted, verify, waiting) and moves between stores
+    paths.py   where a config's store is, each worker's, and every store a run may have left
     schema/    one schema_vN.sql per version
 
 What the rest of fieldgate uses is re-exported here.
