@@ -33,7 +33,9 @@ from gateway.identity import keyring
 from gateway.identity.tls import client_context
 from gateway.statelock import StateInUse, StateLock, lock_state, release_all
 from gateway.store import SeqMarks, Store
-from gateway.store.queue import EnvelopeQueue, MemoryQueue
+from gateway.store.memory import MemoryQueue
+from gateway.store.paths import store_path
+from gateway.store.queue import EnvelopeQueue
 from gateway.uplink.session import DeviceSession
 from gateway.uplink.throttle import RateLimiter
 
@@ -166,10 +168,9 @@ class Gateway:
     def _open_queue(self) -> Store | MemoryQueue:
         store = self.config.store
         if store.kind == "memory":
-            return MemoryQueue(max_bytes=store.max_bytes, on_event=self._event)
-        path = store.path or self.config.gateway.state_dir / "store.db"
+            return MemoryQueue(max_bytes=store.max_bytes, on_event=self._event, policy=store.policy)
         return Store(
-            path,
+            store_path(self.config),
             max_bytes=store.max_bytes,
             policy=store.policy,
             on_event=self._event,

@@ -127,14 +127,9 @@ def _store_paths(args: argparse.Namespace) -> list[Path]:
     if args.path:
         return [Path(args.path)]
     from gateway import config as config_mod
+    from gateway.store.paths import stores_left
 
-    cfg = config_mod.load(args.config, check_files=False)
-    single = cfg.store.path or cfg.gateway.state_dir / "store.db"
-    workers = sorted(cfg.gateway.state_dir.glob("worker-*/store.db"))
-    if cfg.store.path is not None:
-        workers = sorted(single.parent.glob(f"{single.stem}-worker-*{single.suffix}"))
-    found = ([single] if single.exists() else []) + workers
-    return found or [single]
+    return stores_left(config_mod.load(args.config, check_files=False))
 
 
 def cmd_store_status(args: argparse.Namespace) -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import signal
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from gateway import runtime
 from gateway.config import Config
 from gateway.core.backoff import backoff_delay
 from gateway.core.errors import EXIT_REFUSED
+from gateway.store import paths
 
 log = logging.getLogger("fieldgate.workers")
 
@@ -34,9 +34,6 @@ def worker_config(cfg: Config, index: int, count: int) -> Config:
     """The share of ``cfg`` that worker ``index`` of ``count`` runs."""
     if not 0 <= index < count:
         raise ValueError(f"worker {index}/{count} does not exist")
-    store_path = cfg.store.path
-    if store_path is not None:
-        store_path = store_path.with_name(f"{store_path.stem}-worker-{index}{store_path.suffix}")
     modbus = [d for d in cfg.devices if d.ble is None][index::count]
     # A radio serves one process: discovery, pairing and connection slots are the adapter's.
     adapters = sorted({d.ble.adapter for d in cfg.devices if d.ble is not None})
@@ -46,34 +43,11 @@ def worker_config(cfg: Config, index: int, count: int) -> Config:
         update={
             "devices": modbus + ble,
             "gateway": cfg.gateway.model_copy(
-                update={"state_dir": cfg.gateway.state_dir / f"worker-{index}"}
+                update={"state_dir": paths.worker_state_dir(cfg, index)}
             ),
-            "store": cfg.store.model_copy(update={"path": store_path}),
+            "store": cfg.store.model_copy(update={"path": paths.worker_store_setting(cfg, index)}),
         }
     )
-
-
-def _store_file(cfg: Config) -> Path:
-    return cfg.store.path or cfg.gateway.state_dir / "store.db"
-
-
-def _worker_share(cfg: Config, index: int) -> Config:
-    """Worker ``index``'s folders and store file (whatever the worker count)."""
-    return worker_config(cfg, index, index + 1)
-
-
-def _worker_indices(cfg: Config) -> set[int]:
-    """Workers that have left a folder or a store file behind."""
-    found = set()
-    for child in cfg.gateway.state_dir.glob("worker-*"):
-        if (m := re.fullmatch(r"worker-(\d+)", child.name)) and child.is_dir():
-            found.add(int(m.group(1)))
-    if cfg.store.path is not None:
-        stem, suffix = cfg.store.path.stem, cfg.store.path.suffix
-        for child in cfg.store.path.parent.glob(f"{stem}-worker-*{suffix}"):
-            if m := re.fullmatch(rf"{re.escape(stem)}-worker-(\d+){re.escape(suffix)}", child.name):
-                found.add(int(m.group(1)))
-    return found
 
 
 def adopt_stranded(cfg: Config, count: int) -> None:
@@ -90,16 +64,16 @@ def adopt_stranded(cfg: Config, count: int) -> None:
     shares = {i: worker_config(cfg, i, count) for i in range(count)} if count > 1 else {}
     owner: dict[str, Path] = {}
     if shares:
-        for share in shares.values():
-            owner.update({d.id: _store_file(share) for d in share.devices})
+        for i, share in shares.items():
+            owner.update({d.id: paths.worker_store_path(cfg, i) for d in share.devices})
     else:
-        owner = {d.id: _store_file(cfg) for d in cfg.devices}
-    others = {i: _worker_share(cfg, i) for i in _worker_indices(cfg) | set(shares)}
-    files = [_store_file(cfg), *(_store_file(c) for c in others.values())]
+        owner = {d.id: paths.store_path(cfg) for d in cfg.devices}
+    others = sorted(paths.worker_indices(cfg) | set(shares))
+    files = [paths.store_path(cfg), *(paths.worker_store_path(cfg, i) for i in others)]
     locks = []
     try:
-        for share in others.values():
-            locks += lock_state(share.gateway.state_dir, share.store.path)
+        for i in others:
+            locks += lock_state(paths.worker_state_dir(cfg, i), paths.worker_store_setting(cfg, i))
         for source in files:
             try:
                 held = store.waiting(source)

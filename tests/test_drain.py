@@ -56,12 +56,21 @@ def test_a_backlog_drains_in_order_at_the_send_rate_and_a_live_device_is_not_sta
                 for d in ("plc-1", "plc-2")
             }
             order: list[int] = []
+            acked = {"plc-1": 0, "plc-2": 0}
+            changed = asyncio.Event()
             original = store.ack
 
             def ack(device: str, lease_id: int) -> None:
                 if device == "plc-1":
                     order.append(lease_id)
                 original(device, lease_id)
+                acked[device] += 1
+                changed.set()
+
+            async def until(device: str, count: int) -> None:
+                while acked[device] < count:
+                    changed.clear()
+                    await changed.wait()
 
             store.ack = ack  # type: ignore[method-assign]
             loop = asyncio.get_running_loop()
@@ -69,13 +78,11 @@ def test_a_backlog_drains_in_order_at_the_send_rate_and_a_live_device_is_not_sta
             async with asyncio.TaskGroup() as tg:
                 for session in sessions.values():
                     tg.create_task(session.run())
-                await asyncio.sleep(0.3)
+                await until("plc-1", 18)  # the drain is under way (0.3 s at 60/s)
                 await store.put(_envelopes("plc-2", 10))  # live data of another device
-                while sessions["plc-2"].stats.envelopes_acked < 10:  # noqa: ASYNC110 - a test watching counters
-                    await asyncio.sleep(0.02)
+                await until("plc-2", 10)
                 backlog_done_when_live_done = sessions["plc-1"].stats.envelopes_acked
-                while sessions["plc-1"].stats.envelopes_acked < 150:  # noqa: ASYNC110
-                    await asyncio.sleep(0.05)
+                await until("plc-1", 150)
                 elapsed = loop.time() - started
                 store.close()
             return order, backlog_done_when_live_done, elapsed

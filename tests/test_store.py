@@ -14,6 +14,7 @@ import pytest
 
 from gateway.core.readings import CODEC, Envelope, Header
 from gateway.store import Store, status, verify
+from gateway.store.memory import MemoryQueue
 
 from conftest import fieldgate
 
@@ -253,3 +254,68 @@ def test_sequence_state_that_went_backwards_starts_a_new_boot_and_a_forged_mark_
     assert "does not authenticate" in events.of("sequence-rewound")[0]["reason"]
     # A clean reopen keeps its boot.
     assert reopen()[0] == boot3
+
+
+@pytest.mark.parametrize("policy", ["drop-oldest", "refuse-newest"])
+def test_a_full_memory_queue_drops_by_its_policy_like_the_store(policy: str) -> None:
+    events = Events()
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        async with MemoryQueue(
+            max_bytes=1000,
+            policy=policy,  # type: ignore[arg-type]
+            on_event=events,
+        ) as queue:
+            for i in range(15):  # 15 x 100 bytes into 1000
+                await queue.put([envelope("a" if i % 2 else "b", i * 10)])
+            a = [x.envelope.header.first_seq for x in await queue.lease("a", 20)]
+            b = [x.envelope.header.first_seq for x in await queue.lease("b", 20)]
+            return a, b
+
+    a, b = run(scenario)
+    kept = sorted(a + b)
+    dropped = events.of("envelopes-dropped")
+    assert sum(e["envelopes"] for e in dropped) == 5
+    assert sum(e["readings"] for e in dropped) == 50
+    assert {e["policy"] for e in dropped} == {policy}
+    assert all(
+        e.keys() == {"kind", "device", "reason", "envelopes", "readings", "seq_ranges", "policy"}
+        for e in dropped
+    )
+    if policy == "drop-oldest":
+        assert kept == [i * 10 for i in range(5, 15)]
+    else:
+        assert kept == [i * 10 for i in range(10)]
+
+
+@pytest.mark.parametrize("outside", [False, True])
+def test_the_store_path_rule_for_a_gateway_its_workers_and_what_they_left(
+    tmp_path: Path, outside: bool
+) -> None:
+    from types import SimpleNamespace
+
+    from gateway.store import paths
+
+    state = tmp_path / "state"
+    setting = tmp_path / "disk" / "q.db" if outside else None
+    cfg: Any = SimpleNamespace(
+        store=SimpleNamespace(path=setting), gateway=SimpleNamespace(state_dir=state)
+    )
+    single = setting or state / "store.db"
+    worker = [
+        (tmp_path / "disk" / f"q-worker-{i}.db") if outside else state / f"worker-{i}" / "store.db"
+        for i in range(12)
+    ]
+    assert paths.store_path(cfg) == single
+    assert paths.run_stores(cfg, 1) == [single]
+    assert paths.run_stores(cfg, 3) == worker[:3]
+    assert paths.stores_left(cfg) == [single]  # nothing yet: where the single store would be
+    for i in (11, 2):
+        worker[i].parent.mkdir(parents=True, exist_ok=True)
+        worker[i].write_bytes(b"")
+        paths.worker_state_dir(cfg, i).mkdir(parents=True, exist_ok=True)
+    assert paths.worker_indices(cfg) == {2, 11}
+    assert paths.stores_left(cfg) == [worker[2], worker[11]]  # in worker order
+    single.parent.mkdir(parents=True, exist_ok=True)
+    single.write_bytes(b"")
+    assert paths.stores_left(cfg) == [single, worker[2], worker[11]]

@@ -36,6 +36,20 @@ def accepted(state: Path) -> dict[str, int]:
     return {d: row.get("next_seq", 0) for d, row in devices.items()}
 
 
+def stored_envelopes(state: Path) -> int:
+    """Envelopes in the store (0 before the gateway created it); read while it runs."""
+    if not (state / "store.db").exists():
+        return 0
+    report: Any = store_report(state)
+    return int(report["envelopes"])
+
+
+def arrived(record: Path, keyring: Keyring, promised: dict[str, int]) -> bool:
+    """The hub holds at least every reading of ``promised`` (readings accepted per device)."""
+    got = delivered(record, keyring)
+    return all(got.get(d, 0) >= n for d, n in promised.items())
+
+
 def delivered(record: Path, keyring: Keyring) -> dict[str, int]:
     _, _, tracker = opened_from(record, keyring)
     out: dict[str, int] = defaultdict(int)
@@ -58,13 +72,22 @@ def test_kill_9_twenty_times_under_load_loses_no_accepted_reading(
         gateway = Proc(
             fieldgate("run", "--config", str(config)), tmp_path / f"gateway-{attempt}.log"
         )
+        # A kill at a random moment under load, not a wait for a state.
         time.sleep(rng.uniform(0.6, 1.8))
         os.kill(gateway.pid, signal.SIGKILL)
         gateway.popen.wait()
         gateway.stop()
+    before = accepted(state)
     final = Proc(fieldgate("run", "--config", str(config)), tmp_path / "gateway-final.log")
     procs.append(final)
-    time.sleep(2)
+    wait_until(
+        lambda: (
+            all(accepted(state).get(d, 0) > n for d, n in before.items())
+            and arrived(record, keyring, before)
+        ),
+        20,
+        "the last gateway accepting new readings, the backlog of the kills at the hub",
+    )
     assert final.stop() == 0
     promised = accepted(state)
     assert set(promised) == {f"plc-{i}" for i in range(1, DEVICES + 1)}
@@ -98,11 +121,12 @@ def test_hub_outage_backlog_arrives_complete_and_in_order(
     wait_until(lambda: sum(delivered(record, keyring).values()) > 200, 20, "data before")
     hub = procs[0]
     assert hub.stop() == 0  # the hub goes away under load
-    time.sleep(4)
+    wait_until(lambda: stored_envelopes(tmp_path / "state") > 10, 20, "a backlog in the store")
     backlog: Any = store_report(tmp_path / "state")
     assert backlog["envelopes"] > 10  # ingest went on into the store
+    during = accepted(tmp_path / "state")
     start_hub(procs, tmp_path, pki_dir, "--persist", str(persist), port=hub_port)
-    time.sleep(3)
+    wait_until(lambda: arrived(record, keyring, during), 20, "the backlog delivered after it")
     assert gateway.stop() == 0
     promised = accepted(tmp_path / "state")
     wait_until(
@@ -136,9 +160,9 @@ def test_store_holds_only_ciphertext_and_a_flipped_bit_is_refused(
     edit_config(config, gateway={"shutdown_grace": 0.5})
     started = time.time()
     gateway = Proc(fieldgate("run", "--config", str(config)), tmp_path / "gateway.log")
-    time.sleep(3)
-    assert gateway.stop() == 0
     state = tmp_path / "state"
+    wait_until(lambda: stored_envelopes(state) >= 10, 20, "envelopes in the store")
+    assert gateway.stop() == 0
     stored: Any = store_report(state)
     assert stored["envelopes"] >= 10
     raw = b"".join(p.read_bytes() for p in state.glob("store.db*"))
@@ -207,7 +231,15 @@ def test_a_full_store_counts_every_drop_exactly_in_events_and_status(
         30,
         "the first drop",
     )
-    time.sleep(1)
+    # Every device has lost something (the checks below name each one's drops).
+    wait_until(
+        lambda: (
+            {e["device"] for e in read_events(state) if e["kind"] == "envelopes-dropped"}
+            == {f"plc-{i}" for i in range(1, 4)}
+        ),
+        30,
+        "a drop of every device",
+    )
     assert gateway.stop() == 0
     events = read_events(state)
     report: Any = store_report(state)

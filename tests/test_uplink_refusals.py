@@ -20,7 +20,7 @@ from gateway.events import SecurityEvents, read_events
 from gateway.identity import pki as pki_mod
 from gateway.identity.pki import Pki
 from gateway.identity.tls import client_context
-from gateway.store.queue import MemoryQueue
+from gateway.store.memory import MemoryQueue
 from gateway.testbed.localhub.broker import Broker
 from gateway.testbed.ports import free_ports
 from gateway.uplink.mqtt import MqttClient

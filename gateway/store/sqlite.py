@@ -1,6 +1,8 @@
 """The durable queue: sealed envelopes on SQLite, FIFO per device, bounded by bytes.
 
-The only module that imports apsw (SQLite). It keeps :mod:`gateway.store.queue`'s contract:
+The only module that imports apsw (SQLite). Offline inspection and the moves between store
+files are in :mod:`gateway.store.inspect`, over the small read and write helpers at the end of
+this module. It keeps :mod:`gateway.store.queue`'s contract:
 
 - ``put`` returns once the envelopes are committed (WAL, ``synchronous=FULL``: NORMAL can lose
   committed rows on power loss). The device's next sequence number is committed in the same
@@ -44,24 +46,24 @@ import logging
 import os
 import secrets
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import apsw
 
 from gateway.core.errors import FieldgateError
 from gateway.core.readings import Envelope, Header
+from gateway.store.ledger import Entry, Ledger, Policy
 from gateway.store.queue import DeviceDepth, Leased
 
 log = logging.getLogger("fieldgate.store")
 
 SCHEMA_VERSION = 1
-Policy = Literal["drop-oldest", "refuse-newest"]
 EventSink = Callable[..., None]
 HIGH_WATER = 0.8
 LOW_WATER = 0.7
@@ -76,23 +78,6 @@ class StoreError(FieldgateError):
 
 class StoreCorrupt(StoreError):
     pass
-
-
-@dataclass(slots=True)
-class _Entry:
-    id: int
-    device: str
-    header: Header
-    size: int
-    oldest_ts_ms: int
-    body: bytes | None  # None: not cached in memory, read from the file at lease time
-
-
-@dataclass(slots=True)
-class _Device:
-    pending: deque[_Entry] = field(default_factory=deque)
-    leased: OrderedDict[int, _Entry] = field(default_factory=OrderedDict)
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def _rows(conn: apsw.Connection, sql: str, params: Sequence[Any] = ()) -> list[Any]:
@@ -308,9 +293,9 @@ class Store:
         self._vfs = vfs
         self._cache_bytes = cache_bytes
         self._cached = 0
-        self._devices: dict[str, _Device] = {}
-        self._bytes = 0
-        self._closed = False
+        # Pending and leased envelopes, bytes, drop victims; a body is held (cached) while
+        # ``cache_bytes`` allows, else None and read from the file at lease time.
+        self._ledger = Ledger()
         self._high = False
         self._deletes: list[int] = []
         self._delete_due = asyncio.Event()
@@ -454,14 +439,13 @@ class Store:
         )
         for id_, device, version, key_id, boot, first, count, codec, oldest, size in rows:
             header = Header(version, key_id, boot, first, count, codec)
-            self._device(device).pending.append(_Entry(id_, device, header, size, oldest, None))
-            self._bytes += size
+            self._ledger.add(Entry(id_, device, header, size, oldest, None))
         if rows:
             log.info(
                 "store %s: %d envelopes (%d bytes) waiting from before",
                 self.path,
                 len(rows),
-                self._bytes,
+                self._ledger.bytes,
             )
 
     def _new_boot(self, conn: apsw.Connection, rewound: dict[str, str]) -> None:
@@ -516,16 +500,10 @@ class Store:
             log.warning("store %s: closing: %s", self.path, err)
         self._conn = None
 
-    def _device(self, device_id: str) -> _Device:
-        entry = self._devices.get(device_id)
-        if entry is None:
-            entry = self._devices[device_id] = _Device()
-        return entry
-
     # -- put --------------------------------------------------------------------------------
 
     async def put(self, envelopes: Sequence[Envelope]) -> None:
-        if self._closed:
+        if self._ledger.closed:
             raise StoreError("store is closed for new envelopes")
         if not envelopes:
             return
@@ -538,31 +516,16 @@ class Store:
             if not await loop.run_in_executor(self._io, self._ensure_reserve):
                 self._refuse_full(envelopes)
                 return
-        incoming = sum(len(e.body) for e in envelopes)
-        refused: list[Envelope] = []
-        victims: list[_Entry] = []
-        if self._bytes + incoming > self.max_bytes:
-            if self.policy == "refuse-newest":
-                room = self.max_bytes - self._bytes
-                keep: list[Envelope] = []
-                for envelope in envelopes:
-                    if len(envelope.body) <= room:
-                        keep.append(envelope)
-                        room -= len(envelope.body)
-                    else:
-                        refused.append(envelope)
-                envelopes = keep
-            else:
-                victims = self._oldest_to_drop(self._bytes + incoming - self.max_bytes)
+        plan = self._ledger.plan(envelopes, self.max_bytes, self.policy)
+        envelopes, refused, victims = plan.keep, plan.refused, plan.victims
         seq_updates: dict[str, int] = {}
         for envelope in [*envelopes, *refused]:
             header = envelope.header
             end = header.first_seq + header.count
             if end > seq_updates.get(envelope.device_id, self.next_seq.get(envelope.device_id, 0)):
                 seq_updates[envelope.device_id] = end
-        dropped = _ranges([(v.device, v.header) for v in victims])
-        refused_ranges = _ranges([(e.device_id, e.header) for e in refused])
-        drops = _drop_counts(dropped, refused_ranges)
+        dropped = plan.dropped("store")
+        drops = _drop_counts(dropped)
         # Out of the queue before the commit's await, so that no session leases a victim.
         for victim in victims:
             self._forget(victim)
@@ -593,44 +556,18 @@ class Store:
             body = envelope.body if self._cached + size <= self._cache_bytes else None
             if body is not None:
                 self._cached += size
-            device = self._device(envelope.device_id)
-            device.pending.append(
-                _Entry(id_, envelope.device_id, envelope.header, size, envelope.oldest_ts_ms, body)
+            self._ledger.add(
+                Entry(id_, envelope.device_id, envelope.header, size, envelope.oldest_ts_ms, body)
             )
-            device.ready.set()
-            self._bytes += size
-        for reason, ranges in (
-            ("store full: dropped oldest", dropped),
-            ("store full: refused newest", refused_ranges),
-        ):
-            for device_id, device_ranges in ranges.items():
-                self._count_drop(device_id, reason, device_ranges)
+        for device_id, reason, device_ranges in dropped:
+            self._count_drop(device_id, reason, device_ranges)
         self._watermark()
 
-    def _oldest_to_drop(self, need: int) -> list[_Entry]:
-        """The oldest envelopes not out on lease, across devices, freeing at least ``need``."""
-        heads = {d: 0 for d, q in self._devices.items() if q.pending}
-        victims: list[_Entry] = []
-        freed = 0
-        while freed < need and heads:
-            device = min(heads, key=lambda d: self._devices[d].pending[heads[d]].id)
-            entry = self._devices[device].pending[heads[device]]
-            victims.append(entry)
-            freed += entry.size
-            heads[device] += 1
-            if heads[device] >= len(self._devices[device].pending):
-                del heads[device]
-        return victims
-
-    def _restore(self, entry: _Entry) -> None:
-        """Put back an entry taken out for a drop that did not commit, in id order."""
-        pending = self._devices[entry.device].pending
-        index = next((i for i, e in enumerate(pending) if e.id > entry.id), len(pending))
-        pending.insert(index, entry)
-        self._bytes += entry.size
+    def _restore(self, entry: Entry) -> None:
+        """Put back an entry taken out for a drop that did not commit."""
+        self._ledger.restore(entry)
         if entry.body is not None:
             self._cached += entry.size
-        self._devices[entry.device].ready.set()
 
     async def _disk_became_full(self, loop: asyncio.AbstractEventLoop) -> None:
         self._next_probe = loop.time() + PROBE_INTERVAL
@@ -687,9 +624,8 @@ class Store:
             refused={d: {"envelopes": e, "readings": r} for d, (e, r) in sorted(refused.items())},
         )
 
-    def _forget(self, entry: _Entry) -> None:
-        self._devices[entry.device].pending.remove(entry)
-        self._bytes -= entry.size
+    def _forget(self, entry: Entry) -> None:
+        self._ledger.forget(entry)
         if entry.body is not None:
             self._cached -= entry.size
 
@@ -755,17 +691,17 @@ class Store:
         )
 
     def _watermark(self) -> None:
-        fill = self._bytes / self.max_bytes
+        fill = self._ledger.bytes / self.max_bytes
         if fill >= HIGH_WATER and not self._high:
             self._high = True
             log.warning(
-                "store %.0f%% full (%d of %d bytes)", fill * 100, self._bytes, self.max_bytes
+                "store %.0f%% full (%d of %d bytes)", fill * 100, self._ledger.bytes, self.max_bytes
             )
             self._on_event(
                 "store-high-water",
                 None,
                 f"store {fill:.0%} full",
-                bytes=self._bytes,
+                bytes=self._ledger.bytes,
                 max_bytes=self.max_bytes,
             )
         elif fill < LOW_WATER and self._high:
@@ -775,17 +711,9 @@ class Store:
     # -- lease, ack, release ----------------------------------------------------------------
 
     async def lease(self, device_id: str, limit: int) -> list[Leased]:
-        device = self._device(device_id)
-        while not device.pending:
-            if self._closed:
-                return []
-            device.ready.clear()
-            await device.ready.wait()
-        taken: list[_Entry] = []
-        while device.pending and len(taken) < limit:
-            entry = device.pending.popleft()
-            device.leased[entry.id] = entry
-            taken.append(entry)
+        if not await self._ledger.wait(device_id):
+            return []
+        taken = self._ledger.lease(device_id, limit)
         missing = [e.id for e in taken if e.body is None]
         bodies: dict[int, bytes] = {}
         if missing:
@@ -810,10 +738,9 @@ class Store:
         return dict(_rows(self._conn, f"SELECT id, body FROM envelopes WHERE id IN ({marks})", ids))
 
     def ack(self, device_id: str, lease_id: int) -> None:
-        entry = self._devices[device_id].leased.pop(lease_id, None)
+        entry = self._ledger.ack(device_id, lease_id)
         if entry is None:
             return
-        self._bytes -= entry.size
         if entry.body is not None:
             self._cached -= entry.size
         self._deletes.append(entry.id)
@@ -822,20 +749,13 @@ class Store:
             self._watermark()
 
     def release(self, device_id: str) -> None:
-        device = self._devices.get(device_id)
-        if device is None or not device.leased:
-            return
-        device.pending.extendleft(reversed(device.leased.values()))
-        device.leased.clear()
-        device.ready.set()
+        self._ledger.release(device_id)
 
     def close(self) -> None:
         if self.disk_full and self.refused_full:
             self._disk_writable(reason="stopping while the disk is full")
             self.disk_full = True
-        self._closed = True
-        for device in self._devices.values():
-            device.ready.set()
+        self._ledger.close()
 
     async def _delete_acked(self) -> None:
         loop = asyncio.get_running_loop()
@@ -871,78 +791,64 @@ class Store:
     # -- status -----------------------------------------------------------------------------
 
     def depth(self) -> list[DeviceDepth]:
-        out = []
-        for device_id, device in self._devices.items():
-            entries = [*device.leased.values(), *device.pending]
-            out.append(
-                DeviceDepth(
-                    device_id,
-                    len(device.pending),
-                    len(device.leased),
-                    sum(e.size for e in entries),
-                    min((e.oldest_ts_ms for e in entries), default=None),
-                )
-            )
-        return out
+        return self._ledger.depth()
 
 
-def _ranges(items: list[tuple[str, Header]]) -> dict[str, list[tuple[int, int]]]:
-    """Per device, the (first seq, count) of each envelope in ``items``."""
-    out: dict[str, list[tuple[int, int]]] = {}
-    for device, header in items:
-        out.setdefault(device, []).append((header.first_seq, header.count))
-    return out
-
-
-def _drop_counts(*groups: dict[str, list[tuple[int, int]]]) -> dict[str, tuple[int, int]]:
-    """Per device, (envelopes, readings) over every group of dropped ranges."""
+def _drop_counts(
+    dropped: list[tuple[str, str, list[tuple[int, int]]]],
+) -> dict[str, tuple[int, int]]:
+    """Per device, (envelopes, readings) over every dropped or refused range."""
     out: dict[str, tuple[int, int]] = {}
-    for group in groups:
-        for device, ranges in group.items():
-            envelopes, readings = out.get(device, (0, 0))
-            out[device] = (envelopes + len(ranges), readings + sum(c for _, c in ranges))
+    for device, _, ranges in dropped:
+        envelopes, readings = out.get(device, (0, 0))
+        out[device] = (envelopes + len(ranges), readings + sum(c for _, c in ranges))
     return out
 
 
-# -- stranded stores: moving envelopes between store files -----------------------------------
+# -- small read and write helpers for gateway/store/inspect.py (apsw stays in this module) ---
 
 
-def waiting(path: Path) -> dict[str, int]:
-    """Per device, how many envelopes a store file holds (the gateway must not run on it)."""
-    if not path.exists():
-        return {}
+@contextmanager
+def store_errors(what: str) -> Iterator[None]:
+    """SQLite's errors as :class:`StoreError` ("what: error"), the cause kept."""
     try:
-        conn = open_database(path, readonly=True)
-        try:
-            if not _rows(conn, "SELECT 1 FROM sqlite_master WHERE name='envelopes'"):
-                return {}  # created a moment ago: no schema yet
-            return {
-                d: int(n)
-                for d, n in _rows(conn, "SELECT device, count(*) FROM envelopes GROUP BY device")
-            }
-        finally:
-            conn.close()
+        yield
     except apsw.Error as err:
-        raise StoreError(f"{path}: {err}") from err
+        raise StoreError(f"{what}: {err}") from err
 
 
-def move_envelopes(source: Path, target: Path, devices: Sequence[str]) -> int:
-    """Move every envelope of ``devices`` from one store file into another, oldest first.
+class Reader:
+    """A store file opened read-only (a running gateway may hold it)."""
 
-    Header and body stay as they are, so the consumer sees each envelope's original boot and
-    sequence numbers; drop counts move along. First one transaction in the target, then one in
-    the source: a crash between the two leaves the envelopes in both, and they are sent twice
-    (byte-identical: duplicates to the consumer), never lost.
-    """
-    if not devices:
-        return 0
+    def __init__(self, conn: apsw.Connection) -> None:
+        self._conn = conn
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return _rows(self._conn, sql, params)
+
+    def sequence_problems(self, marks: SeqMarks | None = None) -> dict[str, str]:
+        return sequence_problems(self._conn, marks)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @classmethod
+    def open(cls, path: Path) -> Reader:
+        return cls(open_database(path, readonly=True))
+
+
+@contextmanager
+def reading(path: Path) -> Iterator[Reader]:
+    db = Reader.open(path)
     try:
-        return _move(source, target, devices)
-    except apsw.Error as err:
-        raise StoreError(f"moving envelopes from {source} to {target}: {err}") from err
+        yield db
+    finally:
+        db.close()
 
 
-def _move(source: Path, target: Path, devices: Sequence[str]) -> int:
+def copy_envelopes(source: Path, target: Path, devices: Sequence[str]) -> int:
+    """Copy every envelope (oldest first) and drop count of ``devices`` from ``source`` into
+    ``target`` in one transaction of the target; how many envelopes."""
     marks = ",".join("?" * len(devices))
     private_file(target)
     dst = open_database(target)
@@ -967,6 +873,12 @@ def _move(source: Path, target: Path, devices: Sequence[str]) -> int:
         dst.execute("DETACH DATABASE src")
     finally:
         dst.close()
+    return int(moved)
+
+
+def delete_envelopes(source: Path, devices: Sequence[str]) -> None:
+    """Delete every envelope and drop count of ``devices`` from ``source``, one transaction."""
+    marks = ",".join("?" * len(devices))
     src = open_database(source)
     try:
         with src:
@@ -974,97 +886,3 @@ def _move(source: Path, target: Path, devices: Sequence[str]) -> int:
             src.execute(f"DELETE FROM drops WHERE device IN ({marks})", devices)
     finally:
         src.close()
-    return moved
-
-
-# -- offline inspection (fieldgate store status / verify) -------------------------------------
-
-
-def status(path: Path) -> dict[str, Any]:
-    """Depth per device, bytes, oldest age and drops, read from the file (the gateway may run)."""
-    if not path.exists():
-        raise StoreError(f"{path}: no store here")
-    conn = open_database(path, readonly=True)
-    try:
-        now_ms = time.time() * 1000
-        devices: dict[str, dict[str, Any]] = {}
-        for device, count, size, oldest, readings in conn.execute(
-            "SELECT device, count(*), sum(length(body)), min(oldest_ts_ms), sum(count) "
-            "FROM envelopes GROUP BY device ORDER BY device"
-        ):
-            devices[device] = {
-                "envelopes": count,
-                "bytes": size,
-                "readings": readings,
-                "oldest_age_s": round((now_ms - oldest) / 1000, 1),
-            }
-        for device, next_seq in conn.execute("SELECT device, next_seq FROM sequences"):
-            devices.setdefault(
-                device, {"envelopes": 0, "bytes": 0, "readings": 0, "oldest_age_s": None}
-            )["next_seq"] = next_seq
-        for device, envelopes, readings in conn.execute(
-            "SELECT device, envelopes, readings FROM drops"
-        ):
-            devices.setdefault(device, {})["dropped"] = {
-                "envelopes": envelopes,
-                "readings": readings,
-            }
-        boot = _rows(conn, "SELECT value FROM meta WHERE key='boot_id'")
-        return {
-            "path": str(path),
-            "boot_id": boot[0][0] if boot else None,
-            "bytes": sum(d.get("bytes") or 0 for d in devices.values()),
-            "envelopes": sum(d.get("envelopes") or 0 for d in devices.values()),
-            "devices": devices,
-        }
-    finally:
-        conn.close()
-
-
-def accepted(path: Path) -> dict[str, int]:
-    """Per device, how many readings the store has accepted (its next sequence number)."""
-    if not path.exists():
-        return {}
-    conn = open_database(path, readonly=True)
-    try:
-        return {d: int(n) for d, n in _rows(conn, "SELECT device, next_seq FROM sequences")}
-    finally:
-        conn.close()
-
-
-def verify(path: Path, marks: SeqMarks | None = None) -> list[str]:
-    """``PRAGMA integrity_check``, a sanity check of every envelope header and of the sequence
-    state (its marks authenticated when ``marks`` is given); [] if sound."""
-    from gateway.core.envelope import NONCE_BYTES, TAG_BYTES
-    from gateway.core.readings import CODEC, ENVELOPE_VERSION
-
-    try:
-        conn = open_database(path, readonly=True)
-    except StoreError as err:
-        return [str(err)]
-    problems: list[str] = []
-    try:
-        check = _rows(conn, "PRAGMA integrity_check")
-        if check != [("ok",)]:
-            problems += [f"integrity_check: {row[0]}" for row in check[:20]]
-        ends: dict[tuple[str, str], int] = {}
-        for id_, device, version, codec, boot, first, count, size in conn.execute(
-            "SELECT id, device, version, codec, boot, first_seq, count, length(body) "
-            "FROM envelopes ORDER BY id"
-        ):
-            where = f"envelope {id_} ({device} seq {first})"
-            if version != ENVELOPE_VERSION or codec != CODEC:
-                problems.append(f"{where}: version {version} codec {codec!r} unknown")
-            if count <= 0 or first < 0:
-                problems.append(f"{where}: bad count {count} or first seq {first}")
-            if size < NONCE_BYTES + TAG_BYTES:
-                problems.append(f"{where}: body of {size} bytes is too short")
-            previous = ends.get((device, boot))
-            if previous is not None and first < previous:
-                problems.append(f"{where}: overlaps or precedes the envelope before it")
-            ends[(device, boot)] = first + count
-        for device, why in sorted(sequence_problems(conn, marks).items()):
-            problems.append(f"{device}: sequence state went backwards: {why}")
-    finally:
-        conn.close()
-    return problems

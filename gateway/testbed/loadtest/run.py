@@ -33,13 +33,13 @@ from gateway.core.errors import FieldgateError
 from gateway.identity import pki as pki_mod
 from gateway.identity.pki import MONITOR_IDENTITY
 from gateway.store import accepted as store_accepted
+from gateway.store.paths import run_stores
 from gateway.testbed.loadtest.procstat import usage
 from gateway.testbed.loadtest.report import write_plots, write_report
 from gateway.testbed.loadtest.stats import Collector, phase_label, summarize, timeline
 from gateway.testbed.localhub.broker import Broker
 from gateway.testbed.localhub.service import HubService
 from gateway.testbed.ports import free_ports
-from gateway.workers import worker_config
 
 # A simulated peripheral's notification (counter, temperature, humidity, battery) and its
 # polled status characteristic, in points.
@@ -67,11 +67,6 @@ class Plan:
     stop_hub_after: float | None = None
     drain_timeout: float = 20.0
     live: bool = True
-
-
-def _store_paths(cfg: config_mod.Config, workers: int) -> list[Path]:
-    shares = [worker_config(cfg, i, workers) for i in range(workers)] if workers > 1 else [cfg]
-    return [c.store.path or c.gateway.state_dir / "store.db" for c in shares]
 
 
 def _offered(cfg: config_mod.Config, plan: Plan) -> float:
@@ -208,7 +203,7 @@ async def loadtest(plan: Plan, stop: asyncio.Event) -> int:
             config_path = plan.gateway_config
         cfg = config_mod.load(config_path)
         offered = _offered(cfg, plan)
-        stores = _store_paths(cfg, plan.workers)
+        stores = run_stores(cfg, plan.workers)
 
         collector = Collector(started=time.time())
         # Its own identity: a `fieldgate localhub` may already consume as hub-service.
