@@ -38,6 +38,10 @@ def test_fifo_per_device_leases_acks_and_releases_in_order() -> None:
     assert seqs(ledger.lease("a", 10)) == [10, 20]
     depth = {d.device_id: d for d in ledger.depth()}
     assert (depth["a"].queued, depth["a"].leased, depth["a"].bytes) == (0, 2, 200)
+    assert ledger.holds("a") and ledger.holds("b") and not ledger.holds("nobody")
+    for item in ledger.lease("b", 1):
+        ledger.ack("b", item.id)
+    assert not ledger.holds("b")
     assert (depth["b"].queued, depth["b"].leased, depth["b"].oldest_ts_ms) == (
         1,
         0,

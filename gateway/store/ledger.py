@@ -201,6 +201,11 @@ class Ledger:
         device = self._devices.get(device_id)
         return len(device.pending) if device is not None else 0
 
+    def holds(self, device_id: str) -> bool:
+        """Whether the device has anything queued or out on lease (O(1), for a fleet's stop)."""
+        device = self._devices.get(device_id)
+        return device is not None and bool(device.pending or device.leased)
+
     def depth(self) -> list[DeviceDepth]:
         out = []
         for device_id, device in self._devices.items():

@@ -95,3 +95,6 @@ class MemoryQueue:
 
     def depth(self) -> list[DeviceDepth]:
         return self._ledger.depth()
+
+    def holds(self, device_id: str) -> bool:
+        return self._ledger.holds(device_id)

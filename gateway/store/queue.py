@@ -13,6 +13,8 @@ durable :class:`gateway.store.sqlite.Store`; both keep their envelopes in
 - ``release(device_id)``: every lease not acked goes back to the head, in its original order
   (the session lost its connection; those envelopes will be published again).
 - ``close()``: no more puts; wakes leasers so that sessions can finish.
+- ``depth()``: per device, what is queued and leased (status); ``holds(device_id)``: whether
+  one device has anything queued or leased, in constant time (a stop asks it per session).
 """
 
 from __future__ import annotations
@@ -46,3 +48,4 @@ class EnvelopeQueue(Protocol):
     def release(self, device_id: str) -> None: ...
     def close(self) -> None: ...
     def depth(self) -> list[DeviceDepth]: ...
+    def holds(self, device_id: str) -> bool: ...

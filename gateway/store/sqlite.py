@@ -793,6 +793,9 @@ class Store:
     def depth(self) -> list[DeviceDepth]:
         return self._ledger.depth()
 
+    def holds(self, device_id: str) -> bool:
+        return self._ledger.holds(device_id)
+
 
 def _drop_counts(
     dropped: list[tuple[str, str, list[tuple[int, int]]]],

@@ -86,9 +86,7 @@ class DeviceSession:
         self._finishing.set()
 
     def _nothing_left(self) -> bool:
-        return self._finishing.is_set() and not any(
-            d.queued or d.leased for d in self._queue.depth() if d.device_id == self.device_id
-        )
+        return self._finishing.is_set() and not self._queue.holds(self.device_id)
 
     def _client(self) -> MqttClient:
         hub = self._hub
