@@ -254,6 +254,19 @@ def test_sequence_state_that_went_backwards_starts_a_new_boot_and_a_forged_mark_
     assert "does not authenticate" in events.of("sequence-rewound")[0]["reason"]
     # A clean reopen keeps its boot.
     assert reopen()[0] == boot3
+    # Deleting the marks along with the rewind does not hide it (an attack found in review):
+    # every sequence row must have its mark.
+    run(put)
+    conn = apsw.Connection(str(path))
+    conn.execute("DELETE FROM envelopes")
+    conn.execute("DELETE FROM meta WHERE key LIKE 'seqmark%'")  # marks and any flag
+    conn.execute("UPDATE sequences SET next_seq=0")
+    conn.close()
+    assert any("mark is missing" in p for p in verify(path, marks))  # with the keys
+    boot4, seqs, events = reopen()
+    assert boot4 != boot3 and seqs == {}
+    assert {e["device"] for e in events.of("sequence-rewound")} == {"a", "b"}
+    assert all("missing" in e["reason"] for e in events.of("sequence-rewound"))
 
 
 @pytest.mark.parametrize("policy", ["drop-oldest", "refuse-newest"])

@@ -174,7 +174,7 @@ def move_aside(path: Path) -> Path:
 
 
 MARK_PREFIX = "seqmark:"
-MARKS_ON = "seqmarks"
+MARK_EVERY = 1.0  # seconds between renewals of a device's sequence mark
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +239,6 @@ def sequence_problems(conn: apsw.Connection, marks: SeqMarks | None = None) -> d
                 f"next_seq {next_seq.get(device, 0)} is below the end ({end}) of an envelope "
                 "still stored"
             )
-    enabled = bool(_rows(conn, "SELECT 1 FROM meta WHERE key=?", (MARKS_ON,)))
     stored = {
         k[len(MARK_PREFIX) :]: v
         for k, v in _rows(
@@ -256,7 +255,12 @@ def sequence_problems(conn: apsw.Connection, marks: SeqMarks | None = None) -> d
             problems.setdefault(
                 device, f"next_seq {next_seq.get(device, 0)} is below its mark {number}"
             )
-    if enabled:
+    # A gateway (which has the keys) writes a device's mark in the same transaction as its
+    # first sequence row: a row without a mark was deleted, or the store predates marks.
+    # Either way its numbers cannot be trusted, and a new boot costs nothing. Without the
+    # keys (a store opened by a test, or `store verify` without the passphrase) only a store
+    # that has marks at all is held to them.
+    if marks is not None or stored:
         for device in next_seq.keys() - stored.keys():
             problems.setdefault(device, "its sequence mark is missing (deleted)")
     return problems
@@ -280,6 +284,7 @@ class Store:
     ) -> None:
         self.path = Path(path)
         self._marks = marks
+        self._marked: dict[str, float] = {}  # device -> when its mark was last written
         self.reserve_path = self.path.with_name(self.path.name + ".reserve")
         self._reserve_bytes = reserve_bytes
         self.disk_full = False
@@ -469,13 +474,11 @@ class Store:
         assert self._marks is not None
         for device, next_seq in _rows(conn, "SELECT device, next_seq FROM sequences"):
             self._put_mark(conn, device, next_seq)
-        conn.execute(
-            "INSERT INTO meta(key, value) VALUES(?, '1') ON CONFLICT(key) DO NOTHING", (MARKS_ON,)
-        )
 
     def _put_mark(self, conn: apsw.Connection, device: str, next_seq: int) -> None:
         if self._marks is None:
             return
+        self._marked[device] = time.monotonic()
         conn.execute(
             "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) "
             "DO UPDATE SET value=excluded.value",
@@ -494,6 +497,12 @@ class Store:
                 len(self._deletes),
             )
         self._deletes = []
+        if self._marks is not None:
+            try:
+                with self._conn:
+                    self._write_marks(self._conn)  # exact marks at a clean stop
+            except apsw.FullError:
+                pass  # the marks kept lag behind, which is still sound
         try:
             self._conn.close()
         except apsw.Error as err:  # a checkpoint that found no room: the WAL stays, intact
@@ -664,7 +673,13 @@ class Store:
                     "DO UPDATE SET next_seq=excluded.next_seq",
                     (device, next_seq),
                 )
-                self._put_mark(conn, device, next_seq)
+                # A mark may lag behind next_seq (only a mark above it is a rewind), so it is
+                # renewed at most every MARK_EVERY seconds and at the stop: an HMAC and a row
+                # per device in every commit cost the store half again its commit time.
+                # A device's first row always gets its mark in the same transaction.
+                last = self._marked.get(device)
+                if last is None or time.monotonic() - last >= MARK_EVERY:
+                    self._put_mark(conn, device, next_seq)
             if drop_ids:
                 conn.executemany("DELETE FROM envelopes WHERE id=?", [(i,) for i in drop_ids])
             for device, (count, readings) in drops.items():
