@@ -29,7 +29,7 @@ from typing import Any
 
 from adapters.modbus.client import DeviceServer
 from adapters.modbus.registers import encode_value, plan_reads
-from gateway.config import REGISTER_WIDTH, Point
+from adapters.modbus.config import REGISTER_WIDTH, Point
 from gateway.testbed.simconfig import device_files, skeleton
 
 TABLE_SIZE = 2048  # registers (or bits) per table of a simulated device
