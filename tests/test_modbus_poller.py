@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+from typing import Any
 
 import pytest
 
 from adapters.base import DeviceHealth, Evidence
-from adapters.modbus.client import ModbusPoller
+from adapters.modbus.link import ModbusLink
 from adapters.modbus.sim.devices import DeviceSpec, SimulatedFleet, make_points
 from gateway.config import DeviceConfig
 from gateway.core.readings import Scan
@@ -31,6 +32,12 @@ def _device(port: int, points: int = 8, period: float = 0.01) -> tuple[DeviceSpe
         context={"check_files": False},
     )
     return spec, config
+
+
+def ModbusPoller(config: DeviceConfig, *args: Any, **kwargs: Any) -> ModbusLink:  # noqa: N802
+    """The device's link, built from its config entry as the gateway builds it."""
+    assert config.modbus is not None
+    return ModbusLink(config.id, config.modbus, config.points, *args, **kwargs)
 
 
 # Cancelling inside pymodbus's connect can leave its socket to the garbage collector (a

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapters.base import DeviceHealth, Evidence
 from adapters.ble import admission, bluez, gatt
-from gateway.config import BleCharacteristic, DeviceConfig
+from adapters.ble.config import BleCharacteristic, BleEndpoint
 from gateway.core.backoff import backoff_delay
 from gateway.core.errors import DeviceRefused, DeviceUnavailable
 from gateway.core.readings import Scan
@@ -45,12 +45,17 @@ def decoder_for(row: BleCharacteristic) -> gatt.Decoder:
 
 class BleLink:
     def __init__(
-        self, adapter: BleAdapter, device: DeviceConfig, health: DeviceHealth, *, rotate: bool
+        self,
+        adapter: BleAdapter,
+        device_id: str,
+        ble: BleEndpoint,
+        health: DeviceHealth,
+        *,
+        rotate: bool,
     ) -> None:
-        assert device.ble is not None
         self.adapter = adapter
-        self.device = device
-        self.ble = device.ble
+        self.device_id = device_id
+        self.ble = ble
         self.health = health
         self.rotate = rotate
         self.endpoint = self.ble.label
@@ -95,7 +100,7 @@ class BleLink:
                 attempt = 0
                 if self.rotate:
                     continue
-                raise DeviceUnavailable(self.device.id, self.endpoint, "link lost")
+                raise DeviceUnavailable(self.device_id, self.endpoint, "link lost")
             except DeviceRefused as refused:
                 self.refusals += 1
                 hold = min(HOLD_OFF_MAX, self.adapter.section.hold_off * 2 ** (self.refusals - 1))
@@ -109,7 +114,7 @@ class BleLink:
                 self._lost()
             except Exception as err:
                 # A bug must cost this device a reconnect, never the other devices their data.
-                log.exception("%s: BLE link failed", self.device.id)
+                log.exception("%s: BLE link failed", self.device_id)
                 self.health.down(f"internal error: {err!r}")
             attempt += 1
             section = self.adapter.section
@@ -133,7 +138,7 @@ class BleLink:
         except bluez.DeviceGone:
             raise
         except bluez.BlueZError as err:
-            raise DeviceUnavailable(self.device.id, self.endpoint, err.reason) from err
+            raise DeviceUnavailable(self.device_id, self.endpoint, err.reason) from err
 
     async def _session(self) -> None:
         """Connect, admit, serve; returns after one poll round (rotating), else on link loss."""
@@ -152,7 +157,7 @@ class BleLink:
                 evidence = await self._challenge(link, evidence)
             refusal = adapter.admit(evidence)
             if refusal is not None:
-                raise DeviceRefused(self.device.id, refusal)
+                raise DeviceRefused(self.device_id, refusal)
             if self.ble.app_id is not None:
                 adapter.bonds.bind(evidence.fingerprint[admission.IDENTITY], self.ble.app_id)
             self.refusals = 0
@@ -171,7 +176,7 @@ class BleLink:
             bound = self.adapter.bonds.identity_of(self.ble.app_id)
             if bound is not None:
                 fingerprint[admission.BOUND] = bound
-        return Evidence(self.device.id, "ble", self.endpoint, fingerprint, refusal=refusal)
+        return Evidence(self.device_id, "ble", self.endpoint, fingerprint, refusal=refusal)
 
     async def _bond(self, link: bluez.Connection) -> Evidence:
         """Pair if the config asks for a bond and there is none; the identity and the bond."""
@@ -198,7 +203,7 @@ class BleLink:
         identity = link.address
         level = "authenticated" if pairing.passkey_given else "just-works"
         bonds.record(identity, level)
-        log.info("%s: bonded with %s (%s)", self.device.id, identity, level)
+        log.info("%s: bonded with %s (%s)", self.device_id, identity, level)
         return self._evidence(identity, level)
 
     async def _challenge(self, link: bluez.Connection, evidence: Evidence) -> Evidence:
@@ -246,10 +251,10 @@ class BleLink:
             error = None if task.cancelled() else task.exception()
             if error is not None:
                 raise error
-        raise DeviceUnavailable(self.device.id, self.endpoint, "link lost")
+        raise DeviceUnavailable(self.device_id, self.endpoint, "link lost")
 
     def _on_notify(self, decoder: gatt.Decoder) -> Callable[[bytearray], None]:
-        device_id = self.device.id
+        device_id = self.device_id
         names = decoder.names
         sink = self.adapter.sink
         health = self.health
@@ -271,7 +276,7 @@ class BleLink:
         health.malformed += 1
         if health.malformed == 1 or health.malformed % 1000 == 0:
             log.warning(
-                "%s: malformed value (%d so far): %s", self.device.id, health.malformed, err
+                "%s: malformed value (%d so far): %s", self.device_id, health.malformed, err
             )
 
     async def _read(
@@ -285,7 +290,7 @@ class BleLink:
             raise
         except bluez.BlueZError as err:
             self.health.reads_failed += 1
-            raise DeviceUnavailable(self.device.id, self.endpoint, err.reason) from err
+            raise DeviceUnavailable(self.device_id, self.endpoint, err.reason) from err
         try:
             values = decoder.decode(data)
         except ValueError as err:
@@ -293,7 +298,7 @@ class BleLink:
             return
         self.health.reads_ok += 1
         self.health.up()
-        self.adapter.sink(Scan(self.device.id, ts_ms, decoder.names, values))
+        self.adapter.sink(Scan(self.device_id, ts_ms, decoder.names, values))
 
     async def _poll_once(self, link: bluez.Connection) -> None:
         for row, decoder in self.poll_rows:
