@@ -34,7 +34,7 @@ def _device(port: int, points: int = 8, period: float = 0.01) -> tuple[DeviceSpe
     return spec, config
 
 
-def ModbusPoller(config: DeviceConfig, *args: Any, **kwargs: Any) -> ModbusLink:  # noqa: N802
+def _link(config: DeviceConfig, *args: Any, **kwargs: Any) -> ModbusLink:
     """The device's link, built from its config entry as the gateway builds it."""
     assert config.modbus is not None
     return ModbusLink(config.id, config.modbus, config.points, *args, **kwargs)
@@ -61,7 +61,7 @@ def test_a_stop_always_ends_a_busy_poller() -> None:
         async with SimulatedFleet([spec]):
             rng = random.Random(5)
             for _ in range(150):
-                poller = ModbusPoller(config, scans.append, lambda _e: None, DeviceHealth("plc-1"))
+                poller = _link(config, scans.append, lambda _e: None, DeviceHealth("plc-1"))
                 task = asyncio.create_task(poller.run())
                 await asyncio.sleep(rng.uniform(0.0, 0.03))
                 task.cancel()
@@ -90,7 +90,7 @@ def test_poller_reads_every_block_and_asks_the_gate_first() -> None:
             return None
 
         async with SimulatedFleet([spec]):
-            poller = ModbusPoller(config, scans.append, admit, DeviceHealth("plc-1"))
+            poller = _link(config, scans.append, admit, DeviceHealth("plc-1"))
             async with asyncio.TaskGroup() as tg:
                 task = tg.create_task(poller.run())
                 await asyncio.sleep(0.5)
@@ -112,7 +112,7 @@ def test_a_refused_device_is_never_polled() -> None:
         scans: list[Scan] = []
         health = DeviceHealth("plc-1")
         async with SimulatedFleet([spec]) as fleet:
-            poller = ModbusPoller(config, scans.append, lambda _e: "not in the registry", health)
+            poller = _link(config, scans.append, lambda _e: "not in the registry", health)
             await asyncio.wait_for(poller.run(), 5)  # returns: quarantined
             assert fleet.devices[0].requests == 0
         return scans, health
@@ -133,7 +133,7 @@ def test_a_dead_device_costs_no_file_descriptors_over_many_reconnects() -> None:
     async def scenario() -> tuple[int, int, DeviceHealth]:
         health = DeviceHealth("plc-1")
         async with SimulatedFleet([spec]):
-            poller = ModbusPoller(
+            poller = _link(
                 config, lambda _s: None, lambda _e: None, health, backoff_min=0.01, backoff_max=0.02
             )
             async with asyncio.TaskGroup() as tg:
