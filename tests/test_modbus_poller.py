@@ -40,12 +40,6 @@ def _link(config: DeviceConfig, *args: Any, **kwargs: Any) -> ModbusLink:
     return ModbusLink(config.id, config.modbus, config.points, *args, **kwargs)
 
 
-# Cancelling inside pymodbus's connect can leave its socket to the garbage collector (a
-# ResourceWarning) when the cancel lands between the TCP connect and pymodbus taking the
-# transport. A gateway cancels pollers only when it stops, just before the process exits; the
-# path that runs for days, timeouts and reconnects, is checked for leaks below.
-@pytest.mark.filterwarnings("ignore::ResourceWarning")
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_stop_always_ends_a_busy_poller() -> None:
     """Cancel at random moments while reads are in flight: every cancel must end the task.
 

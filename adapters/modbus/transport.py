@@ -144,6 +144,9 @@ class ModbusTransport:
         self.label = endpoint.label
         self._on_wrong = on_wrong
         self._out_of_step: str | None = None  # a violation seen while no request was waiting
+        # pymodbus keeps a response future even when nothing is asked; only one that a request
+        # awaits may be failed, or asyncio reports an exception that was never retrieved.
+        self._in_flight = False
         self._client = AsyncModbusTcpClient(
             endpoint.host,
             port=endpoint.port,
@@ -197,7 +200,7 @@ class ModbusTransport:
         """The framer dropped a response (or bytes nobody asked for): tell it, and fail the
         request waiting for it."""
         self._on_wrong(cause)
-        waiting = self._client.ctx.response_future
+        waiting = self._client.ctx.response_future if self._in_flight else None
         if waiting is not None and not waiting.done():
             waiting.set_exception(WrongAnswer(self.device_id, self.label, cause, resync))
         elif resync:
@@ -206,7 +209,7 @@ class ModbusTransport:
     def _on_link(self, connected: bool) -> None:
         """pymodbus saw the connection go: fail the request waiting on it now, not at its
         timeout."""
-        if connected:
+        if connected or not self._in_flight:
             return
         waiting = self._client.ctx.response_future
         if not waiting.done():
@@ -263,17 +266,21 @@ class ModbusTransport:
                     )
                 }
             ):
+                self._in_flight = True
                 try:
                     async with asyncio.timeout(timeout + 0.5):
                         response = await call()
                 except (TimeoutError, ModbusIOException) as err:
                     self._framer.expected = None
+                    self._in_flight = False  # nothing awaits the response future now
                     if self._client.ctx.recv_buffer:  # part of a frame came, the rest never did
                         self._wrong(TRUNCATED, True)
                         raise WrongAnswer(self.device_id, self.label, TRUNCATED, True) from err
                     raise self._unavailable(
                         f"{what}: no response within {timeout} s", "timeout"
                     ) from err
+                finally:
+                    self._in_flight = False
         except WrongAnswer as err:
             if err.resync:
                 raise
