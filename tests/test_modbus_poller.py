@@ -7,8 +7,6 @@ import os
 import random
 from typing import Any
 
-import pytest
-
 from adapters.base import DeviceHealth, Evidence
 from adapters.modbus.link import ModbusLink
 from adapters.modbus.sim.devices import DeviceSpec, SimulatedFleet, make_points
