@@ -5,16 +5,22 @@ An adapter polls or listens to its devices and hands each read to a :data:`ScanS
 :class:`Evidence` of the device's identity and asks the gateway's auth gate (an
 :data:`Admit` callable) to admit it; a refused device is quarantined and never polled again in
 this run. Health is kept per device and logs transitions, not repetitions.
+
+Requests come in through a :class:`DeviceLink`: a fresh read of named points, or a write of one
+point, served on the link's own connection and schedule (a Modbus link serves them from the same
+task that polls, so one request is on the wire at a time).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from gateway.core.auth import Evidence as Evidence  # what adapters hand the gate
+from gateway.core.errors import FieldgateError
 from gateway.core.readings import Scan
 
 log = logging.getLogger("fieldgate.devices")
@@ -31,6 +37,35 @@ QUARANTINED = "quarantined"
 Admit = Callable[[Evidence], str | None]
 # A device that is not in the registry showed itself: (transport, endpoint, what was seen).
 Unknown = Callable[[str, str, str], None]
+
+
+class NotWritable(FieldgateError):
+    """A write was refused before it reached the device: ``point`` takes no writes."""
+
+    def __init__(self, device_id: str, point: str, reason: str) -> None:
+        self.device_id = device_id
+        self.point = point
+        self.reason = reason
+        super().__init__(f"{device_id}: {point} is not writable: {reason}")
+
+
+class DeviceLink(Protocol):
+    """One device's link, as the gateway (and the control path to come) sees it."""
+
+    device_id: str
+    health: DeviceHealth
+
+    async def run(self) -> None:
+        """Connect, ask the gate, deliver readings until cancelled (reconnecting as needed)."""
+
+    async def read(self, points: Sequence[str]) -> Scan:
+        """A fresh read of ``points`` (every point if empty); ``Scan.quality`` says whether
+        all of them were read. Raises ``DeviceUnavailable`` while the device is not
+        connected."""
+
+    async def write(self, point: str, value: Any) -> Scan:
+        """Write ``value`` to ``point`` and read it back. Raises :class:`NotWritable` for a
+        point that takes no writes, ``DeviceUnavailable`` when the device cannot be reached."""
 
 
 @dataclass(slots=True)

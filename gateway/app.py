@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from adapters.base import DeviceHealth
-from adapters.modbus.client import ModbusPoller
-from gateway.config import Config, DeviceConfig
+from adapters.modbus.link import ModbusLink
+from gateway.config import BleEndpoint, Config, DeviceConfig
 from gateway.core.auth import AuthGate, Registration
 from gateway.core.batcher import Batcher
 from gateway.core.envelope import Sealer
@@ -255,8 +255,10 @@ class Gateway:
             async with asyncio.TaskGroup() as intake:
                 pollers = [
                     intake.create_task(
-                        ModbusPoller(
-                            d,
+                        ModbusLink(
+                            d.id,
+                            d.modbus,
+                            d.points,
                             pipeline.accept,
                             gate.admit,
                             self.health[d.id],
@@ -266,6 +268,7 @@ class Gateway:
                         name=f"poll[{d.id}]",
                     )
                     for d in modbus
+                    if d.modbus is not None
                 ]
                 pollers += [
                     intake.create_task(radio, name=f"ble[{name}]")
@@ -285,10 +288,10 @@ class Gateway:
 
     def _radios(self, pipeline: Intake, gate: AuthGate) -> dict[str, Coroutine[Any, Any, None]]:
         """One task per BLE adapter, serving that adapter's devices."""
-        by_adapter: dict[str, list[DeviceConfig]] = {}
+        by_adapter: dict[str, dict[str, BleEndpoint]] = {}
         for d in self.config.devices:
             if d.enabled and d.ble is not None:
-                by_adapter.setdefault(d.ble.adapter, []).append(d)
+                by_adapter.setdefault(d.ble.adapter, {})[d.id] = d.ble
         if not by_adapter:
             return {}
         from adapters.ble.adapter import BleAdapter  # bleak loads only where BLE is configured

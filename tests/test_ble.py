@@ -307,3 +307,66 @@ def test_poll_devices_rotate_through_the_slot_limit_while_notifying_devices_keep
     assert all(stats["devices"][f"ble-{i}"]["connects"] >= 4 for i in (2, 3, 4))
     _, errors, tracker = opened_from(record, keyring)
     assert errors == [] and tracker.gaps() == {}
+
+
+def test_a_ble_link_reads_named_values_on_request_and_refuses_writes(
+    tmp_path: Path, pki_dir: Path, procs: list[Proc], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """read() and write() of a BLE link in this process, against the simulated bluetoothd."""
+    import asyncio
+
+    from adapters.base import DeviceHealth, NotWritable
+    from adapters.ble.adapter import BleAdapter
+    from gateway.config import load
+    from gateway.core.errors import DeviceUnavailable
+    from gateway.core.readings import GOOD, Scan
+
+    config_path, _, bus = start_ble_simulator(
+        procs, tmp_path, pki_dir, 1, 1, "--rate", "5", "--poll-period", "1"
+    )
+    config = load(config_path, check_files=False)
+    assert config.ble.dbus_address == bus
+    # The adapter points bleak at the simulator's bus through the environment: undone after.
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", bus)
+    devices = {d.id: d.ble for d in config.devices if d.ble is not None}
+
+    async def scenario() -> tuple[Scan, str, str]:
+        first = asyncio.Event()
+
+        def sink(_scan: Scan) -> None:
+            first.set()
+
+        adapter = BleAdapter(
+            "hci0",
+            config.ble,
+            devices,
+            sink=sink,
+            admit=lambda _e: None,
+            unknown=lambda *_a: None,
+            health={d: DeviceHealth(d) for d in devices},
+            state_dir=tmp_path / "in-process-state",
+        )
+        link = adapter.links[0]
+        with pytest.raises(DeviceUnavailable, match="not connected"):
+            await link.read([])
+        task = asyncio.create_task(adapter.run(), name="ble[hci0]")
+        try:
+            await asyncio.wait_for(first.wait(), 30)
+            names = list(devices[link.device_id].characteristics[0].values)
+            wanted = [names[0].name, names[-1].name]
+            scan = await asyncio.wait_for(link.read(wanted), 10)
+            with pytest.raises(NotWritable) as refused:
+                await link.write(wanted[0], 1)
+            with pytest.raises(KeyError) as unknown:
+                await link.read(["nonesuch"])
+        finally:
+            task.cancel("the test is over")
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        return scan, str(refused.value), str(unknown.value)
+
+    scan, refused, unknown = asyncio.run(scenario())
+    assert scan.quality == GOOD and len(scan.names) == 2
+    assert all(v is not None for v in scan.values)
+    assert "not writable: the decode table marks no writable characteristic" in refused
+    assert "nonesuch" in unknown

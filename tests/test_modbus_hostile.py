@@ -18,7 +18,7 @@ from hostile_modbus import BAD, HostileDevice
 from adapters.base import DeviceHealth
 from adapters.modbus import checks
 from adapters.modbus.checks import Expected, Misbehaviour, check_response
-from adapters.modbus.client import ModbusPoller
+from adapters.modbus.link import ModbusLink
 from gateway.config import DeviceConfig, render_toml
 from gateway.core.readings import Scan
 from gateway.events import read_events
@@ -146,7 +146,7 @@ async def _poll_until(
     *,
     settle: float = 10.0,
     backoff: tuple[float, float] = (0.02, 0.05),
-    pollers: list[ModbusPoller] | None = None,
+    pollers: list[ModbusLink] | None = None,
 ) -> tuple[list[Scan], DeviceHealth, HostileDevice]:
     assert callable(done)
     port = free_ports(1)
@@ -163,8 +163,12 @@ async def _poll_until(
         check()
 
     async with HostileDevice(port, plan, on_request=check) as device:
-        poller = ModbusPoller(
-            _config("bad-1", port),
+        config = _config("bad-1", port)
+        assert config.modbus is not None
+        poller = ModbusLink(
+            config.id,
+            config.modbus,
+            config.points,
             sink,
             lambda _e: None,
             health,
@@ -293,7 +297,7 @@ def test_the_end_of_an_episode_is_told_with_its_counts(caplog: pytest.LogCapture
 
 
 def test_a_device_that_breaks_every_connection_is_reconnected_with_growing_backoff() -> None:
-    pollers: list[ModbusPoller] = []
+    pollers: list[ModbusLink] = []
 
     def done(device: HostileDevice, _scans: list[Scan]) -> bool:
         return device.sent["trailing"] >= 6

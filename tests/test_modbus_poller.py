@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-
-import pytest
+from typing import Any
 
 from adapters.base import DeviceHealth, Evidence
-from adapters.modbus.client import ModbusPoller
+from adapters.modbus.link import ModbusLink
 from adapters.modbus.sim.devices import DeviceSpec, SimulatedFleet, make_points
 from gateway.config import DeviceConfig
 from gateway.core.readings import Scan
@@ -33,12 +32,12 @@ def _device(port: int, points: int = 8, period: float = 0.01) -> tuple[DeviceSpe
     return spec, config
 
 
-# Cancelling inside pymodbus's connect can leave its socket to the garbage collector (a
-# ResourceWarning) when the cancel lands between the TCP connect and pymodbus taking the
-# transport. A gateway cancels pollers only when it stops, just before the process exits; the
-# path that runs for days, timeouts and reconnects, is checked for leaks below.
-@pytest.mark.filterwarnings("ignore::ResourceWarning")
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def _link(config: DeviceConfig, *args: Any, **kwargs: Any) -> ModbusLink:
+    """The device's link, built from its config entry as the gateway builds it."""
+    assert config.modbus is not None
+    return ModbusLink(config.id, config.modbus, config.points, *args, **kwargs)
+
+
 def test_a_stop_always_ends_a_busy_poller() -> None:
     """Cancel at random moments while reads are in flight: every cancel must end the task.
 
@@ -54,7 +53,7 @@ def test_a_stop_always_ends_a_busy_poller() -> None:
         async with SimulatedFleet([spec]):
             rng = random.Random(5)
             for _ in range(150):
-                poller = ModbusPoller(config, scans.append, lambda _e: None, DeviceHealth("plc-1"))
+                poller = _link(config, scans.append, lambda _e: None, DeviceHealth("plc-1"))
                 task = asyncio.create_task(poller.run())
                 await asyncio.sleep(rng.uniform(0.0, 0.03))
                 task.cancel()
@@ -83,7 +82,7 @@ def test_poller_reads_every_block_and_asks_the_gate_first() -> None:
             return None
 
         async with SimulatedFleet([spec]):
-            poller = ModbusPoller(config, scans.append, admit, DeviceHealth("plc-1"))
+            poller = _link(config, scans.append, admit, DeviceHealth("plc-1"))
             async with asyncio.TaskGroup() as tg:
                 task = tg.create_task(poller.run())
                 await asyncio.sleep(0.5)
@@ -105,7 +104,7 @@ def test_a_refused_device_is_never_polled() -> None:
         scans: list[Scan] = []
         health = DeviceHealth("plc-1")
         async with SimulatedFleet([spec]) as fleet:
-            poller = ModbusPoller(config, scans.append, lambda _e: "not in the registry", health)
+            poller = _link(config, scans.append, lambda _e: "not in the registry", health)
             await asyncio.wait_for(poller.run(), 5)  # returns: quarantined
             assert fleet.devices[0].requests == 0
         return scans, health
@@ -126,7 +125,7 @@ def test_a_dead_device_costs_no_file_descriptors_over_many_reconnects() -> None:
     async def scenario() -> tuple[int, int, DeviceHealth]:
         health = DeviceHealth("plc-1")
         async with SimulatedFleet([spec]):
-            poller = ModbusPoller(
+            poller = _link(
                 config, lambda _s: None, lambda _e: None, health, backoff_min=0.01, backoff_max=0.02
             )
             async with asyncio.TaskGroup() as tg:

@@ -16,26 +16,28 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from adapters.base import Admit, DeviceHealth, ScanSink, Unknown
 from adapters.ble import bluez
 from adapters.ble.bonds import BondBook
+from adapters.ble.config import BleEndpoint, BleSection
 from adapters.ble.link import BleLink
-from gateway.config import BleSection, DeviceConfig
 from gateway.core.backoff import backoff_delay
 
 log = logging.getLogger("adapters.ble")
 
 
 class BleAdapter:
-    """What the devices on one radio share. Run :meth:`run` until cancelled."""
+    """What the devices on one radio share (``devices``: device id -> its endpoint). Run
+    :meth:`run` until cancelled."""
 
     def __init__(
         self,
         name: str,
         section: BleSection,
-        devices: list[DeviceConfig],
+        devices: Mapping[str, BleEndpoint],
         *,
         sink: ScanSink,
         admit: Admit,
@@ -58,8 +60,8 @@ class BleAdapter:
         held = slots - 1 if rotate and slots > 1 else slots
         self.held_slots = asyncio.Semaphore(held)
         self.links = [
-            BleLink(self, d, health[d.id], rotate=rotate and d.ble is not None and d.ble.polls)
-            for d in devices
+            BleLink(self, device_id, ble, health[device_id], rotate=rotate and ble.polls)
+            for device_id, ble in devices.items()
         ]
         holders = sum(1 for link in self.links if not link.rotate)
         if holders > held:
@@ -100,7 +102,7 @@ class BleAdapter:
         async with self.agent, asyncio.TaskGroup() as group:
             group.create_task(self._discover(), name=f"ble-scan[{self.name}]")
             for link in self.links:
-                group.create_task(link.run(), name=f"ble[{link.device.id}]")
+                group.create_task(link.run(), name=f"ble[{link.device_id}]")
 
     def want(self) -> None:
         """A link needs its device found (again): discovery runs until every link has it."""

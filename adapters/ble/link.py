@@ -19,15 +19,15 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from adapters.base import DeviceHealth, Evidence
+from adapters.base import DeviceHealth, Evidence, NotWritable
 from adapters.ble import admission, bluez, gatt
-from gateway.config import BleCharacteristic, DeviceConfig
+from adapters.ble.config import BleCharacteristic, BleEndpoint
 from gateway.core.backoff import backoff_delay
 from gateway.core.errors import DeviceRefused, DeviceUnavailable
-from gateway.core.readings import Scan
+from gateway.core.readings import BAD, GOOD, Scan
 
 if TYPE_CHECKING:
     from adapters.ble.adapter import BleAdapter
@@ -45,12 +45,17 @@ def decoder_for(row: BleCharacteristic) -> gatt.Decoder:
 
 class BleLink:
     def __init__(
-        self, adapter: BleAdapter, device: DeviceConfig, health: DeviceHealth, *, rotate: bool
+        self,
+        adapter: BleAdapter,
+        device_id: str,
+        ble: BleEndpoint,
+        health: DeviceHealth,
+        *,
+        rotate: bool,
     ) -> None:
-        assert device.ble is not None
         self.adapter = adapter
-        self.device = device
-        self.ble = device.ble
+        self.device_id = device_id
+        self.ble = ble
         self.health = health
         self.rotate = rotate
         self.endpoint = self.ble.label
@@ -62,6 +67,13 @@ class BleLink:
         self.poll_rows = [(r, decoder_for(r)) for r in self.ble.characteristics if r.mode == "poll"]
         self.gatt_ops = asyncio.Semaphore(adapter.section.max_gatt_ops)
         self.refusals = 0
+        # The connection, while it is up and admitted: requests (read, write) go through it.
+        self.connection: bluez.Connection | None = None
+        self._rows_of = {
+            value.name: (row, decoder)
+            for row, decoder in ((r, decoder_for(r)) for r in self.ble.characteristics)
+            for value in row.values
+        }
 
     @property
     def needs_device(self) -> bool:
@@ -95,7 +107,7 @@ class BleLink:
                 attempt = 0
                 if self.rotate:
                     continue
-                raise DeviceUnavailable(self.device.id, self.endpoint, "link lost")
+                raise DeviceUnavailable(self.device_id, self.endpoint, "link lost", cause="lost")
             except DeviceRefused as refused:
                 self.refusals += 1
                 hold = min(HOLD_OFF_MAX, self.adapter.section.hold_off * 2 ** (self.refusals - 1))
@@ -109,7 +121,7 @@ class BleLink:
                 self._lost()
             except Exception as err:
                 # A bug must cost this device a reconnect, never the other devices their data.
-                log.exception("%s: BLE link failed", self.device.id)
+                log.exception("%s: BLE link failed", self.device_id)
                 self.health.down(f"internal error: {err!r}")
             attempt += 1
             section = self.adapter.section
@@ -126,14 +138,17 @@ class BleLink:
                 yield
 
     @contextlib.contextmanager
-    def _unavailable(self) -> Any:
-        """A radio failure of this device's link, as :class:`DeviceUnavailable`."""
+    def _unavailable(self) -> Iterator[None]:
+        """A radio failure of this device's link, as :class:`DeviceUnavailable` (the one
+        translation of BlueZ's errors in the link; :mod:`.bluez` maps bleak's and D-Bus's)."""
         try:
             yield
         except bluez.DeviceGone:
             raise
         except bluez.BlueZError as err:
-            raise DeviceUnavailable(self.device.id, self.endpoint, err.reason) from err
+            raise DeviceUnavailable(
+                self.device_id, self.endpoint, err.reason, cause="radio"
+            ) from err
 
     async def _session(self) -> None:
         """Connect, admit, serve; returns after one poll round (rotating), else on link loss."""
@@ -152,15 +167,17 @@ class BleLink:
                 evidence = await self._challenge(link, evidence)
             refusal = adapter.admit(evidence)
             if refusal is not None:
-                raise DeviceRefused(self.device.id, refusal)
+                raise DeviceRefused(self.device_id, refusal)
             if self.ble.app_id is not None:
                 adapter.bonds.bind(evidence.fingerprint[admission.IDENTITY], self.ble.app_id)
             self.refusals = 0
+            self.connection = link
             if self.rotate:
                 await self._poll_once(link)
                 return
             await self._serve(link, lost)
         finally:
+            self.connection = None
             await link.disconnect()
 
     # -- evidence --
@@ -171,7 +188,7 @@ class BleLink:
             bound = self.adapter.bonds.identity_of(self.ble.app_id)
             if bound is not None:
                 fingerprint[admission.BOUND] = bound
-        return Evidence(self.device.id, "ble", self.endpoint, fingerprint, refusal=refusal)
+        return Evidence(self.device_id, "ble", self.endpoint, fingerprint, refusal=refusal)
 
     async def _bond(self, link: bluez.Connection) -> Evidence:
         """Pair if the config asks for a bond and there is none; the identity and the bond."""
@@ -198,7 +215,7 @@ class BleLink:
         identity = link.address
         level = "authenticated" if pairing.passkey_given else "just-works"
         bonds.record(identity, level)
-        log.info("%s: bonded with %s (%s)", self.device.id, identity, level)
+        log.info("%s: bonded with %s (%s)", self.device_id, identity, level)
         return self._evidence(identity, level)
 
     async def _challenge(self, link: bluez.Connection, evidence: Evidence) -> Evidence:
@@ -241,15 +258,15 @@ class BleLink:
             done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in waits:
-                task.cancel()
+                task.cancel("the link's session ended")
         for task in done:
             error = None if task.cancelled() else task.exception()
             if error is not None:
                 raise error
-        raise DeviceUnavailable(self.device.id, self.endpoint, "link lost")
+        raise DeviceUnavailable(self.device_id, self.endpoint, "link lost", cause="lost")
 
     def _on_notify(self, decoder: gatt.Decoder) -> Callable[[bytearray], None]:
-        device_id = self.device.id
+        device_id = self.device_id
         names = decoder.names
         sink = self.adapter.sink
         health = self.health
@@ -271,7 +288,7 @@ class BleLink:
         health.malformed += 1
         if health.malformed == 1 or health.malformed % 1000 == 0:
             log.warning(
-                "%s: malformed value (%d so far): %s", self.device.id, health.malformed, err
+                "%s: malformed value (%d so far): %s", self.device_id, health.malformed, err
             )
 
     async def _read(
@@ -280,12 +297,11 @@ class BleLink:
         ts_ms = int(time.time() * 1000)
         try:
             async with self.gatt_ops:
-                data = await link.read(row.uuid)
-        except bluez.DeviceGone:
-            raise
-        except bluez.BlueZError as err:
+                with self._unavailable():
+                    data = await link.read(row.uuid)
+        except DeviceUnavailable:
             self.health.reads_failed += 1
-            raise DeviceUnavailable(self.device.id, self.endpoint, err.reason) from err
+            raise
         try:
             values = decoder.decode(data)
         except ValueError as err:
@@ -293,7 +309,7 @@ class BleLink:
             return
         self.health.reads_ok += 1
         self.health.up()
-        self.adapter.sink(Scan(self.device.id, ts_ms, decoder.names, values))
+        self.adapter.sink(Scan(self.device_id, ts_ms, decoder.names, values))
 
     async def _poll_once(self, link: bluez.Connection) -> None:
         for row, decoder in self.poll_rows:
@@ -308,3 +324,40 @@ class BleLink:
             row, decoder = self.poll_rows[index]
             await self._read(link, row, decoder)
             due[index] = max(due[index] + row.period, loop.time())
+
+    # -- requests in --
+
+    async def read(self, points: Sequence[str]) -> Scan:
+        """A fresh read of ``points`` (every value if empty): each characteristic that holds
+        one is read once, on the link's connection, within its GATT operation limit."""
+        names = tuple(points) or tuple(self._rows_of)
+        unknown = [n for n in names if n not in self._rows_of]
+        if unknown:
+            raise KeyError(f"{self.device_id} has no value {unknown[0]!r}")
+        link = self.connection
+        if link is None:
+            raise DeviceUnavailable(
+                self.device_id, self.endpoint, "not connected", cause="unavailable"
+            )
+        ts_ms = int(time.time() * 1000)
+        values: dict[str, Any] = {}
+        quality = GOOD
+        rows = {self._rows_of[n][0].uuid: self._rows_of[n] for n in names}
+        for row, decoder in rows.values():
+            async with self.gatt_ops:
+                with self._unavailable():
+                    data = await link.read(row.uuid)
+            try:
+                values.update(zip(decoder.names, decoder.decode(data), strict=True))
+            except ValueError as err:
+                self._malformed(err)
+                quality = BAD
+        return Scan(self.device_id, ts_ms, names, [values.get(n) for n in names], quality)
+
+    async def write(self, point: str, value: Any) -> Scan:
+        """Refused until the control issue adds writable rows to the decode table."""
+        if point not in self._rows_of:
+            raise KeyError(f"{self.device_id} has no value {point!r}")
+        raise NotWritable(
+            self.device_id, point, "the decode table marks no writable characteristic"
+        )

@@ -4,7 +4,8 @@
 transaction id, unit id, function code (or its exception), byte count against what was asked,
 and the MBAP length against the frame, with no byte before or after it. pymodbus skips frames
 with a wrong transaction or unit id and decodes whatever function code arrives; the client
-module runs this check on the raw frame first (:mod:`adapters.modbus.client` owns pymodbus).
+module runs this check on the raw frame first (:mod:`adapters.modbus.transport` owns pymodbus).
+A write's answer must echo the address (and, for FC 15 and 16, the count) it was sent.
 
 :class:`Misbehaviour` turns a stream of wrong answers into log lines once per transition: one
 warning when a device starts answering wrongly, counts at most every ``every`` seconds while it
@@ -31,18 +32,20 @@ WRONG_UNIT = "wrong unit id"
 WRONG_FC = "wrong function code"
 WRONG_COUNT = "wrong byte count"
 UNDECODABLE = "undecodable response"
+WRONG_ECHO = "wrong write echo"
 RESYNC = frozenset({BAD_HEADER, TRAILING, LENGTH, TRUNCATED, UNSOLICITED, UNDECODABLE})
 
 
 @dataclass(frozen=True, slots=True)
 class Expected:
-    """What the answer to one read must be."""
+    """What the answer to one request must be."""
 
     transaction_id: int
     unit: int
     function_code: int
     count: int  # registers, or bits
     bits: bool
+    address: int = 0  # writes: the answer echoes the address (and the count, FC 15 and 16)
 
     @property
     def byte_count(self) -> int:
@@ -93,6 +96,8 @@ def check_response(data: bytes, expected: Expected | None) -> Verdict:
         return Verdict(end, TRAILING if len(pdu) > 2 else None)
     if function_code != expected.function_code:
         return Verdict(end, WRONG_FC)
+    if function_code in WRITE_CODES:
+        return _check_echo(pdu, expected, end)
     byte_count = pdu[1]
     if byte_count > len(pdu) - 2:
         return Verdict(end, LENGTH)
@@ -100,6 +105,24 @@ def check_response(data: bytes, expected: Expected | None) -> Verdict:
         return Verdict(end, TRAILING)
     if byte_count != expected.byte_count:
         return Verdict(end, WRONG_COUNT)
+    return Verdict(end)
+
+
+# Write single coil, single register, multiple coils, multiple registers: the answer is the
+# function code and four bytes (the address, then the value or the count).
+WRITE_CODES = frozenset({5, 6, 15, 16})
+
+
+def _check_echo(pdu: bytes, expected: Expected, end: int) -> Verdict:
+    if len(pdu) < 5:
+        return Verdict(end, LENGTH)
+    if len(pdu) > 5:
+        return Verdict(end, TRAILING)
+    address, second = struct.unpack_from(">HH", pdu, 1)
+    if address != expected.address:
+        return Verdict(end, WRONG_ECHO)
+    if pdu[0] in (15, 16) and second != expected.count:
+        return Verdict(end, WRONG_ECHO)
     return Verdict(end)
 
 

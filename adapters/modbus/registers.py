@@ -1,6 +1,6 @@
 """Pure Modbus register codec: plan coalesced reads, decode blocks, encode values.
 
-A device's register map (rows of :class:`gateway.config.Point`) becomes a list of
+A device's register map (rows of :class:`adapters.modbus.config.Point`) becomes a list of
 :class:`ReadBlock`: the fewest requests that cover every point of one table and poll period, at
 most 125 registers (2000 bits) each, bridging gaps up to ``max_gap``. Each block carries a
 decoder built once: one precompiled ``struct`` per (byte order, word order) group decodes the
@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.config import REGISTER_WIDTH, Point
+from adapters.modbus.config import REGISTER_WIDTH, Point
 
 MAX_REGISTERS = 125
 MAX_BITS = 2000

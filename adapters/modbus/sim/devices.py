@@ -12,8 +12,8 @@ Faults, per device (``--fault dev-3=dead``):
 - ``exception:CODE``: answers every read with a Modbus exception code;
 - ``down``: no listener at all (connection refused).
 
-The pymodbus server itself is set up in :mod:`adapters.modbus.client`, the one module that
-imports pymodbus; this module decides what the devices hold and how they misbehave.
+The pymodbus server itself is set up in :mod:`adapters.modbus.sim.server`, the simulator's one
+module that imports pymodbus; this module decides what the devices hold and how they misbehave.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapters.modbus.client import DeviceServer
+from adapters.modbus.config import REGISTER_WIDTH, Point
 from adapters.modbus.registers import encode_value, plan_reads
-from gateway.config import REGISTER_WIDTH, Point
+from adapters.modbus.sim.server import DeviceServer
 from gateway.testbed.simconfig import device_files, skeleton
 
 TABLE_SIZE = 2048  # registers (or bits) per table of a simulated device

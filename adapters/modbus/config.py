@@ -1,0 +1,120 @@
+"""What a Modbus TCP device is, as config: its endpoint and its register map (rows of
+:class:`Point`). The adapter's own models, so that the adapter builds on ``gateway.core`` only;
+``gateway.config`` composes them into a device entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Table = Literal["holding", "input", "coil", "discrete"]
+PointType = Literal["int16", "uint16", "int32", "uint32", "float32", "float64", "bool"]
+Order = Literal["big", "little"]
+
+# Registers (16-bit words) each type occupies; a bool occupies one register or one bit.
+REGISTER_WIDTH: dict[str, int] = {
+    "int16": 1,
+    "uint16": 1,
+    "int32": 2,
+    "uint32": 2,
+    "float32": 2,
+    "float64": 4,
+    "bool": 1,
+}
+
+# The point names the gateway accepts: safe in a message, a log line and a metric label.
+NAME_PATTERN = r"^[A-Za-z0-9_.:/-]+$"
+
+
+class _Model(BaseModel):
+    # No float here means anything as nan or inf: a scale of nan would turn every reading into nan.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class Point(_Model):
+    name: str = Field(min_length=1, max_length=64, pattern=NAME_PATTERN)
+    address: int = Field(ge=0, le=65535)
+    table: Table = "holding"
+    type: PointType = "uint16"
+    word_order: Order = "big"
+    byte_order: Order = "big"
+    scale: float = 1.0
+    offset: float = 0.0
+    period: float = Field(default=1.0, ge=0.01, le=86_400, description="seconds between polls")
+    unit: str | None = Field(default=None, max_length=16)
+
+    @model_validator(mode="after")
+    def _fits(self) -> Point:
+        if self.table in ("coil", "discrete") and self.type != "bool":
+            raise ValueError(
+                f"table {self.table!r} holds bits; type must be 'bool', not {self.type!r}"
+            )
+        if self.address + REGISTER_WIDTH[self.type] > 65536:
+            raise ValueError(f"{self.type} at address {self.address} runs past register 65535")
+        return self
+
+    @property
+    def writable(self) -> bool:
+        """Holding registers and coils take writes; input registers and discrete inputs do not."""
+        return self.table in ("holding", "coil")
+
+
+def _span(point: Point) -> str:
+    if point.table in ("coil", "discrete"):
+        return f"{point.table} {point.address}"
+    last = point.address + REGISTER_WIDTH[point.type] - 1
+    where = f"{point.address}" if last == point.address else f"{point.address}-{last}"
+    return f"{point.table} {where}"
+
+
+def overlapping_points(points: Sequence[Point]) -> str | None:
+    """Two points of one device that read the same register or bit, named, or None."""
+
+    def end(point: Point) -> int:
+        bits = point.table in ("coil", "discrete")
+        return point.address + (1 if bits else REGISTER_WIDTH[point.type])
+
+    order = sorted(range(len(points)), key=lambda i: (points[i].table, points[i].address))
+    widest: int | None = None  # the point reaching furthest so far, in the current table
+    for i in order:
+        point = points[i]
+        if widest is not None and points[widest].table != point.table:
+            widest = None
+        if widest is not None and point.address < end(points[widest]):
+            first, second = sorted((widest, i))
+            a, b = points[first], points[second]
+            return (
+                f"points[{second}] {b.name!r} ({_span(b)}) overlaps points[{first}] {a.name!r} "
+                f"({_span(a)})"
+            )
+        if widest is None or end(point) > end(points[widest]):
+            widest = i
+    return None
+
+
+def point_problems(points: Sequence[Point]) -> str | None:
+    """What is wrong with a device's register map as a whole (a name twice, an overlap)."""
+    seen: set[str] = set()
+    for point in points:
+        if point.name in seen:
+            return f"point name {point.name!r} is used twice"
+        seen.add(point.name)
+    return overlapping_points(points)
+
+
+class ModbusEndpoint(_Model):
+    host: str = Field(min_length=1)
+    port: int = Field(default=502, ge=1, le=65535)
+    unit: int = Field(default=1, ge=0, le=247)
+    timeout: float = Field(default=1.0, gt=0, le=60)
+    max_gap: int = Field(
+        default=8, ge=0, le=124, description="registers a read may skip to coalesce"
+    )
+
+    @property
+    def label(self) -> str:
+        """How the endpoint is named in evidence, logs and the registry."""
+        return f"{self.host}:{self.port}/unit {self.unit}"

@@ -1,0 +1,326 @@
+"""One Modbus TCP device's link: connect, ask the gate, poll on schedule, serve requests.
+
+Each device has its own task and its own connection (:class:`~.transport.ModbusTransport`,
+held by the link while it is open), so a dead or slow device only ever delays itself. Reads
+follow the coalesced plan from :mod:`adapters.modbus.registers`, on a drift-free schedule per
+block; a read that overruns its period skips the missed ticks instead of bursting.
+
+Requests in (:meth:`ModbusLink.read`, :meth:`ModbusLink.write`) wait in a queue that the poll
+loop serves between its reads, on the same connection: one request is on the wire at a time,
+as a serial bus will need.
+
+A wrong answer is counted as malformed and dropped, never a reading; one that leaves the stream
+out of step closes the connection, and the device is reconnected with backoff. A device's fault
+is logged once per transition (:class:`~adapters.modbus.checks.Misbehaviour`), never as a
+traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from struct import error as struct_error
+from typing import Any
+
+from adapters.base import Admit, DeviceHealth, Evidence, NotWritable, ScanSink
+from adapters.modbus.checks import Misbehaviour
+from adapters.modbus.config import ModbusEndpoint, Point
+from adapters.modbus.registers import ReadBlock, encode_value, plan_reads
+from adapters.modbus.transport import ModbusTransport, Reply, WrongAnswer
+from gateway.core.backoff import backoff_delay
+from gateway.core.errors import DeviceUnavailable
+from gateway.core.readings import BAD, GOOD, Scan
+
+log = logging.getLogger(__name__)
+
+# A security event: (kind, device id, reason, **fields), as gateway.events records it.
+OnEvent = Callable[..., None]
+
+
+@dataclass(slots=True)
+class _Request:
+    """A read of ``blocks``, or (``write``) registers to write, then those blocks read back."""
+
+    blocks: list[ReadBlock]
+    names: tuple[str, ...]
+    write: tuple[Point, list[int]] | None = None
+    done: asyncio.Future[Scan] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class ModbusLink:
+    """One device (``device_id`` at ``endpoint``, reading ``points``). Run :meth:`run` in a
+    task until cancelled; :meth:`read` and :meth:`write` from any other task."""
+
+    def __init__(
+        self,
+        device_id: str,
+        endpoint: ModbusEndpoint,
+        points: Sequence[Point],
+        sink: ScanSink,
+        admit: Admit,
+        health: DeviceHealth,
+        *,
+        backoff_min: float = 0.5,
+        backoff_max: float = 30.0,
+        phases: int = 1,
+        report_every: float = 60.0,
+        settle: float = 10.0,
+        on_event: OnEvent | None = None,
+    ) -> None:
+        self.device_id = device_id
+        self.modbus = endpoint
+        self.points = {p.name: p for p in points}
+        self._sink = sink
+        self._admit = admit
+        self.health = health
+        self._backoff = (backoff_min, backoff_max)
+        self._phases = max(1, phases)
+        self.endpoint = endpoint.label
+        self.blocks = plan_reads(points, max_gap=endpoint.max_gap)
+        self.misbehaviour = Misbehaviour(device_id, every=report_every, settle=settle)
+        self._on_event = on_event
+        self.transport: ModbusTransport | None = None  # while connected and admitted
+        self._requests: asyncio.Queue[_Request] = asyncio.Queue()
+        self.attempt = 0  # connections in a row that delivered no reading: the backoff step
+
+    # -- requests in --
+
+    async def read(self, points: Sequence[str]) -> Scan:
+        """A fresh read of ``points`` (all of them if empty), through the poll loop."""
+        names = tuple(points) or tuple(self.points)
+        unknown = [n for n in names if n not in self.points]
+        if unknown:
+            raise KeyError(f"{self.device_id} has no point {unknown[0]!r}")
+        return await self._submit(_Request(self._blocks_for(names), names))
+
+    async def write(self, point: str, value: Any) -> Scan:
+        """Write ``value`` to a holding register (FC 6/16) or coil (FC 5/15) point, then read
+        it back: the scan holds what the device holds now."""
+        row = self.points.get(point)
+        if row is None:
+            raise KeyError(f"{self.device_id} has no point {point!r}")
+        if not row.writable:
+            raise NotWritable(self.device_id, point, f"{row.table} points are read-only")
+        words = encode_value(row, value)
+        return await self._submit(
+            _Request(self._blocks_for((point,)), (point,), write=(row, words))
+        )
+
+    def _blocks_for(self, names: Sequence[str]) -> list[ReadBlock]:
+        rows = [self.points[n] for n in dict.fromkeys(names)]
+        return plan_reads(rows, max_gap=self.modbus.max_gap)
+
+    async def _submit(self, request: _Request) -> Scan:
+        if self.transport is None:
+            raise DeviceUnavailable(
+                self.device_id, self.endpoint, "not connected", cause="unavailable"
+            )
+        self._requests.put_nowait(request)
+        return await request.done
+
+    def _fail_requests(self, err: BaseException) -> None:
+        while not self._requests.empty():
+            request = self._requests.get_nowait()
+            if not request.done.done():
+                request.done.set_exception(err)
+
+    async def _serve(self, transport: ModbusTransport, request: _Request) -> None:
+        if request.done.done():  # the caller gave up
+            return
+        try:
+            if request.write is not None:
+                row, words = request.write
+                table = row.table
+                reply = await transport.write(table, row.address, words)
+                if reply is None or reply.exception is not None:
+                    raise DeviceUnavailable(
+                        self.device_id,
+                        self.endpoint,
+                        f"write {table}@{row.address}: {_what(reply)}",
+                        cause="malformed" if reply is None else "exception",
+                    )
+            ts_ms = int(time.time() * 1000)
+            values: dict[str, Any] = {}
+            quality = GOOD
+            for block in request.blocks:
+                reply = await transport.read(block.table, block.address, block.count)
+                if reply is None or reply.exception is not None:
+                    quality = BAD
+                    continue
+                values.update(zip(block.names, block.decode(reply.values), strict=True))
+        except BaseException as err:
+            if not request.done.done():
+                request.done.set_exception(err)
+            raise
+        if not request.done.done():
+            request.done.set_result(
+                Scan(
+                    self.device_id,
+                    ts_ms,
+                    request.names,
+                    [values.get(n) for n in request.names],
+                    quality,
+                )
+            )
+
+    # -- the loop --
+
+    async def run(self) -> None:
+        """Poll until cancelled; returns early only if the device is refused admission."""
+        try:
+            await self._run()
+        finally:
+            self._fail_requests(
+                DeviceUnavailable(self.device_id, self.endpoint, "link stopped", cause="lost")
+            )
+            line = self.misbehaviour.at_stop(time.monotonic())
+            if line is not None:
+                log.warning("%s", line)
+
+    async def _run(self) -> None:
+        self.attempt = 0
+        while True:
+            reads_before = self.health.reads_ok
+            try:
+                async with ModbusTransport(self.device_id, self.modbus, self._wrong) as transport:
+                    refusal = self._admit(Evidence(self.device_id, "modbus-tcp", self.endpoint))
+                    if refusal is not None:
+                        self.health.quarantine(refusal)
+                        return
+                    self.transport = transport
+                    try:
+                        await self._poll(transport)
+                    finally:
+                        self.transport = None
+            except WrongAnswer as err:
+                # Counted and logged as it arrived; the connection is out of step.
+                self._fail_requests(err)
+            except DeviceUnavailable as err:
+                self.health.down(err.reason)
+                self._fail_requests(err)
+            except Exception as err:
+                # A bug must cost this device a reconnect, never the other devices their data.
+                log.exception("%s: poller failed", self.device_id)
+                self.health.down(f"internal error: {err!r}")
+                self._fail_requests(
+                    DeviceUnavailable(
+                        self.device_id, self.endpoint, f"internal error: {err!r}", cause="internal"
+                    )
+                )
+            # The backoff grows until a connection delivers a reading, so that a device that
+            # breaks every connection it is given is not reconnected at the shortest delay.
+            if self.health.reads_ok > reads_before:
+                self.attempt = 0
+            self.attempt += 1
+            await asyncio.sleep(backoff_delay(self.attempt, *self._backoff))
+
+    def _wrong(self, cause: str) -> None:
+        """The transport dropped a response (or bytes nobody asked for): count it, tell it."""
+        health = self.health
+        health.malformed += 1
+        health.malformed_causes[cause] = health.malformed_causes.get(cause, 0) + 1
+        self._bad(cause)
+
+    def _bad(self, cause: str) -> None:
+        """One wrong answer: told (and recorded as a security event) when an episode starts,
+        then only in the periodic counts."""
+        starting = self.misbehaviour.since is None
+        line = self.misbehaviour.bad(cause, time.monotonic())
+        if line is not None:
+            log.warning("%s", line)
+        if starting and self._on_event is not None:
+            self._on_event("wrong-answers", self.device_id, cause, endpoint=self.endpoint)
+
+    def _good(self) -> None:
+        counts = dict(self.misbehaviour.counts)
+        line = self.misbehaviour.good(time.monotonic())
+        if line is not None:
+            log.info("%s", line)
+            if self._on_event is not None:
+                self._on_event(
+                    "wrong-answers-ended",
+                    self.device_id,
+                    "answering correctly again",
+                    endpoint=self.endpoint,
+                    counts=counts,
+                )
+
+    async def _next_request(self, wait: float) -> _Request | None:
+        """The next request, if one comes within ``wait`` seconds."""
+        if not self._requests.empty():
+            return self._requests.get_nowait()
+        if wait <= 0:
+            return None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                return await self._requests.get()
+        return None
+
+    async def _poll(self, transport: ModbusTransport) -> None:
+        loop = asyncio.get_running_loop()
+        device_id = self.device_id
+        misbehaviour = self.misbehaviour
+        # A fleet started together reads, seals and publishes in one burst per period, and the
+        # last of a large burst waits for all the others. Each device starts in one of
+        # ``phases`` slots of its shortest period (at most 1 s, so a slow poll is not put off).
+        spread = min(1.0, min(b.period for b in self.blocks))
+        phases = self._phases
+        phase = zlib.crc32(device_id.encode()) % phases / phases * spread
+        start = loop.time() + phase
+        due = [start] * len(self.blocks)
+        sink = self._sink
+        health = self.health
+        while True:
+            index = min(range(len(due)), key=due.__getitem__)
+            block = self.blocks[index]
+            request = await self._next_request(due[index] - loop.time())
+            if request is not None:
+                await self._serve(transport, request)
+                continue
+            ts_ms = int(time.time() * 1000)
+            try:
+                reply = await transport.read(block.table, block.address, block.count)
+            except WrongAnswer:
+                raise
+            except DeviceUnavailable:
+                health.reads_failed += 1
+                raise
+            next_due = due[index] + block.period
+            now = loop.time()
+            if next_due < now:
+                health.overruns += 1
+                next_due = now + block.period - (now - due[index]) % block.period
+            due[index] = next_due
+            if reply is None:
+                continue
+            if reply.exception is not None:
+                health.reads_failed += 1
+                what = _what(reply)
+                health.last_error = f"{what} on {block.table}@{block.address}"
+                self._bad(what)
+                continue
+            try:
+                values = block.decode(reply.values)
+            except (ValueError, struct_error, TypeError) as err:
+                log.debug("%s: undecodable values: %s", device_id, err)
+                self._wrong("undecodable values")
+                continue
+            health.reads_ok += 1
+            health.up()
+            if misbehaviour.since is not None:
+                self._good()
+            sink(Scan(device_id, ts_ms, block.names, values))
+
+
+def _what(reply: Reply | None) -> str:
+    if reply is None:
+        return "wrong answer"
+    code = reply.exception
+    return f"Modbus exception 0x{code:02X}" if code else "exception"

@@ -1,0 +1,63 @@
+"""The device side of Modbus TCP, for the simulators and tests: a pymodbus server.
+
+A test tool (``adapters/*/sim/`` may import anything): the product's one pymodbus module is
+:mod:`adapters.modbus.transport`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pymodbus.constants import ExcCodes
+from pymodbus.server import ModbusTcpServer
+from pymodbus.simulator import DataType, SimData, SimDevice
+
+# (function code, the accessed table's registers, is it a write) -> Modbus exception code or None.
+DeviceAction = Callable[[int, list[int], bool], Awaitable[int | None]]
+
+
+class DeviceServer:
+    """A Modbus TCP device: four tables (coils, discrete inputs, holding and input registers)
+    of ``size`` entries each, on its own port; ``action`` sees every request first and may
+    change the registers in place or answer with an exception code."""
+
+    def __init__(self, host: str, port: int, unit: int, size: int, action: DeviceAction) -> None:
+        self.address = (host, port)
+        self._unit = unit
+        self._size = size
+        self._action = action
+        self._server: ModbusTcpServer | None = None
+
+    async def _on_access(
+        self,
+        function_code: int,
+        _start: int,
+        _address: int,
+        _count: int,
+        registers: list[int],
+        set_values: Any,
+    ) -> ExcCodes | None:
+        code = await self._action(function_code, registers, set_values is not None)
+        return ExcCodes(code) if code else None
+
+    def _device(self) -> SimDevice:
+        def bits() -> list[SimData]:
+            return [SimData(0, count=self._size, values=False, datatype=DataType.BITS)]
+
+        def words() -> list[SimData]:
+            return [SimData(0, count=self._size, values=0, datatype=DataType.REGISTERS)]
+
+        return SimDevice(
+            id=self._unit, simdata=(bits(), bits(), words(), words()), action=self._on_access
+        )
+
+    async def __aenter__(self) -> DeviceServer:
+        self._server = ModbusTcpServer(self._device(), address=self.address)
+        await self._server.serve_forever(background=True)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is not None:
+            await self._server.shutdown()  # type: ignore[no-untyped-call]
+            self._server = None

@@ -1,0 +1,307 @@
+"""Modbus TCP: the only module of the product that imports pymodbus (the device side, a test
+tool, is :mod:`adapters.modbus.sim.server`).
+
+A :class:`ModbusTransport` is one connection to one device, as an async context manager: connect
+in ``__aenter__``, close in ``__aexit__``. It offers reads and writes of one table's span and
+translates pymodbus's exceptions at this boundary into :class:`DeviceUnavailable` with a
+``cause`` (``refused``, ``timeout``, ``lost``, ``malformed``), keeping the original as
+``__cause__``. What the link does with them (schedule, backoff, health) is
+:mod:`adapters.modbus.link`.
+
+Nothing a device sends is trusted: every frame is checked against the one request in flight
+(:func:`adapters.modbus.checks.check_response`) before pymodbus decodes it. A wrong answer is
+reported to ``on_wrong`` and dropped, never a reading; one that leaves the stream out of step
+fails the request with :class:`WrongAnswer` (``resync``), and the link closes the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+from pymodbus.framer import FramerSocket
+from pymodbus.pdu import DecodePDU, ModbusPDU, ReadCoilsRequest, ReadHoldingRegistersRequest
+from pymodbus.pdu.bit_message import (
+    ReadDiscreteInputsRequest,
+    WriteMultipleCoilsRequest,
+    WriteSingleCoilRequest,
+)
+from pymodbus.pdu.register_message import (
+    ReadInputRegistersRequest,
+    WriteMultipleRegistersRequest,
+    WriteSingleRegisterRequest,
+)
+
+from adapters.modbus.checks import (
+    MBAP_SIZE,
+    RESYNC,
+    TRUNCATED,
+    UNDECODABLE,
+    Expected,
+    check_response,
+)
+from adapters.modbus.config import ModbusEndpoint
+from gateway.core.errors import DeviceUnavailable, map_exceptions
+
+log = logging.getLogger(__name__)
+# pymodbus logs every timeout at ERROR; the link reports transitions itself.
+logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+
+_READERS = {
+    "holding": "read_holding_registers",
+    "input": "read_input_registers",
+    "coil": "read_coils",
+    "discrete": "read_discrete_inputs",
+}
+_READ_CODES: dict[str, int] = {
+    "holding": ReadHoldingRegistersRequest.function_code,
+    "input": ReadInputRegistersRequest.function_code,
+    "coil": ReadCoilsRequest.function_code,
+    "discrete": ReadDiscreteInputsRequest.function_code,
+}
+# (table, one value) -> (pymodbus method, function code): FC 6/16 for registers, 5/15 for coils.
+_WRITERS: dict[tuple[str, bool], tuple[str, int]] = {
+    ("holding", True): ("write_register", WriteSingleRegisterRequest.function_code),
+    ("holding", False): ("write_registers", WriteMultipleRegistersRequest.function_code),
+    ("coil", True): ("write_coil", WriteSingleCoilRequest.function_code),
+    ("coil", False): ("write_coils", WriteMultipleCoilsRequest.function_code),
+}
+
+
+class WrongAnswer(DeviceUnavailable):
+    """A device's response did not match its request (``wrong`` names how, from
+    :mod:`.checks`); ``resync``: the stream is out of step and the connection must close."""
+
+    def __init__(self, device_id: str, endpoint: str, wrong: str, resync: bool) -> None:
+        super().__init__(device_id, endpoint, wrong, cause="malformed")
+        self.wrong = wrong
+        self.resync = resync
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A device's answer: the registers or bits read (or written back), or ``exception``, the
+    Modbus exception code it answered with (0 when pymodbus gave none)."""
+
+    values: Sequence[Any] = ()
+    exception: int | None = None
+
+
+class _CheckedFramer(FramerSocket):
+    """MBAP framing that hands pymodbus only a frame that answers the request in flight.
+
+    pymodbus calls :meth:`handleFrame` from the transport's ``data_received`` with everything
+    received since the request went out. Anything else is reported to ``on_wrong`` and dropped
+    whole; nothing raised here (asyncio would log it as a fatal transport error with a
+    traceback and close the connection behind the link's back).
+    """
+
+    def __init__(self, decoder: DecodePDU, unit: int, on_wrong: Callable[[str, bool], None]):
+        super().__init__(decoder)
+        self._unit = unit
+        self._on_wrong = on_wrong
+        self.expected: tuple[int, int, bool, int] | None = None  # code, count, bits, address
+
+    def handleFrame(
+        self, data: bytes, exp_devid: int, exp_tid: int
+    ) -> tuple[int, ModbusPDU | None]:
+        want = self.expected
+        expected = None if want is None else Expected(exp_tid, self._unit, *want)
+        pdu: ModbusPDU | None = None
+        try:
+            verdict = check_response(data, expected)
+            if verdict.used == 0:
+                return 0, None
+            used, cause = verdict.used, verdict.cause
+            if cause is None:
+                pdu = self.decoder.decode(data[MBAP_SIZE:used])
+                cause = UNDECODABLE if pdu is None else None
+        except Exception:  # a bug here must not become a transport's fatal error
+            log.debug("checking a response failed", exc_info=True)
+            pdu, used, cause = None, len(data), UNDECODABLE
+        self.expected = None
+        if pdu is None or cause is not None:
+            self._on_wrong(cause or UNDECODABLE, (cause or UNDECODABLE) in RESYNC)
+            return len(data), None
+        pdu.dev_id, pdu.transaction_id = self._unit, exp_tid
+        return used, pdu
+
+
+class ModbusTransport:
+    """One connection to one Modbus TCP device. ``on_wrong(cause)`` hears of every wrong
+    answer as it arrives (the link counts and tells them)."""
+
+    def __init__(
+        self, device_id: str, endpoint: ModbusEndpoint, on_wrong: Callable[[str], None]
+    ) -> None:
+        self.device_id = device_id
+        self.endpoint = endpoint
+        self.label = endpoint.label
+        self._on_wrong = on_wrong
+        self._out_of_step: str | None = None  # a violation seen while no request was waiting
+        # pymodbus keeps a response future even when nothing is asked; only one that a request
+        # awaits may be failed, or asyncio reports an exception that was never retrieved.
+        self._in_flight = False
+        self._client = AsyncModbusTcpClient(
+            endpoint.host,
+            port=endpoint.port,
+            timeout=endpoint.timeout,
+            retries=0,
+            reconnect_delay=0,
+            trace_connect=self._on_link,
+        )
+        self._framer = _CheckedFramer(self._client.ctx.framer.decoder, endpoint.unit, self._wrong)
+        self._client.ctx.framer = self._framer
+        # pymodbus silently empties a receive buffer past 264 bytes; the framer judges all.
+        self._client.ctx.max_buffer_size = 1 << 20
+
+    def _unavailable(self, reason: str, cause: Any) -> DeviceUnavailable:
+        return DeviceUnavailable(self.device_id, self.label, reason, cause=cause)
+
+    async def __aenter__(self) -> ModbusTransport:
+        try:
+            await self._connect()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._client.close()
+
+    async def _connect(self) -> None:
+        try:
+            with map_exceptions(
+                {
+                    TimeoutError: lambda e: self._unavailable(f"connect: {e!r}", "timeout"),
+                    (OSError, ModbusException): lambda e: self._unavailable(
+                        f"connect: {e!r}", "refused"
+                    ),
+                }
+            ):
+                async with asyncio.timeout(self.endpoint.timeout * 2):
+                    ok = await self._client.connect()
+        finally:
+            # pymodbus's connect awaits asyncio.wait_for; a cancel that lands once the TCP
+            # connection is made leaves the socket with pymodbus (closed by close() above).
+            _raise_if_cancelled()
+        if not ok:
+            raise self._unavailable("connect refused", "refused")
+
+    def _wrong(self, cause: str, resync: bool) -> None:
+        """The framer dropped a response (or bytes nobody asked for): tell it, and fail the
+        request waiting for it."""
+        self._on_wrong(cause)
+        waiting = self._client.ctx.response_future if self._in_flight else None
+        if waiting is not None and not waiting.done():
+            waiting.set_exception(WrongAnswer(self.device_id, self.label, cause, resync))
+        elif resync:
+            self._out_of_step = cause
+
+    def _on_link(self, connected: bool) -> None:
+        """pymodbus saw the connection go: fail the request waiting on it now, not at its
+        timeout."""
+        if connected or not self._in_flight:
+            return
+        waiting = self._client.ctx.response_future
+        if not waiting.done():
+            waiting.set_exception(ConnectionResetError("connection closed by the device"))
+
+    async def read(self, table: str, address: int, count: int) -> Reply | None:
+        """Read ``count`` registers (or bits) of ``table`` from ``address``; None: the answer
+        was wrong but the stream stays in step (told through ``on_wrong``)."""
+        call = getattr(self._client, _READERS[table])
+        bits = table in ("coil", "discrete")
+        response = await self._request(
+            f"read {table}@{address}",
+            (_READ_CODES[table], count, bits, address),
+            lambda: call(address, count=count, device_id=self.endpoint.unit),
+        )
+        if response is None or response.isError():
+            return None if response is None else _exception(response)
+        return Reply(response.bits if bits else response.registers)
+
+    async def write(self, table: str, address: int, values: Sequence[int]) -> Reply | None:
+        """Write ``values`` (registers of ``holding``, or 0/1 of ``coil``) from ``address``,
+        one value with FC 6 or 5, more with FC 16 or 15."""
+        single = len(values) == 1
+        method, code = _WRITERS[(table, single)]
+        call = getattr(self._client, method)
+        bits = table == "coil"
+        data: Any = [bool(v) for v in values] if bits else list(values)
+        if single:
+            data = data[0]
+        response = await self._request(
+            f"write {table}@{address}",
+            (code, len(values), bits, address),
+            lambda: call(address, data, device_id=self.endpoint.unit),
+        )
+        if response is None or response.isError():
+            return None if response is None else _exception(response)
+        return Reply(tuple(values))
+
+    async def _request(
+        self,
+        what: str,
+        expected: tuple[int, int, bool, int],
+        call: Callable[[], Awaitable[Any]],
+    ) -> Any:
+        if self._out_of_step is not None:
+            raise WrongAnswer(self.device_id, self.label, self._out_of_step, True)
+        timeout = self.endpoint.timeout
+        self._framer.expected = expected
+        try:
+            with map_exceptions(
+                {
+                    (ConnectionException, ModbusException, OSError): lambda e: self._unavailable(
+                        f"{what}: {e!r}", "lost"
+                    )
+                }
+            ):
+                self._in_flight = True
+                try:
+                    async with asyncio.timeout(timeout + 0.5):
+                        response = await call()
+                except (TimeoutError, ModbusIOException) as err:
+                    self._framer.expected = None
+                    self._in_flight = False  # nothing awaits the response future now
+                    if self._client.ctx.recv_buffer:  # part of a frame came, the rest never did
+                        self._wrong(TRUNCATED, True)
+                        raise WrongAnswer(self.device_id, self.label, TRUNCATED, True) from err
+                    raise self._unavailable(
+                        f"{what}: no response within {timeout} s", "timeout"
+                    ) from err
+                finally:
+                    self._in_flight = False
+        except WrongAnswer as err:
+            if err.resync:
+                raise
+            response = None  # told by _wrong; the connection stays in step
+        _raise_if_cancelled()
+        return response
+
+
+def _exception(response: Any) -> Reply:
+    code = getattr(response, "exception_code", 0)
+    return Reply(exception=code if isinstance(code, int) else 0)
+
+
+def _raise_if_cancelled() -> None:
+    """Re-raise a cancellation that pymodbus swallowed.
+
+    pymodbus awaits responses with ``asyncio.wait_for``. On Python 3.11, when the response
+    arrives in the same loop iteration as a cancellation, ``wait_for`` returns the response and
+    drops the ``CancelledError``; the link would then poll on forever and a stop would hang
+    (seen in CI). The task still records that a cancel was requested.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError("pymodbus swallowed this cancellation; raised again")

@@ -1,0 +1,293 @@
+"""The only shapes a gateway config can take: the gateway's own sections, and a device entry
+that composes each adapter's models (:mod:`adapters.modbus.config`, :mod:`adapters.ble.config`).
+
+Paths are relative to the config file's folder (validation context ``base``); files are checked
+unless the context says ``check_files=False``. Loading and error naming: :mod:`.loading`.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import stat
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from adapters.ble.config import BleEndpoint, BleSection
+from adapters.modbus.config import ModbusEndpoint, Point, point_problems
+from gateway.core.errors import ConfigError
+
+# IoT Hub allows a few more characters in device ids; these are the ones that are also safe in an
+# MQTT topic level, a certificate CN and a file name.
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+
+
+class _Model(BaseModel):
+    # No float here means anything as nan or inf: a scale of nan would turn every reading into nan.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _resolve(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base")
+    path = value.expanduser()
+    if base is not None and not path.is_absolute():
+        path = Path(base) / path
+    return path
+
+
+def _existing_file(value: Path, info: ValidationInfo) -> Path:
+    path = _resolve(value, info)
+    if not (info.context or {}).get("check_files", True):
+        return path
+    if not path.is_file():
+        raise ValueError(f"file not found: {path}")
+    return path
+
+
+FilePath = Annotated[Path, Field()]
+
+# IoT Hub waits 1.5 x the client's keep-alive for a packet, and at most 1,767 s: a client that
+# asks for more than 1,177 s is cut off between its pings.
+MAX_KEEPALIVE = 1177
+
+
+def _checks_files(info: ValidationInfo) -> bool:
+    return bool((info.context or {}).get("check_files", True))
+
+
+def _trust_bundle(value: Path, info: ValidationInfo) -> Path:
+    path = _existing_file(value, info)
+    if not _checks_files(info):
+        return path
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(path))
+    except (ssl.SSLError, ValueError) as err:
+        why = getattr(err, "reason", None) or err
+        raise ValueError(f"{path} holds no PEM certificates that TLS can load ({why})") from None
+    return path
+
+
+def _private_file(value: Path, info: ValidationInfo) -> Path:
+    path = _existing_file(value, info)
+    if not _checks_files(info):
+        return path
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise ValueError(
+            f"{path} is mode {mode:04o}: group or others may read it; chmod 600 {path}"
+        )
+    return path
+
+
+def _state_dir(value: Path, info: ValidationInfo) -> Path:
+    path = _resolve(value, info)
+    if not _checks_files(info):
+        return path
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} exists and is not a folder")
+    # The nearest folder that exists must let the gateway make the rest.
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"cannot make {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot make {path}: {parent} is not writable")
+    return path
+
+
+class HubConfig(_Model):
+    hostname: str = Field(
+        min_length=1, description="IoT Hub host name, used in the username and TLS"
+    )
+    address: str | None = Field(
+        default=None, description="connect here instead of hostname (an edgeHub or a stand-in)"
+    )
+    port: int = Field(default=8883, ge=1, le=65535)
+    ca_file: FilePath
+    max_inflight: int = Field(default=16, ge=1, le=1000)
+    keepalive: int = Field(default=60, ge=5, description=f"seconds, at most {MAX_KEEPALIVE}")
+    connect_rate: float = Field(default=100.0, gt=0, description="new connections per second")
+    send_rate: float = Field(
+        default=0.0,
+        ge=0,
+        description="messages per second across all devices, backlog included (0: unlimited)",
+    )
+    backoff_min: float = Field(default=0.5, gt=0)
+    backoff_max: float = Field(default=30.0, gt=0)
+    connect_timeout: float = Field(default=10.0, gt=0)
+
+    _ca = field_validator("ca_file")(_trust_bundle)
+
+    @field_validator("keepalive")
+    @classmethod
+    def _keepalive(cls, value: int) -> int:
+        if value > MAX_KEEPALIVE:
+            raise ValueError(
+                f"{value} s is more than {MAX_KEEPALIVE} s: IoT Hub waits 1.5 x the keep-alive "
+                "and at most 1,767 s, so it would cut the connection off between pings"
+            )
+        return value
+
+
+class BatchingConfig(_Model):
+    max_bytes: int = Field(default=4000, ge=512, le=262_144)
+    max_age: float = Field(
+        default=1.0, gt=0, le=3600, description="seconds from a read to the hub, at most"
+    )
+    lead: float = Field(
+        default=0.05,
+        ge=0,
+        le=60,
+        description="a batch closes this long before max_age: time to seal, store and publish",
+    )
+
+    @property
+    def close_after(self) -> float:
+        """How long a batch stays open: max_age less the lead (at most half of max_age)."""
+        return self.max_age - min(self.lead, self.max_age / 2)
+
+
+class SealingConfig(_Model):
+    keyring: FilePath
+    key_id: str = Field(min_length=1, max_length=64)
+
+    _keyring = field_validator("keyring")(_existing_file)
+
+
+class SecretsConfig(_Model):
+    passphrase_env: str = "FIELDGATE_KEY_PASSPHRASE"
+    passphrase_file: FilePath | None = None
+    allow_clear_keys: bool = Field(
+        default=False, description="accept device keys that are not encrypted (with a warning)"
+    )
+
+    @field_validator("passphrase_file")
+    @classmethod
+    def _file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else _private_file(value, info)
+
+    def passphrase(self) -> bytes:
+        """The passphrase that unlocks private keys and the sealing keyring."""
+        if self.passphrase_file is not None:
+            return self.passphrase_file.read_bytes().strip()
+        value = os.environ.get(self.passphrase_env)
+        if not value:
+            raise ConfigError(
+                "secrets",
+                [
+                    f"secrets.passphrase_env: environment variable {self.passphrase_env} "
+                    "is not set and no secrets.passphrase_file is given"
+                ],
+            )
+        return value.encode()
+
+
+class StoreConfig(_Model):
+    kind: Literal["sqlite", "memory"] = Field(
+        default="sqlite",
+        description="memory keeps nothing across a crash; it exists to measure the store's cost",
+    )
+    path: FilePath | None = Field(default=None, description="default: {state_dir}/store.db")
+    max_bytes: int = Field(default=1024**3, ge=64 * 1024)
+    policy: Literal["drop-oldest", "refuse-newest"] = "drop-oldest"
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else _resolve(value, info)
+
+
+class GatewaySection(_Model):
+    state_dir: FilePath = Path("state")
+    shutdown_grace: float = Field(default=5.0, ge=0, le=300)
+
+    _state = field_validator("state_dir")(_state_dir)
+
+
+class DeviceConfig(_Model):
+    id: str = Field(pattern=DEVICE_ID_PATTERN)
+    enabled: bool = True
+    auth: Literal["x509-ca", "x509-thumbprint"] = Field(
+        default="x509-ca",
+        description="how IoT Hub knows the device: its CA (leaf CN = id) or its leaf's thumbprint",
+    )
+    cert: FilePath = Field(description="PEM: the device leaf, then the intermediate")
+    key: FilePath = Field(description="PEM: encrypted PKCS#8 private key")
+    modbus: ModbusEndpoint | None = None
+    points: list[Point] = Field(default_factory=list)
+    ble: BleEndpoint | None = None
+
+    _files = field_validator("cert", "key")(_existing_file)
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> DeviceConfig:
+        if (self.modbus is None) == (self.ble is None):
+            raise ValueError("give exactly one of modbus and ble")
+        if self.modbus is not None and not self.points:
+            raise ValueError("points: a Modbus device needs at least one point")
+        if self.ble is not None and self.points:
+            raise ValueError("points: a BLE device names its values in ble.characteristics")
+        problem = point_problems(self.points)
+        if problem is not None:
+            raise ValueError(problem)
+        return self
+
+    @property
+    def transport(self) -> str:
+        return "modbus-tcp" if self.modbus is not None else "ble"
+
+    @property
+    def endpoint(self) -> str:
+        if self.modbus is not None:
+            return self.modbus.label
+        assert self.ble is not None
+        return self.ble.label
+
+
+class Config(_Model):
+    hub: HubConfig
+    sealing: SealingConfig
+    batching: BatchingConfig = BatchingConfig()
+    secrets: SecretsConfig = SecretsConfig()
+    gateway: GatewaySection = GatewaySection()
+    store: StoreConfig = StoreConfig()
+    ble: BleSection = BleSection()
+    devices: list[DeviceConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_devices(self) -> Config:
+        seen: dict[str, int] = {}
+        endpoints: dict[tuple[str, int, int], str] = {}
+        radios: dict[str, str] = {}
+        for index, device in enumerate(self.devices):
+            if device.id in seen:
+                raise ValueError(
+                    f"devices[{index}].id: {device.id!r} is already devices[{seen[device.id]}]"
+                )
+            seen[device.id] = index
+            if device.modbus is not None:
+                key = (device.modbus.host, device.modbus.port, device.modbus.unit)
+                if key in endpoints:
+                    raise ValueError(
+                        f"devices[{index}].modbus: {key[0]}:{key[1]} unit {key[2]} is already "
+                        f"bound to device {endpoints[key]!r}"
+                    )
+                endpoints[key] = device.id
+            elif device.ble is not None:
+                name = device.ble.address or f"app-id {device.ble.app_id}"
+                if name in radios:
+                    raise ValueError(
+                        f"devices[{index}].ble: {name} is already device {radios[name]!r}"
+                    )
+                radios[name] = device.id
+        return self
