@@ -32,6 +32,7 @@ OWNERS: dict[str, tuple[str, ...]] = {
     "pydantic": ("gateway/config/", "adapters/modbus/config.py", "adapters/ble/config.py"),
     # AES-GCM has one home; certificates, keys and key derivation live in identity/.
     "cryptography.hazmat.primitives.ciphers.aead": ("gateway/core/aead.py",),
+    "cryptography.exceptions": ("gateway/core/aead.py", "gateway/identity/"),
     "cryptography": ("gateway/identity/",),
     "azure": ("gateway/edge/",),
     "prometheus_client": ("gateway/ops/",),

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
+from gateway.core import codec
 
 log = logging.getLogger("adapters.ble")
 
@@ -32,8 +32,8 @@ class BondBook:
         self._data: dict[str, dict[str, Any]] = {}
         if self.path.exists():
             try:
-                self._data = orjson.loads(self.path.read_bytes())
-            except orjson.JSONDecodeError:
+                self._data = codec.loads(self.path.read_bytes())
+            except codec.JSONDecodeError:
                 broken = self.path.with_suffix(f".broken-{int(time.time())}")
                 self.path.rename(broken)
                 log.error("%s was not JSON; kept as %s, bonds start anew", self.path, broken)
@@ -65,7 +65,7 @@ class BondBook:
         tmp = self.path.with_suffix(".tmp")
         tmp.unlink(missing_ok=True)  # created anew below, 0600 (it names paired devices)
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
-            f.write(orjson.dumps(self._data, option=orjson.OPT_INDENT_2))
+            f.write(codec.dumps(self._data, indent=True))
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(self.path)
