@@ -147,6 +147,7 @@ async def _poll_until(
     settle: float = 10.0,
     backoff: tuple[float, float] = (0.02, 0.05),
     pollers: list[ModbusLink] | None = None,
+    events: list[str] | None = None,
 ) -> tuple[list[Scan], DeviceHealth, HostileDevice]:
     assert callable(done)
     port = free_ports(1)
@@ -175,6 +176,7 @@ async def _poll_until(
             backoff_min=backoff[0],
             backoff_max=backoff[1],
             settle=settle,
+            on_event=None if events is None else lambda kind, *_a, **_k: events.append(kind),
         )
         if pollers is not None:
             pollers.append(poller)
@@ -234,9 +236,13 @@ def test_exceptions_and_resets_are_told_once_without_a_traceback(
     def done(device: HostileDevice, scans: list[Scan]) -> bool:
         return device.sent[mode] == 30 and len(scans) >= 8
 
-    scans, health, _ = asyncio.run(_poll_until(f"good:3,{mode}:30,good", done))
+    events: list[str] = []
+    scans, health, _ = asyncio.run(_poll_until(f"good:3,{mode}:30,good", done, events=events))
     assert all(_true(s) for s in scans)
     assert health.reads_failed >= 30 and health.malformed == 0
+    # An exception reply is the protocol spoken correctly (a map or load problem), a reset a
+    # network fault: neither is a security event; answers that break the protocol are.
+    assert events == []
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
     messages = [r.getMessage() for r in caplog.records]
     if mode == "exc0b":

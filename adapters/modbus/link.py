@@ -85,6 +85,7 @@ class ModbusLink:
         self.endpoint = endpoint.label
         self.blocks = plan_reads(points, max_gap=endpoint.max_gap)
         self.misbehaviour = Misbehaviour(device_id, every=report_every, settle=settle)
+        self._violation_recorded = False  # this episode's wrong-answers event is recorded
         self._on_event = on_event
         self.transport: ModbusTransport | None = None  # while connected and admitted
         self._requests: asyncio.Queue[_Request] = asyncio.Queue()
@@ -226,16 +227,20 @@ class ModbusLink:
         health = self.health
         health.malformed += 1
         health.malformed_causes[cause] = health.malformed_causes.get(cause, 0) + 1
-        self._bad(cause)
+        self._bad(cause, violation=True)
 
-    def _bad(self, cause: str) -> None:
-        """One wrong answer: told (and recorded as a security event) when an episode starts,
-        then only in the periodic counts."""
-        starting = self.misbehaviour.since is None
+    def _bad(self, cause: str, *, violation: bool = False) -> None:
+        """One wrong answer: told when an episode starts, then only in the periodic counts.
+
+        A protocol violation (an answer that does not match its request) is also a security
+        event, once per episode. A Modbus exception reply (illegal address, busy) is the
+        device speaking the protocol correctly about a map or a load problem: logged and
+        counted, not a security event."""
         line = self.misbehaviour.bad(cause, time.monotonic())
         if line is not None:
             log.warning("%s", line)
-        if starting and self._on_event is not None:
+        if violation and not self._violation_recorded and self._on_event is not None:
+            self._violation_recorded = True
             self._on_event("wrong-answers", self.device_id, cause, endpoint=self.endpoint)
 
     def _good(self) -> None:
@@ -243,7 +248,8 @@ class ModbusLink:
         line = self.misbehaviour.good(time.monotonic())
         if line is not None:
             log.info("%s", line)
-            if self._on_event is not None:
+            recorded, self._violation_recorded = self._violation_recorded, False
+            if recorded and self._on_event is not None:
                 self._on_event(
                     "wrong-answers-ended",
                     self.device_id,
