@@ -28,6 +28,7 @@ from adapters.ble.config import BleCharacteristic, BleEndpoint
 from gateway.core.backoff import backoff_delay
 from gateway.core.errors import DeviceRefused, DeviceUnavailable
 from gateway.core.readings import BAD, GOOD, Scan
+from gateway.core.tasks import raise_if_cancelled
 
 if TYPE_CHECKING:
     from adapters.ble.adapter import BleAdapter
@@ -96,6 +97,8 @@ class BleLink:
         next_poll = 0.0
         self.adapter.want()
         while True:
+            # bleak and dbus-fast await with wait_for in places: a stop must not be lost there.
+            raise_if_cancelled("bleak")
             if self.found_device is None:
                 await self._found.wait()
             if self.rotate:

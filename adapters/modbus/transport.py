@@ -47,6 +47,7 @@ from adapters.modbus.checks import (
 )
 from adapters.modbus.config import ModbusEndpoint
 from gateway.core.errors import DeviceUnavailable, map_exceptions
+from gateway.core.tasks import raise_if_cancelled
 
 log = logging.getLogger(__name__)
 # pymodbus logs every timeout at ERROR; the link reports transitions itself.
@@ -295,13 +296,6 @@ def _exception(response: Any) -> Reply:
 
 
 def _raise_if_cancelled() -> None:
-    """Re-raise a cancellation that pymodbus swallowed.
-
-    pymodbus awaits responses with ``asyncio.wait_for``. On Python 3.11, when the response
-    arrives in the same loop iteration as a cancellation, ``wait_for`` returns the response and
-    drops the ``CancelledError``; the link would then poll on forever and a stop would hang
-    (seen in CI). The task still records that a cancel was requested.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError("pymodbus swallowed this cancellation; raised again")
+    """pymodbus awaits responses with ``asyncio.wait_for``, which on Python 3.11 can drop a
+    cancellation that arrives with the response (see :func:`raise_if_cancelled`)."""
+    raise_if_cancelled("pymodbus")
