@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 from gateway.config import Config
 from gateway.identity import checks as identity
 
 Resolver = Callable[[str], set[str]]
+# Names are resolved together, and the start waits this long at most: a plant whose DNS is
+# down must not wait seconds per device name before it may start.
+RESOLVE_WITHIN = 3.0
 
 
 def problems(config: Config) -> list[str]:
@@ -38,18 +42,36 @@ def addresses(host: str) -> set[str]:
     return {str(info[4][0]) for info in infos} or {host}
 
 
+def resolve_all(
+    hosts: Iterable[str], resolve: Resolver = addresses, within: float = RESOLVE_WITHIN
+) -> dict[str, set[str]]:
+    """Every name's addresses, resolved concurrently; a name still unresolved after
+    ``within`` seconds stands for itself (compared by its spelling)."""
+    names = sorted(set(hosts))
+    if not names:
+        return {}
+    pool = ThreadPoolExecutor(max_workers=min(16, len(names)), thread_name_prefix="resolve")
+    try:
+        futures = {name: pool.submit(resolve, name) for name in names}
+        wait(futures.values(), timeout=within)
+        return {
+            name: future.result() if future.done() and not future.exception() else {name}
+            for name, future in futures.items()
+        }
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 def same_endpoints(config: Config, resolve: Resolver = addresses) -> list[str]:
     """Two Modbus devices at one address, port and unit under two names (``localhost`` and
     ``127.0.0.1``): both would poll the same device and report it under two identities."""
     found: list[str] = []
-    cache: dict[str, set[str]] = {}
+    cache = resolve_all((d.modbus.host for d in config.devices if d.modbus is not None), resolve)
     owners: dict[tuple[str, int, int], int] = {}
     for index, device in enumerate(config.devices):
         modbus = device.modbus
         if modbus is None:
             continue
-        if modbus.host not in cache:
-            cache[modbus.host] = resolve(modbus.host)
         for address in sorted(cache[modbus.host]):
             first = owners.setdefault((address, modbus.port, modbus.unit), index)
             if first != index:

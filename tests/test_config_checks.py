@@ -153,3 +153,23 @@ def test_a_ble_value_scaled_by_nan_is_refused() -> None:
 
     with pytest.raises(ValidationError, match="finite number"):
         BleValue.model_validate({"name": "t", "scale": float("nan")})
+
+
+def test_names_are_resolved_together_and_a_hung_resolver_does_not_hold_the_start() -> None:
+    import threading
+
+    from gateway.preflight import resolve_all
+
+    release = threading.Event()
+
+    def resolver(name: str) -> set[str]:
+        if name.startswith("hung"):
+            release.wait(10)  # a DNS server that does not answer
+        return {"10.0.0.1"} if name == "plc" else {name}
+
+    try:
+        found = resolve_all(["plc", *(f"hung-{i}" for i in range(20))], resolver, within=0.2)
+    finally:
+        release.set()
+    # The hung names stand for themselves; the answered one is resolved.
+    assert found["plc"] == {"10.0.0.1"} and found["hung-3"] == {"hung-3"}
