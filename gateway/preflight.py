@@ -50,7 +50,7 @@ def resolve_all(
     names = sorted(set(hosts))
     if not names:
         return {}
-    pool = ThreadPoolExecutor(max_workers=min(16, len(names)), thread_name_prefix="resolve")
+    pool = ThreadPoolExecutor(max_workers=min(64, len(names)), thread_name_prefix="resolve")
     try:
         futures = {name: pool.submit(resolve, name) for name in names}
         wait(futures.values(), timeout=within)
