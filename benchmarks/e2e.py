@@ -32,11 +32,10 @@ from pathlib import Path
 
 from adapters.modbus.sim.run import simulator_argv
 from gateway.config import render_toml
-from gateway.consumer import SequenceTracker, open_all
+from gateway.consumer import SequenceTracker, open_all, read_record
 from gateway.identity import pki as pki_mod
 from gateway.identity.keyring import load as load_keyring
 from gateway.testbed.loadtest.procstat import usage
-from gateway.testbed.localhub.service import read_record
 from gateway.testbed.ports import free_ports
 
 UNIT = 4096

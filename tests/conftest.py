@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 
 from adapters.modbus.sim.run import simulator_argv
-from gateway.consumer import Opened, SequenceTracker, open_all
+from gateway.consumer import Opened, SequenceTracker, open_all, read_record
 from gateway.identity import pki as pki_mod
 from gateway.identity.keyring import Keyring
 from gateway.identity.keyring import load as load_keyring
-from gateway.testbed.localhub.service import read_record
 from gateway.testbed.ports import free_ports
 
 DEVICES = [f"plc-{i}" for i in range(1, 13)]
