@@ -88,9 +88,9 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     from adapters.modbus.sim.run import simulator_argv
     from gateway.identity import pki as pki_mod
     from gateway.identity.pki import SERVICE_IDENTITY
+    from gateway.testbed.harness import fieldgate, free_ports
     from gateway.testbed.loadtest.procstat import usage
     from gateway.testbed.localhub.broker import Broker
-    from gateway.testbed.ports import free_ports
     from gateway.uplink.mqtt import MqttClient
     from gateway.uplink.session import client_context
 
@@ -119,7 +119,6 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         per_second[int(now - started)] += 1
         latencies.append(now * 1000 - doc["ts_ms"])
 
-    fieldgate = [sys.executable, "-m", "gateway.cli"]
     async with Broker(pki, port=SDK_PORT, log_path=work / "broker.log"):
         context = client_context(pki.root_cert, pki.service_cert, pki.service_key, pki.passphrase())
         async with MqttClient(
@@ -132,23 +131,24 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         ) as service:
             await service.subscribe([("devices/+/messages/events/#", 1)])
             sim = await asyncio.create_subprocess_exec(
-                *fieldgate,
-                *simulator_argv(
-                    devices=args.devices,
-                    port=free_ports(args.devices),
-                    config=config,
-                    pki=work / "pki",
-                    hub_port=SDK_PORT,
-                    state_dir=work / "state",
-                    extra=(
-                        "--points",
-                        str(args.points),
-                        "--types",
-                        args.types,
-                        "--period",
-                        str(1 / args.rate),
-                        "--step",
-                        "0.1",
+                *fieldgate(
+                    *simulator_argv(
+                        devices=args.devices,
+                        port=free_ports(args.devices),
+                        config=config,
+                        pki=work / "pki",
+                        hub_port=SDK_PORT,
+                        state_dir=work / "state",
+                        extra=(
+                            "--points",
+                            str(args.points),
+                            "--types",
+                            args.types,
+                            "--period",
+                            str(1 / args.rate),
+                            "--step",
+                            "0.1",
+                        ),
                     ),
                 ),
                 stdout=asyncio.subprocess.DEVNULL,
