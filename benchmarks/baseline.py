@@ -85,10 +85,9 @@ async def publish(config_path: Path, duration: float) -> None:
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
-    from adapters.modbus.sim.run import simulator_argv
     from gateway.identity import pki as pki_mod
     from gateway.identity.pki import SERVICE_IDENTITY
-    from gateway.testbed.harness import fieldgate, free_ports
+    from gateway.testbed.harness import fieldgate, modbus_load_argv
     from gateway.testbed.loadtest.procstat import usage
     from gateway.testbed.localhub.broker import Broker
     from gateway.uplink.mqtt import MqttClient
@@ -132,24 +131,16 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             await service.subscribe([("devices/+/messages/events/#", 1)])
             sim = await asyncio.create_subprocess_exec(
                 *fieldgate(
-                    *simulator_argv(
+                    *modbus_load_argv(
                         devices=args.devices,
-                        port=free_ports(args.devices),
                         config=config,
                         pki=work / "pki",
                         hub_port=SDK_PORT,
                         state_dir=work / "state",
-                        extra=(
-                            "--points",
-                            str(args.points),
-                            "--types",
-                            args.types,
-                            "--period",
-                            str(1 / args.rate),
-                            "--step",
-                            "0.1",
-                        ),
-                    ),
+                        points=args.points,
+                        types=args.types,
+                        rate=args.rate,
+                    )
                 ),
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL,

@@ -27,12 +27,19 @@ import time
 import tomllib
 from pathlib import Path
 
-from adapters.modbus.sim.run import simulator_argv
 from gateway.config import render_toml
 from gateway.consumer import SequenceTracker, open_all, read_record
 from gateway.identity import pki as pki_mod
 from gateway.identity.keyring import load as load_keyring
-from gateway.testbed.harness import HUB_READY, MODBUS_READY, Proc, fieldgate, free_ports, hub_argv
+from gateway.testbed.harness import (
+    HUB_READY,
+    MODBUS_READY,
+    Proc,
+    fieldgate,
+    free_ports,
+    hub_argv,
+    modbus_load_argv,
+)
 from gateway.testbed.loadtest.procstat import usage
 
 UNIT = 4096
@@ -62,29 +69,19 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 
     try:
         start("hub", hub_argv(pki_dir, hub_port, record), HUB_READY)
-        sim_base = free_ports(args.devices)
         config = work / "gateway.toml"
         start(
             "sim",
-            simulator_argv(
+            modbus_load_argv(
                 devices=args.devices,
-                port=sim_base,
                 config=config,
                 pki=pki_dir,
                 hub_port=hub_port,
                 state_dir=work / "state",
-                extra=(
-                    "--points",
-                    str(args.points),
-                    "--types",
-                    args.types,
-                    "--period",
-                    str(1 / args.rate),
-                    "--max-age",
-                    str(args.max_age),
-                    "--step",
-                    "0.1",
-                ),
+                points=args.points,
+                types=args.types,
+                rate=args.rate,
+                max_age=args.max_age,
             ),
             MODBUS_READY,
         )

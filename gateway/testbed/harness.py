@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from adapters.modbus.sim.run import simulator_argv
 from gateway import runtime
 from gateway.testbed.ports import free_ports
 
@@ -31,6 +32,7 @@ __all__ = [
     "fieldgate",
     "free_ports",
     "hub_argv",
+    "modbus_load_argv",
     "spawn",
     "stop",
     "stop_all",
@@ -70,6 +72,42 @@ def hub_argv(
         *(("--quiet",) if quiet else ()),
         *extra,
     ]
+
+
+def modbus_load_argv(
+    *,
+    devices: int,
+    config: Path,
+    pki: Path,
+    hub_port: int,
+    state_dir: Path,
+    points: int,
+    types: str,
+    rate: float,
+    max_age: float | None = None,
+) -> list[str]:
+    """``fieldgate simulate modbus`` arguments for a measured fleet (the load test and the
+    benchmarks): ``devices`` on free ports, ``points`` of ``types`` polled ``rate`` times a
+    second, values changing every 0.1 s so every poll reads news."""
+    return simulator_argv(
+        devices=devices,
+        port=free_ports(devices),
+        config=config,
+        pki=pki,
+        hub_port=hub_port,
+        state_dir=state_dir,
+        extra=(
+            "--points",
+            str(points),
+            "--types",
+            types,
+            "--period",
+            str(1 / rate),
+            *(("--max-age", str(max_age)) if max_age is not None else ()),
+            "--step",
+            "0.1",
+        ),
+    )
 
 
 # -- synchronous: tests and benchmarks --------------------------------------------------------

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from adapters.ble.gatt import MEASUREMENT_FORMAT, STATUS_FORMAT, struct_fields
-from adapters.modbus.sim.run import simulator_argv
 from gateway import config as config_mod
 from gateway import runtime
 from gateway.core.errors import FieldgateError
@@ -240,25 +239,16 @@ async def _set_up(plan: Plan, stack: contextlib.AsyncExitStack) -> _Rig:
     if plan.modbus:
         sim = await rig.start(
             "simulator",
-            *simulator_argv(
+            *harness.modbus_load_argv(
                 devices=plan.modbus,
-                port=free_ports(plan.modbus),
                 config=rig.config_path,
                 pki=pki_dir,
                 hub_port=port,
                 state_dir=out / "state",
-                extra=(
-                    "--points",
-                    str(plan.points),
-                    "--types",
-                    plan.types,
-                    "--period",
-                    str(1 / plan.rate),
-                    "--max-age",
-                    str(plan.max_age),
-                    "--step",
-                    "0.1",
-                ),
+                points=plan.points,
+                types=plan.types,
+                rate=plan.rate,
+                max_age=plan.max_age,
             ),
         )
         await harness.wait_for_file(
