@@ -85,13 +85,12 @@ async def publish(config_path: Path, duration: float) -> None:
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
-    from adapters.modbus.sim.run import simulator_argv
     from gateway.identity import pki as pki_mod
     from gateway.identity.pki import SERVICE_IDENTITY
     from gateway.identity.tls import client_context
+    from gateway.testbed.harness import fieldgate, modbus_load_argv
     from gateway.testbed.loadtest.procstat import usage
     from gateway.testbed.localhub.broker import Broker
-    from gateway.testbed.ports import free_ports
     from gateway.uplink.mqtt import MqttClient
 
     with socket.socket() as probe:
@@ -119,7 +118,6 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         per_second[int(now - started)] += 1
         latencies.append(now * 1000 - doc["ts_ms"])
 
-    fieldgate = [sys.executable, "-m", "gateway.cli"]
     async with Broker(pki, port=SDK_PORT, log_path=work / "broker.log"):
         context = client_context(pki.root_cert, pki.service_cert, pki.service_key, pki.passphrase())
         async with MqttClient(
@@ -132,24 +130,17 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         ) as service:
             await service.subscribe([("devices/+/messages/events/#", 1)])
             sim = await asyncio.create_subprocess_exec(
-                *fieldgate,
-                *simulator_argv(
-                    devices=args.devices,
-                    port=free_ports(args.devices),
-                    config=config,
-                    pki=work / "pki",
-                    hub_port=SDK_PORT,
-                    state_dir=work / "state",
-                    extra=(
-                        "--points",
-                        str(args.points),
-                        "--types",
-                        args.types,
-                        "--period",
-                        str(1 / args.rate),
-                        "--step",
-                        "0.1",
-                    ),
+                *fieldgate(
+                    *modbus_load_argv(
+                        devices=args.devices,
+                        config=config,
+                        pki=work / "pki",
+                        hub_port=SDK_PORT,
+                        state_dir=work / "state",
+                        points=args.points,
+                        types=args.types,
+                        rate=args.rate,
+                    )
                 ),
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL,

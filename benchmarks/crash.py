@@ -25,11 +25,10 @@ from pathlib import Path
 from e2e import fieldgate, hub_argv, stop, wait_for
 
 from adapters.modbus.sim.run import simulator_argv
-from gateway.consumer import SequenceTracker, open_all
+from gateway.consumer import SequenceTracker, open_all, read_record
 from gateway.identity import pki as pki_mod
 from gateway.identity.keyring import load as load_keyring
 from gateway.store import status
-from gateway.testbed.localhub.service import read_record
 from gateway.testbed.ports import free_ports
 
 

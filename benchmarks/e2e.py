@@ -21,63 +21,30 @@ import math
 import os
 import platform
 import shutil
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import tomllib
 from pathlib import Path
 
-from adapters.modbus.sim.run import simulator_argv
 from gateway.config import render_toml
-from gateway.consumer import SequenceTracker, open_all
+from gateway.consumer import SequenceTracker, open_all, read_record
 from gateway.identity import pki as pki_mod
 from gateway.identity.keyring import load as load_keyring
+from gateway.testbed.harness import (
+    HUB_READY,
+    MODBUS_READY,
+    Proc,
+    fieldgate,
+    free_ports,
+    hub_argv,
+    modbus_load_argv,
+)
 from gateway.testbed.loadtest.procstat import usage
-from gateway.testbed.localhub.service import read_record
-from gateway.testbed.ports import free_ports
 
 UNIT = 4096
-
-
-def fieldgate(*args: str) -> list[str]:
-    return [sys.executable, "-m", "gateway.cli", *args]
-
-
-def hub_argv(pki_dir: Path, port: int, record: Path) -> list[str]:
-    """``fieldgate`` arguments for a quiet hub stand-in that records every message."""
-    return [
-        "localhub",
-        "--pki",
-        str(pki_dir),
-        "--port",
-        str(port),
-        "--record",
-        str(record),
-        "--quiet",
-    ]
-
-
-def wait_for(path: Path, pattern: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and pattern in path.read_text(errors="replace"):
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"{pattern!r} not in {path}")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
+# Seconds a child has to stop after SIGTERM before it is killed.
+STOP_GRACE = 30.0
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -91,62 +58,46 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     pki_mod.init(pki_dir)
     hub_port = free_ports(1)
     record = work / "record.jsonl"
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[Proc] = []
 
-    def start(name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        log = open(work / f"{name}.log", "wb")
-        proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
+    def start(name: str, argv: list[str], ready: str | None = None) -> Proc:
+        proc = Proc(fieldgate(*argv), work / f"{name}.log")
         procs.append(proc)
+        if ready is not None:
+            proc.wait_for(ready, timeout=60)
         return proc
 
     try:
-        start("hub", fieldgate(*hub_argv(pki_dir, hub_port, record)))
-        wait_for(work / "hub.log", "local hub listening")
-        sim_base = free_ports(args.devices)
+        start("hub", hub_argv(pki_dir, hub_port, record), HUB_READY)
         config = work / "gateway.toml"
         start(
             "sim",
-            fieldgate(
-                *simulator_argv(
-                    devices=args.devices,
-                    port=sim_base,
-                    config=config,
-                    pki=pki_dir,
-                    hub_port=hub_port,
-                    state_dir=work / "state",
-                    extra=(
-                        "--points",
-                        str(args.points),
-                        "--types",
-                        args.types,
-                        "--period",
-                        str(1 / args.rate),
-                        "--max-age",
-                        str(args.max_age),
-                        "--step",
-                        "0.1",
-                    ),
-                )
+            modbus_load_argv(
+                devices=args.devices,
+                config=config,
+                pki=pki_dir,
+                hub_port=hub_port,
+                state_dir=work / "state",
+                points=args.points,
+                types=args.types,
+                rate=args.rate,
+                max_age=args.max_age,
             ),
+            MODBUS_READY,
         )
-        wait_for(work / "sim.log", "simulated Modbus devices on")
         doc = tomllib.loads(config.read_text())
         doc["store"] = {"kind": args.store}
         config.write_text(render_toml(doc))
-        gateway = start(
-            "gateway", fieldgate("--log-level", "warning", "run", "--config", str(config))
-        )
+        gateway = start("gateway", ["--log-level", "warning", "run", "--config", str(config)])
         time.sleep(args.warmup)
         t0, (cpu0, _, _) = time.time(), usage(gateway.pid)
         time.sleep(args.duration)
         t1, (cpu1, rss_now, rss_peak) = time.time(), usage(gateway.pid)
-        code = stop(gateway)
+        code = gateway.stop(STOP_GRACE)
         time.sleep(1.0)
     finally:
         for proc in reversed(procs):
-            stop(proc)
+            proc.stop(STOP_GRACE)
 
     p = pki_mod.Pki(pki_dir)
     ring = load_keyring(p.keyring, p.passphrase())

@@ -22,33 +22,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gateway.testbed.harness import fieldgate
+
 HERE = Path(__file__).resolve().parent
 
+
+def _wide_modbus(workers: int) -> list[str]:
+    """Profile (a): 100 devices x 60 points x 10 Hz over ``workers`` gateway processes."""
+    wide = ["--modbus", "100", "--points", "60", "--rate", "10", "--ramp", "8"]
+    return [*wide, "--workers", str(workers)]
+
+
 PROFILES: dict[str, list[str]] = {
-    "a_wide_modbus_1_worker": [
-        "--modbus",
-        "100",
-        "--points",
-        "60",
-        "--rate",
-        "10",
-        "--ramp",
-        "8",
-        "--workers",
-        "1",
-    ],
-    "a_wide_modbus_2_workers": [
-        "--modbus",
-        "100",
-        "--points",
-        "60",
-        "--rate",
-        "10",
-        "--ramp",
-        "8",
-        "--workers",
-        "2",
-    ],
+    "a_wide_modbus_1_worker": _wide_modbus(1),
+    "a_wide_modbus_2_workers": _wide_modbus(2),
     "b_many_identities": ["--modbus", "1000", "--points", "5", "--rate", "1", "--ramp", "15"],
     # Connecting and bonding 1,000 peripherals, one connect at a time, takes about 40 s here.
     "c_ble_fleet": ["--modbus", "0", "--ble", "1000", "--rate", "10", "--ramp", "90"],
@@ -77,18 +64,9 @@ def loadtest(name: str, args: list[str], duration: float, out: Path) -> dict[str
 def run_loadtest(args: list[str], duration: float, folder: Path) -> dict[str, Any]:
     """`fieldgate loadtest ARGS --duration D --out FOLDER`; its whole report."""
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gateway.cli",
-            "loadtest",
-            *args,
-            "--duration",
-            str(duration),
-            "--out",
-            str(folder),
-            "--no-live",
-        ],
+        fieldgate(
+            "loadtest", *args, "--duration", str(duration), "--out", str(folder), "--no-live"
+        ),
         stdout=subprocess.DEVNULL,
         check=False,
     )

@@ -15,11 +15,14 @@ of every envelope's body: the same sequence numbers with other content are a **c
 
 from __future__ import annotations
 
+import base64
 import bisect
 import hashlib
+import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from gateway.core.envelope import open_envelope
 from gateway.core.errors import EnvelopeError
@@ -211,3 +214,16 @@ def open_all(
             tracker.add(item)
         opened.append(item)
     return opened, errors
+
+
+def read_record(path: Path) -> list[tuple[str, bytes, float]]:
+    """Messages from a record file (JSON lines of ``{"t", "topic", "body"}``, the body in
+    base64, as ``fieldgate localhub --record`` writes them and ``fieldgate open`` reads them),
+    as (topic, body, arrival time). The standard ``json`` reads them: orjson has its owner
+    module, and a record is read once, not on a hot path."""
+    out = []
+    for line in path.read_bytes().splitlines():
+        if line.strip():
+            doc = json.loads(line)
+            out.append((doc["topic"], base64.b64decode(doc["body"]), float(doc["t"])))
+    return out

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import orjson
 
-from gateway.consumer import SequenceTracker, open_all
+from gateway.consumer import SequenceTracker, open_all, read_record
 from gateway.core.errors import FieldgateError
 from gateway.identity import keyring as keyring_mod
 from gateway.identity.pki import PASSPHRASE_ENV, Pki
-from gateway.testbed.localhub.service import read_record
 
 
 def load_keyring(pki_dir: Path | None, keyring_path: Path | None) -> keyring_mod.Keyring:

@@ -1,12 +1,8 @@
-"""Shared fixtures: a development PKI, free loopback ports, and processes stopped by PID."""
+"""Shared fixtures: a development PKI, free loopback ports, and processes stopped by PID (the
+testbed's harness, ``gateway/testbed/harness.py``)."""
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,67 +10,21 @@ from pathlib import Path
 import pytest
 
 from adapters.modbus.sim.run import simulator_argv
-from gateway.consumer import Opened, SequenceTracker, open_all
+from gateway.consumer import Opened, SequenceTracker, open_all, read_record
 from gateway.identity import pki as pki_mod
 from gateway.identity.keyring import Keyring
 from gateway.identity.keyring import load as load_keyring
-from gateway.testbed.localhub.service import read_record
-from gateway.testbed.ports import free_ports
+from gateway.testbed.harness import (  # Proc, fieldgate: test modules import them from here
+    BLE_READY,
+    HUB_READY,
+    MODBUS_READY,
+    Proc,
+    fieldgate,
+    free_ports,
+    hub_argv,
+)
 
 DEVICES = [f"plc-{i}" for i in range(1, 13)]
-
-
-def fieldgate(*args: str) -> list[str]:
-    return [sys.executable, "-m", "gateway.cli", *args]
-
-
-class Proc:
-    """A child process whose output goes to a file; stopped by its PID."""
-
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-        self.log = log
-        self._out = open(log, "wb")
-        self.popen = subprocess.Popen(
-            args,
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})},
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_for(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = re.search(pattern, self.output())
-            if found:
-                return found
-            if self.popen.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(
-            f"{pattern!r} not seen (exit {self.popen.poll()}):\n{self.output()[-3000:]}"
-        )
-
-    def stop(self, timeout: float = 20.0) -> int:
-        if self.popen.poll() is None:
-            os.kill(self.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                # Ask it where it is stuck before killing it, so the failure explains itself.
-                os.kill(self.pid, signal.SIGUSR1)
-                time.sleep(1)
-                os.kill(self.pid, signal.SIGKILL)
-                self.popen.wait()
-        self._out.close()
-        return self.popen.returncode
 
 
 @pytest.fixture
@@ -105,49 +55,33 @@ def start_hub(
 ) -> tuple[int, Path]:
     port = port or free_ports(1)
     record = tmp / "hub-record.jsonl"
-    hub = Proc(
-        fieldgate(
-            "localhub",
-            "--pki",
-            str(pki_dir),
-            "--port",
-            str(port),
-            "--record",
-            str(record),
-            "--broker-log",
-            str(tmp / "broker.log"),
-            "--quiet",
-            *extra,
-        ),
-        tmp / f"hub-{len(procs)}.log",
-    )
-    procs.append(hub)
-    hub.wait_for("local hub listening")
+    argv = hub_argv(pki_dir, port, record, *extra, broker_log=tmp / "broker.log")
+    _start(procs, argv, tmp / f"hub-{len(procs)}.log", HUB_READY)
     return port, record
+
+
+def _start(procs: list[Proc], argv: list[str], log: Path, ready: str) -> Proc:
+    """``fieldgate ARGV`` in the test's processes, once its output says ``ready``."""
+    proc = Proc(fieldgate(*argv), log)
+    procs.append(proc)
+    proc.wait_for(ready)
+    return proc
 
 
 def start_simulator(
     procs: list[Proc], tmp: Path, pki_dir: Path, hub_port: int, devices: int, *extra: str
 ) -> tuple[Path, Proc]:
-    base = free_ports(devices)
     config = tmp / "gateway.toml"
-    sim = Proc(
-        fieldgate(
-            *simulator_argv(
-                devices=devices,
-                port=base,
-                config=config,
-                pki=pki_dir,
-                hub_port=hub_port,
-                state_dir=tmp / "state",
-                extra=extra,
-            )
-        ),
-        tmp / "sim.log",
+    argv = simulator_argv(
+        devices=devices,
+        port=free_ports(devices),
+        config=config,
+        pki=pki_dir,
+        hub_port=hub_port,
+        state_dir=tmp / "state",
+        extra=extra,
     )
-    procs.append(sim)
-    sim.wait_for("simulated Modbus devices on")
-    return config, sim
+    return config, _start(procs, argv, tmp / "sim.log", MODBUS_READY)
 
 
 def start_ble_simulator(
@@ -159,23 +93,16 @@ def start_ble_simulator(
 
     config = tmp / "gateway.toml"
     bus_dir = tmp / "bus"
-    sim = Proc(
-        fieldgate(
-            *ble_argv(
-                devices=devices,
-                bus_dir=bus_dir,
-                config=config,
-                pki=pki_dir,
-                hub_port=hub_port,
-                state_dir=tmp / "state",
-                extra=extra,
-            )
-        ),
-        tmp / "ble-sim.log",
+    argv = ble_argv(
+        devices=devices,
+        bus_dir=bus_dir,
+        config=config,
+        pki=pki_dir,
+        hub_port=hub_port,
+        state_dir=tmp / "state",
+        extra=extra,
     )
-    procs.append(sim)
-    sim.wait_for("simulated BLE peripherals")
-    return config, sim, bus_address(bus_dir)
+    return config, _start(procs, argv, tmp / "ble-sim.log", BLE_READY), bus_address(bus_dir)
 
 
 def ble_sim(address: str, call: str, *args: object) -> object:

@@ -12,7 +12,7 @@ from test_config import good
 
 from gateway.config import load, render_toml
 from gateway.core.errors import ConfigError
-from gateway.identity import pki as pki_mod
+from gateway.testbed.certs import issue_leaf
 
 from conftest import fieldgate, start_hub, start_simulator
 
@@ -35,7 +35,7 @@ def device(doc: dict[str, object], index: int) -> dict[str, object]:
 
 def leaf(pki_dir: Path, tmp: Path, cn: str, **kwargs: object) -> dict[str, str]:
     cert, key = tmp / f"{cn}.pem", tmp / f"{cn}.key"
-    pki_mod.issue_leaf(pki_dir, cn, cert, key, **kwargs)  # type: ignore[arg-type]
+    issue_leaf(pki_dir, cert, key, cn=cn, **kwargs)  # type: ignore[arg-type]
     return {"cert": str(cert), "key": str(key)}
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.x509.oid import ExtendedKeyUsageOID
 from fakehub import FakeHub
 
 from gateway.config import HubConfig
@@ -21,6 +20,7 @@ from gateway.identity import pki as pki_mod
 from gateway.identity.pki import Pki
 from gateway.identity.tls import client_context
 from gateway.store.memory import MemoryQueue
+from gateway.testbed.certs import issue_leaf
 from gateway.testbed.localhub.broker import Broker
 from gateway.testbed.ports import free_ports
 from gateway.uplink.mqtt import MqttClient
@@ -35,7 +35,8 @@ NOW = dt.datetime.now(dt.UTC)
 def _server(pki_dir: Path, tmp: Path, name: str, **kwargs: Any) -> tuple[Path, Path, bytes]:
     pki = Pki(pki_dir)
     cert, key = tmp / f"{name}.pem", tmp / f"{name}.key"
-    pki_mod.issue_server(pki, cert, key, **kwargs)
+    hub: dict[str, Any] = {"server": True, "days": 30, "names": ["localhost"], "ips": ["127.0.0.1"]}
+    issue_leaf(pki_dir, cert, key, **{**hub, **kwargs})
     return cert, key, pki.passphrase()
 
 
@@ -48,15 +49,13 @@ ATTACKS: dict[str, tuple[Any, dict[str, Any], str, str]] = {
     # name: (certificate maker, server options, cause, words in the log line)
     "rogue-ca": (_rogue, {}, "untrusted", "unable to get local issuer certificate"),
     "expired": (
-        lambda d, t: _server(
-            d, t, "expired", valid_from=NOW - dt.timedelta(days=30), valid_until=NOW
-        ),
+        lambda d, t: _server(d, t, "expired", start=NOW - dt.timedelta(days=30), until=NOW),
         {},
         "expired",
         "certificate has expired",
     ),
     "not-yet-valid": (
-        lambda d, t: _server(d, t, "future", valid_from=NOW + dt.timedelta(days=1)),
+        lambda d, t: _server(d, t, "future", start=NOW + dt.timedelta(days=1)),
         {},
         "not-yet-valid",
         "not yet valid",
@@ -68,7 +67,7 @@ ATTACKS: dict[str, tuple[Any, dict[str, Any], str, str]] = {
         "Hostname mismatch",
     ),
     "wrong-eku": (
-        lambda d, t: _server(d, t, "client", usage=ExtendedKeyUsageOID.CLIENT_AUTH),
+        lambda d, t: _server(d, t, "client", server=False),
         {},
         "eku",
         "unsuitable certificate purpose",
@@ -167,7 +166,7 @@ def test_a_refusal_is_recorded_again_after_a_successful_connection(
 ) -> None:
     events = SecurityEvents(tmp_path / "state")
     good = _server(pki_dir, tmp_path, "good")
-    bad = _server(pki_dir, tmp_path, "future", valid_from=NOW + dt.timedelta(days=1))
+    bad = _server(pki_dir, tmp_path, "future", start=NOW + dt.timedelta(days=1))
 
     async def scenario() -> None:
         # Down (refused), up (the same port, now a good certificate), down again.
@@ -280,7 +279,7 @@ def test_gateway_records_an_expired_hub_certificate_once_and_still_stops_cleanly
     tmp_path: Path, pki_dir: Path, procs: list[Proc]
 ) -> None:
     cert, key, passphrase = _server(
-        pki_dir, tmp_path, "expired", valid_from=NOW - dt.timedelta(days=30), valid_until=NOW
+        pki_dir, tmp_path, "expired", start=NOW - dt.timedelta(days=30), until=NOW
     )
     with FakeHub(cert, key, passphrase) as hub:
         config, _ = start_simulator(procs, tmp_path, pki_dir, hub.port, 1)

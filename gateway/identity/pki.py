@@ -149,8 +149,10 @@ def _builder(
     ca: bool,
     path_length: int | None,
     start: dt.datetime | None = None,
+    until: dt.datetime | None = None,
 ) -> x509.CertificateBuilder:
-    """What every certificate here shares: validity, constraints, key usage, key ids."""
+    """What every certificate here shares: validity (``days`` from ``start``, unless ``until``
+    says otherwise), constraints, key usage, key ids."""
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -158,7 +160,7 @@ def _builder(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(start or _now())
-        .not_valid_after((start or _now()) + dt.timedelta(days=days))
+        .not_valid_after(until or (start or _now()) + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -220,6 +222,7 @@ def _leaf(
     days: int,
     sans: Iterable[x509.GeneralName] = (),
     start: dt.datetime | None = None,
+    until: dt.datetime | None = None,
 ) -> x509.Certificate:
     usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
     builder = _builder(
@@ -231,6 +234,7 @@ def _leaf(
         ca=False,
         path_length=None,
         start=start,
+        until=until,
     )
     builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     names = list(sans)
@@ -399,75 +403,3 @@ def decrypted_key_pem(key_path: Path, passphrase: bytes) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-
-
-def issue_leaf(
-    root: Path,
-    cn: str,
-    cert_path: Path,
-    key_path: Path,
-    *,
-    start: dt.datetime | None = None,
-    days: int = 365,
-    server: bool = False,
-    encrypt: bool = True,
-) -> None:
-    """A leaf from the PKI's intermediate with any CN, start of validity and EKU (server or
-    client), its key encrypted or in the clear: for tests of what a start must refuse."""
-    pki = Pki(Path(root))
-    passphrase = pki.passphrase()
-    inter_cert, inter_key = _load_intermediate(pki, passphrase)
-    key = _new_key()
-    cert = _leaf(cn, key, inter_cert, inter_key, server=server, days=days, start=start)
-    if encrypt:
-        pem = _key_pem(key, passphrase)
-    else:
-        pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    _write_private(key_path, pem)
-    _write_public(cert_path, _cert_pem(cert, inter_cert))
-
-
-def issue_server(
-    pki: Pki,
-    cert_path: Path,
-    key_path: Path,
-    *,
-    valid_from: dt.datetime | None = None,
-    valid_until: dt.datetime | None = None,
-    usage: x509.ObjectIdentifier = ExtendedKeyUsageOID.SERVER_AUTH,
-    names: Iterable[str] = ("localhost",),
-    ips: Iterable[str] = ("127.0.0.1",),
-) -> None:
-    """A hub server leaf signed by ``pki``'s intermediate, with a chosen validity window, EKU
-    and names: what tests of the uplink's refusals (expired, wrong EKU, wrong host) serve.
-    The key is encrypted under the PKI's passphrase; the file holds leaf + intermediate."""
-    passphrase = pki.passphrase()
-    inter_cert, inter_key = _load_intermediate(pki, passphrase)
-    key = _new_key()
-    start = valid_from or _now()
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name("hub"))
-        .issuer_name(inter_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(valid_until or start + dt.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(_issuer_public(inter_cert)),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    )
-    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
-    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    leaf = builder.sign(inter_key, hashes.SHA256())
-    _write_private(key_path, _key_pem(key, passphrase))
-    _write_public(cert_path, _cert_pem(leaf, inter_cert))

@@ -14,19 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import statistics
 import sys
 import time
 import tomllib
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import orjson
-from rich.console import Console, Group
-from rich.live import Live
-from rich.table import Table
-from rich.text import Text
 
 from adapters.ble.sim.bus import SOCKET_NAME
 from adapters.ble.sim.run import simulator_argv as ble_argv
@@ -37,11 +32,15 @@ from gateway.consumer import SequenceTracker
 from gateway.core.errors import FieldgateError
 from gateway.events import FILE_NAME as EVENTS_FILE
 from gateway.identity import pki as pki_mod
+from gateway.testbed import harness
+from gateway.testbed.console import Column, Console, Renderable, stack, styled, table
+from gateway.testbed.harness import free_ports
 from gateway.testbed.localhub.broker import Broker
 from gateway.testbed.localhub.service import DeviceView, HubService
-from gateway.testbed.ports import free_ports
 
 CHILD_GRACE = 15.0
+# Seconds a simulator has to write its config (or open its bus).
+SIM_READY_WITHIN = 20.0
 # Seconds the hub waits, after the gateway stopped, for what the gateway's store accepted.
 HUB_CATCH_UP = 15.0
 # With this many BLE peripherals or more, the last one is quarantined (a wrong challenge answer).
@@ -106,14 +105,18 @@ def _table(
     started: float,
     note: str,
     extra: str = "",
-) -> Group:
+) -> Renderable:
     admissions.poll()
-    table = Table(title="IoT Hub stand-in: what arrived, opened and checked", expand=True)
-    table.add_column("device", no_wrap=True)
-    table.add_column("admission (gateway)", overflow="fold", ratio=1)
-    for column in ("envelopes", "readings", "dups", "gaps", "refused at hub", "latency p50"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("latest values", no_wrap=True, overflow="ellipsis", ratio=1)
+    columns = [
+        Column("device", no_wrap=True),
+        Column("admission (gateway)", overflow="fold", ratio=1),
+        *(
+            Column(header, no_wrap=True)
+            for header in ("envelopes", "readings", "dups", "gaps", "refused at hub", "latency p50")
+        ),
+        Column("latest values", no_wrap=True, overflow="ellipsis", ratio=1),
+    ]
+    rows: list[tuple[Renderable, ...]] = []
     gaps = service.tracker.gaps()
     for device in sorted({*configured, *service.devices, *admissions.devices}):
         view = service.devices.get(device, DeviceView())
@@ -121,44 +124,34 @@ def _table(
         lat = f"{statistics.median(view.latencies_ms):.0f} ms" if view.latencies_ms else "-"
         values = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(view.last.items()))
         admission = admissions.devices.get(device, "waiting")
-        table.add_row(
-            device,
-            Text(admission, style="bold red" if device in admissions.quarantined else ""),
-            str(view.envelopes),
-            str(view.readings),
-            str(view.duplicates),
-            str(holes),
-            str(view.refused),
-            lat,
-            values,
+        rows.append(
+            (
+                device,
+                styled(admission, "bold red" if device in admissions.quarantined else ""),
+                str(view.envelopes),
+                str(view.readings),
+                str(view.duplicates),
+                str(holes),
+                str(view.refused),
+                lat,
+                values,
+            )
         )
+    title = "IoT Hub stand-in: what arrived, opened and checked"
     elapsed = time.time() - started
     total = sum(v.readings for v in service.devices.values())
-    lines = [Text(f"{total} readings in {elapsed:.0f} s. {note}")]
+    lines = [styled(f"{total} readings in {elapsed:.0f} s. {note}")]
     for device, reason in sorted(admissions.quarantined.items()):
-        lines.append(Text(f"quarantined: {device}: {reason}", style="bold red"))
+        lines.append(styled(f"quarantined: {device}: {reason}", "bold red"))
     for where, reason in sorted(admissions.unknown.items()):
-        lines.append(Text(f"unknown device at {where}: {reason}", style="yellow"))
+        lines.append(styled(f"unknown device at {where}: {reason}", "yellow"))
     if extra:
-        lines.append(Text(extra))
-    return Group(table, *lines)
+        lines.append(styled(extra))
+    return stack(table(title, columns, rows, expand=True), *lines)
 
 
 def _fmt(value: object) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
-async def _stop_child(proc: asyncio.subprocess.Process, name: str) -> None:
-    if proc.returncode is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        async with asyncio.timeout(CHILD_GRACE):
-            await proc.wait()
-    except TimeoutError:
-        print(f"{name} did not stop in {CHILD_GRACE:.0f} s; killing it", file=sys.stderr)
-        proc.kill()
-        await proc.wait()
 
 
 async def demo(
@@ -236,7 +229,7 @@ async def demo(
             open(logs / "ble-simulator.log", "ab") as ble_log,
             open(logs / "gateway.log", "ab") as gw_log,
         ):
-            sim = await _spawn(sim_args, sim_log)
+            sim = await harness.spawn(sim_args, sim_log)
             gateway = ble_sim = None
             try:
                 async with asyncio.TaskGroup() as tg:
@@ -245,15 +238,17 @@ async def demo(
                     # subscription to queue it for.
                     tg.create_task(service.run(hub_stop), name="hub-service")
                     try:
-                        await _wait_for(config, sim)
+                        await harness.wait_for_file(config, sim, SIM_READY_WITHIN)
                         if ble:
-                            ble_sim = await _spawn(ble_args, ble_log)
+                            ble_sim = await harness.spawn(ble_args, ble_log)
                             # It writes the config first, then opens its bus.
-                            await _wait_for(bus_dir / SOCKET_NAME, ble_sim)
+                            await harness.wait_for_file(
+                                bus_dir / SOCKET_NAME, ble_sim, SIM_READY_WITHIN
+                            )
                         async with asyncio.timeout(CHILD_GRACE):
                             await service.connected.wait()
                         events = Admissions(state / "gateway" / EVENTS_FILE)
-                        gateway = await _spawn(["run", "--config", str(config)], gw_log)
+                        gateway = await harness.spawn(["run", "--config", str(config)], gw_log)
                         store = state / "gateway" / "store.db"
                         view = _View(
                             service,
@@ -273,10 +268,10 @@ async def demo(
                 stop.set()
             finally:
                 if gateway is not None:
-                    await _stop_child(gateway, "gateway")
-                await _stop_child(sim, "simulator")
+                    await harness.stop(gateway, CHILD_GRACE, "gateway")
+                await harness.stop(sim, CHILD_GRACE, "simulator")
                 if ble_sim is not None:
-                    await _stop_child(ble_sim, "BLE simulator")
+                    await harness.stop(ble_sim, CHILD_GRACE, "BLE simulator")
                 service.close()
     code = gateway.returncode if gateway is not None else 1
     command = Path(sys.executable).parent / "fieldgate"
@@ -301,7 +296,7 @@ class _View:
         self.extra = extra
         self.started = time.time()
 
-    def render(self, note: str) -> Group:
+    def render(self, note: str) -> Renderable:
         return _table(
             self.service, self.admissions, self.configured, self.started, note, self.extra
         )
@@ -328,12 +323,7 @@ async def _show(
     and the hub catches up. Returns how many accepted readings the hub did not get. On a
     terminal the table is live; otherwise rich prints it once, at the end."""
     note = "Ctrl-C stops." if duration is None else f"Stops after {duration:.0f} s."
-    with Live(
-        view.render(note),
-        console=console,
-        refresh_per_second=2,
-        transient=False,
-    ) as live:
+    with console.live(view.render(note)) as live:
         deadline = None if duration is None else time.monotonic() + duration
         while not stop.is_set():
             if gateway.returncode is not None:
@@ -348,7 +338,7 @@ async def _show(
                 pass
             live.update(view.render(note))
         live.update(view.render("stopping: the gateway flushes..."))
-        await _stop_child(gateway, "gateway")
+        await harness.stop(gateway, CHILD_GRACE, "gateway")
         # The hub outlives the gateway's flush: it stops once it has opened every reading the
         # gateway's store accepted, or after HUB_CATCH_UP.
         missing = await _catch_up(view.service, store)
@@ -383,32 +373,6 @@ async def _catch_up(service: HubService, store: Path) -> int:
     except TimeoutError:
         pass
     return hub_missing(accepted, boot_id, service.tracker)
-
-
-async def _spawn(args: list[str], log: BinaryIO) -> asyncio.subprocess.Process:
-    """``fieldgate ARGS`` as a helper process of the demo, its output into ``log``."""
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway.cli",
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=log,
-        stderr=log,
-        **runtime.child_process_options(),
-    )
-
-
-async def _wait_for(path: Path, sim: asyncio.subprocess.Process) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 20
-    while not path.exists():
-        if sim.returncode is not None:
-            raise RuntimeError("a simulator exited early; see its log")
-        if loop.time() > deadline:
-            raise RuntimeError(f"a simulator did not make {path} in 20 s")
-        # Another process's file: nothing to wait on but the file itself.
-        await asyncio.sleep(0.05)
 
 
 def run_demo(state: Path, *, devices: int, points: int, ble: int, duration: float | None) -> int:

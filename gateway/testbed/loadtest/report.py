@@ -11,17 +11,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
+from gateway.testbed.console import Column, Console, table
 from gateway.testbed.loadtest.stats import Collector
 
 
 def write_report(out: Path, report: dict[str, Any], console: Console) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    table = Table(title=f"loadtest result: {report['result'].upper()}")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
     latency = report["latency_ms"]
     gateway = report["gateway"]
     rows = [
@@ -64,9 +59,8 @@ def write_report(out: Path, report: dict[str, Any], console: Console) -> None:
                 f"{ble['notifications_sent']:,} / {report['loss']['notification_gaps']:,}",
             )
         )
-    for name, value in rows:
-        table.add_row(name, value)
-    console.print(table)
+    title = f"loadtest result: {report['result'].upper()}"
+    console.print(table(title, ["measure", Column("value", justify="right")], rows))
     for problem in report["problems"]:
         console.print(f"[bold red]FAILED[/]: {problem}")
 

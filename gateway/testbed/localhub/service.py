@@ -19,7 +19,7 @@ from typing import IO, Any
 
 import orjson
 
-from gateway.consumer import Opened, SequenceTracker, open_all, open_message
+from gateway.consumer import Opened, SequenceTracker, open_all, open_message, read_record
 from gateway.core.errors import EnvelopeError, UplinkError
 from gateway.identity import keyring as keyring_mod
 from gateway.identity.pki import SERVICE_IDENTITY, Pki, ensure_hub_identity
@@ -159,13 +159,3 @@ class HubService:
         if self._record is not None:
             self._record.close()
             self._record = None
-
-
-def read_record(path: Path) -> list[tuple[str, bytes, float]]:
-    """Messages from a record file, as (topic, body, arrival time)."""
-    out = []
-    for line in path.read_bytes().splitlines():
-        if line.strip():
-            doc = orjson.loads(line)
-            out.append((doc["topic"], base64.b64decode(doc["body"]), float(doc["t"])))
-    return out

@@ -1,0 +1,198 @@
+"""The test tools' verbs: ``demo``, ``loadtest``, ``localhub`` and ``simulate modbus|ble``.
+
+They plug into the one ``fieldgate`` command through the ``fieldgate.verbs`` entry-point group
+(``pyproject.toml``); ``gateway/cli.py`` loads that group and never imports the testbed, so a
+production install without the test tools simply lacks these verbs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def cmd_localhub(args: argparse.Namespace) -> int:
+    from gateway.testbed.localhub.run import run_localhub
+
+    return run_localhub(
+        Path(args.pki),
+        host=args.host,
+        port=args.port,
+        record=Path(args.record) if args.record else None,
+        quiet=args.quiet,
+        broker_log=Path(args.broker_log) if args.broker_log else None,
+        persist=Path(args.persist) if args.persist else None,
+    )
+
+
+def cmd_simulate_modbus(args: argparse.Namespace) -> int:
+    from adapters.modbus.sim.run import run_simulator
+
+    return run_simulator(args)
+
+
+def cmd_simulate_ble(args: argparse.Namespace) -> int:
+    from adapters.ble.sim.run import run_simulator
+
+    return run_simulator(args)
+
+
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from gateway.testbed.loadtest.run import Plan, run_loadtest
+
+    plan = Plan(
+        modbus=args.modbus,
+        ble=args.ble,
+        ble_signals=args.ble_signals,
+        points=args.points,
+        rate=args.rate,
+        duration=args.duration,
+        ramp=args.ramp,
+        workers=args.workers,
+        types=args.types,
+        max_age=args.max_age,
+        out=Path(args.out),
+        gateway_config=Path(args.gateway_config) if args.gateway_config else None,
+        hub=args.hub,
+        pki=Path(args.pki) if args.pki else None,
+        stop_hub_after=args.stop_hub_after,
+        live=not args.no_live,
+    )
+    return run_loadtest(plan)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.testbed.demo import run_demo
+
+    return run_demo(
+        Path(args.state),
+        devices=args.devices,
+        points=args.points,
+        ble=args.ble,
+        duration=args.duration,
+    )
+
+
+# ``argparse._SubParsersAction`` is private; Any keeps the plug-in's signature honest about
+# what it receives without naming it.
+def add_verbs(verbs: Any) -> None:
+    """Add the test tools' verbs to ``fieldgate``'s sub-command parsers."""
+    demo = verbs.add_parser(
+        "demo",
+        help="PKI, local hub, simulated devices and the gateway, "
+        "with a live view of what the hub receives",
+    )
+    demo.add_argument("--state", default="fieldgate-state", help="folder for PKI and config")
+    demo.add_argument("--devices", type=int, default=5, help="simulated Modbus devices")
+    demo.add_argument("--ble", type=int, default=3, help="simulated BLE peripherals")
+    demo.add_argument("--points", type=int, default=9)
+    demo.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="stop after this many seconds (default: until Ctrl-C)",
+    )
+    demo.set_defaults(func=cmd_demo)
+
+    load = verbs.add_parser(
+        "loadtest", help="measure a simulated fleet end to end: ramp, hold, stop, report"
+    )
+    load.add_argument("--modbus", type=int, default=10, help="simulated Modbus devices")
+    load.add_argument(
+        "--ble",
+        type=int,
+        default=0,
+        help="simulated BLE peripherals (each notification carries 4 points)",
+    )
+    load.add_argument(
+        "--ble-signals",
+        action="store_true",
+        help="the peripherals offer no AcquireNotify: notifications travel as D-Bus signals",
+    )
+    load.add_argument("--points", type=int, default=10, help="points per Modbus device")
+    load.add_argument(
+        "--rate",
+        type=float,
+        default=1.0,
+        help="polls (Modbus) and notifications (BLE) per second per device",
+    )
+    load.add_argument("--duration", type=float, default=30.0, help="seconds to hold the load")
+    load.add_argument("--ramp", type=float, default=5.0, help="seconds before the hold")
+    load.add_argument("--workers", type=int, default=1, help="gateway processes")
+    load.add_argument("--types", default="float32", help="point types of the simulated map")
+    load.add_argument("--max-age", type=float, default=1.0, help="batching.max_age")
+    load.add_argument("--out", default="loadtest-out", help="report folder")
+    load.add_argument("--gateway-config", help="test this config instead of simulated devices")
+    load.add_argument(
+        "--hub",
+        metavar="HOST:PORT",
+        help="an existing stand-in (fieldgate localhub) instead of a new one",
+    )
+    load.add_argument("--pki", help="the PKI the hub and devices use (default: OUT/pki)")
+    load.add_argument(
+        "--stop-hub-after",
+        type=float,
+        metavar="SECONDS",
+        help="fault injection: stop the hub for good after this long",
+    )
+    load.add_argument("--no-live", action="store_true", help="no live progress view")
+    load.set_defaults(func=cmd_loadtest)
+
+    hub = verbs.add_parser("localhub", help="run the local IoT Hub stand-in (mosquitto + consumer)")
+    hub.add_argument("--pki", default="fieldgate-state/pki")
+    hub.add_argument("--host", default="127.0.0.1")
+    hub.add_argument("--port", type=int, default=8883)
+    hub.add_argument("--record", help="append every message received to this JSON-lines file")
+    hub.add_argument("--quiet", action="store_true", help="no periodic summary")
+    hub.add_argument("--broker-log", help="write mosquitto's log (connections, refusals) here")
+    hub.add_argument(
+        "--persist",
+        help="keep the broker's sessions and queued messages in this "
+        "folder across restarts, as IoT Hub does",
+    )
+    hub.set_defaults(func=cmd_localhub)
+
+    sim = verbs.add_parser("simulate", help="device simulators").add_subparsers(
+        dest="sim_verb", required=True
+    )
+    modbus = sim.add_parser("modbus", help="simulated Modbus TCP devices, one port each")
+    modbus.add_argument("--devices", type=int, default=5)
+    modbus.add_argument("--host", default="127.0.0.1")
+    modbus.add_argument("--port", type=int, default=15020, help="first device's port")
+    modbus.add_argument("--points", type=int, default=9, help="points per device")
+    modbus.add_argument(
+        "--types", default=None, help="comma-separated point types (default: a mix of every type)"
+    )
+    modbus.add_argument("--period", type=float, default=1.0, help="poll period in the config")
+    modbus.add_argument(
+        "--step", type=float, default=1.0, help="seconds between value changes in the devices"
+    )
+    modbus.add_argument("--prefix", default="plc-", help="device id prefix")
+    modbus.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="ID=KIND",
+        help="dead | slow:SECONDS | exception:CODE | down",
+    )
+    modbus.add_argument(
+        "--write-config",
+        metavar="FILE",
+        help="also write a gateway config for these devices, once they listen; the devices "
+        "keep serving until Ctrl-C or SIGTERM",
+    )
+    modbus.add_argument(
+        "--pki", default="fieldgate-state/pki", help="PKI folder the written config points at"
+    )
+    modbus.add_argument("--hub-port", type=int, default=8883)
+    modbus.add_argument("--max-age", type=float, default=1.0)
+    modbus.add_argument("--state-dir", default=None)
+    modbus.set_defaults(func=cmd_simulate_modbus)
+    ble = sim.add_parser(
+        "ble", help="simulated BLE peripherals behind a simulated bluetoothd on a private D-Bus"
+    )
+    from adapters.ble.sim.run import add_arguments
+
+    add_arguments(ble)
+    ble.set_defaults(func=cmd_simulate_ble)
