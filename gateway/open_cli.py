@@ -6,9 +6,8 @@ import os
 import sys
 from pathlib import Path
 
-import orjson
-
 from gateway.consumer import SequenceTracker, open_all, read_record
+from gateway.core import codec
 from gateway.core.errors import FieldgateError
 from gateway.identity import keyring as keyring_mod
 from gateway.identity.pki import PASSPHRASE_ENV, Pki
@@ -55,7 +54,7 @@ def open_record(
         for r in fresh:
             if as_json:
                 out.write(
-                    orjson.dumps(
+                    codec.dumps(
                         {
                             "device": r.device_id,
                             "boot": r.boot_id,
