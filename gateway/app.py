@@ -129,7 +129,7 @@ class Gateway:
         if kind == "envelopes-dropped":
             self.counters.dropped_envelopes += int(fields.get("envelopes", 0))  # type: ignore[call-overload]
             self.counters.dropped_readings += int(fields.get("readings", 0))  # type: ignore[call-overload]
-        elif kind == "store-disk-writable":  # readings refused while the disk was full
+        elif kind in ("store-disk-writable", "store-intake-refused"):  # refused while full
             self.counters.dropped_readings += int(fields.get("refused_readings", 0))  # type: ignore[call-overload]
         self.events.record(kind, device_id, reason, **fields)
 

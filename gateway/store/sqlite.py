@@ -23,7 +23,8 @@ A store file that cannot be opened or fails ``PRAGMA quick_check`` at start is m
 
 A full disk does not stop the gateway. When SQLite cannot write (``FullError``), new envelopes
 are refused (counted per device; one ``store-disk-full`` event when it starts and one
-``store-disk-writable`` with the counts when it ends), while what the store holds keeps being
+``store-disk-writable`` with the counts when it ends, or ``store-intake-refused`` with them at a
+stop while still full), while what the store holds keeps being
 leased, delivered and deleted. A reserve file beside the store (``<store>.reserve``) is given
 up at that moment, so that deletes, checkpoints and a restart have the room SQLite needs; intake
 resumes by itself once the reserve can be written again (probed every ``PROBE_INTERVAL``).
@@ -611,7 +612,14 @@ class Store:
             count, readings = self.refused_full.get(envelope.device_id, (0, 0))
             self.refused_full[envelope.device_id] = (count + 1, readings + envelope.header.count)
 
-    def _disk_writable(self, *, reason: str = "disk writable again: intake resumes") -> None:
+    def _disk_writable(
+        self,
+        *,
+        kind: str = "store-disk-writable",
+        reason: str = "disk writable again: intake resumes",
+    ) -> None:
+        """The spell of refusals ends: the disk took a write again, or (``kind``
+        ``store-intake-refused``) the gateway stops while it is still full."""
         refused, self.refused_full = self.refused_full, {}
         self.disk_full = False
         envelopes = sum(e for e, _ in refused.values())
@@ -624,7 +632,7 @@ class Store:
             readings,
         )
         self._on_event(
-            "store-disk-writable",
+            kind,
             None,
             reason,
             path=str(self.path),
@@ -768,7 +776,9 @@ class Store:
 
     def close(self) -> None:
         if self.disk_full and self.refused_full:
-            self._disk_writable(reason="stopping while the disk is full")
+            self._disk_writable(
+                kind="store-intake-refused", reason="stopping while the disk is full"
+            )
             self.disk_full = True
         self._ledger.close()
 
