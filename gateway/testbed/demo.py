@@ -21,14 +21,13 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from adapters.ble.sim.bus import SOCKET_NAME
 from adapters.ble.sim.run import simulator_argv as ble_argv
 from adapters.modbus.sim.run import simulator_argv
 from gateway import runtime
 from gateway import store as store_mod
 from gateway.consumer import SequenceTracker
+from gateway.core import codec
 from gateway.core.errors import FieldgateError
 from gateway.events import FILE_NAME as EVENTS_FILE
 from gateway.identity import pki as pki_mod
@@ -83,7 +82,10 @@ class Admissions:
         self._partial = lines.pop()  # a line still being written
         for line in lines:
             if line.strip():
-                self.add(orjson.loads(line))
+                try:
+                    self.add(codec.loads(line))
+                except codec.JSONDecodeError:
+                    continue  # a line cut short by a full disk (read_events skips it too)
 
     def add(self, event: dict[str, Any]) -> None:
         kind, device = event.get("kind"), event.get("device")
@@ -346,33 +348,47 @@ async def _show(
     return missing
 
 
-def hub_missing(accepted: dict[str, int], boot_id: str | None, tracker: SequenceTracker) -> int:
+def hub_missing(
+    accepted: dict[str, int],
+    boot_id: str | None,
+    tracker: SequenceTracker,
+    dropped: dict[str, int] | None = None,
+) -> int:
     """Readings the store accepted (sequence numbers 0 .. next-1 of its boot, per device) that
-    the hub has not opened yet."""
+    the hub has not opened yet, less those its policy dropped (``dropped``: per device)."""
+    dropped = dropped or {}
     if boot_id is None:
         return 0
     missing = 0
     for device, next_seq in accepted.items():
         stream = tracker.streams.get((device, boot_id))
-        missing += next_seq - (stream.count_below(next_seq) if stream is not None else 0)
+        seen = stream.count_below(next_seq) if stream is not None else 0
+        # Readings the store's policy dropped will never arrive: not worth waiting for.
+        missing += max(0, next_seq - seen - dropped.get(device, 0))
     return missing
 
 
 async def _catch_up(service: HubService, store: Path) -> int:
     try:
         accepted = store_mod.accepted(store)
-        boot_id = store_mod.status(store)["boot_id"] if accepted else None
+        report = store_mod.status(store) if accepted else None
+        boot_id = report["boot_id"] if report else None
+        dropped = {
+            device: int(row["dropped"]["readings"])
+            for device, row in (report["devices"] if report else {}).items()
+            if row.get("dropped")
+        }
     except FieldgateError as err:
         print(f"cannot read the gateway's store: {err}", file=sys.stderr)
         return 0
     try:
         async with asyncio.timeout(HUB_CATCH_UP):
-            while hub_missing(accepted, boot_id, service.tracker):
+            while hub_missing(accepted, boot_id, service.tracker, dropped):
                 service.opened.clear()
                 await service.opened.wait()
     except TimeoutError:
         pass
-    return hub_missing(accepted, boot_id, service.tracker)
+    return hub_missing(accepted, boot_id, service.tracker, dropped)
 
 
 def run_demo(state: Path, *, devices: int, points: int, ble: int, duration: float | None) -> int:

@@ -108,6 +108,8 @@ class HubService:
             )
             self.refused.append(line)
             log.warning("%s", line)
+            # Flagged, not shown as the device's latest values nor timed as fresh readings.
+            fresh = []
         else:
             view.readings += len(fresh)
             view.duplicates += len(opened.readings) - len(fresh)
