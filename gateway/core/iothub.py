@@ -16,6 +16,23 @@ if TYPE_CHECKING:
 
 API_VERSION = "2021-04-12"
 
+# The topics a device's session publishes on and receives from ("{device}": its id). IoT Hub
+# scopes the $iothub/ ones to the connection's identity.
+DEVICE_PUBLISHES = (
+    "devices/{device}/messages/events/#",
+    "$iothub/methods/res/#",
+    "$iothub/twin/GET/#",
+    "$iothub/twin/PATCH/properties/reported/#",
+)
+DEVICE_RECEIVES = (
+    "devices/{device}/messages/devicebound/#",
+    "$iothub/methods/POST/#",
+    "$iothub/twin/res/#",
+    "$iothub/twin/PATCH/properties/desired/#",
+)
+# Every device's telemetry, as the service side reads it.
+ALL_TELEMETRY = "devices/+/messages/events/#"
+
 
 def iothub_username(hub_hostname: str, device_id: str) -> str:
     return f"{hub_hostname}/{device_id}/?api-version={API_VERSION}"

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from gateway.core import iothub
 from gateway.core.errors import FieldgateError
 from gateway.identity.pki import MONITOR_IDENTITY, SERVICE_IDENTITY, Pki, decrypted_key_pem
 from gateway.identity.tls import TLS12_CIPHERS
@@ -23,21 +24,21 @@ from gateway.runtime import child_process_options
 # The uplink's own list: the stand-in takes exactly what a gateway offers on TLS 1.2.
 CIPHERS = TLS12_CIPHERS
 
-ACL = f"""\
-user {SERVICE_IDENTITY}
-topic readwrite #
-topic readwrite $iothub/#
-user {MONITOR_IDENTITY}
-topic read devices/+/messages/events/#
-pattern write devices/%u/messages/events/#
-pattern read devices/%u/messages/devicebound/#
-pattern read $iothub/methods/POST/#
-pattern write $iothub/methods/res/#
-pattern read $iothub/twin/res/#
-pattern write $iothub/twin/GET/#
-pattern write $iothub/twin/PATCH/properties/reported/#
-pattern read $iothub/twin/PATCH/properties/desired/#
-"""
+ACL = (
+    "\n".join(
+        [
+            f"user {SERVICE_IDENTITY}",
+            "topic readwrite #",
+            "topic readwrite $iothub/#",  # `#` does not match $-topics
+            f"user {MONITOR_IDENTITY}",
+            f"topic read {iothub.ALL_TELEMETRY}",
+            # IoT Hub's device topics, with mosquitto's %u (the certificate's CN) for the device.
+            *(f"pattern write {t.format(device='%u')}" for t in iothub.DEVICE_PUBLISHES),
+            *(f"pattern read {t.format(device='%u')}" for t in iothub.DEVICE_RECEIVES),
+        ]
+    )
+    + "\n"
+)
 
 
 PERSIST_FILE = "mosquitto.db"

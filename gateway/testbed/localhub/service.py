@@ -20,6 +20,7 @@ from typing import IO, Any
 import orjson
 
 from gateway.consumer import Opened, SequenceTracker, open_all, open_message, read_record
+from gateway.core import iothub
 from gateway.core.errors import EnvelopeError, UplinkError
 from gateway.identity import keyring as keyring_mod
 from gateway.identity.pki import SERVICE_IDENTITY, Pki, ensure_hub_identity
@@ -28,7 +29,7 @@ from gateway.uplink.mqtt import MqttClient
 
 log = logging.getLogger("fieldgate.localhub")
 
-TELEMETRY = "devices/+/messages/events/#"
+TELEMETRY = iothub.ALL_TELEMETRY
 
 
 @dataclass
