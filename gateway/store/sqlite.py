@@ -29,12 +29,19 @@ leased, delivered and deleted. A reserve file beside the store (``<store>.reserv
 up at that moment, so that deletes, checkpoints and a restart have the room SQLite needs; intake
 resumes by itself once the reserve can be written again (probed every ``PROBE_INTERVAL``).
 
-Sequence numbers never go back. Beside each device's ``next_seq`` the store keeps a mark
-(``meta`` key ``seqmark:<device>``), authenticated with a key derived from the sealing keys, so
-editing the file cannot forge one. At start, a ``next_seq`` below its mark, below the end of an
-envelope still stored for the same boot, or a mark that does not authenticate, means the
-sequence state went backwards: the event is recorded and the store moves to a **new boot id**,
-so that new readings can never reuse numbers a consumer has already seen.
+Sequence numbers never go back unnoticed. Beside each device's ``next_seq`` the store keeps a
+mark (``meta`` key ``seqmark:<device>``), authenticated with a key derived from the sealing
+keys, so editing the file cannot forge one; a mark may lag behind its counter (renewed at most
+every ``MARK_EVERY`` seconds and at a stop), never run ahead. At start, a ``next_seq`` below its
+mark, below the end of an envelope still stored for the same boot, or a mark that does not
+authenticate or is missing, means the sequence state went backwards: the event is recorded and
+the store moves to a **new boot id**, so that new readings can never reuse numbers a consumer
+has already seen. A whole older copy of the file, marks and all, is beyond what a file can tell
+about itself: the consumer's conflict report is the defence there.
+
+``Store`` stays one class (most of this module): its commit, cache, full-disk and mark logic
+share one connection, one I/O thread and one transaction per put; splitting them would only
+pass that state around. The bookkeeping it shares with the in-memory queue is the ledger's.
 """
 
 from __future__ import annotations
