@@ -15,6 +15,7 @@ import pytest
 from gateway.core.readings import CODEC, Envelope, Header
 from gateway.store import Store, status, verify
 from gateway.store.memory import MemoryQueue
+from gateway.store.queue import EnvelopeQueue
 
 from conftest import fieldgate
 
@@ -98,33 +99,41 @@ def test_lease_waits_for_a_put_and_close_wakes_it(tmp_path: Path) -> None:
     assert got == [0] and idle == []
 
 
+async def fill_and_lease(queue: EnvelopeQueue) -> list[int]:
+    """15 envelopes of 100 bytes into a queue of 1,000: the first seqs it kept, both devices."""
+    for i in range(15):
+        await queue.put([envelope("a" if i % 2 else "b", i * 10)])
+    a = [x.envelope.header.first_seq for x in await queue.lease("a", 20)]
+    b = [x.envelope.header.first_seq for x in await queue.lease("b", 20)]
+    return sorted(a + b)
+
+
+def kept_by(policy: str) -> list[int]:
+    """What each policy keeps of those: the newest ten, or the first ten."""
+    return (
+        [i * 10 for i in range(5, 15)] if policy == "drop-oldest" else [i * 10 for i in range(10)]
+    )
+
+
 @pytest.mark.parametrize("policy", ["drop-oldest", "refuse-newest"])
 def test_a_full_store_drops_by_its_policy_and_counts_exactly(tmp_path: Path, policy: str) -> None:
     path = tmp_path / "s.db"
     events = Events()
 
-    async def scenario() -> tuple[list[int], list[int]]:
+    async def scenario() -> list[int]:
         async with Store(
             path,
             max_bytes=1000,
             policy=policy,  # type: ignore[arg-type]
             on_event=events,
         ) as store:
-            for i in range(15):  # 15 x 100 bytes into 1000
-                await store.put([envelope("a" if i % 2 else "b", i * 10)])
-            a = [x.envelope.header.first_seq for x in await store.lease("a", 20)]
-            b = [x.envelope.header.first_seq for x in await store.lease("b", 20)]
-            return a, b
+            return await fill_and_lease(store)
 
-    a, b = run(scenario)
-    kept = sorted(a + b)
+    kept = run(scenario)
     dropped = events.of("envelopes-dropped")
     assert sum(e["envelopes"] for e in dropped) == 5
     assert sum(e["readings"] for e in dropped) == 50
-    if policy == "drop-oldest":
-        assert kept == [i * 10 for i in range(5, 15)]
-    else:
-        assert kept == [i * 10 for i in range(10)]
+    assert kept == kept_by(policy)
     assert len(events.of("store-high-water")) == 1
     report = status(path)
     assert sum(d.get("dropped", {}).get("envelopes", 0) for d in report["devices"].values()) == 5
@@ -273,20 +282,15 @@ def test_sequence_state_that_went_backwards_starts_a_new_boot_and_a_forged_mark_
 def test_a_full_memory_queue_drops_by_its_policy_like_the_store(policy: str) -> None:
     events = Events()
 
-    async def scenario() -> tuple[list[int], list[int]]:
+    async def scenario() -> list[int]:
         async with MemoryQueue(
             max_bytes=1000,
             policy=policy,  # type: ignore[arg-type]
             on_event=events,
         ) as queue:
-            for i in range(15):  # 15 x 100 bytes into 1000
-                await queue.put([envelope("a" if i % 2 else "b", i * 10)])
-            a = [x.envelope.header.first_seq for x in await queue.lease("a", 20)]
-            b = [x.envelope.header.first_seq for x in await queue.lease("b", 20)]
-            return a, b
+            return await fill_and_lease(queue)
 
-    a, b = run(scenario)
-    kept = sorted(a + b)
+    kept = run(scenario)
     dropped = events.of("envelopes-dropped")
     assert sum(e["envelopes"] for e in dropped) == 5
     assert sum(e["readings"] for e in dropped) == 50
@@ -295,10 +299,7 @@ def test_a_full_memory_queue_drops_by_its_policy_like_the_store(policy: str) -> 
         e.keys() == {"kind", "device", "reason", "envelopes", "readings", "seq_ranges", "policy"}
         for e in dropped
     )
-    if policy == "drop-oldest":
-        assert kept == [i * 10 for i in range(5, 15)]
-    else:
-        assert kept == [i * 10 for i in range(10)]
+    assert kept == kept_by(policy)
 
 
 @pytest.mark.parametrize("outside", [False, True])
