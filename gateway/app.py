@@ -3,9 +3,9 @@
     adapters -> auth gate -> batcher -> sealer -> queue (store) -> uplink session per device
 
 Start: load keys and identities (a bad one refuses the start), start the uplink sessions, then
-the pollers. Stop (the ``stop`` event, set by SIGTERM/SIGINT): stop polling, flush every open
-batch through the sealer into the queue, close the queue, let each session publish what is left
-within ``gateway.shutdown_grace`` seconds, then cancel what remains and report it.
+the pollers. Stop (the ``stop`` event, set by SIGTERM, SIGINT or SIGHUP): stop polling, flush
+every open batch through the sealer into the queue, close the queue, let each session publish
+what is left within ``gateway.shutdown_grace`` seconds, then cancel what remains and report it.
 """
 
 from __future__ import annotations
