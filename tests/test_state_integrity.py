@@ -7,6 +7,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+from gateway.events import read_events
 from gateway.identity.keyring import Keyring
 
 from conftest import Proc, edit_config, fieldgate, start_simulator
@@ -203,7 +204,14 @@ def test_state_files_are_0600_and_state_folders_0700_even_if_they_were_wider(
     gateway = Proc(fieldgate("run", "--config", str(config)), tmp_path / "gateway.log")
     procs.append(gateway)
     files = ["store.db", "store.db-wal", "store.db-shm", "security-events.jsonl", "fieldgate.lock"]
-    wait_until(lambda: all((state / n).exists() for n in files), 20, "the state files")
+
+    def opened(folder: Path) -> bool:
+        # The events file existed before (0644): it counts once the gateway has written to it.
+        return all((folder / n).exists() for n in files) and any(
+            e["kind"] == "device-admitted" for e in read_events(folder)
+        )
+
+    wait_until(lambda: opened(state), 20, "the state files")
     assert {name: mode(state / name) for name in files} == {name: 0o600 for name in files}
     assert mode(state) == 0o700
     assert gateway.stop() == 0
@@ -211,11 +219,7 @@ def test_state_files_are_0600_and_state_folders_0700_even_if_they_were_wider(
         fieldgate("run", "--config", str(config), "--workers", "2"), tmp_path / "workers.log"
     )
     procs.append(workers)
-    wait_until(
-        lambda: all((state / f"worker-{i}" / n).exists() for i in range(2) for n in files),
-        30,
-        "both workers' stores",
-    )
+    wait_until(lambda: all(opened(state / f"worker-{i}") for i in range(2)), 30, "both workers")
     for i in range(2):
         folder = state / f"worker-{i}"
         assert mode(folder) == 0o700
