@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import os
 import re
+import signal
 from collections import defaultdict
 from pathlib import Path
+
+import pytest
 
 from gateway.events import read_events
 from gateway.identity.keyring import Keyring
@@ -68,9 +72,11 @@ def test_dead_and_slow_devices_do_not_delay_the_others(
     assert "plc-5: unavailable: read holding@0: no response within 1.0 s" in gateway.output()
 
 
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGHUP], ids=["TERM", "HUP"])
 def test_stop_flushes_open_batches_and_every_reading_read_reaches_the_hub(
-    tmp_path: Path, pki_dir: Path, keyring: Keyring, procs: list[Proc]
+    tmp_path: Path, pki_dir: Path, keyring: Keyring, procs: list[Proc], stop_signal: int
 ) -> None:
+    """SIGTERM and SIGHUP (a closed terminal; reload is not there yet) stop alike: flushed."""
     hub_port, record = start_hub(procs, tmp_path, pki_dir)
     # Batches may stay open for a minute: only the stop can have delivered them.
     config, _ = start_simulator(
@@ -95,6 +101,8 @@ def test_stop_flushes_open_batches_and_every_reading_read_reaches_the_hub(
     )
     opened, _, _ = opened_from(record, keyring)
     assert opened == []  # nothing was due yet
+    os.kill(gateway.pid, stop_signal)
+    assert gateway.popen.wait(30) == 0, gateway.output()[-2000:]
     assert gateway.stop() == 0
     summary = re.search(r"readings: (\d+) read, (\d+) delivered, 0 dropped", gateway.output())
     assert summary, gateway.output()[-2000:]

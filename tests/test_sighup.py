@@ -1,4 +1,6 @@
-"""SIGHUP (a closed terminal) stops every long-running verb as gracefully as SIGTERM does."""
+"""SIGHUP (a closed terminal) stops every long-running verb as gracefully as SIGTERM does.
+
+`fieldgate run` flushing on SIGHUP is tested beside SIGTERM in test_resilience.py."""
 
 from __future__ import annotations
 
@@ -11,10 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.events import read_events
-from gateway.identity.keyring import Keyring
-
-from conftest import Proc, fieldgate, opened_from, start_hub, start_simulator, wait_until
+from conftest import Proc, fieldgate, start_hub
 
 
 def _children(pid: int) -> dict[int, str]:
@@ -55,39 +54,6 @@ def test_sighup_stops_the_local_hub_and_its_broker(
     assert hub.popen.wait(20) == 0, hub.output()[-2000:]
     # The owner stopped its broker before it exited: no orphan is left behind.
     assert [p for p, c in brokers.items() if _alive(p, c)] == []
-
-
-def test_sighup_flushes_open_batches_like_sigterm(
-    tmp_path: Path, pki_dir: Path, keyring: Keyring, procs: list[Proc]
-) -> None:
-    hub_port, record = start_hub(procs, tmp_path, pki_dir)
-    # Batches may stay open for a minute: only the stop can have delivered them.
-    config, _ = start_simulator(
-        procs, tmp_path, pki_dir, hub_port, 3, "--period", "0.1", "--max-age", "60"
-    )
-    gateway = Proc(fieldgate("run", "--config", str(config)), tmp_path / "gateway.log")
-    procs.append(gateway)
-    gateway.wait_for(r"plc-3: connected")
-    wait_until(
-        lambda: (
-            len([e for e in read_events(tmp_path / "state") if e["kind"] == "device-admitted"]) == 3
-        ),
-        20,
-        "all devices admitted",
-    )
-    os.kill(gateway.pid, signal.SIGHUP)
-    assert gateway.popen.wait(30) == 0, gateway.output()[-2000:]
-    summary = re.search(r"readings: (\d+) read, (\d+) delivered, 0 dropped", gateway.output())
-    assert summary, gateway.output()[-2000:]
-    read, delivered = int(summary[1]), int(summary[2])
-    assert read > 0 and read == delivered
-
-    def arrived() -> bool:
-        return opened_from(record, keyring)[2].unique_readings() == read
-
-    wait_until(arrived, 10, "the flushed readings at the hub")
-    _, errors, tracker = opened_from(record, keyring)
-    assert errors == [] and tracker.gaps() == {}
 
 
 @pytest.mark.slow
