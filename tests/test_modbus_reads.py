@@ -252,3 +252,20 @@ def test_a_block_that_fails_arrives_as_unavailable_at_the_hub(
     assert "float32_0" not in {r.point for r in good}
     assert gateway.output().count("'float32_0' (holding 0) cannot be read") == 1
     assert (tmp_path / "state" / "modbus-plans.json").exists()
+
+
+@pytest.mark.parametrize("unit", [0, 248, 255])
+def test_unit_ids_above_247_are_read_on_tcp(unit: int) -> None:
+    port = free_ports(1)
+    sim_points = make_points(4, types=["uint16"])
+    spec = DeviceSpec("plc-1", port, unit=unit, points=sim_points)
+    config = _config(port, sim_points, unit=unit)
+
+    async def scenario() -> list[Scan]:
+        scans: list[Scan] = []
+        async with SimulatedFleet([spec], step=STEP):
+            await _run_for(_link(config, scans.append, DeviceHealth("plc-1")), 0.3)
+        return scans
+
+    scans = asyncio.run(scenario())
+    assert _check_values(scans, sim_points) == {sp.point.name for sp in sim_points}
