@@ -223,10 +223,12 @@ def test_busy_answers_are_retried_within_the_period() -> None:
 def test_a_block_that_fails_arrives_as_unavailable_at_the_hub(
     tmp_path: Path, pki_dir: Path, keyring: Keyring, procs: list[Proc]
 ) -> None:
+    """plc-2 answers every read busy (06), past its retries: its blocks arrive unavailable.
+    plc-1 has a hole and busy answers on every 5th request: only good readings arrive."""
     hub_port, record = start_hub(procs, tmp_path, pki_dir)
     config, _ = start_simulator(
         procs, tmp_path, pki_dir, hub_port, 2, "--period", "0.2", "--max-age", "0.5",
-        "--fault", "plc-2=exception:4", "--holes", "plc-1=0", "--busy-every", "5",
+        "--fault", "plc-2=exception:6", "--holes", "plc-1=0", "--busy-every", "5",
     )  # fmt: skip
     gateway = Proc(fieldgate("run", "--config", str(config)), tmp_path / "gateway.log")
     procs.append(gateway)
