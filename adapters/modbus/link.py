@@ -33,6 +33,7 @@ from adapters.modbus.plan import (
     ILLEGAL_ADDRESS,
     RETRY_ON,
     SPLIT_ON,
+    UNAVAILABLE_ON,
     decode_learnt,
     encode_learnt,
     learnt_from,
@@ -403,7 +404,8 @@ class ModbusLink:
                         # Read again at once as the halves; nothing of this period is lost.
                         due[index : index + 1] = [now] * replaced
                         continue
-                sink(_unavailable(device_id, ts_ms, block))
+                if reply.exception in UNAVAILABLE_ON:
+                    sink(_unavailable(device_id, ts_ms, block))
                 continue
             try:
                 values = block.decode(reply.values)
