@@ -79,6 +79,8 @@ class DeviceHealth:
     malformed_causes: dict[str, int] = field(default_factory=dict)
     overruns: int = 0
     last_error: str | None = None
+    # Configuration problems found while polling (a point the device never answers), once each.
+    config_problems: list[str] = field(default_factory=list)
 
     def up(self) -> None:
         if self.state != UP:

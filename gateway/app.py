@@ -20,6 +20,7 @@ from typing import Any
 
 from adapters.base import DeviceHealth
 from adapters.modbus.link import ModbusLink
+from adapters.modbus.planstore import PlanStore
 from gateway.config import BleEndpoint, Config, DeviceConfig
 from gateway.core.auth import AuthGate, Registration
 from gateway.core.batcher import Batcher
@@ -252,6 +253,7 @@ class Gateway:
             # Bursts of at most about BURST devices: smaller ones would cost more commits and
             # wake-ups than they save in waiting (3x the CPU on 20 devices, same latency).
             phases = min(MAX_PHASES, max(1, -(-len(modbus) // BURST)))
+            plans = PlanStore(cfg.gateway.state_dir)
             async with asyncio.TaskGroup() as intake:
                 pollers = [
                     intake.create_task(
@@ -264,6 +266,7 @@ class Gateway:
                             self.health[d.id],
                             phases=phases,
                             on_event=self._event,
+                            plans=plans,
                         ).run(),
                         name=f"poll[{d.id}]",
                     )

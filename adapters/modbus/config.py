@@ -108,11 +108,16 @@ def point_problems(points: Sequence[Point]) -> str | None:
 class ModbusEndpoint(_Model):
     host: str = Field(min_length=1)
     port: int = Field(default=502, ge=1, le=65535)
-    unit: int = Field(default=1, ge=0, le=247)
+    # Modbus TCP carries a one-byte unit id; gateways to serial buses use all 256 of them.
+    unit: int = Field(default=1, ge=0, le=255)
     timeout: float = Field(default=1.0, gt=0, le=60)
     max_gap: int = Field(
         default=8, ge=0, le=124, description="registers a read may skip to coalesce"
     )
+    max_registers: int = Field(
+        default=125, ge=1, le=125, description="registers one read may ask for (FC 3/4)"
+    )
+    max_bits: int = Field(default=2000, ge=1, le=2000, description="bits one read may ask for")
 
     @property
     def label(self) -> str:

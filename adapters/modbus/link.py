@@ -29,13 +29,29 @@ from typing import Any
 from adapters.base import Admit, DeviceHealth, Evidence, NotWritable, ScanSink
 from adapters.modbus.checks import Misbehaviour
 from adapters.modbus.config import ModbusEndpoint, Point
+from adapters.modbus.plan import (
+    ILLEGAL_ADDRESS,
+    RETRY_ON,
+    SPLIT_ON,
+    UNAVAILABLE_ON,
+    decode_learnt,
+    encode_learnt,
+    learnt_from,
+    map_key,
+    plan_from,
+    split_refused,
+)
+from adapters.modbus.planstore import PlanStore
 from adapters.modbus.registers import ReadBlock, encode_value, plan_reads
 from adapters.modbus.transport import ModbusTransport, Reply, WrongAnswer
 from gateway.core.backoff import backoff_delay
 from gateway.core.errors import DeviceUnavailable
-from gateway.core.readings import BAD, GOOD, Scan
+from gateway.core.readings import BAD, GOOD, UNAVAILABLE, Scan
 
 log = logging.getLogger(__name__)
+
+# Exception 05/06 (acknowledge, busy): tries again after these delays, within the period.
+RETRY_DELAYS = (0.02, 0.04, 0.08)
 
 # A security event: (kind, device id, reason, **fields), as gateway.events records it.
 OnEvent = Callable[..., None]
@@ -72,6 +88,7 @@ class ModbusLink:
         report_every: float = 60.0,
         settle: float = 10.0,
         on_event: OnEvent | None = None,
+        plans: PlanStore | None = None,
     ) -> None:
         self.device_id = device_id
         self.modbus = endpoint
@@ -82,7 +99,17 @@ class ModbusLink:
         self._backoff = (backoff_min, backoff_max)
         self._phases = max(1, phases)
         self.endpoint = endpoint.label
-        self.blocks = plan_reads(points, max_gap=endpoint.max_gap)
+        self.blocks = plan_reads(points, **_limits(endpoint))
+        self._plans = plans
+        self._plan_key = map_key(device_id, points, _limits(endpoint))
+        self.unreadable: dict[str, int] = {}  # points the device never answers (name -> code)
+        if plans is not None:
+            learnt = decode_learnt(plans.load(self._plan_key), self.points)
+            if learnt is not None:
+                self.blocks = plan_from(learnt, self.points)
+                self.unreadable = dict(learnt.unreadable)
+                for name in self.unreadable:
+                    self._report_unreadable(name, self.unreadable[name])
         self.misbehaviour = Misbehaviour(device_id, every=report_every, settle=settle)
         self._violation_recorded = False  # this episode's wrong-answers event is recorded
         self._on_event = on_event
@@ -116,7 +143,7 @@ class ModbusLink:
 
     def _blocks_for(self, names: Sequence[str]) -> list[ReadBlock]:
         rows = [self.points[n] for n in dict.fromkeys(names)]
-        return plan_reads(rows, max_gap=self.modbus.max_gap)
+        return plan_reads(rows, **_limits(self.modbus))
 
     async def _submit(self, request: _Request) -> Scan:
         if self.transport is None:
@@ -278,6 +305,50 @@ class ModbusLink:
                 self._waiter = None
         return None if self._requests.empty() else self._requests.get_nowait()
 
+    async def _retry(
+        self, transport: ModbusTransport, block: ReadBlock, reply: Reply, deadline: float
+    ) -> Reply | None:
+        """Exception 05/06 (acknowledge, busy): the same read again after a short backoff,
+        never past the block's next due time."""
+        loop = asyncio.get_running_loop()
+        for delay in RETRY_DELAYS:
+            if loop.time() + delay >= deadline:
+                break
+            await asyncio.sleep(delay)
+            again = await transport.read(block.table, block.address, block.count)
+            if again is None or again.exception not in RETRY_ON:
+                return again
+            reply = again
+        return reply
+
+    def _split(self, index: int, code: int) -> int | None:
+        """Replace the refused block at ``index`` by its halves (or drop its one unreadable
+        point), keep what was learnt; returns how many blocks took its place (None: the plan
+        stays, the block is read again at its next period)."""
+        split = split_refused(self.blocks[index], code, self.points, max_gap=self.modbus.max_gap)
+        if split.unreadable is not None:
+            if code == ILLEGAL_ADDRESS:
+                self.unreadable[split.unreadable] = code
+                self._report_unreadable(split.unreadable, code)
+            else:
+                # 03 on one point's own read: not a limit to learn; keep reading it.
+                return None
+        self.blocks[index : index + 1] = split.blocks
+        if self._plans is not None:
+            learnt = learnt_from(self.blocks, self.unreadable)
+            self._plans.save(self._plan_key, encode_learnt(learnt))
+        return len(split.blocks)
+
+    def _report_unreadable(self, name: str, code: int) -> None:
+        point = self.points[name]
+        problem = (
+            f"point {name!r} ({point.table} {point.address}) cannot be read: "
+            f"Modbus exception 0x{code:02X}; check the register map"
+        )
+        log.warning("%s: %s", self.device_id, problem)
+        if problem not in self.health.config_problems:
+            self.health.config_problems.append(problem)
+
     async def _poll(self, transport: ModbusTransport) -> None:
         loop = asyncio.get_running_loop()
         device_id = self.device_id
@@ -285,7 +356,7 @@ class ModbusLink:
         # A fleet started together reads, seals and publishes in one burst per period, and the
         # last of a large burst waits for all the others. Each device starts in one of
         # ``phases`` slots of its shortest period (at most 1 s, so a slow poll is not put off).
-        spread = min(1.0, min(b.period for b in self.blocks))
+        spread = min(1.0, min((b.period for b in self.blocks), default=1.0))
         phases = self._phases
         phase = zlib.crc32(device_id.encode()) % phases / phases * spread
         start = loop.time() + phase
@@ -293,6 +364,11 @@ class ModbusLink:
         sink = self._sink
         health = self.health
         while True:
+            if not due:  # every point is unreadable: serve requests only
+                request = await self._next_request(3600.0)
+                if request is not None:
+                    await self._serve(transport, request)
+                continue
             index = min(range(len(due)), key=due.__getitem__)
             block = self.blocks[index]
             request = await self._next_request(due[index] - loop.time())
@@ -302,6 +378,8 @@ class ModbusLink:
             ts_ms = int(time.time() * 1000)
             try:
                 reply = await transport.read(block.table, block.address, block.count)
+                if reply is not None and reply.exception in RETRY_ON:
+                    reply = await self._retry(transport, block, reply, due[index] + block.period)
             except WrongAnswer:
                 raise
             except DeviceUnavailable:
@@ -320,6 +398,14 @@ class ModbusLink:
                 what = _what(reply)
                 health.last_error = f"{what} on {block.table}@{block.address}"
                 self._bad(what)
+                if reply.exception in SPLIT_ON:
+                    replaced = self._split(index, reply.exception)
+                    if replaced is not None:
+                        # Read again at once as the halves; nothing of this period is lost.
+                        due[index : index + 1] = [now] * replaced
+                        continue
+                if reply.exception in UNAVAILABLE_ON:
+                    sink(_unavailable(device_id, ts_ms, block))
                 continue
             try:
                 values = block.decode(reply.values)
@@ -332,6 +418,19 @@ class ModbusLink:
             if misbehaviour.since is not None:
                 self._good()
             sink(Scan(device_id, ts_ms, block.names, values))
+
+
+def _unavailable(device_id: str, ts_ms: int, block: ReadBlock) -> Scan:
+    """A block that could not be read this period: its points, no values."""
+    return Scan(device_id, ts_ms, block.names, [None] * len(block.names), UNAVAILABLE)
+
+
+def _limits(endpoint: ModbusEndpoint) -> dict[str, int]:
+    return {
+        "max_gap": endpoint.max_gap,
+        "max_registers": endpoint.max_registers,
+        "max_bits": endpoint.max_bits,
+    }
 
 
 def _what(reply: Reply | None) -> str:

@@ -20,7 +20,16 @@ from gateway.core.aead import TAG_BYTES as TAG_BYTES
 from gateway.core.aead import Aead, AeadError, Keyring
 from gateway.core.batcher import Batch
 from gateway.core.errors import EnvelopeError, KeyringError
-from gateway.core.readings import BAD, CODEC, ENVELOPE_VERSION, Envelope, Header, Reading, Scan
+from gateway.core.readings import (
+    BAD,
+    CODEC,
+    ENVELOPE_VERSION,
+    GOOD,
+    Envelope,
+    Header,
+    Reading,
+    Scan,
+)
 
 # A decompressed batch larger than this is refused rather than allocated (a zstd bomb).
 MAX_PLAIN_BYTES = 16 * 1024 * 1024
@@ -193,7 +202,7 @@ def _readings(device_id: str, header: Header, doc: dict[str, Any]) -> Iterator[R
         if len(names) != len(values):
             raise ValueError("a scan's values do not match its point names")
         for name, value in zip(names, values, strict=True):
-            yield Reading(
-                device_id, boot, seq, name, value, ts_ms, BAD if value is None else quality
-            )
+            # A None value in a good scan is bad; a scan sent as unavailable stays unavailable.
+            told = BAD if value is None and quality == GOOD else quality
+            yield Reading(device_id, boot, seq, name, value, ts_ms, told)
             seq += 1

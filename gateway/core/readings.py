@@ -13,6 +13,8 @@ from typing import Any
 
 GOOD = "good"
 BAD = "bad"
+# A scan of points that could not be read this period (a refused read): every value is None.
+UNAVAILABLE = "unavailable"
 
 ENVELOPE_VERSION = 1
 CODEC = "json+zstd"

@@ -177,6 +177,27 @@ def add_verbs(verbs: Any) -> None:
         help="dead | slow:SECONDS | exception:CODE | down",
     )
     modbus.add_argument(
+        "--holes",
+        action="append",
+        default=[],
+        metavar="ID=[TABLE:]ADDR[,...]",
+        help="addresses (holding unless a table is named) that answer exception 02 to any read "
+        "touching them",
+    )
+    modbus.add_argument(
+        "--max-registers",
+        type=int,
+        default=None,
+        help="every device answers exception 03 to a read of more registers (or bits)",
+    )
+    modbus.add_argument(
+        "--busy-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="every device answers every Nth request with exception 06 (busy)",
+    )
+    modbus.add_argument(
         "--write-config",
         metavar="FILE",
         help="also write a gateway config for these devices, once they listen; the devices "

@@ -12,6 +12,13 @@ Faults, per device (``--fault dev-3=dead``):
 - ``exception:CODE``: answers every read with a Modbus exception code;
 - ``down``: no listener at all (connection refused).
 
+Quirks of real maps, per device (:class:`DeviceSpec` fields, or ``fieldgate simulate modbus``
+options), counted in :attr:`SimulatedDevice.exceptions`:
+
+- ``holes``: (table, address) pairs that answer exception 02 to any read touching them;
+- ``max_registers``: a read of more registers (or bits) answers exception 03;
+- ``busy_every``: every Nth request answers exception 06 (busy).
+
 The pymodbus server itself is set up in :mod:`adapters.modbus.sim.server`, the simulator's one
 module that imports pymodbus; this module decides what the devices hold and how they misbehave.
 """
@@ -109,6 +116,9 @@ class DeviceSpec:
     unit: int = 1
     points: list[SimPoint] = field(default_factory=list)
     fault: str | None = None
+    holes: frozenset[tuple[str, int]] = frozenset()  # (table, address)
+    max_registers: int | None = None
+    busy_every: int | None = None
 
 
 def make_points(
@@ -155,6 +165,7 @@ class SimulatedDevice:
             self._tables.setdefault(sp.point.table, []).append(sp)
         self._last: dict[str, int] = {}
         self.requests = 0
+        self.exceptions = 0  # answers with an exception code, of the quirks and faults
 
     def table_size(self) -> int:
         """Registers (bits) per table: what the map uses plus a margin. pymodbus builds its
@@ -181,17 +192,37 @@ class SimulatedDevice:
             words = encode_value(sp.point, value_at(sp.point, sp.seed, step))
             registers[sp.point.address : sp.point.address + len(words)] = words
 
-    async def action(self, function_code: int, registers: list[int], write: bool) -> int | None:
+    async def action(
+        self, function_code: int, address: int, count: int, registers: list[int], write: bool
+    ) -> int | None:
         """Called on every request: refresh values, inject faults; returns an exception code."""
+        code = await self._answer(function_code, address, count, registers, write)
+        if code:
+            self.exceptions += 1
+        return code
+
+    async def _answer(
+        self, function_code: int, address: int, count: int, registers: list[int], write: bool
+    ) -> int | None:
         self.requests += 1
-        fault = self.spec.fault or ""
+        spec = self.spec
+        fault = spec.fault or ""
         if fault == "dead":
             await asyncio.Event().wait()
         if fault.startswith("slow:"):
             await asyncio.sleep(float(fault.split(":", 1)[1]))
         if fault.startswith("exception:"):
             return int(fault.split(":", 1)[1])
+        if spec.busy_every and self.requests % spec.busy_every == 0:
+            return 0x06
         table = _FC_TABLE.get(function_code)
+        if not write:
+            if spec.holes and any(
+                t == table and address <= a < address + count for t, a in spec.holes
+            ):
+                return 0x02
+            if spec.max_registers is not None and count > spec.max_registers:
+                return 0x03
         if table is not None and not write:
             step = self.current_step()
             if self._last.get(table) != step:

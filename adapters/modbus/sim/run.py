@@ -34,7 +34,28 @@ def build_specs(args: argparse.Namespace) -> list[DeviceSpec]:
                 [f"{item}: fault must be one of dead, slow:SECONDS, exception:CODE, down"],
             )
         by_id[device_id].fault = kind
+    for item in getattr(args, "holes", ()):
+        device_id, _, where = item.partition("=")
+        if device_id not in by_id:
+            raise ConfigError("--holes", [f"{item}: no simulated device {device_id!r}"])
+        try:
+            holes = frozenset(_hole(a) for a in where.split(","))
+        except ValueError:
+            raise ConfigError(
+                "--holes", [f"{item}: each hole is ADDRESS (holding) or TABLE:ADDRESS"]
+            ) from None
+        by_id[device_id].holes |= holes
+    for spec in specs:
+        spec.max_registers = getattr(args, "max_registers", None)
+        spec.busy_every = getattr(args, "busy_every", None)
     return specs
+
+
+def _hole(text: str) -> tuple[str, int]:
+    table, _, address = text.rpartition(":")
+    if table not in ("", "holding", "input", "coil", "discrete"):
+        raise ValueError(text)
+    return table or "holding", int(address)
 
 
 def write_config(args: argparse.Namespace, specs: list[DeviceSpec]) -> Path:

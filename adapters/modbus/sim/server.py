@@ -13,8 +13,9 @@ from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-# (function code, the accessed table's registers, is it a write) -> Modbus exception code or None.
-DeviceAction = Callable[[int, list[int], bool], Awaitable[int | None]]
+# (function code, request address, request count, the accessed table's registers, is it a
+# write) -> Modbus exception code or None.
+DeviceAction = Callable[[int, int, int, list[int], bool], Awaitable[int | None]]
 
 
 class DeviceServer:
@@ -33,12 +34,12 @@ class DeviceServer:
         self,
         function_code: int,
         _start: int,
-        _address: int,
-        _count: int,
+        address: int,
+        count: int,
         registers: list[int],
         set_values: Any,
     ) -> ExcCodes | None:
-        code = await self._action(function_code, registers, set_values is not None)
+        code = await self._action(function_code, address, count, registers, set_values is not None)
         return ExcCodes(code) if code else None
 
     def _device(self) -> SimDevice:
