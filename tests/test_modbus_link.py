@@ -21,15 +21,20 @@ from conftest import free_ports
 SETPOINT = Point(name="setpoint", address=40, table="holding", type="int16", scale=0.1)
 LIMIT = Point(name="limit", address=42, table="holding", type="float32")
 RELAY = Point(name="relay", address=20, table="coil", type="bool")
+# Written only: the device answers exception 02 to it (its register is not mapped).
+UNMAPPED = Point(name="unmapped", address=46, table="holding", type="uint16")
 
 
 async def _with_link(
-    body: Callable[[ModbusLink, SimulatedFleet], Awaitable[Any]], *, fault: str | None = None
+    body: Callable[[ModbusLink, SimulatedFleet], Awaitable[Any]],
+    *,
+    fault: str | None = None,
+    holes: frozenset[tuple[str, int]] = frozenset(),
 ) -> Any:
     port = free_ports(1)
     sim_points = make_points(9, period=0.05)
-    spec = DeviceSpec("plc-1", port, points=sim_points, fault=fault)
-    points = [sp.point for sp in sim_points] + [SETPOINT, LIMIT, RELAY]
+    spec = DeviceSpec("plc-1", port, points=sim_points, fault=fault, holes=holes)
+    points = [sp.point for sp in sim_points] + [SETPOINT, LIMIT, RELAY, UNMAPPED]
     first = asyncio.Event()
 
     def sink(_scan: Scan) -> None:
@@ -107,3 +112,16 @@ def test_a_request_to_a_device_that_is_not_connected_fails_at_once() -> None:
             await asyncio.wait_for(link.read([]), 1)
 
     asyncio.run(_with_link(body, fault="down"))
+
+
+def test_a_write_the_device_refuses_fails_that_request_and_the_link_goes_on() -> None:
+    async def body(link: ModbusLink, fleet: SimulatedFleet) -> None:
+        with pytest.raises(DeviceUnavailable) as refused:
+            await asyncio.wait_for(link.write("unmapped", 7), 5)
+        assert refused.value.cause == "exception" and "0x02" in refused.value.reason
+        # The connection and the polls are untouched: the next request is served at once.
+        assert link.health.state == "up"
+        written = await asyncio.wait_for(link.write("setpoint", 12.5), 5)
+        assert written.values == [pytest.approx(12.5)] and written.quality == GOOD
+
+    asyncio.run(_with_link(body, holes=frozenset({("holding", 46)})))

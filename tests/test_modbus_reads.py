@@ -201,6 +201,52 @@ def test_holes_and_a_request_limit_are_learnt_once_and_kept_across_a_restart(
     assert key.startswith("plc-1:")
 
 
+def test_a_device_refusing_everything_for_a_while_teaches_nothing_that_outlives_it(
+    tmp_path: Path,
+) -> None:
+    """A PLC answering 02 to every read (booting, its own slave absent) is not its map: no
+    point is kept as unreadable, the link reconnects and probes again, and once it answers,
+    every point arrives."""
+    port = free_ports(1)
+    sim_points = make_points(6, types=["uint16"], period=0.05)
+    spec = DeviceSpec("plc-1", port, points=sim_points, fault="exception:2")
+    config = _config(port, sim_points)
+    store = PlanStore(tmp_path)
+
+    async def scenario() -> tuple[ModbusLink, list[Scan], int]:
+        scans: list[Scan] = []
+        enough = asyncio.Event()
+
+        def sink(scan: Scan) -> None:
+            scans.append(scan)
+            if sum(s.quality == GOOD for s in scans) >= 12:
+                enough.set()
+
+        health = DeviceHealth("plc-1")
+        async with SimulatedFleet([spec], step=STEP) as fleet:
+            link = _link(config, sink, health, plans=store, backoff_min=0.01, backoff_max=0.05)
+            task = asyncio.create_task(link.run())
+            await asyncio.sleep(0.5)  # the PLC boots for half a second, refusing every read
+            refused = fleet.devices[0].exceptions
+            fleet.devices[0].spec.fault = None
+            await asyncio.wait_for(enough.wait(), 10)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        return link, scans, refused
+
+    link, scans, refused = asyncio.run(scenario())
+    assert refused >= 6  # enough to have walked a bisection down to every point
+    assert link.unreadable == {}
+    good = {n for s in scans if s.quality == GOOD for n in s.names}
+    assert good == {sp.point.name for sp in sim_points}
+    stored = (
+        json.loads((tmp_path / "modbus-plans.json").read_text())
+        if (tmp_path / "modbus-plans.json").exists()
+        else {}
+    )
+    assert all(not entry.get("unreadable") for entry in stored.values()), stored
+
+
 def test_busy_answers_are_retried_within_the_period() -> None:
     port = free_ports(1)
     sim_points = make_points(8, types=["uint16"], period=0.1)

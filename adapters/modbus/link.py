@@ -110,6 +110,13 @@ class ModbusLink:
                 self.unreadable = dict(learnt.unreadable)
                 for name in self.unreadable:
                     self._report_unreadable(name, self.unreadable[name])
+        # The plan each connection starts from: what was kept (or configured). What a
+        # connection learns is kept only once the device has also answered a read correctly on
+        # it, so a device that refuses everything for a while (booting, its own slave absent)
+        # teaches nothing that outlives the connection.
+        self._kept_blocks = list(self.blocks)
+        self._kept_unreadable = dict(self.unreadable)
+        self._good_at_connect = 0
         self.misbehaviour = Misbehaviour(device_id, every=report_every, settle=settle)
         self._violation_recorded = False  # this episode's wrong-answers event is recorded
         self._on_event = on_event
@@ -170,12 +177,18 @@ class ModbusLink:
                 table = row.table
                 reply = await transport.write(table, row.address, words)
                 if reply is None or reply.exception is not None:
-                    raise DeviceUnavailable(
-                        self.device_id,
-                        self.endpoint,
-                        f"write {table}@{row.address}: {_what(reply)}",
-                        cause="malformed" if reply is None else "exception",
-                    )
+                    # The device refused this write (an exception, or a wrong echo that left
+                    # the stream in step): the request fails, the link and its polls go on.
+                    if not request.done.done():
+                        request.done.set_exception(
+                            DeviceUnavailable(
+                                self.device_id,
+                                self.endpoint,
+                                f"write {table}@{row.address}: {_what(reply)}",
+                                cause="malformed" if reply is None else "exception",
+                            )
+                        )
+                    return
             ts_ms = int(time.time() * 1000)
             values: dict[str, Any] = {}
             quality = GOOD
@@ -217,7 +230,9 @@ class ModbusLink:
     async def _run(self) -> None:
         self.attempt = 0
         while True:
-            reads_before = self.health.reads_ok
+            reads_before = self._good_at_connect = self.health.reads_ok
+            self.blocks = list(self._kept_blocks)
+            self.unreadable = dict(self._kept_unreadable)
             try:
                 async with ModbusTransport(self.device_id, self.modbus, self._wrong) as transport:
                     refusal = self._admit(Evidence(self.device_id, "modbus-tcp", self.endpoint))
@@ -334,9 +349,11 @@ class ModbusLink:
                 # 03 on one point's own read: not a limit to learn; keep reading it.
                 return None
         self.blocks[index : index + 1] = split.blocks
-        if self._plans is not None:
-            learnt = learnt_from(self.blocks, self.unreadable)
-            self._plans.save(self._plan_key, encode_learnt(learnt))
+        if self.health.reads_ok > self._good_at_connect:  # the device answers: a real map
+            self._kept_blocks, self._kept_unreadable = list(self.blocks), dict(self.unreadable)
+            if self._plans is not None:
+                learnt = learnt_from(self.blocks, self.unreadable)
+                self._plans.save(self._plan_key, encode_learnt(learnt))
         return len(split.blocks)
 
     def _report_unreadable(self, name: str, code: int) -> None:
@@ -364,7 +381,16 @@ class ModbusLink:
         sink = self._sink
         health = self.health
         while True:
-            if not due:  # every point is unreadable: serve requests only
+            if not due:  # every point is unreadable
+                if health.reads_ok == self._good_at_connect:
+                    # Not one correct answer on this connection: the device, not its map.
+                    # Reconnect (with backoff), and probe the kept plan again.
+                    raise DeviceUnavailable(
+                        device_id,
+                        self.endpoint,
+                        "every point answered exception 0x02 (illegal address)",
+                        cause="exception",
+                    )
                 request = await self._next_request(3600.0)
                 if request is not None:
                     await self._serve(transport, request)

@@ -22,8 +22,14 @@ FILENAME = "modbus-plans.json"
 class PlanStore:
     def __init__(self, state_dir: Path) -> None:
         self.path = Path(state_dir) / FILENAME
+        self._doc: dict[str, Any] | None = None  # read once: every link of a fleet asks
 
     def _load_all(self) -> dict[str, Any]:
+        if self._doc is None:
+            self._doc = self._read()
+        return self._doc
+
+    def _read(self) -> dict[str, Any]:
         try:
             doc = json.loads(self.path.read_text())
         except FileNotFoundError:
@@ -37,6 +43,8 @@ class PlanStore:
         return self._load_all().get(key)
 
     def save(self, key: str, entry: object) -> None:
+        """Keep ``entry``. Written at once (a split is rare: a device's map is learnt in its
+        first periods, then kept)."""
         doc = self._load_all()
         doc[key] = entry
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")

@@ -15,7 +15,7 @@ Faults, per device (``--fault dev-3=dead``):
 Quirks of real maps, per device (:class:`DeviceSpec` fields, or ``fieldgate simulate modbus``
 options), counted in :attr:`SimulatedDevice.exceptions`:
 
-- ``holes``: (table, address) pairs that answer exception 02 to any read touching them;
+- ``holes``: (table, address) pairs that answer exception 02 to any read or write touching them;
 - ``max_registers``: a read of more registers (or bits) answers exception 03;
 - ``busy_every``: every Nth request answers exception 06 (busy).
 
@@ -216,13 +216,11 @@ class SimulatedDevice:
         if spec.busy_every and self.requests % spec.busy_every == 0:
             return 0x06
         table = _FC_TABLE.get(function_code)
-        if not write:
-            if spec.holes and any(
-                t == table and address <= a < address + count for t, a in spec.holes
-            ):
-                return 0x02
-            if spec.max_registers is not None and count > spec.max_registers:
-                return 0x03
+        # A hole is unmapped for writes too (a real device answers 02 either way).
+        if spec.holes and any(t == table and address <= a < address + count for t, a in spec.holes):
+            return 0x02
+        if not write and spec.max_registers is not None and count > spec.max_registers:
+            return 0x03
         if table is not None and not write:
             step = self.current_step()
             if self._last.get(table) != step:
