@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import io
 import logging
 import signal
@@ -41,9 +42,22 @@ def raise_open_file_limit() -> None:
         pass
 
 
+def enable_crash_tracebacks() -> None:
+    """A native crash (SIGSEGV, SIGABRT, ...) of a library under the loop prints every
+    thread's Python stack to stderr before the process dies, instead of nothing (a BLE stop
+    once ended in SIGABRT with no word). Left as it is where something already enabled it."""
+    if faulthandler.is_enabled():
+        return
+    try:
+        faulthandler.enable()
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass  # stderr is not a real file here: nothing to write to
+
+
 def run(main: Main) -> Any:
     """Run ``main(stop)``; the first SIGINT/SIGTERM/SIGHUP sets ``stop``, a second one cancels."""
     raise_open_file_limit()
+    enable_crash_tracebacks()
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(_with_signals(main))
 
