@@ -201,12 +201,14 @@ def test_holes_and_a_request_limit_are_learnt_once_and_kept_across_a_restart(
     assert key.startswith("plc-1:")
 
 
+@pytest.mark.parametrize("answers_after", [1, 2, 3, 4, None])
 def test_a_device_refusing_everything_for_a_while_teaches_nothing_that_outlives_it(
-    tmp_path: Path,
+    tmp_path: Path, answers_after: int | None
 ) -> None:
     """A PLC answering 02 to every read (booting, its own slave absent) is not its map: no
     point is kept as unreadable, the link reconnects and probes again, and once it answers,
-    every point arrives."""
+    every point arrives. ``answers_after``: the PLC answers from its n-th refusal on, in the
+    middle of a bisection (None: after half a second, past several reconnects)."""
     port = free_ports(1)
     sim_points = make_points(6, types=["uint16"], period=0.05)
     spec = DeviceSpec("plc-1", port, points=sim_points, fault="exception:2")
@@ -226,8 +228,13 @@ def test_a_device_refusing_everything_for_a_while_teaches_nothing_that_outlives_
         async with SimulatedFleet([spec], step=STEP) as fleet:
             link = _link(config, sink, health, plans=store, backoff_min=0.01, backoff_max=0.05)
             task = asyncio.create_task(link.run())
-            await asyncio.sleep(0.5)  # the PLC boots for half a second, refusing every read
-            refused = fleet.devices[0].exceptions
+            device = fleet.devices[0]
+            if answers_after is None:
+                await asyncio.sleep(0.5)  # the PLC boots for half a second, refusing every read
+            else:
+                while device.exceptions < answers_after:
+                    await asyncio.sleep(0)
+            refused = device.exceptions
             fleet.devices[0].spec.fault = None
             await asyncio.wait_for(enough.wait(), 10)
             task.cancel()
@@ -235,7 +242,8 @@ def test_a_device_refusing_everything_for_a_while_teaches_nothing_that_outlives_
         return link, scans, refused
 
     link, scans, refused = asyncio.run(scenario())
-    assert refused >= 6  # enough to have walked a bisection down to every point
+    if answers_after is None:
+        assert refused >= 6  # enough to have walked a bisection down to every point
     assert link.unreadable == {}
     good = {n for s in scans if s.quality == GOOD for n in s.names}
     assert good == {sp.point.name for sp in sim_points}

@@ -117,6 +117,7 @@ class ModbusLink:
         self._kept_blocks = list(self.blocks)
         self._kept_unreadable = dict(self.unreadable)
         self._good_at_connect = 0
+        self._learnt_unanswered = False  # this connection split blocks before any good read
         self.misbehaviour = Misbehaviour(device_id, every=report_every, settle=settle)
         self._violation_recorded = False  # this episode's wrong-answers event is recorded
         self._on_event = on_event
@@ -231,8 +232,7 @@ class ModbusLink:
         self.attempt = 0
         while True:
             reads_before = self._good_at_connect = self.health.reads_ok
-            self.blocks = list(self._kept_blocks)
-            self.unreadable = dict(self._kept_unreadable)
+            self._restore_kept()
             try:
                 async with ModbusTransport(self.device_id, self.modbus, self._wrong) as transport:
                     refusal = self._admit(Evidence(self.device_id, "modbus-tcp", self.endpoint))
@@ -341,6 +341,9 @@ class ModbusLink:
         point), keep what was learnt; returns how many blocks took its place (None: the plan
         stays, the block is read again at its next period)."""
         split = split_refused(self.blocks[index], code, self.points, max_gap=self.modbus.max_gap)
+        answered = self.health.reads_ok > self._good_at_connect  # the device answers: a map
+        if not answered:
+            self._learnt_unanswered = True
         if split.unreadable is not None:
             if code == ILLEGAL_ADDRESS:
                 self.unreadable[split.unreadable] = code
@@ -349,19 +352,33 @@ class ModbusLink:
                 # 03 on one point's own read: not a limit to learn; keep reading it.
                 return None
         self.blocks[index : index + 1] = split.blocks
-        if self.health.reads_ok > self._good_at_connect:  # the device answers: a real map
+        if answered:
             self._kept_blocks, self._kept_unreadable = list(self.blocks), dict(self.unreadable)
             if self._plans is not None:
                 learnt = learnt_from(self.blocks, self.unreadable)
                 self._plans.save(self._plan_key, encode_learnt(learnt))
         return len(split.blocks)
 
-    def _report_unreadable(self, name: str, code: int) -> None:
+    def _restore_kept(self) -> None:
+        """Back to the plan that was kept; problems told for points it reads are withdrawn."""
+        for name, code in self.unreadable.items():
+            if name not in self._kept_unreadable:
+                problem = self._problem(name, code)
+                if problem in self.health.config_problems:
+                    self.health.config_problems.remove(problem)
+        self.blocks = list(self._kept_blocks)
+        self.unreadable = dict(self._kept_unreadable)
+        self._learnt_unanswered = False
+
+    def _problem(self, name: str, code: int) -> str:
         point = self.points[name]
-        problem = (
+        return (
             f"point {name!r} ({point.table} {point.address}) cannot be read: "
             f"Modbus exception 0x{code:02X}; check the register map"
         )
+
+    def _report_unreadable(self, name: str, code: int) -> None:
+        problem = self._problem(name, code)
         log.warning("%s: %s", self.device_id, problem)
         if problem not in self.health.config_problems:
             self.health.config_problems.append(problem)
@@ -444,6 +461,13 @@ class ModbusLink:
             if misbehaviour.since is not None:
                 self._good()
             sink(Scan(device_id, ts_ms, block.names, values))
+            if self._learnt_unanswered:
+                # The device answers now; what it refused before it had answered once on this
+                # connection (booting, its own slave absent) may not be its map: probe the
+                # kept plan again, and learn only from refusals that follow an answer.
+                log.info("%s: answering now; probing again what it refused before", device_id)
+                self._restore_kept()
+                due = [now] * len(self.blocks)
 
 
 def _unavailable(device_id: str, ts_ms: int, block: ReadBlock) -> Scan:
