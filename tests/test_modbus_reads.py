@@ -211,7 +211,8 @@ def test_a_device_refusing_everything_for_a_while_teaches_nothing_that_outlives_
     middle of a bisection (None: after half a second, past several reconnects)."""
     port = free_ports(1)
     sim_points = make_points(6, types=["uint16"], period=0.05)
-    spec = DeviceSpec("plc-1", port, points=sim_points, fault="exception:2")
+    fault = "exception:2" if answers_after is None else f"exception:2:{answers_after}"
+    spec = DeviceSpec("plc-1", port, points=sim_points, fault=fault)
     config = _config(port, sim_points)
     store = PlanStore(tmp_path)
 
@@ -231,11 +232,8 @@ def test_a_device_refusing_everything_for_a_while_teaches_nothing_that_outlives_
             device = fleet.devices[0]
             if answers_after is None:
                 await asyncio.sleep(0.5)  # the PLC boots for half a second, refusing every read
-            else:
-                while device.exceptions < answers_after:
-                    await asyncio.sleep(0)
+                device.spec.fault = None
             refused = device.exceptions
-            fleet.devices[0].spec.fault = None
             await asyncio.wait_for(enough.wait(), 10)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

@@ -174,7 +174,7 @@ def add_verbs(verbs: Any) -> None:
         action="append",
         default=[],
         metavar="ID=KIND",
-        help="dead | slow:SECONDS | exception:CODE | down",
+        help="dead | slow:SECONDS | exception:CODE[:N] (the first N requests) | down",
     )
     modbus.add_argument(
         "--holes",

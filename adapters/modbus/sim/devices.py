@@ -10,6 +10,7 @@ Faults, per device (``--fault dev-3=dead``):
 - ``dead``: accepts connections and requests, never answers (the gateway times out);
 - ``slow:SECONDS``: answers every request after a delay;
 - ``exception:CODE``: answers every read with a Modbus exception code;
+  ``exception:CODE:N`` only the first N requests (a PLC that boots, then answers);
 - ``down``: no listener at all (connection refused).
 
 Quirks of real maps, per device (:class:`DeviceSpec` fields, or ``fieldgate simulate modbus``
@@ -212,7 +213,9 @@ class SimulatedDevice:
         if fault.startswith("slow:"):
             await asyncio.sleep(float(fault.split(":", 1)[1]))
         if fault.startswith("exception:"):
-            return int(fault.split(":", 1)[1])
+            _, code, *first = fault.split(":")
+            if not first or self.requests <= int(first[0]):
+                return int(code)
         if spec.busy_every and self.requests % spec.busy_every == 0:
             return 0x06
         table = _FC_TABLE.get(function_code)

@@ -31,7 +31,7 @@ def build_specs(args: argparse.Namespace) -> list[DeviceSpec]:
         if not kind.startswith(FAULT_KINDS):
             raise ConfigError(
                 "--fault",
-                [f"{item}: fault must be one of dead, slow:SECONDS, exception:CODE, down"],
+                [f"{item}: fault must be one of dead, slow:SECONDS, exception:CODE[:N], down"],
             )
         by_id[device_id].fault = kind
     for item in getattr(args, "holes", ()):
