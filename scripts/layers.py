@@ -3,13 +3,14 @@
 1. The product never imports the test tools: no module of ``gateway/`` or ``adapters/`` imports
    ``gateway.testbed`` or a simulator (``adapters.*.sim``), except the test tools themselves.
 2. Layers, bottom up: ``gateway/core`` imports nothing of the project above it; the adapters
-   build on ``gateway.core`` only; the rest of ``gateway/`` builds on both.
+   build on ``gateway.core`` (and ``adapters.base``) only, never on each other; the rest of
+   ``gateway/`` builds on both.
 3. One module (or package) owns each third-party library: the tables below. Test tools
    (``gateway/testbed``, ``adapters/*/sim``) may import the product's libraries (a simulator
    serves pymodbus or D-Bus), but the libraries only they use have one owner among them.
 
-Every import counts, at the top of a module or inside a function. Exit 1 with one line per
-broken rule.
+Every import counts, at the top of a module or inside a function, relative ones resolved
+against the module's package. Exit 1 with one line per broken rule.
 """
 
 from __future__ import annotations
@@ -52,17 +53,26 @@ def is_tool(rel: str) -> bool:
     )
 
 
-def imports(path: Path) -> list[tuple[int, str]]:
+def imports(path: Path, rel: str = "") -> list[tuple[int, str]]:
+    """(line, absolute module name) of every import; ``rel`` (the path under the root)
+    resolves relative imports."""
     tree = ast.parse(path.read_text(), str(path))
+    package = rel.split("/")[:-1]  # a module's package; an __init__.py's own package
     found: list[tuple[int, str]] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.append((node.lineno, node.module))
-            if node.module.split(".")[0] in ("gateway", "adapters"):
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                base = package[: len(package) - (node.level - 1)]
+                module = ".".join([*base, *([module] if module else [])])
+            if not module:
+                continue
+            found.append((node.lineno, module))
+            if module.split(".")[0] in ("gateway", "adapters"):
                 # `from adapters.ble import sim` names a module too
-                found += [(node.lineno, f"{node.module}.{alias.name}") for alias in node.names]
+                found += [(node.lineno, f"{module}.{alias.name}") for alias in node.names]
     return found
 
 
@@ -83,7 +93,7 @@ def problems(rel: str, path: Path) -> list[str]:
     out: list[str] = []
     tool = is_tool(rel)
     lines_seen: set[int] = set()
-    for line, name in imports(path):
+    for line, name in imports(path, rel):
         if line in lines_seen and name.split(".")[0] not in ("gateway", "adapters"):
             continue
         lines_seen.add(line)
@@ -103,6 +113,17 @@ def problems(rel: str, path: Path) -> list[str]:
             and parts[:2] != ["gateway", "core"]
         ):
             out.append(f"{where}: an adapter imports {name}; adapters build on gateway.core only")
+        own = rel.split("/")[:2]
+        if (
+            own[0] == "adapters"
+            and len(own) == 2
+            and not own[1].endswith(".py")
+            and parts[0] == "adapters"
+            and len(parts) > 1
+            and parts[1] not in (own[1], "base")
+        ):
+            other = f"adapters/{own[1]} imports {name}"
+            out.append(f"{where}: {other}; adapters never import each other")
         lib = owner_of(name, OWNERS)
         if lib is not None and not tool and not allowed(rel, OWNERS[lib]):
             out.append(f"{where}: imports {name}, which only {', '.join(OWNERS[lib])} may import")

@@ -50,3 +50,17 @@ def test_a_library_outside_its_owner_and_a_layer_upside_down_are_refused(tmp_pat
     assert found(tmp_path, "gateway/core/x.py", "from gateway.store import Store\n")
     assert found(tmp_path, "adapters/ble/x.py", "from gateway.config import Config\n")
     assert found(tmp_path, "adapters/ble/x.py", "from gateway.core.errors import X\n") == []
+
+
+def test_relative_and_sideways_imports_are_held_to_the_same_rules(tmp_path: Path) -> None:
+    # A relative import is resolved against its package before the rules apply.
+    assert found(tmp_path, "gateway/core/x.py", "from ..store import Store\n")
+    assert found(tmp_path, "adapters/modbus/x.py", "from ...gateway.config import Config\n")
+    assert found(tmp_path, "gateway/app2.py", "from .testbed import harness\n")
+    assert found(tmp_path, "adapters/modbus/x.py", "from .config import Point\n") == []
+    assert found(tmp_path, "adapters/modbus/x.py", "from . import transport\n") == []
+    # One adapter never builds on another; both build on adapters.base.
+    assert found(tmp_path, "adapters/ble/x.py", "from adapters.modbus.config import Point\n")
+    assert found(tmp_path, "adapters/ble/x.py", "from ..modbus import link\n")
+    assert found(tmp_path, "adapters/ble/x.py", "from adapters.base import DeviceHealth\n") == []
+    assert found(tmp_path, "adapters/ble/sim/x.py", "from ..gatt import decode\n") == []
