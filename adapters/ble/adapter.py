@@ -89,6 +89,7 @@ class BleAdapter:
         while True:
             try:
                 await bluez.ready()
+                await self.agent.__aenter__()  # left in the finally below
                 break
             except bluez.BlueZUnavailable as err:
                 # No bluetoothd (yet): the BLE devices wait, the rest of the gateway runs on.
@@ -99,10 +100,13 @@ class BleAdapter:
                 await asyncio.sleep(
                     backoff_delay(attempt, section.backoff_min, section.backoff_max)
                 )
-        async with self.agent, asyncio.TaskGroup() as group:
-            group.create_task(self._discover(), name=f"ble-scan[{self.name}]")
-            for link in self.links:
-                group.create_task(link.run(), name=f"ble[{link.device_id}]")
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._discover(), name=f"ble-scan[{self.name}]")
+                for link in self.links:
+                    group.create_task(link.run(), name=f"ble[{link.device_id}]")
+        finally:
+            await self.agent.__aexit__(None, None, None)
 
     def want(self) -> None:
         """A link needs its device found (again): discovery runs until every link has it."""

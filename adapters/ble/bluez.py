@@ -68,6 +68,15 @@ def why(err: BaseException) -> str:
 
 
 @contextlib.contextmanager
+def _gone_if_unknown(path: str, what: str) -> Iterator[None]:
+    """bleak's manager raises KeyError for a device path BlueZ has dropped."""
+    try:
+        yield
+    except KeyError as err:
+        raise DeviceGone(what, f"BlueZ no longer knows {path}") from err
+
+
+@contextlib.contextmanager
 def translate(what: str) -> Iterator[None]:
     """Map a radio operation's failure to :class:`BlueZError` ("``what``: reason")."""
     try:
@@ -163,18 +172,20 @@ class Connection:
             await self._client.disconnect()
 
     async def paired(self) -> bool:
-        manager = await get_global_bluez_manager()
-        return bool(manager.is_paired(self.path))
+        with translate("pairing state"), _gone_if_unknown(self.path, "pairing state"):
+            manager = await get_global_bluez_manager()
+            return bool(manager.is_paired(self.path))
 
     async def identity_address(self) -> str:
         """The identity address BlueZ shows for a bonded device."""
-        manager = await get_global_bluez_manager()
-        return str(manager.get_device_address(self.path)).upper()
+        with translate("identity address"), _gone_if_unknown(self.path, "identity address"):
+            manager = await get_global_bluez_manager()
+            return str(manager.get_device_address(self.path)).upper()
 
     async def pair(self) -> None:
         try:
             await self._client.pair()
-        except BleakDBusError as err:
+        except _FAILURES as err:  # BlueZ's refusal (a D-Bus error), a timeout, a lost bus
             raise PairingFailed("pairing failed", why(err)) from err
 
     async def read(self, uuid: str) -> bytes:
@@ -216,7 +227,10 @@ class Agent:
         self.pairing: dict[str, Pairing] = {}
 
     async def __aenter__(self) -> Agent:
-        bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+        try:
+            bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+        except (OSError, EOFError, ValueError) as err:  # no bus, refused, a bad bus address
+            raise BlueZUnavailable("pairing agent: system bus not reachable", why(err)) from err
         self._bus = bus
         bus.add_message_handler(self._on_message)
         for member, signature, body in (
