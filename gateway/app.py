@@ -355,11 +355,16 @@ class Gateway:
         else:
             log.info("stopped: every envelope was delivered")
         delivered = sum(s.stats.readings_acked for s in self.sessions.values())
+        step = self.step
+        unavailable = step.unavailable if step is not None else 0
         log.info(
-            "readings: %d read, %d delivered, %d dropped",
-            self.step.readings if self.step is not None else 0,
+            "readings: %d read, %d delivered, %d dropped%s",
+            step.readings if step is not None else 0,
             delivered,
             self.counters.dropped_readings,
+            # A point that could not be read travels as an unavailable marker: counted in
+            # both figures, so the line also says how many of them carry no value.
+            f" ({unavailable} of them unavailable: no value)" if unavailable else "",
         )
 
 

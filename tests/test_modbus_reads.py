@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import stat
 import time
 from pathlib import Path
@@ -300,6 +301,13 @@ def test_a_block_that_fails_arrives_as_unavailable_at_the_hub(
     assert errors == []
     broken = [r for o in opened if o.device_id == "plc-2" for r in o.readings]
     assert broken and all(r.quality == UNAVAILABLE and r.value is None for r in broken)
+    # The stop line says how many of the readings it counts carry no value.
+    summary = re.search(
+        r"readings: (\d+) read, \1 delivered, 0 dropped \((\d+) of them unavailable: no value\)",
+        gateway.output(),
+    )
+    assert summary is not None, gateway.output()[-2000:]
+    assert int(summary[2]) == len(broken)
     # plc-1: its point on the hole is a configuration problem, told once; the rest is good.
     good = [r for o in opened if o.device_id == "plc-1" for r in o.readings]
     assert good and {r.quality for r in good} == {GOOD}

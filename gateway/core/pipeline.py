@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from gateway.core.batcher import Batch, Batcher
 from gateway.core.envelope import Sealer
-from gateway.core.readings import Envelope, Scan
+from gateway.core.readings import UNAVAILABLE, Envelope, Scan
 
 
 @dataclass(slots=True)
@@ -34,6 +34,7 @@ class PipelineStep:
         self._sealer = sealer
         self._admitted = admitted
         self.readings = 0  # readings of admitted devices taken in
+        self.unavailable = 0  # of those, points that could not be read (no value)
 
     def add(self, scan: Scan, read_at: float, now: float) -> Output | None:
         """Take a scan read at monotonic time ``read_at``, arriving at ``now``; None if its
@@ -41,6 +42,8 @@ class PipelineStep:
         if not self._admitted(scan.device_id):
             return None
         self.readings += len(scan.values)
+        if scan.quality == UNAVAILABLE:
+            self.unavailable += len(scan.values)
         closed, opened = self._batcher.add(scan, read_at)
         out = Output()
         if opened:
