@@ -336,9 +336,7 @@ class HostileDevice:
             self._tasks.discard(task)
             writer.close()
 
-    async def _request(
-        self, writer: asyncio.StreamWriter, tid: int, unit: int, pdu: bytes
-    ) -> bool:
+    async def _request(self, writer: asyncio.StreamWriter, tid: int, unit: int, pdu: bytes) -> bool:
         """Answer one request; False: the connection is done."""
         fc = pdu[0]
         if fc not in (1, 2, 3, 4) or len(pdu) < 5:
