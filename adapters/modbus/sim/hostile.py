@@ -49,6 +49,7 @@ MODES: dict[str, str] = {
     "wrong_fc": "the answer of the sibling function (3 <-> 4, 1 <-> 2)",
     "wrong_tid": "transaction id + 1",
     "wrong_unit": "unit id + 1",
+    "wrong_pid": "a protocol id that is not 0 (Modbus)",
     "short": "one register (or byte of bits) fewer than asked, consistent MBAP length",
     "long": "one register (or byte of bits) more than asked, consistent MBAP length",
     "odd": "an odd byte count (registers), or one byte of bits too many, consistent length",
@@ -78,6 +79,7 @@ FUZZ_MODES: tuple[str, ...] = (
     "wrong_fc",
     "wrong_tid",
     "wrong_unit",
+    "wrong_pid",
     "short",
     "long",
     "odd",
@@ -170,6 +172,8 @@ def answer(
         return [(0.0, frame((tid + 1) & 0xFFFF, unit, bad_pdu))]
     if mode == "wrong_unit":
         return [(0.0, frame(tid, (unit + 1) & 0xFF, bad_pdu))]
+    if mode == "wrong_pid":
+        return [(0.0, good[:2] + b"\x00\x01" + frame(tid, unit, bad_pdu)[4:])]
     if mode in ("short", "long"):
         delta = -1 if mode == "short" else 1
         n = max(0, count + (8 if request.bits else 1) * delta)
