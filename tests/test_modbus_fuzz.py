@@ -46,6 +46,7 @@ from adapters.modbus.sim.hostile import FUZZ_MODES, HostileDevice, RegisterMap, 
 from adapters.modbus.transport import ModbusTransport
 from gateway.config import DeviceConfig, render_toml
 from gateway.core.readings import GOOD, Scan
+from gateway.events import read_events
 from gateway.identity.keyring import Keyring
 from gateway.testbed.simconfig import device_files
 
@@ -408,6 +409,7 @@ def test_a_window_of_malformed_answers_costs_only_that_device_and_none_becomes_a
     )
     scans: dict[str, list[Scan]] = defaultdict(list)
     healths = {"bad-1": DeviceHealth("bad-1"), "ok-1": DeviceHealth("ok-1")}
+    events: list[tuple[str, str]] = []
 
     def link(device_id: str, port: int, points: list[SimPoint], timeout: float) -> ModbusLink:
         config = _config(device_id, port, points, timeout)
@@ -422,6 +424,7 @@ def test_a_window_of_malformed_answers_costs_only_that_device_and_none_becomes_a
             backoff_min=0.02,
             backoff_max=0.05,
             settle=1.0,
+            on_event=lambda kind, device, *_a, **_k: events.append((kind, device)),
         )
 
     def ended() -> bool:
@@ -495,6 +498,8 @@ def test_a_window_of_malformed_answers_costs_only_that_device_and_none_becomes_a
     assert [line.split(":")[0] for line in lines] == ["bad-1", "bad-1"], lines
     assert lines[0].startswith("bad-1: answering wrongly: ")
     assert lines[1].endswith("; now answering correctly")
+    # A device breaking the protocol is a security event, once at the start, once at the end.
+    assert events == [("wrong-answers", "bad-1"), ("wrong-answers-ended", "bad-1")]
 
     # The healthy device kept its rate through the window: every block at its period.
     start, end = marks["start"], marks["end"]
@@ -622,3 +627,5 @@ def test_the_gateway_forwards_only_correct_values_through_every_kind_of_malforme
     assert "Traceback" not in log and "Fatal error" not in log and " ERROR " not in log
     assert log.count("plc-2: answering wrongly:") == 1
     assert "plc-1: answering" not in log
+    kinds = [(e["kind"], e["device"]) for e in read_events(tmp_path / "state")]
+    assert [k for k in kinds if k[0].startswith("wrong-answers")] == [("wrong-answers", "plc-2")]
