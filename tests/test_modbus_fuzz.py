@@ -111,8 +111,11 @@ def pdu_answers(pdu: bytes, expected: Expected) -> bool:
     fc = expected.function_code
     if len(pdu) == 2 and pdu[0] == fc + 0x80:  # an exception, any code
         return True
-    if fc in (5, 6):  # echo: address, value
-        return len(pdu) == 5 and pdu[:3] == bytes([fc]) + expected.address.to_bytes(2, "big")
+    if fc in (5, 6):  # echo: address, value (when the caller says which)
+        echo = bytes([fc]) + expected.address.to_bytes(2, "big")
+        if expected.value is not None:
+            return pdu == echo + expected.value.to_bytes(2, "big")
+        return len(pdu) == 5 and pdu[:3] == echo
     if fc in (15, 16):  # address, quantity
         echo = expected.address.to_bytes(2, "big") + expected.count.to_bytes(2, "big")
         return pdu == bytes([fc]) + echo
@@ -136,6 +139,7 @@ def random_request(rng: random.Random) -> Expected:
     """Any request the transport makes: reads 1-4 of the sizes the spec allows, writes."""
     fc = rng.choice((1, 2, 3, 4, 5, 6, 15, 16))
     count = {1: 2000, 2: 2000, 3: 125, 4: 125, 5: 1, 6: 1, 15: 1968, 16: 123}[fc]
+    value = {5: rng.choice((0xFF00, 0)), 6: rng.randrange(0x10000)}.get(fc)
     return Expected(
         transaction_id=rng.randrange(0x10000),
         unit=rng.randrange(0x100),
@@ -143,6 +147,7 @@ def random_request(rng: random.Random) -> Expected:
         count=rng.randint(1, count),
         bits=fc in (1, 2, 5, 15),
         address=rng.randrange(0x10000),
+        value=None if rng.random() < 0.25 else value,  # the transport gives none yet
     )
 
 
@@ -152,7 +157,10 @@ def correct_pdu(expected: Expected, rng: random.Random) -> bytes:
     if rng.random() < 0.125:
         return bytes([fc | 0x80, rng.choice((1, 2, 3, 4, 6, 0x0B))])
     if fc in WRITE_CODES:
-        second = expected.count if fc in (15, 16) else rng.randrange(0x10000)
+        if fc in (15, 16):
+            second = expected.count
+        else:
+            second = rng.randrange(0x10000) if expected.value is None else expected.value
         return bytes([fc]) + struct.pack(">HH", expected.address, second)
     n = expected.byte_count
     return bytes([fc, n]) + rng.randbytes(n)
@@ -337,6 +345,17 @@ def test_every_hostile_answer_is_judged_as_the_device_meant_it() -> None:
             assert check_response(chunks[1], later).cause == checks.WRONG_TID
         else:
             assert first.cause is not None and first.used == len(chunks[0]), (mode, first)
+
+
+def test_a_single_write_answered_with_another_value_is_a_wrong_echo() -> None:
+    """FC 5 and 6 answer with an echo of the request: a device that says it wrote another
+    value than the one sent has not answered this request."""
+    for fc, sent, other in ((6, 1234, 1235), (5, 0xFF00, 0x0000)):
+        write = Expected(9, 1, fc, 1, fc == 5, address=40, value=sent)
+        echo = MBAP.wrap(write, struct.pack(">BHH", fc, 40, sent))
+        assert check_response(echo, write) == Verdict(len(echo))
+        lie = MBAP.wrap(write, struct.pack(">BHH", fc, 40, other))
+        assert check_response(lie, write) == Verdict(len(lie), checks.WRONG_ECHO)
 
 
 # -- the link: a window of malformed answers beside a healthy device --------------------------
