@@ -347,6 +347,14 @@ def test_every_hostile_answer_is_judged_as_the_device_meant_it() -> None:
             assert first.cause is not None and first.used == len(chunks[0]), (mode, first)
 
 
+def test_a_hostile_plan_with_a_mistake_is_refused_naming_it() -> None:
+    with pytest.raises(ValueError, match=r"plan 'good:3,bad': unknown mode 'bad'"):
+        hostile.parse_plan("good:3,bad")
+    with pytest.raises(ValueError, match=r"fuzz:x: the count is not a number"):
+        hostile.parse_plan("good:3,fuzz:x")
+    assert hostile.parse_plan("good:3,fuzz:5,good") == [("good", 3), ("fuzz", 5), ("good", None)]
+
+
 def test_a_single_write_answered_with_another_value_is_a_wrong_echo() -> None:
     """FC 5 and 6 answer with an echo of the request: a device that says it wrote another
     value than the one sent has not answered this request."""

@@ -100,7 +100,8 @@ FUZZ_MODES: tuple[str, ...] = (
     "duplicate",
     "flood",
 )
-# Modes whose bytes begin with the correct answer, whole and alone: the client must take it.
+# Modes whose bytes hold the correct answer (``split``: in two parts) before anything else:
+# the client must take it, and only it.
 ANSWERED = frozenset({"good", "split", "unsolicited", "duplicate"})
 
 DELAY = 0.01  # between the chunks of an answer that comes in parts
@@ -127,6 +128,8 @@ def parse_plan(text: str) -> list[tuple[str, int | None]]:
         mode, _, count = part.partition(":")
         if mode not in MODES:
             raise ValueError(f"plan {text!r}: unknown mode {mode!r} (known: {', '.join(MODES)})")
+        if count and not count.isdigit():
+            raise ValueError(f"plan {text!r}: {mode}:{count}: the count is not a number")
         steps.append((mode, int(count) if count else None))
     return steps
 
@@ -410,9 +413,12 @@ def main() -> None:
     registers = RegisterMap(
         make_points(args.points, seed=args.map_seed) if args.points else (), args.step
     )
-    device = HostileDevice(
-        args.port, args.plan, args.stats, seed=args.seed, registers=registers, late=args.late
-    )
+    try:
+        device = HostileDevice(
+            args.port, args.plan, args.stats, seed=args.seed, registers=registers, late=args.late
+        )
+    except ValueError as err:
+        parser.error(f"--plan: {err}")
     try:
         asyncio.run(device.serve_forever())
     except KeyboardInterrupt:
