@@ -13,12 +13,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from hostile_modbus import BAD, HostileDevice
 
 from adapters.base import DeviceHealth
 from adapters.modbus import checks
 from adapters.modbus.checks import Expected, Misbehaviour, check_response
 from adapters.modbus.link import ModbusLink
+from adapters.modbus.sim.hostile import BAD, HostileDevice
 from gateway.config import DeviceConfig, render_toml
 from gateway.core.readings import Scan
 from gateway.events import read_events
@@ -35,7 +35,6 @@ from conftest import (
     wait_until,
 )
 
-HERE = Path(__file__).parent
 POINTS = 4  # uint16 holding registers 0..3, which a correct answer holds as 1000 + address
 
 
@@ -333,7 +332,8 @@ def test_a_hostile_device_delivers_only_its_correct_answers_and_no_traceback(
     hostile = Proc(
         [
             sys.executable,
-            str(HERE / "hostile_modbus.py"),
+            "-m",
+            "adapters.modbus.sim.hostile",
             "--port",
             str(port),
             "--plan",

@@ -5,7 +5,8 @@ transaction id, unit id, function code (or its exception), byte count against wh
 and the MBAP length against the frame, with no byte before or after it. pymodbus skips frames
 with a wrong transaction or unit id and decodes whatever function code arrives; the client
 module runs this check on the raw frame first (:mod:`adapters.modbus.transport` owns pymodbus).
-A write's answer must echo the address (and, for FC 15 and 16, the count) it was sent.
+A write's answer must echo the address (and, for FC 15 and 16, the count; for FC 5 and 6 the
+value, when the caller gives it) it was sent.
 
 :class:`Misbehaviour` turns a stream of wrong answers into log lines once per transition: one
 warning when a device starts answering wrongly, counts at most every ``every`` seconds while it
@@ -46,6 +47,7 @@ class Expected:
     count: int  # registers, or bits
     bits: bool
     address: int = 0  # writes: the answer echoes the address (and the count, FC 15 and 16)
+    value: int | None = None  # FC 5 and 6: the value sent (FC 5: 0xFF00 or 0), echoed back
 
     @property
     def byte_count(self) -> int:
@@ -123,6 +125,8 @@ def _check_echo(pdu: bytes, expected: Expected, end: int) -> Verdict:
         return Verdict(end, WRONG_ECHO)
     if pdu[0] in (15, 16) and second != expected.count:
         return Verdict(end, WRONG_ECHO)
+    if pdu[0] in (5, 6) and expected.value is not None and second != expected.value:
+        return Verdict(end, WRONG_ECHO)  # the answer is an echo of the request, value too
     return Verdict(end)
 
 
