@@ -142,6 +142,13 @@ def explain(err: BaseException) -> tuple[str, str] | None:
                 "is tls.cert issued by a CA the device trusts, and valid?"
             )
         return HANDSHAKE, f"TLS handshake failed: {_why(err)}"
+    if isinstance(err, ConnectionResetError):
+        # TCP was accepted, then dropped mid-handshake: what a TLS stack does when it finds no
+        # version or suite in common (or a device that does not speak TLS on this port).
+        return HANDSHAKE, (
+            "TLS handshake failed: the device closed the connection during it (no TLS version "
+            "or forward-secret AEAD suite in common, or not a Modbus/TCP Security port)"
+        )
     return None
 
 

@@ -1,0 +1,335 @@
+"""Modbus/TCP Security: mutual TLS with a device, the gateway's role in its certificate.
+
+Real handshakes on loopback: the gateway's link (pymodbus's TLS client, through the
+transport) against a pymodbus TLS server that requires a client certificate from its CA and
+authorizes requests by the role extension. Certificates come from real development PKIs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import shutil
+import ssl
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from adapters.base import DOWN, UP, DeviceHealth, Evidence
+from adapters.modbus.config import ModbusEndpoint, ModbusTls, Point
+from adapters.modbus.link import ModbusLink
+from adapters.modbus.security import (
+    EXPIRED,
+    FINGERPRINT,
+    HANDSHAKE,
+    UNKNOWN_CA,
+    client_context,
+)
+from adapters.modbus.sim.server import TlsDeviceServer, server_context
+from gateway.core.errors import PkiError
+from gateway.core.readings import GOOD, Scan
+from gateway.identity import pki as pki_mod
+from gateway.testbed.certs import issue_leaf
+
+from conftest import fieldgate, free_ports
+
+UNIT = 1
+POINTS = [
+    Point(name="flow", address=3, table="holding", type="uint16", period=0.05),
+    Point(name="level", address=7, table="holding", type="uint16", period=0.05),
+]
+EXPECTED = {"flow": 103, "level": 107}  # the simulated device holds 100 + address
+
+
+async def _registers(_fc: int, _addr: int, _count: int, registers: list[int], _w: bool) -> None:
+    registers[:] = [100 + i for i in range(len(registers))]
+
+
+@dataclass
+class Plant:
+    """Two development PKIs: the plant's (gateway and its devices) and another's."""
+
+    root: Path
+    other: Path
+    tmp: Path
+
+    @property
+    def passphrase(self) -> bytes:
+        return pki_mod.Pki(self.root).passphrase()
+
+    def gateway(self, name: str) -> tuple[Path, Path]:
+        p = pki_mod.Pki(self.root)
+        return p.device_cert(name), p.device_key(name)
+
+    def device_cert(self, name: str, *, other_ca: bool = False, **kw: Any) -> tuple[Path, Path]:
+        cert, key = self.tmp / f"{name}.pem", self.tmp / f"{name}.key"
+        issue_leaf(
+            self.other if other_ca else self.root,
+            cert,
+            key,
+            cn=name,
+            server=True,
+            ips=["127.0.0.1"],
+            encrypt=False,  # the device's side: a key of its own PKI, no passphrase at hand
+            **kw,
+        )
+        return cert, key
+
+
+@pytest.fixture(scope="module")
+def plant(tmp_path_factory: pytest.TempPathFactory) -> Plant:
+    base = tmp_path_factory.mktemp("mbtls")
+    root, other = base / "plant", base / "other"
+    pki_mod.init(root)
+    pki_mod.init(other, root_name="someone else's root")
+    pki_mod.issue(root, ["gw-operator"], modbus_role="operator")
+    pki_mod.issue(root, ["gw-viewer"], modbus_role="viewer")
+    pki_mod.issue(root, ["gw-norole"])
+    (base / "certs").mkdir()
+    return Plant(root, other, base / "certs")
+
+
+@dataclass
+class Outcome:
+    scans: list[Scan] = field(default_factory=list)
+    events: list[tuple[str, str | None, str, dict[str, Any]]] = field(default_factory=list)
+    evidence: list[Evidence] = field(default_factory=list)
+    health: DeviceHealth = field(default_factory=lambda: DeviceHealth("plc-tls"))
+    attempts: int = 0
+    refusals: int = 0
+    roles_seen: list[str | None] = field(default_factory=list)
+
+    def kinds(self, kind: str) -> list[tuple[str, str | None, str, dict[str, Any]]]:
+        return [e for e in self.events if e[0] == kind]
+
+
+def _run(
+    plant: Plant,
+    *,
+    gateway: str = "gw-operator",
+    device: tuple[Path, Path] | None = None,
+    fingerprint: str | None = None,
+    server_ctx: ssl.SSLContext | None = None,
+    until: str = "scans",
+    attempts: int = 3,
+) -> Outcome:
+    """A TLS device allowing role ``operator`` and a link to it, until the link delivered
+    scans of every point (``until="scans"``), or has made ``attempts`` connections
+    (``"attempts"``), or the device refused requests (``"refusals"``)."""
+    cert, key = device or plant.device_cert("plc-tls")
+    gw_cert, gw_key = plant.gateway(gateway)
+    tls = ModbusTls(ca=plant.root / "root.pem", cert=gw_cert, key=gw_key, fingerprint=fingerprint)
+    port = free_ports(1)
+    endpoint = ModbusEndpoint(host="127.0.0.1", port=port, unit=UNIT, timeout=2.0, tls=tls)
+    out = Outcome()
+    sslctx = server_ctx or server_context(cert, key, None, plant.root / "root.pem")
+
+    def admit(evidence: Evidence) -> None:
+        out.evidence.append(evidence)
+
+    def on_event(kind: str, device_id: str | None, reason: str, **fields: Any) -> None:
+        out.events.append((kind, device_id, reason, fields))
+
+    async def main() -> None:
+        server = TlsDeviceServer(
+            "127.0.0.1", port, UNIT, 64, _registers, sslctx=sslctx, roles=frozenset({"operator"})
+        )
+        async with server:
+            link = ModbusLink(
+                "plc-tls",
+                endpoint,
+                POINTS,
+                out.scans.append,
+                admit,
+                out.health,
+                backoff_min=0.05,
+                backoff_max=0.2,
+                on_event=on_event,
+                tls_context=client_context(tls, plant.passphrase),
+            )
+            task = asyncio.create_task(link.run(), name="poll[plc-tls]")
+
+            def done() -> bool:
+                if until == "scans":
+                    got = {n for s in out.scans if s.quality == GOOD for n in s.names}
+                    return got >= set(EXPECTED)
+                if until == "refusals":
+                    return server.refusals >= 3
+                return link.attempt >= attempts
+
+            try:
+                async with asyncio.timeout(15):
+                    # What is awaited lives in the link and the server, which signal nothing.
+                    while not done():  # noqa: ASYNC110
+                        await asyncio.sleep(0.02)
+            finally:
+                out.attempts = link.attempt
+                out.refusals = server.refusals
+                out.roles_seen = list(server.roles_seen)
+                task.cancel("the test is over")
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+
+    asyncio.run(main())
+    return out
+
+
+def _der(pem: Path) -> bytes:
+    return x509.load_pem_x509_certificates(pem.read_bytes())[0].public_bytes(Encoding.DER)
+
+
+# -- served -------------------------------------------------------------------------------------
+
+
+def test_the_right_role_is_served_and_readings_arrive_with_the_devices_values(
+    plant: Plant,
+) -> None:
+    device = plant.device_cert("plc-served")
+    out = _run(plant, device=device, fingerprint=hashlib.sha256(_der(device[0])).hexdigest())
+    values = {
+        n: v for s in out.scans if s.quality == GOOD for n, v in zip(s.names, s.values, strict=True)
+    }
+    assert values == EXPECTED
+    assert out.health.state == UP
+    assert out.refusals == 0 and out.roles_seen == ["operator"]
+    assert not out.kinds("modbus-tls-refused") and not out.kinds("modbus-role-refused")
+    # What the device proved goes with the admission (recorded in its event).
+    facts = out.evidence[0].fingerprint
+    assert facts["tls_peer_sha256"] == hashlib.sha256(_der(device[0])).hexdigest()
+    assert facts["tls"] in ("TLSv1.2", "TLSv1.3")
+
+
+# -- refused at the TLS layer: one event per transition, not per retry ------------------------
+
+
+def _refused_once(out: Outcome, check: str, words: str) -> str:
+    assert out.attempts >= 3, "the link keeps retrying with backoff"
+    assert not out.scans and not out.evidence, "nothing of a refused device is admitted"
+    assert out.health.state == DOWN and f"TLS refused ({check})" in (out.health.last_error or "")
+    refused = out.kinds("modbus-tls-refused")
+    assert len(refused) == 1, refused  # once for the transition, not once per attempt
+    _kind, device_id, reason, fields = refused[0]
+    assert device_id == "plc-tls" and fields["check"] == check
+    assert fields["endpoint"].startswith("127.0.0.1:")
+    assert words in reason, reason
+    return reason
+
+
+def test_a_device_certificate_from_another_ca_is_refused_and_recorded(plant: Plant) -> None:
+    out = _run(plant, device=plant.device_cert("plc-other", other_ca=True), until="attempts")
+    _refused_once(out, UNKNOWN_CA, "not issued by tls.ca")
+    assert out.roles_seen == []  # the device never saw a request
+
+
+def test_an_expired_device_certificate_is_refused_and_recorded(plant: Plant) -> None:
+    now = dt.datetime.now(dt.UTC)
+    expired = plant.device_cert(
+        "plc-expired", start=now - dt.timedelta(days=30), until=now - dt.timedelta(days=1)
+    )
+    out = _run(plant, device=expired, until="attempts")
+    _refused_once(out, EXPIRED, "has expired")
+
+
+def test_a_device_whose_certificate_is_not_the_pinned_one_is_refused_and_recorded(
+    plant: Plant,
+) -> None:
+    # Same CA, valid, but another device's certificate: only the pin tells them apart.
+    pinned = hashlib.sha256(_der(plant.device_cert("plc-pinned")[0])).hexdigest()
+    impostor = plant.device_cert("plc-impostor")
+    out = _run(plant, device=impostor, fingerprint=pinned, until="attempts")
+    reason = _refused_once(out, FINGERPRINT, "not the pinned")
+    seen = hashlib.sha256(_der(impostor[0])).hexdigest()
+    assert seen.upper()[:2] + ":" in reason and pinned.upper()[:2] in reason
+
+
+def test_a_device_offering_only_cbc_suites_on_tls12_is_refused(plant: Plant) -> None:
+    cert, key = plant.device_cert("plc-weak")
+    weak = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    weak.maximum_version = ssl.TLSVersion.TLSv1_2
+    weak.set_ciphers("ECDHE-ECDSA-AES128-SHA")  # no forward-secret AEAD suite
+    weak.verify_mode = ssl.CERT_REQUIRED
+    weak.load_verify_locations(cafile=str(plant.root / "root.pem"))
+    weak.load_cert_chain(str(cert), str(key))
+    out = _run(plant, device=(cert, key), server_ctx=weak, until="attempts")
+    _refused_once(out, HANDSHAKE, "TLS handshake failed")
+
+
+# -- refused by the device's authorization: exception 01 --------------------------------------
+
+
+@pytest.mark.parametrize(("gateway", "role"), [("gw-norole", None), ("gw-viewer", "viewer")])
+def test_a_missing_or_wrong_role_is_answered_illegal_function_and_recorded(
+    plant: Plant, gateway: str, role: str | None
+) -> None:
+    out = _run(plant, gateway=gateway, until="refusals")
+    assert out.roles_seen and set(out.roles_seen) == {role}
+    assert out.refusals >= 3
+    assert not [s for s in out.scans if s.quality == GOOD], "no reading from refused requests"
+    refused = out.kinds("modbus-role-refused")
+    # One block (both points coalesce into one read): one event, however often it is refused.
+    assert len(refused) == 1, refused
+    _kind, device_id, reason, fields = refused[0]
+    assert device_id == "plc-tls" and "exception 0x01" in reason and "role" in reason
+    assert (fields["table"], fields["address"]) == ("holding", 3)
+    assert not out.kinds("modbus-tls-refused")  # the handshake itself passed
+
+
+# -- the gateway's certificate ----------------------------------------------------------------
+
+
+def test_pki_issue_modbus_role_puts_the_role_extension_in_a_client_certificate(
+    tmp_path: Path,
+) -> None:
+    env = {"FIELDGATE_KEY_PASSPHRASE": "correct horse battery", "PATH": "/usr/bin:/bin"}
+    root = tmp_path / "pki"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(fieldgate(*args), env=env, capture_output=True, text=True, timeout=60)
+
+    assert run("pki", "init", "--dir", str(root)).returncode == 0
+    made = run("pki", "issue", "--dir", str(root), "--modbus-role", "operator", "gw-1")
+    assert made.returncode == 0, made.stderr
+    assert "Modbus role 'operator'" in made.stdout
+    cert = x509.load_pem_x509_certificates((root / "devices" / "gw-1.pem").read_bytes())[0]
+    ext = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier("1.3.6.1.4.1.50316.802.1"))
+    assert ext.critical is False
+    assert isinstance(ext.value, x509.UnrecognizedExtension)
+    assert ext.value.value == b"\x0c\x08operator"  # DER UTF8String, 8 octets
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert pki_mod.modbus_role(cert) == "operator"
+
+    # Without the option, no role; a role with control characters is refused, nothing issued.
+    assert run("pki", "issue", "--dir", str(root), "gw-2").returncode == 0
+    plain = x509.load_pem_x509_certificates((root / "devices" / "gw-2.pem").read_bytes())[0]
+    assert pki_mod.modbus_role(plain) is None
+    bad = run("pki", "issue", "--dir", str(root), "--modbus-role", "a\tb", "gw-3")
+    assert bad.returncode == 2 and "--modbus-role" in bad.stderr
+    assert not (root / "devices" / "gw-3.pem").exists()
+
+    openssl = shutil.which("openssl")
+    if openssl is not None:
+        text = subprocess.run(
+            [openssl, "x509", "-noout", "-text", "-in", str(root / "devices" / "gw-1.pem")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        after = text.split("1.3.6.1.4.1.50316.802.1:", 1)[1].splitlines()
+        assert "operator" in after[1], text
+        assert "TLS Web Client Authentication" in text
+
+
+def test_a_malformed_role_extension_is_an_error_not_a_guess() -> None:
+    for value in (b"", b"\x13\x08operator", b"\x0c\x09operator", b"\x0c\x81\x08operator"):
+        with pytest.raises(PkiError, match="not a DER UTF8String"):
+            pki_mod._utf8string(value)
+    long_role = "r" * 128
+    assert pki_mod._utf8string(pki_mod.modbus_role_der(long_role)) == long_role
