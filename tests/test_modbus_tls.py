@@ -8,11 +8,14 @@ authorizes requests by the role extension. Certificates come from real developme
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import shutil
 import ssl
 import subprocess
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,12 +36,17 @@ from adapters.modbus.security import (
     client_context,
 )
 from adapters.modbus.sim.server import TlsDeviceServer, server_context
-from gateway.core.errors import PkiError
+from gateway import config as config_mod
+from gateway.config import render_toml
+from gateway.core.errors import ConfigError, PkiError
 from gateway.core.readings import GOOD, Scan
+from gateway.events import read_events
 from gateway.identity import pki as pki_mod
+from gateway.identity.keyring import Keyring
 from gateway.testbed.certs import issue_leaf
+from gateway.testbed.simconfig import device_files, skeleton
 
-from conftest import fieldgate, free_ports
+from conftest import Proc, fieldgate, free_ports, opened_from, start_hub, wait_until
 
 UNIT = 1
 POINTS = [
@@ -203,7 +211,7 @@ def test_the_right_role_is_served_and_readings_arrive_with_the_devices_values(
     # What the device proved goes with the admission (recorded in its event).
     facts = out.evidence[0].fingerprint
     assert facts["tls_peer_sha256"] == hashlib.sha256(_der(device[0])).hexdigest()
-    assert facts["tls"] in ("TLSv1.2", "TLSv1.3")
+    assert facts["tls_version"] in ("TLSv1.2", "TLSv1.3")
 
 
 # -- refused at the TLS layer: one event per transition, not per retry ------------------------
@@ -333,3 +341,195 @@ def test_a_malformed_role_extension_is_an_error_not_a_guess() -> None:
             pki_mod._utf8string(value)
     long_role = "r" * 128
     assert pki_mod._utf8string(pki_mod.modbus_role_der(long_role)) == long_role
+
+
+# -- through the gateway: config, preflight, `fieldgate run` ----------------------------------
+
+
+def _tls_device(
+    pki_dir: Path, tmp: Path, device_id: str, port: int, tls: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "id": device_id,
+        **device_files(pki_dir, device_id),
+        "modbus": {"host": "127.0.0.1", "port": port, "unit": UNIT, "tls": tls},
+        "points": [{"name": p.name, "address": p.address, "period": 0.1} for p in POINTS],
+    }
+
+
+@pytest.fixture(scope="module")
+def gateway_identity(pki_dir: Path) -> tuple[Path, Path]:
+    """The gateway's Modbus client identity in the shared development PKI (role operator)."""
+    name = "fieldgate-modbus-client"
+    if not pki_mod.existing(pki_dir, [name]):
+        pki_mod.issue(pki_dir, [name], modbus_role="operator")
+    p = pki_mod.Pki(pki_dir)
+    return p.device_cert(name), p.device_key(name)
+
+
+def _config(tmp: Path, pki_dir: Path, devices: list[dict[str, Any]], hub_port: int = 1) -> Path:
+    doc = skeleton(pki_dir=pki_dir, hub_port=hub_port, state_dir=tmp / "state", max_age=0.3)
+    doc["devices"] = devices
+    path = tmp / "gateway.toml"
+    path.write_text(render_toml(doc))
+    return path
+
+
+def _relative_tls(tmp: Path, pki_dir: Path, identity: tuple[Path, Path]) -> dict[str, str]:
+    """The device's CA and the gateway's identity copied beside the config, named relatively."""
+    (tmp / "tls").mkdir(exist_ok=True)
+    for src, name in (
+        (pki_dir / "root.pem", "ca.pem"),
+        (identity[0], "gw.pem"),
+        (identity[1], "gw.key"),
+    ):
+        shutil.copy(src, tmp / "tls" / name)
+    (tmp / "tls" / "gw.key").chmod(0o600)
+    return {"ca": "tls/ca.pem", "cert": "tls/gw.pem", "key": "tls/gw.key"}
+
+
+def test_tls_config_paths_are_relative_to_the_config_and_bad_values_name_their_field(
+    tmp_path: Path, pki_dir: Path, gateway_identity: tuple[Path, Path]
+) -> None:
+    tls = _relative_tls(tmp_path, pki_dir, gateway_identity)
+    path = _config(tmp_path, pki_dir, [_tls_device(pki_dir, tmp_path, "plc-1", 802, tls)])
+    cfg = config_mod.load(path)
+    loaded = cfg.devices[0].modbus
+    assert loaded is not None and loaded.tls is not None and loaded.port == 802
+    assert loaded.tls.ca == tmp_path / "tls" / "ca.pem" and loaded.tls.key.is_absolute()
+
+    def refused(tls: dict[str, Any]) -> str:
+        bad = _config(tmp_path, pki_dir, [_tls_device(pki_dir, tmp_path, "plc-1", 802, tls)])
+        with pytest.raises(ConfigError) as err:
+            config_mod.load(bad)
+        return str(err.value)
+
+    assert "devices[0].modbus.tls.fingerprint: a SHA-256 fingerprint is 64 hex digits" in refused(
+        {**tls, "fingerprint": "12:34"}
+    )
+    assert "devices[0].modbus.tls.ca: file not found" in refused({**tls, "ca": "tls/none.pem"})
+    assert "devices[0].modbus.tls.sever_name: unknown field" in refused(
+        {**tls, "sever_name": "plc"}
+    )
+    (tmp_path / "tls" / "gw.key").chmod(0o644)
+    assert "devices[0].modbus.tls.key: " in refused(tls) and "chmod 600" in refused(tls)
+    (tmp_path / "tls" / "gw.key").chmod(0o600)
+
+    # The gateway's identity itself: a role, and a key encrypted at rest.
+    p = pki_mod.Pki(pki_dir)
+    shutil.copy(p.device_cert("plc-2"), tmp_path / "tls" / "norole.pem")
+    why = refused({**tls, "cert": "tls/norole.pem"})
+    assert "devices[0].modbus.tls.cert: " in why and "carries no Modbus role" in why
+    clear = tmp_path / "tls" / "clear.key"
+    clear.write_bytes(pki_mod.decrypted_key_pem(gateway_identity[1], p.passphrase()))
+    clear.chmod(0o600)
+    why = refused({**tls, "key": "tls/clear.key"})
+    assert "devices[0].modbus.tls.key: " in why and "in the clear" in why
+
+
+def test_the_gateway_delivers_a_tls_device_and_records_a_refused_one(
+    tmp_path: Path,
+    pki_dir: Path,
+    keyring: Keyring,
+    gateway_identity: tuple[Path, Path],
+    procs: list[Proc],
+) -> None:
+    """`fieldgate run` with two Modbus/TCP Security devices: plc-3's readings reach the hub
+    with the device's values; plc-4's certificate has expired, so it is refused, recorded
+    once, and costs plc-3 nothing."""
+    hub_port, record = start_hub(procs, tmp_path, pki_dir)
+    now = dt.datetime.now(dt.UTC)
+    good, expired = (
+        (tmp_path / "good.pem", tmp_path / "good.key"),
+        (
+            tmp_path / "old.pem",
+            tmp_path / "old.key",
+        ),
+    )
+    issue_leaf(pki_dir, *good, cn="plc-3", server=True, ips=["127.0.0.1"], encrypt=False)
+    issue_leaf(
+        pki_dir,
+        *expired,
+        cn="plc-4",
+        server=True,
+        ips=["127.0.0.1"],
+        encrypt=False,
+        start=now - dt.timedelta(days=30),
+        until=now - dt.timedelta(days=1),
+    )
+    ports = free_ports(2)
+    tls = _relative_tls(tmp_path, pki_dir, gateway_identity)
+    config = _config(
+        tmp_path,
+        pki_dir,
+        [
+            _tls_device(pki_dir, tmp_path, "plc-3", ports, tls),
+            _tls_device(pki_dir, tmp_path, "plc-4", ports + 1, tls),
+        ],
+        hub_port,
+    )
+    servers = [
+        TlsDeviceServer(
+            "127.0.0.1",
+            port,
+            UNIT,
+            64,
+            _registers,
+            sslctx=server_context(*files, None, pki_dir / "root.pem"),
+            roles=frozenset({"operator"}),
+        )
+        for port, files in ((ports, good), (ports + 1, expired))
+    ]
+    with _serving(servers):
+        gateway = Proc(fieldgate("run", "--config", str(config)), tmp_path / "gateway.log")
+        procs.append(gateway)
+
+        def delivered() -> list[Any]:
+            opened, _, _ = opened_from(record, keyring)
+            return [r for o in opened if o.device_id == "plc-3" for r in o.readings]
+
+        wait_until(lambda: len(delivered()) >= 20, 40, "plc-3's readings at the hub")
+        assert gateway.stop() == 0, gateway.output()[-2000:]
+    readings = delivered()
+    assert {r.point: r.value for r in readings} == EXPECTED
+    opened, errors, _ = opened_from(record, keyring)
+    assert errors == [] and {o.device_id for o in opened} == {"plc-3"}
+    assert servers[0].roles_seen[:1] == ["operator"] and servers[0].refusals == 0
+
+    events = read_events(tmp_path / "state")
+    admitted = [e for e in events if e["kind"] == "device-admitted" and e["device"] == "plc-3"]
+    # What the device proved at the handshake is recorded with its admission.
+    assert admitted and admitted[0]["tls_peer_sha256"] == hashlib.sha256(_der(good[0])).hexdigest()
+    assert admitted[0]["tls_version"] in ("TLSv1.2", "TLSv1.3")
+    refused = [e for e in events if e["kind"] == "modbus-tls-refused"]
+    assert [e["device"] for e in refused] == ["plc-4"], refused
+    assert refused[0]["check"] == EXPIRED and "has expired" in refused[0]["reason"]
+    assert not [e for e in events if e["device"] == "plc-4" and e["kind"] == "device-admitted"]
+
+
+@contextlib.contextmanager
+def _serving(servers: list[TlsDeviceServer]) -> Iterator[None]:
+    """The devices on their own event loop in a thread, while the gateway runs as a process."""
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    stop: asyncio.Future[None] | None = None
+
+    async def serve() -> None:
+        nonlocal stop
+        stop = loop.create_future()
+        async with contextlib.AsyncExitStack() as stack:
+            for server in servers:
+                await stack.enter_async_context(server)
+            started.set()
+            await stop
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    assert started.wait(10), "the TLS devices did not start"
+    try:
+        yield
+    finally:
+        assert stop is not None
+        loop.call_soon_threadsafe(stop.set_result, None)
+        thread.join(10)
+        loop.close()

@@ -262,7 +262,7 @@ class ModbusTransport:
             raise TlsRefused(self.device_id, self.label, *refused)
         assert der is not None and ssl_object is not None
         self.peer = {
-            "tls": str(ssl_object.version()),
+            "tls_version": str(ssl_object.version()),
             "tls_peer_sha256": fingerprint(der),
         }
 
