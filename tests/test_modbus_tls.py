@@ -32,6 +32,7 @@ from adapters.modbus.security import (
     EXPIRED,
     FINGERPRINT,
     HANDSHAKE,
+    REFUSED_US,
     UNKNOWN_CA,
     client_context,
 )
@@ -72,10 +73,6 @@ class Plant:
     def passphrase(self) -> bytes:
         return pki_mod.Pki(self.root).passphrase()
 
-    def gateway(self, name: str) -> tuple[Path, Path]:
-        p = pki_mod.Pki(self.root)
-        return p.device_cert(name), p.device_key(name)
-
     def device_cert(self, name: str, *, other_ca: bool = False, **kw: Any) -> tuple[Path, Path]:
         cert, key = self.tmp / f"{name}.pem", self.tmp / f"{name}.key"
         issue_leaf(
@@ -100,6 +97,7 @@ def plant(tmp_path_factory: pytest.TempPathFactory) -> Plant:
     pki_mod.issue(root, ["gw-operator"], modbus_role="operator")
     pki_mod.issue(root, ["gw-viewer"], modbus_role="viewer")
     pki_mod.issue(root, ["gw-norole"])
+    pki_mod.issue(other, ["gw-stranger"], modbus_role="operator")
     (base / "certs").mkdir()
     return Plant(root, other, base / "certs")
 
@@ -127,14 +125,19 @@ def _run(
     server_ctx: ssl.SSLContext | None = None,
     until: str = "scans",
     attempts: int = 3,
+    gateway_pki: Path | None = None,
+    port: int | None = None,
 ) -> Outcome:
     """A TLS device allowing role ``operator`` and a link to it, until the link delivered
     scans of every point (``until="scans"``), or has made ``attempts`` connections
-    (``"attempts"``), or the device refused requests (``"refusals"``)."""
+    (``"attempts"``), or the device refused requests (``"refusals"``). With ``port``, the
+    device is one already listening there (another TLS stack)."""
     cert, key = device or plant.device_cert("plc-tls")
-    gw_cert, gw_key = plant.gateway(gateway)
+    issuer = pki_mod.Pki(gateway_pki or plant.root)
+    gw_cert, gw_key = issuer.device_cert(gateway), issuer.device_key(gateway)
     tls = ModbusTls(ca=plant.root / "root.pem", cert=gw_cert, key=gw_key, fingerprint=fingerprint)
-    port = free_ports(1)
+    external = port is not None
+    port = port or free_ports(1)
     endpoint = ModbusEndpoint(host="127.0.0.1", port=port, unit=UNIT, timeout=2.0, tls=tls)
     out = Outcome()
     sslctx = server_ctx or server_context(cert, key, None, plant.root / "root.pem")
@@ -149,7 +152,7 @@ def _run(
         server = TlsDeviceServer(
             "127.0.0.1", port, UNIT, 64, _registers, sslctx=sslctx, roles=frozenset({"operator"})
         )
-        async with server:
+        async with contextlib.nullcontext() if external else server:
             link = ModbusLink(
                 "plc-tls",
                 endpoint,
@@ -160,7 +163,7 @@ def _run(
                 backoff_min=0.05,
                 backoff_max=0.2,
                 on_event=on_event,
-                tls_context=client_context(tls, plant.passphrase),
+                tls_context=client_context(tls, issuer.passphrase()),
             )
             task = asyncio.create_task(link.run(), name="poll[plc-tls]")
 
@@ -267,6 +270,45 @@ def test_a_device_offering_only_cbc_suites_on_tls12_is_refused(plant: Plant) -> 
     weak.load_cert_chain(str(cert), str(key))
     out = _run(plant, device=(cert, key), server_ctx=weak, until="attempts")
     _refused_once(out, HANDSHAKE, "TLS handshake failed")
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_a_device_that_refuses_our_certificate_is_recorded_once(
+    plant: Plant, tmp_path: Path
+) -> None:
+    """Another TLS stack as the device (OpenSSL's s_server), trusting only the plant's CA;
+    the gateway presents a certificate of someone else's. On TLS 1.3 the device's refusal
+    (an alert) comes after our side of the handshake is done, at the first request."""
+    cert, key = plant.device_cert("plc-openssl")
+    port = free_ports(1)
+    log = tmp_path / "s_server.log"
+    with log.open("wb") as output:
+        # stdin stays open: s_server ends its session at EOF on its input.
+        device = subprocess.Popen(
+            [
+                "openssl", "s_server", "-accept", str(port), "-naccept", "100",
+                "-cert", str(cert), "-cert_chain", str(cert), "-key", str(key),
+                "-CAfile", str(plant.root / "root.pem"), "-Verify", "1", "-verify_return_error",
+            ],
+            stdin=subprocess.PIPE, stdout=output, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_until(lambda: "ACCEPT" in log.read_text(), 10, "s_server to listen")
+        out = _run(
+            plant, gateway="gw-stranger", gateway_pki=plant.other, port=port, until="attempts"
+        )
+    finally:
+        device.kill()
+        device.wait(10)
+        assert device.stdin is not None
+        device.stdin.close()
+    refused = out.kinds("modbus-tls-refused")
+    assert len(refused) == 1, refused
+    _kind, _device, reason, fields = refused[0]
+    assert fields["check"] == REFUSED_US
+    assert "did not accept the gateway's certificate" in reason and "UNKNOWN_CA" in reason
+    assert not out.scans and out.health.state == DOWN
+    assert "certificate verify failed" in log.read_text()
 
 
 # -- refused by the device's authorization: exception 01 --------------------------------------

@@ -246,7 +246,6 @@ class ModbusLink:
                 async with ModbusTransport(
                     self.device_id, self.modbus, self._wrong, self._tls_context
                 ) as transport:
-                    self._tls_refused = None
                     evidence = Evidence(
                         self.device_id, "modbus-tcp", self.endpoint, fingerprint=transport.peer
                     )
@@ -265,7 +264,7 @@ class ModbusLink:
             except TlsRefused as err:
                 self.health.down(err.reason)
                 self._fail_requests(err)
-                if self._tls_refused != err.check and self._on_event is not None:
+                if self._tls_refused is None and self._on_event is not None:
                     self._on_event(
                         "modbus-tls-refused",
                         self.device_id,
@@ -487,6 +486,9 @@ class ModbusLink:
                 continue
             health.reads_ok += 1
             health.up()
+            # Only an answer ends a TLS refusal: on TLS 1.3 a device refuses our certificate
+            # after the handshake has passed on our side.
+            self._tls_refused = None
             if self._role_refused:
                 self._role_refused.discard((block.table, block.address))
             if misbehaviour.since is not None:

@@ -17,6 +17,7 @@ fails the request with :class:`WrongAnswer` (``resync``), and the link closes th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import ssl
@@ -48,7 +49,7 @@ from adapters.modbus.checks import (
     check_response,
 )
 from adapters.modbus.config import ModbusEndpoint
-from adapters.modbus.security import TlsRefused, check_peer, explain, fingerprint
+from adapters.modbus.security import REFUSED_US, TlsRefused, check_peer, explain, fingerprint
 from gateway.core.errors import DeviceUnavailable, map_exceptions
 from gateway.core.tasks import raise_if_cancelled
 
@@ -164,6 +165,11 @@ class ModbusTransport:
         # Facts of the device's TLS identity once connected (for the admission evidence).
         self.peer: dict[str, str] = {}
         self._tls_error: BaseException | None = None  # why the last handshake failed
+        # On TLS 1.3 a device that refuses our certificate says so after the client's side of
+        # the handshake is done: an alert that closes the connection at the first request.
+        self._closed_by: BaseException | None = None  # what closed the TLS connection
+        self._gone = asyncio.Event()  # pymodbus saw the connection close
+        self._refused: TlsRefused | None = None
         self._client = self._make_client(endpoint, tls_context)
         self._framer = _CheckedFramer(self._client.ctx.framer.decoder, endpoint.unit, self._wrong)
         self._client.ctx.framer = self._framer
@@ -198,6 +204,14 @@ class ModbusTransport:
                 **{**made.keywords, "server_hostname": endpoint.tls.server_name},
             )
         client.ctx.call_create = functools.partial(self._create_connection, made)
+        disconnected = client.ctx.callback_disconnected  # called before trace_connect(False)
+
+        def closed_by(exc: Exception | None) -> None:
+            self._closed_by = exc
+            self._gone.set()
+            disconnected(exc)
+
+        client.ctx.callback_disconnected = closed_by  # type: ignore[method-assign]
         return client
 
     async def _create_connection(self, made: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
@@ -249,14 +263,26 @@ class ModbusTransport:
             why = f": {failed!r}" if failed is not None else ""
             raise self._unavailable(f"connect refused{why}", "refused")
         if self.endpoint.tls is not None:
-            self._check_peer()
+            await self._check_peer()
 
-    def _check_peer(self) -> None:
+    async def _check_peer(self) -> None:
         """The handshake verified the device against the CA; now the pin, if any."""
         assert self.endpoint.tls is not None
         link = self._client.ctx.transport
         ssl_object = None if link is None else link.get_extra_info("ssl_object")
-        der = None if ssl_object is None else ssl_object.getpeercert(binary_form=True)
+        try:
+            der = None if ssl_object is None else ssl_object.getpeercert(binary_form=True)
+        except ValueError:  # "handshake not done yet": the connection went under us
+            ssl_object = None
+        if ssl_object is None:
+            # TLS 1.3: the device's alert (it refused our certificate) closed the connection
+            # as the handshake ended; pymodbus hears of it on the next turns of the loop.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.endpoint.timeout):
+                    await self._gone.wait()
+            if self._refused is not None:
+                raise self._refused
+            raise self._unavailable("the device closed the connection after the handshake", "lost")
         refused = check_peer(self.endpoint.tls, der)
         if refused is not None:
             raise TlsRefused(self.device_id, self.label, *refused)
@@ -279,11 +305,19 @@ class ModbusTransport:
     def _on_link(self, connected: bool) -> None:
         """pymodbus saw the connection go: fail the request waiting on it now, not at its
         timeout."""
-        if connected or not self._in_flight:
+        if connected:
+            return
+        closed_by = self._closed_by
+        refused = None if closed_by is None else explain(closed_by)
+        if refused is not None and refused[0] == REFUSED_US:
+            self._refused = TlsRefused(self.device_id, self.label, *refused)
+        if not self._in_flight:
             return
         waiting = self._client.ctx.response_future
         if not waiting.done():
-            waiting.set_exception(ConnectionResetError("connection closed by the device"))
+            waiting.set_exception(
+                self._refused or ConnectionResetError("connection closed by the device")
+            )
 
     async def read(self, table: str, address: int, count: int) -> Reply | None:
         """Read ``count`` registers (or bits) of ``table`` from ``address``; None: the answer
@@ -324,6 +358,8 @@ class ModbusTransport:
         expected: tuple[int, int, bool, int],
         call: Callable[[], Awaitable[Any]],
     ) -> Any:
+        if self._refused is not None:
+            raise self._refused
         if self._out_of_step is not None:
             raise WrongAnswer(self.device_id, self.label, self._out_of_step, True)
         timeout = self.endpoint.timeout
