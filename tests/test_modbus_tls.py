@@ -47,7 +47,15 @@ from gateway.identity.keyring import Keyring
 from gateway.testbed.certs import issue_leaf
 from gateway.testbed.simconfig import device_files, skeleton
 
-from conftest import Proc, fieldgate, free_ports, opened_from, start_hub, wait_until
+from conftest import (
+    Proc,
+    fieldgate,
+    free_ports,
+    opened_from,
+    start_hub,
+    start_simulator,
+    wait_until,
+)
 
 UNIT = 1
 POINTS = [
@@ -575,3 +583,31 @@ def _serving(servers: list[TlsDeviceServer]) -> Iterator[None]:
         loop.call_soon_threadsafe(stop.set_result, None)
         thread.join(10)
         loop.close()
+
+
+def test_simulate_modbus_with_tls_roles_serves_devices_the_gateway_delivers(
+    tmp_path: Path, pki_dir: Path, keyring: Keyring, procs: list[Proc]
+) -> None:
+    """`fieldgate simulate modbus --tls-roles operator --write-config` issues what both sides
+    need; the config it writes runs as is, over Modbus/TCP Security."""
+    hub_port, record = start_hub(procs, tmp_path, pki_dir)
+    config, _sim = start_simulator(
+        procs, tmp_path, pki_dir, hub_port, 2, "--tls-roles", "operator", "--period", "0.2"
+    )
+    cfg = config_mod.load(config)
+    for device in cfg.devices:
+        assert device.modbus is not None and device.modbus.tls is not None
+        assert device.modbus.tls.ca == pki_dir / "root.pem"
+    gateway = Proc(fieldgate("run", "--config", str(config)), tmp_path / "gateway.log")
+    procs.append(gateway)
+
+    def devices() -> set[str]:
+        opened, _, _ = opened_from(record, keyring)
+        return {o.device_id for o in opened if o.readings}
+
+    wait_until(lambda: devices() == {d.id for d in cfg.devices}, 40, "both devices' readings")
+    assert gateway.stop() == 0, gateway.output()[-2000:]
+    events = read_events(tmp_path / "state")
+    admitted = [e for e in events if e["kind"] == "device-admitted"]
+    assert len(admitted) == 2 and all(len(e["tls_peer_sha256"]) == 64 for e in admitted)
+    assert not [e for e in events if e["kind"].startswith("modbus-")]
