@@ -32,6 +32,7 @@ from adapters.modbus.security import (
     EXPIRED,
     FINGERPRINT,
     HANDSHAKE,
+    NAME_MISMATCH,
     REFUSED_US,
     UNKNOWN_CA,
     client_context,
@@ -135,6 +136,7 @@ def _run(
     attempts: int = 3,
     gateway_pki: Path | None = None,
     port: int | None = None,
+    server_name: str | None = None,
 ) -> Outcome:
     """A TLS device allowing role ``operator`` and a link to it, until the link delivered
     scans of every point (``until="scans"``), or has made ``attempts`` connections
@@ -143,7 +145,13 @@ def _run(
     cert, key = device or plant.device_cert("plc-tls")
     issuer = pki_mod.Pki(gateway_pki or plant.root)
     gw_cert, gw_key = issuer.device_cert(gateway), issuer.device_key(gateway)
-    tls = ModbusTls(ca=plant.root / "root.pem", cert=gw_cert, key=gw_key, fingerprint=fingerprint)
+    tls = ModbusTls(
+        ca=plant.root / "root.pem",
+        cert=gw_cert,
+        key=gw_key,
+        fingerprint=fingerprint,
+        server_name=server_name,
+    )
     external = port is not None
     port = port or free_ports(1)
     endpoint = ModbusEndpoint(host="127.0.0.1", port=port, unit=UNIT, timeout=2.0, tls=tls)
@@ -223,6 +231,17 @@ def test_the_right_role_is_served_and_readings_arrive_with_the_devices_values(
     facts = out.evidence[0].fingerprint
     assert facts["tls_peer_sha256"] == hashlib.sha256(_der(device[0])).hexdigest()
     assert facts["tls_version"] in ("TLSv1.2", "TLSv1.3")
+
+
+def test_a_configured_server_name_is_checked_against_the_device_certificate(
+    plant: Plant,
+) -> None:
+    named = plant.device_cert("plc-named", names=["plc-7.plant.example"])
+    served = _run(plant, device=named, server_name="plc-7.plant.example")
+    assert served.health.state == UP and served.roles_seen == ["operator"]
+
+    out = _run(plant, device=named, server_name="plc-8.plant.example", until="attempts")
+    _refused_once(out, NAME_MISMATCH, "does not name tls.server_name")
 
 
 # -- refused at the TLS layer: one event per transition, not per retry ------------------------
