@@ -21,6 +21,8 @@ from typing import Any
 from adapters.base import DeviceHealth
 from adapters.modbus.link import ModbusLink
 from adapters.modbus.planstore import PlanStore
+from adapters.modbus.security import ModbusTlsError
+from adapters.modbus.security import client_context as modbus_tls_context
 from gateway.config import BleEndpoint, Config, DeviceConfig
 from gateway.core.auth import AuthGate, Registration
 from gateway.core.batcher import Batcher
@@ -117,6 +119,8 @@ class Gateway:
         self.queue: EnvelopeQueue | None = None
         self.sessions: dict[str, DeviceSession] = {}
         self._marks: SeqMarks | None = None
+        # Modbus/TCP Security client contexts per device, made once at start (the passphrase).
+        self._modbus_tls: dict[str, ssl.SSLContext] = {}
         self.step: PipelineStep | None = None
 
     @property
@@ -156,6 +160,11 @@ class Gateway:
                     device.cert.read_bytes(), device.key.read_bytes(), passphrase
                 )
                 raise StartupError(f"devices[{index}] ({device.id}): {why}: {err}") from err
+            if device.modbus is not None and device.modbus.tls is not None:
+                try:
+                    self._modbus_tls[device.id] = modbus_tls_context(device.modbus.tls, passphrase)
+                except ModbusTlsError as err:
+                    raise StartupError(f"devices[{index}].modbus.{err} ({device.id})") from err
         if cfg.secrets.allow_clear_keys:
             clear = [d.id for d in cfg.devices if not identity.key_is_encrypted(d.key.read_bytes())]
             if clear:
@@ -267,6 +276,7 @@ class Gateway:
                             phases=phases,
                             on_event=self._event,
                             plans=plans,
+                            tls_context=self._modbus_tls.get(d.id),
                         ).run(),
                         name=f"poll[{d.id}]",
                     )

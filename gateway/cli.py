@@ -78,10 +78,15 @@ def cmd_pki_issue(args: argparse.Namespace) -> int:
     from gateway.identity import pki
 
     renewed = set(pki.existing(Path(args.dir), args.device_ids))
-    for device_id in pki.issue(Path(args.dir), args.device_ids, days=args.days, renew=args.renew):
+    role = args.modbus_role
+    issued = pki.issue(
+        Path(args.dir), args.device_ids, days=args.days, renew=args.renew, modbus_role=role
+    )
+    for device_id in issued:
         p = pki.Pki(Path(args.dir))
         what = "renewed (new key: re-register a thumbprint) " if device_id in renewed else ""
-        print(f"{device_id}: {what}{p.device_cert(device_id)} {p.device_key(device_id)}")
+        carries = f" (Modbus role {role!r})" if role is not None else ""
+        print(f"{device_id}: {what}{p.device_cert(device_id)} {p.device_key(device_id)}{carries}")
     return 0
 
 
@@ -204,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("--days", type=int, default=365)
     issue.add_argument(
         "--renew", action="store_true", help="replace the certificate and key of existing ids"
+    )
+    issue.add_argument(
+        "--modbus-role",
+        metavar="ROLE",
+        help="add the Modbus/TCP Security role extension (OID 1.3.6.1.4.1.50316.802.1): "
+        "the gateway's client certificate for TLS links to devices (port 802)",
     )
     issue.add_argument("device_ids", nargs="+")
     issue.set_defaults(func=cmd_pki_issue)

@@ -25,6 +25,24 @@ def problems(config: Config) -> list[str]:
     found: list[str] = []
     found += identity.check(_credentials(config), allow_clear_keys=config.secrets.allow_clear_keys)
     found += same_endpoints(config)
+    found += _modbus_tls(config)
+    return found
+
+
+def _modbus_tls(config: Config) -> list[str]:
+    """The gateway's client identity on each Modbus/TCP Security link."""
+    found: list[str] = []
+    for index, device in enumerate(config.devices):
+        tls = device.modbus.tls if device.enabled and device.modbus is not None else None
+        if tls is not None:
+            found += identity.check_modbus_client(
+                f"devices[{index}].modbus.tls",
+                tls.cert,
+                _read(tls.cert),
+                tls.key,
+                _read(tls.key),
+                allow_clear_keys=config.secrets.allow_clear_keys,
+            )
     return found
 
 

@@ -1,14 +1,19 @@
-"""What a Modbus TCP device is, as config: its endpoint and its register map (rows of
-:class:`Point`). The adapter's own models, so that the adapter builds on ``gateway.core`` only;
-``gateway.config`` composes them into a device entry.
+"""What a Modbus TCP device is, as config: its endpoint (plain, or Modbus/TCP Security with
+:class:`ModbusTls`) and its register map (rows of :class:`Point`). The adapter's own models,
+so that the adapter builds on ``gateway.core`` only; ``gateway.config`` composes them into a
+device entry.
 """
 
 from __future__ import annotations
 
+import re
+import ssl
+import stat
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 Table = Literal["holding", "input", "coil", "discrete"]
 PointType = Literal["int16", "uint16", "int32", "uint32", "float32", "float64", "bool"]
@@ -107,6 +112,7 @@ def point_problems(points: Sequence[Point]) -> str | None:
 
 class ModbusEndpoint(_Model):
     host: str = Field(min_length=1)
+    # 502: Modbus TCP. A device speaking Modbus/TCP Security (``tls``) listens on 802.
     port: int = Field(default=502, ge=1, le=65535)
     # Modbus TCP carries a one-byte unit id; gateways to serial buses use all 256 of them.
     unit: int = Field(default=1, ge=0, le=255)
@@ -118,8 +124,96 @@ class ModbusEndpoint(_Model):
         default=125, ge=1, le=125, description="registers one read may ask for (FC 3/4)"
     )
     max_bits: int = Field(default=2000, ge=1, le=2000, description="bits one read may ask for")
+    # Modbus/TCP Security: mutual TLS with the device (None: plain Modbus TCP).
+    tls: ModbusTls | None = None
 
     @property
     def label(self) -> str:
         """How the endpoint is named in evidence, logs and the registry."""
         return f"{self.host}:{self.port}/unit {self.unit}"
+
+
+# -- Modbus/TCP Security --------------------------------------------------------------------
+
+# The Modbus Organization's TLS profile listens on 802 (plain Modbus TCP on 502).
+SECURE_PORT = 802
+
+
+def _path(value: Path, info: ValidationInfo) -> Path:
+    """Relative to the config file's folder (validation context ``base``), as every path of
+    a gateway config is (:mod:`gateway.config.models`, which the adapter may not import)."""
+    base = (info.context or {}).get("base")
+    path = value.expanduser()
+    if base is not None and not path.is_absolute():
+        path = Path(base) / path
+    if (info.context or {}).get("check_files", True) and not path.is_file():
+        raise ValueError(f"file not found: {path}")
+    return path
+
+
+def _checks_files(info: ValidationInfo) -> bool:
+    return bool((info.context or {}).get("check_files", True))
+
+
+class ModbusTls(_Model):
+    """Mutual TLS with a device (Modbus/TCP Security): the CA that issued the device's
+    certificate, the gateway's client certificate (carrying its Modbus role, see ``fieldgate
+    pki issue --modbus-role``) and its key, encrypted under the gateway's passphrase.
+
+    Devices are addressed by IP, so the device's certificate is checked against ``ca`` only;
+    ``server_name`` adds a name check (a DNS name or an IP the certificate must name), and
+    ``fingerprint`` pins the device's certificate itself (SHA-256 of its DER, hex with or
+    without colons), checked after the handshake."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    fingerprint: str | None = None
+    server_name: str | None = Field(default=None, min_length=1, max_length=253)
+
+    @field_validator("cert")
+    @classmethod
+    def _cert(cls, value: Path, info: ValidationInfo) -> Path:
+        return _path(value, info)
+
+    @field_validator("ca")
+    @classmethod
+    def _ca(cls, value: Path, info: ValidationInfo) -> Path:
+        path = _path(value, info)
+        if _checks_files(info):
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(path))
+            except (ssl.SSLError, ValueError) as err:
+                why = getattr(err, "reason", None) or err
+                raise ValueError(
+                    f"{path} holds no PEM certificates that TLS can load ({why})"
+                ) from None
+        return path
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: Path, info: ValidationInfo) -> Path:
+        path = _path(value, info)
+        if _checks_files(info):
+            mode = stat.S_IMODE(path.stat().st_mode)
+            if mode & 0o077:
+                raise ValueError(
+                    f"{path} is mode {mode:04o}: group or others may read it; chmod 600 {path}"
+                )
+        return path
+
+    @field_validator("fingerprint")
+    @classmethod
+    def _fingerprint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        digits = value.strip().lower().removeprefix("sha256:").replace(":", "")
+        if not re.fullmatch(r"[0-9a-f]{64}", digits):
+            raise ValueError(
+                "a SHA-256 fingerprint is 64 hex digits (colons allowed), e.g. the output of "
+                "`openssl x509 -noout -fingerprint -sha256 -in device.pem`"
+            )
+        return digits
+
+
+ModbusEndpoint.model_rebuild()

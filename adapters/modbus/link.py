@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -43,6 +44,7 @@ from adapters.modbus.plan import (
 )
 from adapters.modbus.planstore import PlanStore
 from adapters.modbus.registers import ReadBlock, encode_value, plan_reads
+from adapters.modbus.security import ROLE_REFUSED, TlsRefused
 from adapters.modbus.transport import ModbusTransport, Reply, WrongAnswer
 from gateway.core.backoff import backoff_delay
 from gateway.core.errors import DeviceUnavailable
@@ -89,6 +91,7 @@ class ModbusLink:
         settle: float = 10.0,
         on_event: OnEvent | None = None,
         plans: PlanStore | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.device_id = device_id
         self.modbus = endpoint
@@ -121,6 +124,12 @@ class ModbusLink:
         self.misbehaviour = Misbehaviour(device_id, every=report_every, settle=settle)
         self._violation_recorded = False  # this episode's wrong-answers event is recorded
         self._on_event = on_event
+        # Modbus/TCP Security: the client context (endpoint.tls), the check that refused the
+        # device last (recorded once until a handshake passes), and the blocks the device
+        # refused our role (exception 01 on a TLS link: recorded once each until read).
+        self._tls_context = tls_context
+        self._tls_refused: str | None = None
+        self._role_refused: set[tuple[str, int]] = set()
         self.transport: ModbusTransport | None = None  # while connected and admitted
         self._requests: asyncio.Queue[_Request] = asyncio.Queue()
         self._waiter: asyncio.Future[None] | None = None  # the poll loop's wait between reads
@@ -234,8 +243,13 @@ class ModbusLink:
             reads_before = self._good_at_connect = self.health.reads_ok
             self._restore_kept()
             try:
-                async with ModbusTransport(self.device_id, self.modbus, self._wrong) as transport:
-                    refusal = self._admit(Evidence(self.device_id, "modbus-tcp", self.endpoint))
+                async with ModbusTransport(
+                    self.device_id, self.modbus, self._wrong, self._tls_context
+                ) as transport:
+                    evidence = Evidence(
+                        self.device_id, "modbus-tcp", self.endpoint, fingerprint=transport.peer
+                    )
+                    refusal = self._admit(evidence)
                     if refusal is not None:
                         self.health.quarantine(refusal)
                         return
@@ -247,6 +261,18 @@ class ModbusLink:
             except WrongAnswer as err:
                 # Counted and logged as it arrived; the connection is out of step.
                 self._fail_requests(err)
+            except TlsRefused as err:
+                self.health.down(err.reason)
+                self._fail_requests(err)
+                if self._tls_refused is None and self._on_event is not None:
+                    self._on_event(
+                        "modbus-tls-refused",
+                        self.device_id,
+                        err.detail,
+                        check=err.check,
+                        endpoint=self.endpoint,
+                    )
+                self._tls_refused = err.check
             except DeviceUnavailable as err:
                 self.health.down(err.reason)
                 self._fail_requests(err)
@@ -441,6 +467,8 @@ class ModbusLink:
                 what = _what(reply)
                 health.last_error = f"{what} on {block.table}@{block.address}"
                 self._bad(what)
+                if reply.exception == ROLE_REFUSED and self.modbus.tls is not None:
+                    self._refused_role(block)
                 if reply.exception in SPLIT_ON:
                     replaced = self._split(index, reply.exception)
                     if replaced is not None:
@@ -458,6 +486,11 @@ class ModbusLink:
                 continue
             health.reads_ok += 1
             health.up()
+            # Only an answer ends a TLS refusal: on TLS 1.3 a device refuses our certificate
+            # after the handshake has passed on our side.
+            self._tls_refused = None
+            if self._role_refused:
+                self._role_refused.discard((block.table, block.address))
             if misbehaviour.since is not None:
                 self._good()
             sink(Scan(device_id, ts_ms, block.names, values))
@@ -468,6 +501,25 @@ class ModbusLink:
                 log.info("%s: answering now; probing again what it refused before", device_id)
                 self._restore_kept()
                 due = [now] * len(self.blocks)
+
+    def _refused_role(self, block: ReadBlock) -> None:
+        """Exception 01 on a Modbus/TCP Security link: the device's rules do not allow this
+        request to the role in our certificate. A security event once per block until it
+        is read again."""
+        key = (block.table, block.address)
+        if key in self._role_refused or self._on_event is None:
+            return
+        self._role_refused.add(key)
+        self._on_event(
+            "modbus-role-refused",
+            self.device_id,
+            f"the device refused our role's read of {block.table} {block.address} "
+            f"(count {block.count}) with exception 0x01 (illegal function): check the role "
+            "in tls.cert and the device's rules",
+            endpoint=self.endpoint,
+            table=block.table,
+            address=block.address,
+        )
 
 
 def _unavailable(device_id: str, ts_ms: int, block: ReadBlock) -> Scan:

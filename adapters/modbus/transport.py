@@ -1,5 +1,5 @@
-"""Modbus TCP: the only module of the product that imports pymodbus (the device side, a test
-tool, is :mod:`adapters.modbus.sim.server`).
+"""Modbus TCP, plain or over TLS (Modbus/TCP Security): the only module of the product that
+imports pymodbus (the device side, a test tool, is :mod:`adapters.modbus.sim.server`).
 
 A :class:`ModbusTransport` is one connection to one device, as an async context manager: connect
 in ``__aenter__``, close in ``__aexit__``. It offers reads and writes of one table's span and
@@ -17,12 +17,15 @@ fails the request with :class:`WrongAnswer` (``resync``), and the link closes th
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+import ssl
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.client import AsyncModbusTcpClient, AsyncModbusTlsClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.framer import FramerSocket
 from pymodbus.pdu import DecodePDU, ModbusPDU, ReadCoilsRequest, ReadHoldingRegistersRequest
@@ -46,6 +49,7 @@ from adapters.modbus.checks import (
     check_response,
 )
 from adapters.modbus.config import ModbusEndpoint
+from adapters.modbus.security import REFUSED_US, TlsRefused, check_peer, explain, fingerprint
 from gateway.core.errors import DeviceUnavailable, map_exceptions
 from gateway.core.tasks import raise_if_cancelled
 
@@ -135,10 +139,20 @@ class _CheckedFramer(FramerSocket):
 
 class ModbusTransport:
     """One connection to one Modbus TCP device. ``on_wrong(cause)`` hears of every wrong
-    answer as it arrives (the link counts and tells them)."""
+    answer as it arrives (the link counts and tells them).
+
+    With ``endpoint.tls`` (Modbus/TCP Security) the connection is pymodbus's TLS client on
+    ``tls_context`` (:func:`adapters.modbus.security.client_context`, made once at start,
+    where the passphrase is at hand). A handshake the device fails, or a device certificate
+    that is not the pinned one, raises :class:`~adapters.modbus.security.TlsRefused` (cause
+    ``refused``) naming the check; ``peer`` holds what the device proved once connected."""
 
     def __init__(
-        self, device_id: str, endpoint: ModbusEndpoint, on_wrong: Callable[[str], None]
+        self,
+        device_id: str,
+        endpoint: ModbusEndpoint,
+        on_wrong: Callable[[str], None],
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.device_id = device_id
         self.endpoint = endpoint
@@ -148,18 +162,65 @@ class ModbusTransport:
         # pymodbus keeps a response future even when nothing is asked; only one that a request
         # awaits may be failed, or asyncio reports an exception that was never retrieved.
         self._in_flight = False
-        self._client = AsyncModbusTcpClient(
-            endpoint.host,
-            port=endpoint.port,
-            timeout=endpoint.timeout,
-            retries=0,
-            reconnect_delay=0,
-            trace_connect=self._on_link,
-        )
+        # Facts of the device's TLS identity once connected (for the admission evidence).
+        self.peer: dict[str, str] = {}
+        self._tls_error: BaseException | None = None  # why the last handshake failed
+        # On TLS 1.3 a device that refuses our certificate says so after the client's side of
+        # the handshake is done: an alert that closes the connection at the first request.
+        self._closed_by: BaseException | None = None  # what closed the TLS connection
+        self._gone = asyncio.Event()  # pymodbus saw the connection close
+        self._refused: TlsRefused | None = None
+        self._client = self._make_client(endpoint, tls_context)
         self._framer = _CheckedFramer(self._client.ctx.framer.decoder, endpoint.unit, self._wrong)
         self._client.ctx.framer = self._framer
         # pymodbus silently empties a receive buffer past 264 bytes; the framer judges all.
         self._client.ctx.max_buffer_size = 1 << 20
+
+    def _make_client(
+        self, endpoint: ModbusEndpoint, tls_context: ssl.SSLContext | None
+    ) -> AsyncModbusTcpClient:
+        common: dict[str, Any] = {
+            "port": endpoint.port,
+            "timeout": endpoint.timeout,
+            "retries": 0,
+            "reconnect_delay": 0,
+            "trace_connect": self._on_link,
+        }
+        if endpoint.tls is None:
+            return AsyncModbusTcpClient(endpoint.host, **common)
+        if tls_context is None:
+            raise ValueError(f"{self.device_id}: a TLS endpoint needs its client context")
+        client = AsyncModbusTlsClient(endpoint.host, sslctx=tls_context, **common)
+        # The TLS framing is MBAP as on TCP (pymodbus's FramerTLS is the socket framer
+        # without its length check); the checked socket framer below replaces it.
+        # pymodbus's connect swallows every OSError (ssl's among them) into False; the
+        # connection is made through this wrapper so that the reason is kept, and with the
+        # configured server name (pymodbus would send the host) when one is set.
+        made = client.ctx.call_create
+        if endpoint.tls.server_name is not None and isinstance(made, functools.partial):
+            made = functools.partial(
+                made.func,
+                *made.args,
+                **{**made.keywords, "server_hostname": endpoint.tls.server_name},
+            )
+        client.ctx.call_create = functools.partial(self._create_connection, made)
+        disconnected = client.ctx.callback_disconnected  # called before trace_connect(False)
+
+        def closed_by(exc: Exception | None) -> None:
+            self._closed_by = exc
+            self._gone.set()
+            disconnected(exc)
+
+        client.ctx.callback_disconnected = closed_by  # type: ignore[method-assign]
+        return client
+
+    async def _create_connection(self, made: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+        self._tls_error = None
+        try:
+            return await made()
+        except OSError as err:
+            self._tls_error = err
+            raise
 
     def _unavailable(self, reason: str, cause: Any) -> DeviceUnavailable:
         return DeviceUnavailable(self.device_id, self.label, reason, cause=cause)
@@ -195,7 +256,41 @@ class ModbusTransport:
             # connection is made leaves the socket with pymodbus (closed by close() above).
             _raise_if_cancelled()
         if not ok:
-            raise self._unavailable("connect refused", "refused")
+            failed = self._tls_error
+            refused = None if failed is None else explain(failed)
+            if refused is not None:
+                raise TlsRefused(self.device_id, self.label, *refused) from failed
+            why = f": {failed!r}" if failed is not None else ""
+            raise self._unavailable(f"connect refused{why}", "refused")
+        if self.endpoint.tls is not None:
+            await self._check_peer()
+
+    async def _check_peer(self) -> None:
+        """The handshake verified the device against the CA; now the pin, if any."""
+        assert self.endpoint.tls is not None
+        link = self._client.ctx.transport
+        ssl_object = None if link is None else link.get_extra_info("ssl_object")
+        try:
+            der = None if ssl_object is None else ssl_object.getpeercert(binary_form=True)
+        except ValueError:  # "handshake not done yet": the connection went under us
+            ssl_object = None
+        if ssl_object is None:
+            # TLS 1.3: the device's alert (it refused our certificate) closed the connection
+            # as the handshake ended; pymodbus hears of it on the next turns of the loop.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.endpoint.timeout):
+                    await self._gone.wait()
+            if self._refused is not None:
+                raise self._refused
+            raise self._unavailable("the device closed the connection after the handshake", "lost")
+        refused = check_peer(self.endpoint.tls, der)
+        if refused is not None:
+            raise TlsRefused(self.device_id, self.label, *refused)
+        assert der is not None and ssl_object is not None
+        self.peer = {
+            "tls_version": str(ssl_object.version()),
+            "tls_peer_sha256": fingerprint(der),
+        }
 
     def _wrong(self, cause: str, resync: bool) -> None:
         """The framer dropped a response (or bytes nobody asked for): tell it, and fail the
@@ -210,11 +305,19 @@ class ModbusTransport:
     def _on_link(self, connected: bool) -> None:
         """pymodbus saw the connection go: fail the request waiting on it now, not at its
         timeout."""
-        if connected or not self._in_flight:
+        if connected:
+            return
+        closed_by = self._closed_by
+        refused = None if closed_by is None else explain(closed_by)
+        if refused is not None and refused[0] == REFUSED_US:
+            self._refused = TlsRefused(self.device_id, self.label, *refused)
+        if not self._in_flight:
             return
         waiting = self._client.ctx.response_future
         if not waiting.done():
-            waiting.set_exception(ConnectionResetError("connection closed by the device"))
+            waiting.set_exception(
+                self._refused or ConnectionResetError("connection closed by the device")
+            )
 
     async def read(self, table: str, address: int, count: int) -> Reply | None:
         """Read ``count`` registers (or bits) of ``table`` from ``address``; None: the answer
@@ -255,6 +358,8 @@ class ModbusTransport:
         expected: tuple[int, int, bool, int],
         call: Callable[[], Awaitable[Any]],
     ) -> Any:
+        if self._refused is not None:
+            raise self._refused
         if self._out_of_step is not None:
             raise WrongAnswer(self.device_id, self.label, self._out_of_step, True)
         timeout = self.endpoint.timeout

@@ -155,3 +155,50 @@ def explain_key_failure(cert_pem: bytes, key_pem: bytes, passphrase: bytes) -> s
     if key.public_key().public_bytes(der, public) != cert.public_key().public_bytes(der, public):
         return "the key does not belong to the certificate"
     return "the certificate and key did not load together"
+
+
+def check_modbus_client(
+    where: str,
+    cert_path: Path,
+    cert_pem: bytes,
+    key_path: Path,
+    key_pem: bytes,
+    *,
+    allow_clear_keys: bool,
+    now: dt.datetime | None = None,
+) -> list[str]:
+    """What is wrong with the gateway's client identity for a Modbus/TCP Security link
+    (``where`` is ``devices[3].modbus.tls``): a leaf valid now, for clientAuth, carrying the
+    Modbus role a device authorizes by (without one, a device answers every request with
+    exception 01), and a key encrypted at rest like every device key."""
+    from gateway.core.errors import PkiError
+    from gateway.identity.pki import MODBUS_ROLE_OID, modbus_role
+
+    now = now or dt.datetime.now(dt.UTC)
+    problems: list[str] = []
+    cert = leaf(cert_pem)
+    if cert is None:
+        problems.append(f"{where}.cert: no PEM certificate in {cert_path}")
+    else:
+        name = f"the Modbus client {common_name(cert) or '(no CN)'}"
+        problems += [f"{where}.cert: {p}" for p in check_leaf(name, AUTH_THUMBPRINT, cert, now)]
+        try:
+            role = modbus_role(cert)
+        except PkiError as err:
+            problems.append(f"{where}.cert: {cert_path}: {err}")
+        else:
+            if role is None:
+                problems.append(
+                    f"{where}.cert: {cert_path} carries no Modbus role (extension "
+                    f"{MODBUS_ROLE_OID.dotted_string}); issue one with `fieldgate pki issue "
+                    "--modbus-role ROLE`"
+                )
+    encrypted = key_is_encrypted(key_pem)
+    if encrypted is None:
+        problems.append(f"{where}.key: no PEM private key in {key_path}")
+    elif not encrypted and not allow_clear_keys:
+        problems.append(
+            f"{where}.key: {key_path} is in the clear; encrypt it (PKCS#8 under the "
+            "passphrase) or set secrets.allow_clear_keys = true"
+        )
+    return problems

@@ -6,7 +6,9 @@ Layout of a PKI folder::
     intermediate.pem  intermediate.key the CA the gateway holds and issues from
     hub/server.pem  hub/server.key     the local hub stand-in's TLS certificate (+ intermediate)
     hub/service.pem hub/service.key    the hub-side consumer's identity (CN hub-service)
-    devices/{id}.pem  devices/{id}.key a device: leaf + intermediate, and its key
+    devices/{id}.pem  devices/{id}.key a device: leaf + intermediate, and its key (also the
+                                       gateway's Modbus/TCP Security client identity, issued
+                                       with ``--modbus-role``)
     keyring.json                       sealing keys, wrapped under the passphrase
     passphrase                         0600, only when FIELDGATE_KEY_PASSPHRASE was not set
 
@@ -31,7 +33,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from gateway.config import DEVICE_ID_PATTERN
 from gateway.core.errors import PkiError
@@ -43,6 +45,13 @@ SERVICE_IDENTITY = "hub-service"
 # on the stand-in the client id is the certificate's CN, so two consumers need two identities.
 MONITOR_IDENTITY = "hub-monitor"
 DEFAULT_KEY_ID = "k1"
+
+# Modbus/TCP Security (the Modbus Organization's TLS profile): the client's role, an X.509v3
+# extension whose value is a DER UTF8String. The device authorizes requests by this role.
+MODBUS_ROLE_OID = ObjectIdentifier("1.3.6.1.4.1.50316.802.1")
+_UTF8STRING = 0x0C
+# What a role may be: printable, no controls (it ends up in logs and a device's rule table).
+MODBUS_ROLE_PATTERN = r"^[^\x00-\x1f\x7f]{1,128}$"
 
 
 @dataclass(frozen=True)
@@ -223,6 +232,7 @@ def _leaf(
     sans: Iterable[x509.GeneralName] = (),
     start: dt.datetime | None = None,
     until: dt.datetime | None = None,
+    modbus_role: str | None = None,
 ) -> x509.Certificate:
     usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
     builder = _builder(
@@ -240,6 +250,13 @@ def _leaf(
     names = list(sans)
     if names:
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    if modbus_role is not None:
+        # Non-critical, as the spec has it: a TLS stack that does not know the OID still
+        # accepts the certificate; the Modbus layer above it reads the role.
+        builder = builder.add_extension(
+            x509.UnrecognizedExtension(MODBUS_ROLE_OID, modbus_role_der(modbus_role)),
+            critical=False,
+        )
     return builder.sign(issuer_key, hashes.SHA256())
 
 
@@ -334,9 +351,10 @@ def _issue_client(
     cert_path: Path,
     key_path: Path,
     days: int,
+    modbus_role: str | None = None,
 ) -> None:
     key = _new_key()
-    leaf = _leaf(cn, key, inter_cert, inter_key, server=False, days=days)
+    leaf = _leaf(cn, key, inter_cert, inter_key, server=False, days=days, modbus_role=modbus_role)
     _write_private(key_path, _key_pem(key, passphrase))
     _write_public(cert_path, _cert_pem(leaf, inter_cert))
 
@@ -348,17 +366,28 @@ def existing(root: Path, device_ids: Iterable[str]) -> list[str]:
 
 
 def issue(
-    root: Path, device_ids: Iterable[str], *, days: int = 365, renew: bool = False
+    root: Path,
+    device_ids: Iterable[str],
+    *,
+    days: int = 365,
+    renew: bool = False,
+    modbus_role: str | None = None,
 ) -> list[str]:
     """Issue a leaf (CN = device id, EKU clientAuth) per device; returns the ids issued.
     An id that has an identity already is refused (nothing is issued) unless ``renew``: a new
-    key changes the thumbprint a hub may have registered, and the old key is gone."""
+    key changes the thumbprint a hub may have registered, and the old key is gone.
+    ``modbus_role``: the leaf also carries the Modbus/TCP Security role extension, for the
+    gateway's side of a TLS link to a device."""
 
     pki = Pki(Path(root))
     ids = list(device_ids)
     for device_id in ids:
         if not re.match(DEVICE_ID_PATTERN, device_id):
             raise PkiError(f"{device_id!r} is not a valid device id ({DEVICE_ID_PATTERN})")
+    if modbus_role is not None and not re.match(MODBUS_ROLE_PATTERN, modbus_role):
+        raise PkiError(
+            f"--modbus-role {modbus_role!r}: a role is 1 to 128 characters, no control characters"
+        )
     taken = existing(root, ids)
     if taken and not renew:
         raise PkiError(
@@ -378,6 +407,7 @@ def issue(
             pki.device_cert(device_id),
             pki.device_key(device_id),
             days,
+            modbus_role,
         )
         done.append(device_id)
     return done
@@ -403,3 +433,53 @@ def decrypted_key_pem(key_path: Path, passphrase: bytes) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
+
+
+def modbus_role_der(role: str) -> bytes:
+    """The role extension's value: ``role`` as a DER UTF8String (tag, definite length, bytes)."""
+    data = role.encode("utf-8")
+    if len(data) < 0x80:
+        length = bytes([len(data)])
+    else:
+        size = len(data).to_bytes((len(data).bit_length() + 7) // 8, "big")
+        length = bytes([0x80 | len(size)]) + size
+    return bytes([_UTF8STRING]) + length + data
+
+
+def modbus_role(cert: x509.Certificate | bytes) -> str | None:
+    """The Modbus/TCP Security role a certificate (an object, or DER as TLS hands it over)
+    carries, or None when it has no role extension. A role extension that is not one DER
+    UTF8String raises :class:`PkiError`: a device must refuse it, not guess."""
+    if isinstance(cert, bytes):
+        try:
+            cert = x509.load_der_x509_certificate(cert)
+        except ValueError as err:
+            raise PkiError(f"not a DER certificate: {err}") from err
+    try:
+        ext = cert.extensions.get_extension_for_oid(MODBUS_ROLE_OID)
+    except x509.ExtensionNotFound:
+        return None
+    value = ext.value
+    raw = value.value if isinstance(value, x509.UnrecognizedExtension) else b""
+    return _utf8string(raw)
+
+
+def _utf8string(raw: bytes) -> str:
+    why = "not a DER UTF8String"
+    if len(raw) >= 2 and raw[0] == _UTF8STRING:
+        first = raw[1]
+        if first < 0x80:
+            start, length = 2, first
+        else:
+            size = first & 0x7F
+            start, length = 2 + size, -1
+            if 0 < size <= 4 and len(raw) >= start and raw[2] != 0:
+                length = int.from_bytes(raw[2:start], "big")
+                if length < 0x80:
+                    length = -1  # DER: the long form only when needed, no leading zero octets
+        if length >= 0 and start + length == len(raw):
+            try:
+                return raw[start:].decode("utf-8")
+            except UnicodeDecodeError:
+                why = "a UTF8String that is not UTF-8"
+    raise PkiError(f"Modbus role extension ({MODBUS_ROLE_OID.dotted_string}): {why}")

@@ -1,8 +1,8 @@
 """TLS for the uplink: the one place a device's client context is made.
 
-TLS 1.2 or newer; on TLS 1.2 only ECDHE suites with AES-GCM or ChaCha20-Poly1305 (OpenSSL's
-defaults add CBC suites); TLS 1.3's suites as they are. The hub is verified against the
-configured roots, and the device presents its own chain, its key encrypted at rest.
+TLS 1.2 or newer, the suites of :mod:`gateway.core.tlsprofile` (shared with Modbus/TCP
+Security). The hub is verified against the configured roots, and the device presents its own
+chain, its key encrypted at rest.
 """
 
 from __future__ import annotations
@@ -11,24 +11,16 @@ import ssl
 from pathlib import Path
 
 from gateway.core.errors import UplinkError
+from gateway.core.tlsprofile import MIN_VERSION, TLS12_CIPHERS
 
-TLS12_CIPHERS = ":".join(
-    (
-        "ECDHE-ECDSA-AES128-GCM-SHA256",
-        "ECDHE-ECDSA-AES256-GCM-SHA384",
-        "ECDHE-ECDSA-CHACHA20-POLY1305",
-        "ECDHE-RSA-AES128-GCM-SHA256",
-        "ECDHE-RSA-AES256-GCM-SHA384",
-        "ECDHE-RSA-CHACHA20-POLY1305",
-    )
-)
+__all__ = ["TLS12_CIPHERS", "client_context"]
 
 
 def client_context(ca_file: Path, cert: Path, key: Path, passphrase: bytes) -> ssl.SSLContext:
     """TLS 1.2+ client context, AEAD suites only, that verifies the hub against ``ca_file``
     and presents a device certificate chain whose key is encrypted under ``passphrase``."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.minimum_version = MIN_VERSION
     ctx.set_ciphers(TLS12_CIPHERS)
     ctx.load_verify_locations(cafile=str(ca_file))
     try:

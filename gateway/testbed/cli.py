@@ -198,6 +198,14 @@ def add_verbs(verbs: Any) -> None:
         help="every device answers every Nth request with exception 06 (busy)",
     )
     modbus.add_argument(
+        "--tls-roles",
+        metavar="ROLE[,ROLE...]",
+        default=None,
+        help="serve Modbus/TCP Security: mutual TLS (client certificates from --pki's root), "
+        "these roles served, others answered exception 01; issues the devices' certificates "
+        "and the gateway's client identity fieldgate-modbus (the first role) in --pki",
+    )
+    modbus.add_argument(
         "--write-config",
         metavar="FILE",
         help="also write a gateway config for these devices, once they listen; the devices "

@@ -28,8 +28,8 @@ def free_ports(count: int = 1, host: str = "127.0.0.1") -> int:
         try:
             for port in range(base, base + count):
                 sock = socket.socket()
+                socks.append(sock)  # closed below even when its bind fails
                 sock.bind((host, port))
-                socks.append(sock)
             return base
         except OSError:
             continue

@@ -37,7 +37,7 @@ from typing import Any
 
 from adapters.modbus.config import REGISTER_WIDTH, Point
 from adapters.modbus.registers import encode_value, plan_reads
-from adapters.modbus.sim.server import DeviceServer
+from adapters.modbus.sim.server import DeviceServer, TlsDeviceServer, server_context
 from gateway.testbed.simconfig import device_files, skeleton
 
 TABLE_SIZE = 2048  # registers (or bits) per table of a simulated device
@@ -120,6 +120,21 @@ class DeviceSpec:
     holes: frozenset[tuple[str, int]] = frozenset()  # (table, address)
     max_registers: int | None = None
     busy_every: int | None = None
+    tls: SimTls | None = None  # Modbus/TCP Security instead of plain Modbus TCP
+
+
+@dataclass(frozen=True)
+class SimTls:
+    """A device's side of Modbus/TCP Security: its certificate and (clear, 0600) key, the CA
+    its clients' certificates must come from, and the roles it serves; and, for the config
+    written beside it, the gateway's client identity."""
+
+    cert: Path
+    key: Path
+    client_ca: Path
+    roles: frozenset[str]
+    gateway_cert: Path
+    gateway_key: Path
 
 
 def make_points(
@@ -247,12 +262,25 @@ class SimulatedFleet:
             for device in self.devices:
                 if device.spec.fault == "down":
                     continue
-                server = DeviceServer(
-                    self.host,
-                    device.spec.port,
-                    device.spec.unit,
-                    device.table_size(),
-                    device.action,
+                tls = device.spec.tls
+                server = (
+                    DeviceServer(
+                        self.host,
+                        device.spec.port,
+                        device.spec.unit,
+                        device.table_size(),
+                        device.action,
+                    )
+                    if tls is None
+                    else TlsDeviceServer(
+                        self.host,
+                        device.spec.port,
+                        device.spec.unit,
+                        device.table_size(),
+                        device.action,
+                        sslctx=server_context(tls.cert, tls.key, None, tls.client_ca),
+                        roles=tls.roles,
+                    )
                 )
                 try:
                     await stack.enter_async_context(server)
@@ -294,7 +322,22 @@ def gateway_config(
             {
                 "id": spec.device_id,
                 **device_files(pki_dir, spec.device_id),
-                "modbus": {"host": host, "port": spec.port, "unit": spec.unit},
+                "modbus": {
+                    "host": host,
+                    "port": spec.port,
+                    "unit": spec.unit,
+                    **(
+                        {}
+                        if spec.tls is None
+                        else {
+                            "tls": {
+                                "ca": str(spec.tls.client_ca),
+                                "cert": str(spec.tls.gateway_cert),
+                                "key": str(spec.tls.gateway_key),
+                            }
+                        }
+                    ),
+                },
                 "points": [
                     {
                         k: v

@@ -6,7 +6,13 @@ import argparse
 import asyncio
 from pathlib import Path
 
-from adapters.modbus.sim.devices import DeviceSpec, SimulatedFleet, gateway_config, make_points
+from adapters.modbus.sim.devices import (
+    DeviceSpec,
+    SimTls,
+    SimulatedFleet,
+    gateway_config,
+    make_points,
+)
 from gateway.core.errors import ConfigError
 from gateway.testbed import simconfig
 
@@ -48,7 +54,56 @@ def build_specs(args: argparse.Namespace) -> list[DeviceSpec]:
     for spec in specs:
         spec.max_registers = getattr(args, "max_registers", None)
         spec.busy_every = getattr(args, "busy_every", None)
+    roles = getattr(args, "tls_roles", None)
+    if roles:
+        tls_identities(specs, Path(args.pki), args.host, roles)
     return specs
+
+
+GATEWAY_MODBUS_CLIENT = "fieldgate-modbus"
+
+
+def tls_identities(specs: list[DeviceSpec], pki_dir: Path, host: str, roles: str) -> None:
+    """Modbus/TCP Security for every device: a server certificate each (issued by the PKI's
+    intermediate, naming ``host``; kept in ``PKI/modbus-sim/``), clients' certificates
+    required from the PKI's root, ``roles`` (comma-separated) served; the gateway's client
+    identity ``fieldgate-modbus`` issued with the first role if the PKI lacks it."""
+    from gateway.identity import pki as pki_mod
+    from gateway.testbed.certs import issue_leaf
+
+    allowed = [r.strip() for r in roles.split(",") if r.strip()]
+    if not allowed:
+        raise ConfigError("--tls-roles", ["name at least one role"])
+    pki = pki_mod.Pki(pki_dir)
+    if not pki_mod.existing(pki_dir, [GATEWAY_MODBUS_CLIENT]):
+        pki_mod.issue(pki_dir, [GATEWAY_MODBUS_CLIENT], modbus_role=allowed[0])
+    for spec in specs:
+        cert = pki_dir / "modbus-sim" / f"{spec.device_id}.pem"
+        key = cert.with_suffix(".key")
+        if not cert.exists():
+            names, ips = ([], [host]) if _is_ip(host) else ([host], [])
+            issue_leaf(
+                pki_dir, cert, key, cn=spec.device_id, server=True, names=names, ips=ips,
+                encrypt=False,
+            )  # fmt: skip
+        spec.tls = SimTls(
+            cert,
+            key,
+            pki.root_cert,
+            frozenset(allowed),
+            pki.device_cert(GATEWAY_MODBUS_CLIENT),
+            pki.device_key(GATEWAY_MODBUS_CLIENT),
+        )
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _hole(text: str) -> tuple[str, int]:
@@ -81,9 +136,10 @@ def run_simulator(args: argparse.Namespace) -> int:
                 path = write_config(args, specs)
                 print(f"wrote {path} for {len(specs)} devices", flush=True)
             last = specs[-1].port
+            secure = "" if specs[0].tls is None else " (Modbus/TCP Security)"
             print(
-                f"{len(specs)} simulated Modbus devices on {args.host}:{args.port}-{last}, "
-                f"{args.points} points each; Ctrl-C stops",
+                f"{len(specs)} simulated Modbus devices on {args.host}:{args.port}-{last}"
+                f"{secure}, {args.points} points each; Ctrl-C stops",
                 flush=True,
             )
             await stop.wait()

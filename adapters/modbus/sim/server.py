@@ -1,4 +1,5 @@
-"""The device side of Modbus TCP, for the simulators and tests: a pymodbus server.
+"""The device side of Modbus TCP, for the simulators and tests: a pymodbus server, plain or
+Modbus/TCP Security (mutual TLS, requests authorized by the client's role).
 
 A test tool (``adapters/*/sim/`` may import anything): the product's one pymodbus module is
 :mod:`adapters.modbus.transport`.
@@ -6,12 +7,20 @@ A test tool (``adapters/*/sim/`` may import anything): the product's one pymodbu
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from pymodbus.constants import ExcCodes
-from pymodbus.server import ModbusTcpServer
+from pymodbus.pdu import ExceptionResponse
+from pymodbus.server import ModbusTcpServer, ModbusTlsServer
+from pymodbus.server.requesthandler import ServerRequestHandler
 from pymodbus.simulator import DataType, SimData, SimDevice
+
+from gateway.core.errors import PkiError
+from gateway.core.tlsprofile import MIN_VERSION, TLS12_CIPHERS
+from gateway.identity.pki import modbus_role
 
 # (function code, request address, request count, the accessed table's registers, is it a
 # write) -> Modbus exception code or None.
@@ -28,7 +37,7 @@ class DeviceServer:
         self._unit = unit
         self._size = size
         self._action = action
-        self._server: ModbusTcpServer | None = None
+        self._server: ModbusTcpServer | None = None  # a ModbusTlsServer is one too
 
     async def _on_access(
         self,
@@ -62,3 +71,104 @@ class DeviceServer:
         if self._server is not None:
             await self._server.shutdown()  # type: ignore[no-untyped-call]
             self._server = None
+
+
+# -- Modbus/TCP Security ----------------------------------------------------------------------
+
+
+def server_context(
+    cert: Path, key: Path, passphrase: bytes | None, client_ca: Path
+) -> ssl.SSLContext:
+    """A device's side of Modbus/TCP Security: TLS 1.2+ with the gateway's suites, its own
+    certificate, and a client certificate from ``client_ca`` required."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = MIN_VERSION
+    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cafile=str(client_ca))
+    ctx.load_cert_chain(str(cert), str(key), password=passphrase or b"")
+    return ctx
+
+
+class TlsDeviceServer(DeviceServer):
+    """A Modbus/TCP Security device: mutual TLS (a client certificate from its CA, or no
+    handshake), then authorization by the role the client's certificate carries.
+
+    A connection whose certificate has no role, a malformed one or one not in ``roles`` is
+    kept open, and every request on it is answered with exception 01 (Illegal Function), as
+    the specification has an unauthorized request answered. ``refusals`` counts those
+    answers; ``roles_seen`` lists the role of every connection (None: none, or malformed)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        unit: int,
+        size: int,
+        action: DeviceAction,
+        *,
+        sslctx: ssl.SSLContext,
+        roles: frozenset[str],
+    ) -> None:
+        super().__init__(host, port, unit, size, action)
+        self.sslctx = sslctx
+        self.roles = roles
+        self.refusals = 0
+        self.roles_seen: list[str | None] = []
+
+    async def __aenter__(self) -> TlsDeviceServer:
+        self._server = _RoleCheckingServer(
+            self, self._device(), address=self.address, sslctx=self.sslctx
+        )
+        await self._server.serve_forever(background=True)
+        return self
+
+    def authorize(self, peer_der: bytes | None) -> bool:
+        """Whether a connection with this client certificate may be served."""
+        try:
+            role = None if peer_der is None else modbus_role(peer_der)
+        except PkiError:
+            role = None
+        self.roles_seen.append(role)
+        return role is not None and role in self.roles
+
+
+class _RoleCheckingServer(ModbusTlsServer):
+    def __init__(self, device: TlsDeviceServer, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.device = device
+
+    def callback_new_connection(self) -> ServerRequestHandler:
+        return _RoleCheckingHandler(  # type: ignore[no-untyped-call]
+            self, self.trace_packet, self.trace_pdu, self.trace_connect
+        )
+
+
+class _RoleCheckingHandler(ServerRequestHandler):
+    """One client connection: the role is read once the handshake is done (asyncio calls
+    ``connection_made`` after it), and decides every request on the connection."""
+
+    authorized = False
+
+    def callback_connected(self) -> None:
+        super().callback_connected()
+        link = self.transport
+        ssl_object = None if link is None else link.get_extra_info("ssl_object")
+        der = None if ssl_object is None else ssl_object.getpeercert(binary_form=True)
+        self.authorized = self.server.device.authorize(der)
+
+    async def handle_request(self) -> None:
+        request = self.last_pdu
+        if request is None or self.authorized:
+            await super().handle_request()  # type: ignore[no-untyped-call]
+            return
+        self.server.device.refusals += 1
+        self.server_send(  # type: ignore[no-untyped-call]
+            ExceptionResponse(
+                request.function_code,
+                exception_code=ExcCodes.ILLEGAL_FUNCTION,
+                device_id=request.dev_id,
+                transaction=request.transaction_id,
+            ),
+            self.last_addr,
+        )

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from gateway.core import iothub
 from gateway.core.errors import FieldgateError
+from gateway.core.tlsprofile import TLS12_CIPHERS
 from gateway.identity.pki import MONITOR_IDENTITY, SERVICE_IDENTITY, Pki, decrypted_key_pem
-from gateway.identity.tls import TLS12_CIPHERS
 from gateway.runtime import child_process_options
 
 # The uplink's own list: the stand-in takes exactly what a gateway offers on TLS 1.2.
