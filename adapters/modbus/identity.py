@@ -194,8 +194,8 @@ async def collect_fingerprint(source: IdentitySource, identity: ModbusIdentity) 
         else:
             values[register.name] = value
     if identity.registers:
-        source_note = "registers" if fc43_failed is not None or not identity.fc43 else "fc43+registers"
-        notes["identity_source"] = source_note
+        both = identity.fc43 and fc43_failed is None
+        notes["identity_source"] = "fc43+registers" if both else "registers"
     if fc43_failed is not None and not identity.registers:
         return Fingerprint(refusal=no_identity(fc43_failed), notes=notes)
     if unread and not values:

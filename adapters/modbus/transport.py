@@ -264,8 +264,10 @@ class ModbusTransport:
                 read_code=read_code, object_id=object_id, device_id=self.endpoint.unit
             ),
         )
-        if response is None or response.isError():
-            return None if response is None else Identification(exception=_exception(response).exception)
+        if response is None:
+            return None
+        if response.isError():
+            return Identification(exception=_exception(response).exception)
         objects: list[tuple[int, bytes]] = []
         for oid, value in response.information.items():
             for one in value if isinstance(value, list) else [value]:

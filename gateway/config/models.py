@@ -241,9 +241,9 @@ class DeviceConfig(_Model):
         # A device whose modbus or ble table failed is named there; nothing to add here.
         if value is None and info.data.get("modbus") is not None:
             raise ValueError(
-                "a Modbus device must say how it is verified: write identity = \"none\" (it "
+                'a Modbus device must say how it is verified: write identity = "none" (it '
                 "cannot be; shown as unverified), or a [devices.identity] table with fc43 = true "
-                "and/or registers = [{ name = \"serial\", address = 100, count = 4 }], then run "
+                'and/or registers = [{ name = "serial", address = 100, count = 4 }], then run '
                 "fieldgate enroll --config FILE"
             )
         if value is not None and info.data.get("ble") is not None:

@@ -456,5 +456,3 @@ def _swap(self: SimulatedFleet, first: str, second: str) -> None:
     if missing:
         raise KeyError(f"no simulated device {missing[0]!r}")
     _swap_personas(by_id[first], by_id[second])
-
-
