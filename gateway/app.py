@@ -28,8 +28,8 @@ from gateway.core.batcher import Batcher
 from gateway.core.envelope import Sealer
 from gateway.core.errors import KeyringError, StartupError, UplinkError
 from gateway.core.pipeline import Output, PipelineStep
-from gateway.enroll import Enrolment
 from gateway.core.readings import Envelope, Scan
+from gateway.enroll import Enrolment
 from gateway.events import SecurityEvents
 from gateway.identity import checks as identity
 from gateway.identity import keyring
@@ -234,9 +234,7 @@ class Gateway:
         contexts: dict[str, ssl.SSLContext],
     ) -> None:
         cfg = self.config
-        gate = AuthGate(
-            [_registration(d, self.enrolment) for d in cfg.devices], self.events.record
-        )
+        gate = AuthGate([_registration(d, self.enrolment) for d in cfg.devices], self.events.record)
         self.step = PipelineStep(batcher, sealer, gate.admitted)
         pipeline = Intake(self.step)
         connects = RateLimiter(cfg.hub.connect_rate)

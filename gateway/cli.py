@@ -37,7 +37,6 @@ def _setup_logging(level: str, worker: str | None = None) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from gateway import config as config_mod
     from gateway.app import Gateway
-
     from gateway.enroll import load_for
 
     cfg = config_mod.load(args.config)

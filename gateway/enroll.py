@@ -323,4 +323,3 @@ def add_parser(verbs: Any) -> None:
         "--device", action="append", metavar="ID", help="only this device (repeatable)"
     )
     enroll.set_defaults(func=cmd_enroll)
-
