@@ -56,12 +56,12 @@ def admission_text(event: dict[str, Any]) -> str:
     where = event.get("endpoint", "?")
     verified = event.get("verified")
     if verified == "yes":
-        how = {"fc43": "FC 43", "registers": "identity registers"}.get(
-            str(event.get("identity_source")), str(event.get("identity_source", "?"))
-        )
-        return f"fingerprint matches enrolment ({how}; {where})"
+        # The fingerprint read matches the enrolled one (fieldgate enroll).
+        how = {"fc43": "FC 43", "registers": "registers", "fc43+registers": "FC 43+registers"}
+        source = str(event.get("identity_source", "?"))
+        return f"{how.get(source, source)} enrolled ({where})"
     if verified == "no":
-        return f"UNVERIFIED: identity = none ({where})"
+        return f"UNVERIFIED: identity none ({where})"
     return f"registry binding ({where})"
 
 
