@@ -385,15 +385,7 @@ def test_a_device_not_enrolled_is_refused_before_any_reading() -> None:
 
 def test_a_mismatch_at_connect_is_refused_with_expected_and_seen_before_any_reading() -> None:
     spec = DeviceSpec("plc-1", free_ports(1), points=make_points(2, period=0.1), serial="B777")
-    pinned = {
-        "vendor": "Fieldgate Simulations",
-        "product_code": "FGS-100",
-        "revision": "2.4.1",
-        "vendor_url": "https://fieldgate.invalid/fgs-100",
-        "product_name": "Simulated PLC",
-        "model_name": "FGS-100 SN A123",
-        "user_application_name": "unit 1",
-    }
+    pinned = _pinned("A123")
     scans, events, health = _link_run(
         spec, ModbusIdentity(fc43=True), ModbusRequirements(True, pinned)
     )
@@ -417,15 +409,7 @@ def test_the_recheck_catches_a_changed_device_on_the_same_connection() -> None:
         fleet.devices[0].persona.objects[0x05] = b"FGS-100 SN B777"
         seen_at_change.append(len(scans))
 
-    pinned = {
-        "vendor": "Fieldgate Simulations",
-        "product_code": "FGS-100",
-        "revision": "2.4.1",
-        "vendor_url": "https://fieldgate.invalid/fgs-100",
-        "product_name": "Simulated PLC",
-        "model_name": "FGS-100 SN A123",
-        "user_application_name": "unit 1",
-    }
+    pinned = _pinned("A123")
     scans, events, health = _link_run(
         spec, identity, ModbusRequirements(True, pinned), during=change, wait=4.0
     )
@@ -435,6 +419,43 @@ def test_the_recheck_catches_a_changed_device_on_the_same_connection() -> None:
     assert "model_name expected 'FGS-100 SN A123' seen 'FGS-100 SN B777'" in events[1][1]
     # Polling stopped at the recheck: at most one recheck period of readings after the change.
     assert len(scans) - seen_at_change[0] <= 2 * 12
+
+
+def test_a_device_that_comes_back_after_gateway_exceptions_is_checked_before_its_next_reading() -> (
+    None
+):
+    # Behind a TCP gateway, a serial device that is unplugged answers 0x0B (target failed to
+    # respond) while the TCP connection stays up; what answers after it may be another one.
+    spec = DeviceSpec(
+        "plc-1",
+        free_ports(1),
+        points=make_points(2, period=0.1),
+        serial="A123",
+        fault="exception:11:12",
+    )
+
+    def replaced(fleet: SimulatedFleet, scans: list[Scan]) -> None:
+        assert scans == []  # still silent behind its gateway
+        fleet.devices[0].persona.objects[0x05] = b"FGS-100 SN B777"
+
+    scans, events, health = _link_run(
+        spec, ModbusIdentity(fc43=True), ModbusRequirements(True, _pinned("A123")), during=replaced
+    )
+    assert scans == [] and health.state == QUARANTINED
+    assert [e[0] for e in events] == ["device-admitted", "device-quarantined"]
+    assert "seen 'FGS-100 SN B777'" in events[1][1]
+
+
+def _pinned(serial: str) -> dict[str, str]:
+    return {
+        "vendor": "Fieldgate Simulations",
+        "product_code": "FGS-100",
+        "revision": "2.4.1",
+        "vendor_url": "https://fieldgate.invalid/fgs-100",
+        "product_name": "Simulated PLC",
+        "model_name": f"FGS-100 SN {serial}",
+        "user_application_name": "unit 1",
+    }
 
 
 # -- enrolment, end to end through the CLI --
