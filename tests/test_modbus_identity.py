@@ -45,7 +45,7 @@ from adapters.modbus.sim.server import DeviceServer
 from adapters.modbus.transport import ModbusTransport
 from gateway import config as config_mod
 from gateway.core.auth import AuthGate, Registration
-from gateway.core.errors import ConfigError
+from gateway.core.errors import ConfigError, DeviceUnavailable
 from gateway.core.readings import Scan
 from gateway.enroll import load_registry, parse_registry, registry_path
 from gateway.events import read_events
@@ -316,6 +316,36 @@ def test_fc43_exception_falls_back_to_identity_registers_or_refuses_without_them
     assert fallback.values == {"serial": default_serial("plc-1")}
     assert fallback.notes == {"fc43": "exception 0x01", "identity_source": "registers"}
     assert alone.refusal == "no identity: FC 43 answered exception 0x01"
+
+
+class _SilentOnFc43:
+    """A device that never answers FC 43 (it lacks it and ignores it), with a serial in its
+    holding registers: what the transport reports for it, a timeout."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    async def read(self, table: str, address: int, count: int) -> Any:
+        self.asked.append(f"read {table}@{address}")
+        from adapters.modbus.transport import Reply
+
+        return Reply([0x4131, 0x3233][:count])
+
+    async def read_device_information(self, read_code: int, object_id: int = 0) -> Identification:
+        self.asked.append("fc43")
+        raise DeviceUnavailable("plc-1", "h:502/unit 1", "no response within 1 s", cause="timeout")
+
+
+def test_fc43_not_answered_falls_back_to_registers_and_without_them_is_unavailable() -> None:
+    with_serial = ModbusIdentity.model_validate(
+        {"fc43": True, "registers": [{"name": "serial", "address": 100, "count": 2}]}
+    )
+    found = _run(collect_fingerprint(_SilentOnFc43(), with_serial))
+    assert found.values == {"serial": "A123"}
+    assert found.notes == {"fc43": "no answer", "identity_source": "registers"}
+    # Without registers it is not refused (a timeout may pass): the link reconnects.
+    with pytest.raises(DeviceUnavailable):
+        _run(collect_fingerprint(_SilentOnFc43(), ModbusIdentity(fc43=True)))
 
 
 # -- the link: checked at connect, and again every recheck --

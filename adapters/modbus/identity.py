@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from adapters.modbus.config import FC43_OBJECTS, IDENTITY_NOTES, IdentityRegister, ModbusIdentity
 from gateway.core.auth import Evidence
+from gateway.core.errors import DeviceUnavailable
 
 BASIC = 0x01  # read device id codes: the basic objects (0-2)
 REGULAR = 0x02  # basic and regular objects (0-0x7F)
@@ -35,6 +36,7 @@ MORE_FOLLOWS = 0xFF
 MAX_REQUESTS = 16  # "more follows" answers followed per read, at most
 MAX_VALUE = 128  # characters of one value kept in a fingerprint (and in an event)
 ILLEGAL_FUNCTION = 0x01
+NO_ANSWER = -1  # Identification.exception of an FC 43 request that timed out
 TRANSPORT = "modbus-tcp"
 
 
@@ -120,6 +122,8 @@ def comparable(fingerprint: Mapping[str, str]) -> dict[str, str]:
 
 
 def no_identity(code: int) -> str:
+    if code == NO_ANSWER:
+        return "no identity: FC 43 not answered"
     return f"no identity: FC 43 answered exception 0x{code:02X}"
 
 
@@ -179,8 +183,19 @@ async def collect_fingerprint(source: IdentitySource, identity: ModbusIdentity) 
     notes: dict[str, str] = {}  # keys: IDENTITY_NOTES
     fc43_failed: int | None = None
     if identity.fc43:
-        answer = await read_objects(source)
-        if answer.exception is None:
+        try:
+            answer = await read_objects(source)
+        except DeviceUnavailable as err:
+            # Some devices never answer a function code they lack (the spec says exception
+            # 01). With identity registers to fall back on, read those; without, the device
+            # is unavailable (reconnected with backoff), not refused.
+            if err.cause != "timeout" or not identity.registers:
+                raise
+            answer = Identification(exception=NO_ANSWER)
+        if answer.exception == NO_ANSWER:
+            fc43_failed = NO_ANSWER
+            notes["fc43"] = "no answer"
+        elif answer.exception is None:
             values.update(objects_fingerprint(answer.objects))
             notes["identity_source"] = "fc43"
         else:
