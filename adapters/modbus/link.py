@@ -294,15 +294,18 @@ class ModbusLink:
 
     async def _recheck(self, transport: ModbusTransport, request: _Request | None) -> None:
         """The poll loop's check: raises :class:`Quarantined` (failing ``request``, taken from
-        the queue but not served) when the gate refuses the device now."""
-        if await self._verify(transport):
-            return
-        err = Quarantined(
-            self.device_id, self.endpoint, self.health.last_error or "refused", cause="refused"
-        )
-        if request is not None and not request.done.done():
-            request.done.set_exception(err)
-        raise err
+        the queue but not served) when the gate refuses the device now; a failed check fails
+        ``request`` too, as :meth:`_serve` would."""
+        try:
+            if await self._verify(transport):
+                return
+            raise Quarantined(
+                self.device_id, self.endpoint, self.health.last_error or "refused", cause="refused"
+            )
+        except BaseException as err:
+            if request is not None and not request.done.done():
+                request.done.set_exception(err)
+            raise
 
     def _identity_due(self, now: float) -> bool:
         """Is the fingerprint to be checked before the next read: its recheck period passed, or
