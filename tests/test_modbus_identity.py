@@ -227,17 +227,43 @@ def test_a_malformed_registry_names_the_file_and_the_field(tmp_path: Path) -> No
     assert problems == ["format: must be 'fieldgate-enrolment' (got 'x')"]
 
 
-def test_the_gateway_refuses_to_start_with_a_malformed_registry(
-    tmp_path: Path, pki_dir: Path, procs: list[Proc]
+def test_the_gateway_refuses_a_malformed_registry_and_quarantines_devices_not_enrolled(
+    tmp_path: Path, pki_dir: Path, keyring: Keyring, procs: list[Proc]
 ) -> None:
-    hub_port, _ = start_hub(procs, tmp_path, pki_dir)
-    config, _ = start_simulator(procs, tmp_path, pki_dir, hub_port, 1, "--identity", "fc43")
+    hub_port, record = start_hub(procs, tmp_path, pki_dir)
+    config, _ = start_simulator(procs, tmp_path, pki_dir, hub_port, 2, "--identity", "fc43")
     registry_path(config).write_text('{"format": "fieldgate-enrolment", "version": 2}')
     run = subprocess.run(
         fieldgate("run", "--config", str(config)), capture_output=True, text=True, timeout=60
     )
     assert run.returncode == 2, run.stderr
     assert "gateway.enrolled.json" in run.stderr and "version: must be 1" in run.stderr
+
+    # Enrolled: plc-1 only. plc-2 has an identity method and nothing pinned.
+    registry_path(config).unlink()
+    enrolled = subprocess.run(
+        fieldgate("enroll", "--config", str(config), "--yes", "--device", "plc-1"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert enrolled.returncode == 0, enrolled.stderr
+    gateway = Proc(fieldgate("run", "--config", str(config)), tmp_path / "gateway.log")
+    procs.append(gateway)
+    state = tmp_path / "state"
+
+    def refused() -> list[dict[str, Any]]:
+        return [e for e in read_events(state) if e["kind"] == "device-quarantined"]
+
+    wait_until(lambda: bool(refused()), 20, "plc-2 to be refused")
+    wait_until(lambda: bool(opened_from(record, keyring)[0]), 20, "plc-1's readings")
+    assert gateway.stop() == 0, gateway.output()[-2000:]
+    [event] = refused()
+    assert event["device"] == "plc-2"
+    assert event["reason"] == f"not enrolled: run fieldgate enroll --config {config}"
+    admitted = [e for e in read_events(state) if e["kind"] == "device-admitted"]
+    assert [(e["device"], e["verified"]) for e in admitted] == [("plc-1", "yes")]
+    assert {o.device_id for o in opened_from(record, keyring)[0]} == {"plc-1"}
 
 
 # -- collection against pymodbus's server --
