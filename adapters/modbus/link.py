@@ -462,6 +462,8 @@ class ModbusLink:
                         cause="exception",
                     )
                 request = await self._next_request(3600.0)
+                if self._identity_due(loop.time()):
+                    await self._recheck(transport, request)
                 if request is not None:
                     await self._serve(transport, request)
                 continue
