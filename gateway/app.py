@@ -19,17 +19,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from adapters.base import DeviceHealth
+from adapters.modbus.admission import ModbusRequirements
 from adapters.modbus.link import ModbusLink
 from adapters.modbus.planstore import PlanStore
 from adapters.modbus.security import ModbusTlsError
 from adapters.modbus.security import client_context as modbus_tls_context
 from gateway.config import BleEndpoint, Config, DeviceConfig
-from gateway.core.auth import AuthGate, Registration
+from gateway.core.auth import AuthGate, Registration, Requirements
 from gateway.core.batcher import Batcher
 from gateway.core.envelope import Sealer
 from gateway.core.errors import KeyringError, StartupError, UplinkError
 from gateway.core.pipeline import Output, PipelineStep
 from gateway.core.readings import Envelope, Scan
+from gateway.enroll import Enrolment
 from gateway.events import SecurityEvents
 from gateway.identity import checks as identity
 from gateway.identity import keyring
@@ -106,8 +108,12 @@ class Intake:
 
 
 class Gateway:
-    def __init__(self, config: Config, *, adopt_stranded: bool = False) -> None:
+    def __init__(
+        self, config: Config, *, adopt_stranded: bool = False, enrolment: Enrolment | None = None
+    ) -> None:
         self.config = config
+        # The pinned Modbus fingerprints (gateway.enroll); None: nothing is enrolled.
+        self.enrolment = enrolment
         # A single process (not a worker): take over what workers of an earlier run left.
         self._adopt_stranded = adopt_stranded
         self.boot_id = ""
@@ -237,7 +243,7 @@ class Gateway:
         contexts: dict[str, ssl.SSLContext],
     ) -> None:
         cfg = self.config
-        gate = AuthGate([_registration(d) for d in cfg.devices], self.events.record)
+        gate = AuthGate([_registration(d, self.enrolment) for d in cfg.devices], self.events.record)
         self.step = PipelineStep(batcher, sealer, gate.admitted)
         pipeline = Intake(self.step)
         connects = RateLimiter(cfg.hub.connect_rate)
@@ -277,6 +283,7 @@ class Gateway:
                             on_event=self._event,
                             plans=plans,
                             tls_context=self._modbus_tls.get(d.id),
+                            identity=d.identity,
                         ).run(),
                         name=f"poll[{d.id}]",
                     )
@@ -378,9 +385,13 @@ class Gateway:
         )
 
 
-def _registration(device: DeviceConfig) -> Registration:
-    """What the registry (the config) says of a device, for the auth gate."""
-    requirements = None
+def _registration(device: DeviceConfig, enrolment: Enrolment | None = None) -> Registration:
+    """What the registry (the config, and the enrolled fingerprints) says of a device."""
+    requirements: Requirements | None = None
+    if device.modbus is not None and device.identity is not None:
+        hint = enrolment.hint if enrolment is not None else "fieldgate enroll --config FILE"
+        pinned = enrolment.pinned(device.id) if enrolment is not None else None
+        requirements = ModbusRequirements(device.identity.verified, pinned, hint)
     if device.ble is not None:
         from adapters.ble.admission import BleRequirements
 

@@ -37,8 +37,11 @@ def _setup_logging(level: str, worker: str | None = None) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from gateway import config as config_mod
     from gateway.app import Gateway
+    from gateway.enroll import load_for
 
     cfg = config_mod.load(args.config)
+    # The pinned fingerprints beside the config: a malformed file refuses the start here.
+    enrolment = load_for(args.config)
     os.umask(0o077)  # state files 0600, state folders 0700, whoever creates them
     if args.worker:
         from gateway.workers import parse_worker, worker_config
@@ -48,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from gateway.workers import run_workers
 
         return run_workers(Path(args.config), args.workers, cfg)
-    gateway = Gateway(cfg, adopt_stranded=not args.worker)
+    gateway = Gateway(cfg, adopt_stranded=not args.worker, enrolment=enrolment)
 
     async def main(stop: asyncio.Event) -> None:
         await gateway.run(stop)
@@ -218,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     issue.add_argument("device_ids", nargs="+")
     issue.set_defaults(func=cmd_pki_issue)
+
+    from gateway.enroll import add_parser as add_enroll
+
+    add_enroll(verbs)
 
     store = verbs.add_parser("store", help="inspect the durable store").add_subparsers(
         dest="store_verb", required=True

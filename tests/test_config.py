@@ -32,6 +32,7 @@ def good(pki_dir: Path, tmp: Path) -> dict[str, object]:
                 "cert": str(pki_dir / "devices" / f"plc-{i}.pem"),
                 "key": str(pki_dir / "devices" / f"plc-{i}.key"),
                 "modbus": {"host": "127.0.0.1", "port": 1502 + i},
+                "identity": "none",
                 "points": [
                     {"name": f"p{j}", "address": j * 2, "type": "float32"} for j in range(3)
                 ],

@@ -384,6 +384,7 @@ def _config(
             "cert": "x",
             "key": "x",
             "modbus": {"host": "127.0.0.1", "port": port, "timeout": timeout},
+            "identity": "none",
             "points": [sp.point.model_dump() for sp in sim_points],
         },
         context={"check_files": False},
@@ -603,6 +604,7 @@ def test_the_gateway_forwards_only_correct_values_through_every_kind_of_malforme
             "id": "plc-2",
             **device_files(pki_dir, "plc-2"),
             "modbus": {"host": "127.0.0.1", "port": port, "unit": 1, "timeout": 0.3},
+            "identity": "none",
             "points": [
                 {k: v for k, v in sp.point.model_dump().items() if v is not None}
                 for sp in bad_points

@@ -129,6 +129,7 @@ def _config(device_id: str, port: int, period: float = 0.05) -> DeviceConfig:
             "cert": "x",
             "key": "x",
             "modbus": {"host": "127.0.0.1", "port": port, "timeout": 0.3},
+            "identity": "none",
             "points": [{"name": f"p{i}", "address": i, "period": period} for i in range(POINTS)],
         },
         context={"check_files": False},
@@ -351,6 +352,7 @@ def test_a_hostile_device_delivers_only_its_correct_answers_and_no_traceback(
             "id": "plc-2",
             **device_files(pki_dir, "plc-2"),
             "modbus": {"host": "127.0.0.1", "port": port, "unit": 1, "timeout": 0.5},
+            "identity": "none",
             "points": [{"name": f"p{i}", "address": i, "period": 0.1} for i in range(POINTS)],
         }
     )

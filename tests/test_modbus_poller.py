@@ -25,6 +25,7 @@ def _device(port: int, points: int = 8, period: float = 0.01) -> tuple[DeviceSpe
             "cert": "x",
             "key": "x",
             "modbus": {"host": "127.0.0.1", "port": port, "timeout": 1.0},
+            "identity": "none",
             "points": [sp.point.model_dump() for sp in sim_points],
         },
         context={"check_files": False},

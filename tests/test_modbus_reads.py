@@ -59,6 +59,7 @@ def _config(port: int, sim_points: list[SimPoint], **modbus: Any) -> DeviceConfi
             "cert": "x",
             "key": "x",
             "modbus": {"host": "127.0.0.1", "port": port, "timeout": 1.0, **modbus},
+            "identity": "none",
             "points": [sp.point.model_dump() for sp in sim_points],
         },
         context={"check_files": False},

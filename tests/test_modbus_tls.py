@@ -422,6 +422,7 @@ def _tls_device(
         "id": device_id,
         **device_files(pki_dir, device_id),
         "modbus": {"host": "127.0.0.1", "port": port, "unit": UNIT, "tls": tls},
+        "identity": "none",
         "points": [{"name": p.name, "address": p.address, "period": 0.1} for p in POINTS],
     }
 

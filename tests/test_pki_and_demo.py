@@ -87,7 +87,9 @@ def test_demo_shows_the_devices_and_ctrl_c_leaves_nothing_running(tmp_path: Path
         assert device in output
     # Security, not only delivery: how each device was admitted, one quarantined and why, one
     # unknown advertiser, and the hub's own refusals named as such.
-    assert "registry binding (127.0.0.1:" in output
+    # The demo enrolls its Modbus devices (fieldgate enroll --yes): each is verified by FC 43.
+    assert "enrolled the Modbus devices' FC 43 fingerprints" in output
+    assert "FC 43 enrolled (127.0.0.1:" in output
     assert "bond authenticated + challenge passed" in output
     assert "quarantined: ble-3: challenge answer does not match the device key" in output
     assert "unknown device at hci0/" in output
@@ -209,7 +211,7 @@ def test_demo_without_ble_says_that_no_quarantine_is_shown(tmp_path: Path) -> No
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "No quarantined device is shown" in done.stdout
-    assert "registry binding (127.0.0.1:" in done.stdout
+    assert "FC 43 enrolled (127.0.0.1:" in done.stdout
 
 
 def test_the_demo_names_how_each_device_was_admitted_from_this_runs_events(
@@ -225,6 +227,21 @@ def test_the_demo_names_how_each_device_was_admitted_from_this_runs_events(
             "device": "plc-1",
             "transport": "modbus-tcp",
             "endpoint": "127.0.0.1:502/unit 1",
+        },
+        {
+            "kind": "device-admitted",
+            "device": "plc-2",
+            "transport": "modbus-tcp",
+            "endpoint": "127.0.0.1:503/unit 1",
+            "verified": "yes",
+            "identity_source": "fc43",
+        },
+        {
+            "kind": "device-admitted",
+            "device": "plc-3",
+            "transport": "modbus-tcp",
+            "endpoint": "127.0.0.1:504/unit 1",
+            "verified": "no",
         },
         {
             "kind": "device-admitted",
@@ -250,14 +267,16 @@ def test_the_demo_names_how_each_device_was_admitted_from_this_runs_events(
         },
     ]
     with open(path, "ab") as out:
-        out.write(b"".join(orjson.dumps(e) + b"\n" for e in now[:3]))
-        out.write(orjson.dumps(now[3])[:20])  # a line still being written
+        out.write(b"".join(orjson.dumps(e) + b"\n" for e in now[:5]))
+        out.write(orjson.dumps(now[5])[:20])  # a line still being written
         out.flush()
         admissions.poll()
-        out.write(orjson.dumps(now[3])[20:] + b"\n" + orjson.dumps(now[4]) + b"\n")
+        out.write(orjson.dumps(now[5])[20:] + b"\n" + orjson.dumps(now[6]) + b"\n")
     admissions.poll()
     assert admissions.devices == {
         "plc-1": "registry binding (127.0.0.1:502/unit 1)",
+        "plc-2": "FC 43 enrolled (127.0.0.1:503/unit 1)",
+        "plc-3": "UNVERIFIED: identity none (127.0.0.1:504/unit 1)",
         "ble-1": "bond authenticated + challenge passed",
         "ble-2": "bond just-works + no challenge",
         "ble-3": "QUARANTINED: challenge answer does not match the device key",

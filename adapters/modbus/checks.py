@@ -6,7 +6,8 @@ and the MBAP length against the frame, with no byte before or after it. pymodbus
 with a wrong transaction or unit id and decodes whatever function code arrives; the client
 module runs this check on the raw frame first (:mod:`adapters.modbus.transport` owns pymodbus).
 A write's answer must echo the address (and, for FC 15 and 16, the count; for FC 5 and 6 the
-value, when the caller gives it) it was sent.
+value, when the caller gives it) it was sent; a Read Device Identification answer (FC 43 /
+MEI 14) must echo the read code and hold exactly the objects it counts.
 
 :class:`Misbehaviour` turns a stream of wrong answers into log lines once per transition: one
 warning when a device starts answering wrongly, counts at most every ``every`` seconds while it
@@ -100,6 +101,8 @@ def check_response(data: bytes, expected: Expected | None) -> Verdict:
         return Verdict(end, WRONG_FC)
     if function_code in WRITE_CODES:
         return _check_echo(pdu, expected, end)
+    if function_code == DEVICE_IDENTIFICATION:
+        return _check_identification(pdu, expected, end)
     byte_count = pdu[1]
     if byte_count > len(pdu) - 2:
         return Verdict(end, LENGTH)
@@ -113,6 +116,28 @@ def check_response(data: bytes, expected: Expected | None) -> Verdict:
 # Write single coil, single register, multiple coils, multiple registers: the answer is the
 # function code and four bytes (the address, then the value or the count).
 WRITE_CODES = frozenset({5, 6, 15, 16})
+
+
+# FC 43 / MEI 14, Read Device Identification: its answer is MEI type, read code, conformity,
+# more follows, next object id, the number of objects, then (id, length, value) per object.
+# ``Expected.count`` carries the read code asked for, ``Expected.address`` the object id.
+DEVICE_IDENTIFICATION = 0x2B
+MEI_READ_DEVICE_ID = 0x0E
+
+
+def _check_identification(pdu: bytes, expected: Expected, end: int) -> Verdict:
+    if len(pdu) < 7:
+        return Verdict(end, LENGTH)
+    if pdu[1] != MEI_READ_DEVICE_ID or pdu[2] != expected.count or pdu[4] not in (0x00, 0xFF):
+        return Verdict(end, UNDECODABLE)
+    at, objects = 7, pdu[6]
+    for _ in range(objects):
+        if at + 2 > len(pdu) or at + 2 + pdu[at + 1] > len(pdu):
+            return Verdict(end, LENGTH)
+        at += 2 + pdu[at + 1]
+    if at != len(pdu):
+        return Verdict(end, TRAILING)
+    return Verdict(end)
 
 
 def _check_echo(pdu: bytes, expected: Expected, end: int) -> Verdict:

@@ -217,3 +217,95 @@ class ModbusTls(_Model):
 
 
 ModbusEndpoint.model_rebuild()
+
+
+# -- identity: how a device proves it is the one the registry enrolled --
+
+IdentityFormat = Literal["ascii", "hex", "uint"]
+# FC 43 / MEI 14 object ids and the names their values carry in a fingerprint (basic: 0-2,
+# regular: 3-6); other objects a device offers are named ``object_0xNN``.
+FC43_OBJECTS: dict[int, str] = {
+    0x00: "vendor",
+    0x01: "product_code",
+    0x02: "revision",
+    0x03: "vendor_url",
+    0x04: "product_name",
+    0x05: "model_name",
+    0x06: "user_application_name",
+}
+DEFAULT_RECHECK = 300.0
+# Evidence keys that say how a fingerprint was read (recorded, never compared).
+# A TLS device's handshake facts (version, its certificate's SHA-256) ride along the same way.
+IDENTITY_NOTES = ("identity_source", "fc43", "tls_version", "tls_peer_sha256")
+
+
+class IdentityRegister(_Model):
+    """Registers that hold an identity value (a serial number): read, formatted, pinned."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=NAME_PATTERN)
+    table: Literal["holding", "input"] = "holding"
+    address: int = Field(ge=0, le=65535)
+    count: int = Field(default=1, ge=1, le=125)
+    format: IdentityFormat = Field(
+        default="ascii", description="ascii: 2 characters a register; hex; uint: one integer"
+    )
+
+    @model_validator(mode="after")
+    def _fits(self) -> IdentityRegister:
+        if self.address + self.count > 65536:
+            raise ValueError(f"{self.count} registers at {self.address} run past register 65535")
+        if self.format == "uint" and self.count > 4:
+            raise ValueError(f"format 'uint' takes at most 4 registers, not {self.count}")
+        return self
+
+
+class ModbusIdentity(_Model):
+    """How a Modbus device is verified: FC 43 device identification and/or identity registers,
+    checked at every connect, on coming back after failed reads, and every ``recheck`` seconds.
+    ``identity = "none"`` in a config is ``none = true`` here: a device that cannot be
+    verified, admitted and shown as unverified."""
+
+    none: bool = False
+    fc43: bool = Field(default=False, description="Read Device Identification (FC 43 / MEI 14)")
+    registers: list[IdentityRegister] = Field(default_factory=list)
+    recheck: float = Field(
+        default=DEFAULT_RECHECK, ge=1, le=86_400, description="seconds between identity checks"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _none(cls, value: object) -> object:
+        if isinstance(value, str):
+            if value != "none":
+                raise ValueError(
+                    f'{value!r}: write identity = "none", or a [devices.identity] table '
+                    "with fc43 = true and/or registers = [...]"
+                )
+            return {"none": True}
+        return value
+
+    @model_validator(mode="after")
+    def _method(self) -> ModbusIdentity:
+        if self.none and (self.fc43 or self.registers):
+            raise ValueError('identity "none" cannot also name fc43 or registers')
+        if not self.none and not (self.fc43 or self.registers):
+            raise ValueError(
+                'give fc43 = true and/or registers = [...], or write identity = "none" '
+                "for a device that cannot be verified"
+            )
+        seen: set[str] = set()
+        for i, register in enumerate(self.registers):
+            if register.name in seen:
+                raise ValueError(f"registers[{i}]: name {register.name!r} is used twice")
+            if register.name in IDENTITY_NOTES:
+                raise ValueError(f"registers[{i}]: name {register.name!r} is reserved")
+            if self.fc43 and register.name in FC43_OBJECTS.values():
+                raise ValueError(
+                    f"registers[{i}]: name {register.name!r} is an FC 43 object's name"
+                )
+            seen.add(register.name)
+        return self
+
+    @property
+    def verified(self) -> bool:
+        return not self.none

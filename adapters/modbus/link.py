@@ -23,13 +23,14 @@ import ssl
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from struct import error as struct_error
 from typing import Any
 
-from adapters.base import Admit, DeviceHealth, Evidence, NotWritable, ScanSink
+from adapters.base import Admit, DeviceHealth, NotWritable, ScanSink
 from adapters.modbus.checks import Misbehaviour
-from adapters.modbus.config import ModbusEndpoint, Point
+from adapters.modbus.config import ModbusEndpoint, ModbusIdentity, Point
+from adapters.modbus.identity import collect_evidence
 from adapters.modbus.plan import (
     ILLEGAL_ADDRESS,
     RETRY_ON,
@@ -54,6 +55,10 @@ log = logging.getLogger(__name__)
 
 # Exception 05/06 (acknowledge, busy): tries again after these delays, within the period.
 RETRY_DELAYS = (0.02, 0.04, 0.08)
+
+# Exception 0A/0B (gateway path unavailable, target device failed to respond): the device
+# behind a TCP gateway is silent; once it answers again, its identity is checked again.
+GATEWAY_NO_ANSWER = frozenset({0x0A, 0x0B})
 
 # A security event: (kind, device id, reason, **fields), as gateway.events records it.
 OnEvent = Callable[..., None]
@@ -92,8 +97,12 @@ class ModbusLink:
         on_event: OnEvent | None = None,
         plans: PlanStore | None = None,
         tls_context: ssl.SSLContext | None = None,
+        identity: ModbusIdentity | None = None,
     ) -> None:
         self.device_id = device_id
+        self.identity = identity
+        self._check_due = 0.0  # loop time of the next identity check on this connection
+        self._suspect = False  # the device stopped answering for a while: check it again
         self.modbus = endpoint
         self.points = {p.name: p for p in points}
         self._sink = sink
@@ -246,18 +255,16 @@ class ModbusLink:
                 async with ModbusTransport(
                     self.device_id, self.modbus, self._wrong, self._tls_context
                 ) as transport:
-                    evidence = Evidence(
-                        self.device_id, "modbus-tcp", self.endpoint, fingerprint=transport.peer
-                    )
-                    refusal = self._admit(evidence)
-                    if refusal is not None:
-                        self.health.quarantine(refusal)
+                    if not await self._verify(transport):
                         return
                     self.transport = transport
                     try:
                         await self._poll(transport)
                     finally:
                         self.transport = None
+            except Quarantined as err:
+                self._fail_requests(err)
+                return
             except WrongAnswer as err:
                 # Counted and logged as it arrived; the connection is out of step.
                 self._fail_requests(err)
@@ -291,6 +298,51 @@ class ModbusLink:
                 self.attempt = 0
             self.attempt += 1
             await asyncio.sleep(backoff_delay(self.attempt, *self._backoff))
+
+    # -- identity: checked at connect, on coming back, every identity.recheck seconds --
+
+    async def _verify(self, transport: ModbusTransport) -> bool:
+        """Collect this connection's evidence and ask the gate; False: refused (quarantined,
+        the gate recorded why). Runs before any read of the connection is sunk, and from the
+        poll loop (:meth:`_identity_due`) before the next read is taken."""
+        evidence = await collect_evidence(transport, self.device_id, self.endpoint, self.identity)
+        if transport.peer:  # what a TLS device proved: recorded with the admission, not pinned
+            evidence = replace(evidence, fingerprint={**transport.peer, **evidence.fingerprint})
+        refusal = self._admit(evidence)
+        if refusal is not None:
+            self.health.quarantine(refusal)
+            return False
+        self._suspect = False
+        if self.identity is not None and not self.identity.none:
+            self._check_due = asyncio.get_running_loop().time() + self.identity.recheck
+        return True
+
+    async def _recheck(self, transport: ModbusTransport, request: _Request | None) -> None:
+        """The poll loop's check: raises :class:`Quarantined` (failing ``request``, taken from
+        the queue but not served) when the gate refuses the device now; a failed check fails
+        ``request`` too, as :meth:`_serve` would."""
+        try:
+            if await self._verify(transport):
+                return
+            raise Quarantined(
+                self.device_id, self.endpoint, self.health.last_error or "refused", cause="refused"
+            )
+        except BaseException as err:
+            if request is not None and not request.done.done():
+                request.done.set_exception(err)
+            raise
+
+    def _identity_due(self, now: float) -> bool:
+        """Is the fingerprint to be checked before the next read: its recheck period passed, or
+        the device comes back after failed reads (:meth:`_suspect_identity`)?"""
+        if self.identity is None or self.identity.none:
+            return False
+        return self._suspect or now >= self._check_due
+
+    def _suspect_identity(self) -> None:
+        """The device did not answer for itself (a gateway's 0x0A/0x0B: its serial device is
+        silent): whatever answers next may be another device."""
+        self._suspect = True
 
     def _wrong(self, cause: str) -> None:
         """The transport dropped a response (or bytes nobody asked for): count it, tell it."""
@@ -435,12 +487,16 @@ class ModbusLink:
                         cause="exception",
                     )
                 request = await self._next_request(3600.0)
+                if self._identity_due(loop.time()):
+                    await self._recheck(transport, request)
                 if request is not None:
                     await self._serve(transport, request)
                 continue
             index = min(range(len(due)), key=due.__getitem__)
             block = self.blocks[index]
             request = await self._next_request(due[index] - loop.time())
+            if self._identity_due(loop.time()):
+                await self._recheck(transport, request)
             if request is not None:
                 await self._serve(transport, request)
                 continue
@@ -464,6 +520,8 @@ class ModbusLink:
                 continue
             if reply.exception is not None:
                 health.reads_failed += 1
+                if reply.exception in GATEWAY_NO_ANSWER:
+                    self._suspect_identity()
                 what = _what(reply)
                 health.last_error = f"{what} on {block.table}@{block.address}"
                 self._bad(what)
@@ -520,6 +578,10 @@ class ModbusLink:
             table=block.table,
             address=block.address,
         )
+
+
+class Quarantined(DeviceUnavailable):
+    """The gate refused the device on a recheck: polling ends for this run."""
 
 
 def _unavailable(device_id: str, ts_ms: int, block: ReadBlock) -> Scan:

@@ -41,6 +41,7 @@ from pymodbus.pdu.register_message import (
 )
 
 from adapters.modbus.checks import (
+    DEVICE_IDENTIFICATION,
     MBAP_SIZE,
     RESYNC,
     TRUNCATED,
@@ -49,6 +50,7 @@ from adapters.modbus.checks import (
     check_response,
 )
 from adapters.modbus.config import ModbusEndpoint
+from adapters.modbus.identity import MORE_FOLLOWS, Identification
 from adapters.modbus.security import REFUSED_US, TlsRefused, check_peer, explain, fingerprint
 from gateway.core.errors import DeviceUnavailable, map_exceptions
 from gateway.core.tasks import raise_if_cancelled
@@ -351,6 +353,33 @@ class ModbusTransport:
         if response is None or response.isError():
             return None if response is None else _exception(response)
         return Reply(tuple(values))
+
+    async def read_device_information(
+        self, read_code: int, object_id: int = 0
+    ) -> Identification | None:
+        """FC 43 / MEI 14: the identification objects from ``object_id`` (read code 1 basic,
+        2 regular), one answer (the caller follows "more follows"); None: the answer was
+        wrong but the stream stays in step."""
+        response = await self._request(
+            f"read device identification {read_code}/0x{object_id:02X}",
+            (DEVICE_IDENTIFICATION, read_code, False, object_id),
+            lambda: self._client.read_device_information(
+                read_code=read_code, object_id=object_id, device_id=self.endpoint.unit
+            ),
+        )
+        if response is None:
+            return None
+        if response.isError():
+            return Identification(exception=_exception(response).exception)
+        objects: list[tuple[int, bytes]] = []
+        for oid, value in response.information.items():
+            for one in value if isinstance(value, list) else [value]:
+                objects.append((int(oid), bytes(one)))
+        return Identification(
+            tuple(objects),
+            more_follows=response.more_follows == MORE_FOLLOWS,
+            next_object=int(response.next_object_id),
+        )
 
     async def _request(
         self,

@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from adapters.ble.config import BleEndpoint, BleSection
-from adapters.modbus.config import ModbusEndpoint, Point, point_problems
+from adapters.modbus.config import ModbusEndpoint, ModbusIdentity, Point, point_problems
 from gateway.core.errors import ConfigError
 
 # IoT Hub allows a few more characters in device ids; these are the ones that are also safe in an
@@ -226,8 +226,29 @@ class DeviceConfig(_Model):
     modbus: ModbusEndpoint | None = None
     points: list[Point] = Field(default_factory=list)
     ble: BleEndpoint | None = None
+    # After modbus and ble: its check sees which transport the device has.
+    identity: ModbusIdentity | None = Field(
+        default=None,
+        validate_default=True,
+        description='Modbus: how the device is verified (fc43, registers), or "none"',
+    )
 
     _files = field_validator("cert", "key")(_existing_file)
+
+    @field_validator("identity")
+    @classmethod
+    def _identity(cls, value: ModbusIdentity | None, info: ValidationInfo) -> ModbusIdentity | None:
+        # A device whose modbus or ble table failed is named there; nothing to add here.
+        if value is None and info.data.get("modbus") is not None:
+            raise ValueError(
+                'a Modbus device must say how it is verified: write identity = "none" (it '
+                "cannot be; shown as unverified), or a [devices.identity] table with fc43 = true "
+                'and/or registers = [{ name = "serial", address = 100, count = 4 }], then run '
+                "fieldgate enroll --config FILE"
+            )
+        if value is not None and info.data.get("ble") is not None:
+            raise ValueError("a BLE device is verified by its ble table (bond, challenge)")
+        return value
 
     @model_validator(mode="after")
     def _one_transport(self) -> DeviceConfig:

@@ -1,8 +1,13 @@
 """The auth gate: only devices the registry knows, bound where the registry says, pass.
 
-For now the registry is the validated config. A device is admitted when it is known, enabled,
-observed at the endpoint it is bound to, and its evidence satisfies what the registry requires
-of it (for BLE: identity, bond and challenge, judged by :mod:`adapters.ble.admission`).
+The registry is the validated config, and for Modbus the fingerprints pinned by ``fieldgate
+enroll``. A device is admitted when it is known, enabled, observed at the endpoint it is bound
+to, and its evidence satisfies what the registry requires of it (for BLE: identity, bond and
+challenge, judged by :mod:`adapters.ble.admission`; for Modbus: the fingerprint it showed is
+the enrolled one, judged by :mod:`adapters.modbus.admission`, or its config says
+``identity = "none"`` and it is admitted as unverified). A Modbus link asks again whenever it
+checks the device's identity (connect, coming back, recheck): an admitted device that fails a
+later check is quarantined like one refused at its first.
 Adapters only collect evidence; every verdict is taken here. A refusal is recorded as a
 security event with its reason, and the device stays quarantined: none of its readings pass
 :meth:`AuthGate.admitted`.

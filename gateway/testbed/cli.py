@@ -206,6 +206,26 @@ def add_verbs(verbs: Any) -> None:
         "and the gateway's client identity fieldgate-modbus (the first role) in --pki",
     )
     modbus.add_argument(
+        "--identity",
+        choices=("none", "fc43", "registers", "both"),
+        default="none",
+        help="how the written config verifies each device: FC 43 objects, the serial in "
+        "holding registers, both, or none (then run fieldgate enroll --config FILE)",
+    )
+    modbus.add_argument(
+        "--no-fc43",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="this device answers FC 43 (device identification) with exception 01",
+    )
+    modbus.add_argument(
+        "--swap",
+        metavar="ID,ID",
+        help="on SIGUSR2 these two devices trade places (identity and values) and drop their "
+        "connections, as when two units are swapped on site",
+    )
+    modbus.add_argument(
         "--write-config",
         metavar="FILE",
         help="also write a gateway config for these devices, once they listen; the devices "

@@ -19,7 +19,7 @@ import sys
 import time
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from adapters.ble.sim.bus import SOCKET_NAME
 from adapters.ble.sim.run import simulator_argv as ble_argv
@@ -29,6 +29,7 @@ from gateway import store as store_mod
 from gateway.consumer import SequenceTracker
 from gateway.core import codec
 from gateway.core.errors import FieldgateError
+from gateway.enroll import registry_path
 from gateway.events import FILE_NAME as EVENTS_FILE
 from gateway.identity import pki as pki_mod
 from gateway.testbed import harness
@@ -52,9 +53,34 @@ def admission_text(event: dict[str, Any]) -> str:
         checks = [f"bond {event.get('bond', '?')}"]
         checks.append("challenge passed" if event.get("challenge") == "passed" else "no challenge")
         return " + ".join(checks)
-    # The Modbus fingerprint (FC43 device identity) comes in a later issue: today a Modbus
-    # device is admitted by the endpoint the registry binds it to.
-    return f"registry binding ({event.get('endpoint', '?')})"
+    where = event.get("endpoint", "?")
+    verified = event.get("verified")
+    if verified == "yes":
+        # The fingerprint read matches the enrolled one (fieldgate enroll).
+        how = {"fc43": "FC 43", "registers": "registers", "fc43+registers": "FC 43+registers"}
+        source = str(event.get("identity_source", "?"))
+        return f"{how.get(source, source)} enrolled ({where})"
+    if verified == "no":
+        return f"UNVERIFIED: identity none ({where})"
+    return f"registry binding ({where})"
+
+
+async def _enroll(config: Path, log: BinaryIO, console: Console) -> None:
+    """``fieldgate enroll --yes``: pin each simulated device's FC 43 fingerprint before the
+    gateway starts (an operator confirms each one; the demo says yes to all)."""
+    enroll = await harness.spawn(["enroll", "--config", str(config), "--yes"], log)
+    try:
+        async with asyncio.timeout(CHILD_GRACE):
+            code = await enroll.wait()
+    except TimeoutError:
+        await harness.stop(enroll, 1.0, "enroll")
+        code = -1
+    if code == 0:
+        console.print(f"enrolled the Modbus devices' FC 43 fingerprints: {registry_path(config)}")
+    else:
+        console.print(
+            f"fieldgate enroll failed ({code}): see the gateway log; devices stay refused"
+        )
 
 
 class Admissions:
@@ -183,7 +209,8 @@ async def demo(
         pki=pki_dir,
         hub_port=hub_port,
         state_dir=state / "gateway",
-        extra=("--points", str(points), "--period", "0.5"),
+        # Each device shows FC 43 identity objects; the demo enrolls them (below).
+        extra=("--points", str(points), "--period", "0.5", "--identity", "fc43"),
     )
     bus_dir = state / "ble-bus"
     ble_args = ble_argv(
@@ -249,6 +276,7 @@ async def demo(
                             )
                         async with asyncio.timeout(CHILD_GRACE):
                             await service.connected.wait()
+                        await _enroll(config, gw_log, console)
                         events = Admissions(state / "gateway" / EVENTS_FILE)
                         gateway = await harness.spawn(["run", "--config", str(config)], gw_log)
                         store = state / "gateway" / "store.db"

@@ -20,6 +20,12 @@ options), counted in :attr:`SimulatedDevice.exceptions`:
 - ``max_registers``: a read of more registers (or bits) answers exception 03;
 - ``busy_every``: every Nth request answers exception 06 (busy).
 
+Identity, per device (see :class:`Persona`): FC 43 objects (vendor, product code, revision and
+regular objects, one serial number among them), the same serial in holding registers at
+``serial_address``, ``fc43_exception`` to answer FC 43 with exception 01 (a device without
+it), and :meth:`SimulatedFleet.swap`: two devices trade places at run time, identity and
+values, and their current connections drop, as when two units are swapped on site.
+
 The pymodbus server itself is set up in :mod:`adapters.modbus.sim.server`, the simulator's one
 module that imports pymodbus; this module decides what the devices hold and how they misbehave.
 """
@@ -30,6 +36,7 @@ import asyncio
 import contextlib
 import math
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +127,9 @@ class DeviceSpec:
     holes: frozenset[tuple[str, int]] = frozenset()  # (table, address)
     max_registers: int | None = None
     busy_every: int | None = None
+    serial: str | None = None  # default: derived from the device id (see persona_of)
+    serial_address: int | None = None  # holding register of the serial; default: after the map
+    fc43_exception: bool = False  # answer FC 43 with exception 01 (illegal function)
     tls: SimTls | None = None  # Modbus/TCP Security instead of plain Modbus TCP
 
 
@@ -182,6 +192,13 @@ class SimulatedDevice:
         self._last: dict[str, int] = {}
         self.requests = 0
         self.exceptions = 0  # answers with an exception code, of the quirks and faults
+        self.persona = persona_of(spec)
+        self._tables = self.persona.tables  # traded by a swap
+        self.serial_address = (
+            spec.serial_address if spec.serial_address is not None else _after_map(spec)
+        )
+        self.identifications = 0  # FC 43 requests answered
+        self.server: DeviceServer | None = None
 
     def table_size(self) -> int:
         """Registers (bits) per table: what the map uses plus a margin. pymodbus builds its
@@ -189,6 +206,7 @@ class SimulatedDevice:
         used = max(
             (sp.point.address + REGISTER_WIDTH[sp.point.type] for sp in self.spec.points), default=0
         )
+        used = max(used, self.serial_address + SERIAL_REGISTERS)
         return min(TABLE_SIZE, max(64, used + 16))
 
     def current_step(self) -> int:
@@ -207,6 +225,13 @@ class SimulatedDevice:
         for sp in self._tables.get(table, ()):
             words = encode_value(sp.point, value_at(sp.point, sp.seed, step))
             registers[sp.point.address : sp.point.address + len(words)] = words
+        if table == "holding":
+            at = self.serial_address
+            registers[at : at + SERIAL_REGISTERS] = serial_words(self.persona.serial)
+
+    def identify(self, read_code: int, object_id: int) -> dict[int, bytes] | int:
+        """FC 43 / MEI 14 (see :func:`_identify`)."""
+        return _identify(self, read_code, object_id)
 
     async def action(
         self, function_code: int, address: int, count: int, registers: list[int], write: bool
@@ -270,6 +295,7 @@ class SimulatedFleet:
                         device.spec.unit,
                         device.table_size(),
                         device.action,
+                        device.identify,
                     )
                     if tls is None
                     else TlsDeviceServer(
@@ -280,8 +306,10 @@ class SimulatedFleet:
                         device.action,
                         sslctx=server_context(tls.cert, tls.key, None, tls.client_ca),
                         roles=tls.roles,
+                        identify=device.identify,
                     )
                 )
+                device.server = server
                 try:
                     await stack.enter_async_context(server)
                 except RuntimeError as err:
@@ -296,6 +324,10 @@ class SimulatedFleet:
     async def __aexit__(self, *exc: object) -> None:
         await self._stack.aclose()
 
+    def swap(self, first: str, second: str) -> None:
+        """Two devices trade places (see :func:`_swap`)."""
+        _swap(self, first, second)
+
 
 def gateway_config(
     specs: list[DeviceSpec],
@@ -307,8 +339,10 @@ def gateway_config(
     state_dir: Path | None = None,
     max_age: float = 1.0,
     max_bytes: int = 4000,
+    identity: str = "none",
 ) -> dict[str, Any]:
-    """A gateway config that polls exactly these simulated devices."""
+    """A gateway config that polls exactly these simulated devices, verified by ``identity``
+    (one of :data:`IDENTITY_METHODS`)."""
     doc = skeleton(
         pki_dir=pki_dir,
         hub_port=hub_port,
@@ -338,6 +372,7 @@ def gateway_config(
                         }
                     ),
                 },
+                "identity": identity_config(spec, identity),
                 "points": [
                     {
                         k: v
@@ -350,3 +385,118 @@ def gateway_config(
             }
         )
     return doc
+
+
+# -- identity --
+
+SERIAL_REGISTERS = 5  # holding registers the serial occupies (10 ASCII characters)
+IDENTITY_METHODS = ("none", "fc43", "registers", "both")
+
+
+@dataclass
+class Persona:
+    """Who a simulated device is: its FC 43 objects and serial, and the values it serves
+    (``tables``: its points by table; traded whole by a swap)."""
+
+    device_id: str
+    serial: str
+    objects: dict[int, bytes]
+    tables: dict[str, list[SimPoint]] = field(default_factory=dict)
+    fc43: bool = True  # False: answers FC 43 with exception 01
+
+
+def default_serial(device_id: str) -> str:
+    return f"SN{zlib.crc32(device_id.encode()):08X}"
+
+
+def persona_of(spec: DeviceSpec) -> Persona:
+    serial = spec.serial or default_serial(spec.device_id)
+    objects = {
+        0x00: b"Fieldgate Simulations",
+        0x01: b"FGS-100",
+        0x02: b"2.4.1",
+        0x03: b"https://fieldgate.invalid/fgs-100",
+        0x04: b"Simulated PLC",
+        0x05: f"FGS-100 SN {serial}".encode(),
+        0x06: f"unit {spec.unit}".encode(),
+    }
+    tables: dict[str, list[SimPoint]] = {}
+    for sp in spec.points:
+        tables.setdefault(sp.point.table, []).append(sp)
+    return Persona(spec.device_id, serial, objects, tables, fc43=not spec.fc43_exception)
+
+
+def serial_words(serial: str) -> list[int]:
+    raw = serial.encode("ascii")[: 2 * SERIAL_REGISTERS].ljust(2 * SERIAL_REGISTERS, b"\0")
+    return [int.from_bytes(raw[i : i + 2], "big") for i in range(0, len(raw), 2)]
+
+
+def _after_map(spec: DeviceSpec) -> int:
+    used = max(
+        (
+            sp.point.address + REGISTER_WIDTH[sp.point.type]
+            for sp in spec.points
+            if sp.point.table == "holding"
+        ),
+        default=0,
+    )
+    return used + 8
+
+
+def identity_config(spec: DeviceSpec, method: str) -> str | dict[str, Any]:
+    """A device's ``identity`` in a gateway config, for ``method`` (:data:`IDENTITY_METHODS`)."""
+    if method == "none":
+        return "none"
+    serial = {
+        "name": "serial",
+        "address": spec.serial_address if spec.serial_address is not None else _after_map(spec),
+        "count": SERIAL_REGISTERS,
+    }
+    if method == "fc43":
+        return {"fc43": True}
+    if method == "registers":
+        return {"registers": [serial]}
+    if method == "both":
+        return {"fc43": True, "registers": [serial]}
+    raise ValueError(f"identity method must be one of {', '.join(IDENTITY_METHODS)}: {method!r}")
+
+
+def _identify(self: SimulatedDevice, read_code: int, object_id: int) -> dict[int, bytes] | int:
+    """FC 43: this device's objects (the server picks those the read code asks for), or
+    exception 01 for a device that has no FC 43."""
+    _ = read_code, object_id
+    self.requests += 1
+    if self.spec.fault == "dead":
+        return 0x0B  # never reached by a client: a dead device's reads time out first
+    if not self.persona.fc43:
+        self.exceptions += 1
+        return 0x01
+    self.identifications += 1
+    return dict(self.persona.objects)
+
+
+def _swap_personas(a: SimulatedDevice, b: SimulatedDevice) -> None:
+    """Trade identity and values, and drop both devices' connections, in one step of the loop
+    (nothing awaits in between): no request is answered on an old connection with the other's
+    values."""
+    if a.table_size() != b.table_size() or a.serial_address != b.serial_address:
+        raise ValueError(
+            f"{a.spec.device_id} and {b.spec.device_id} have different register layouts"
+        )
+    for device in (a, b):
+        if device.server is not None:
+            device.server.drop_connections()
+    a.persona, b.persona = b.persona, a.persona
+    a._tables, b._tables = a.persona.tables, b.persona.tables
+    a._last.clear()
+    b._last.clear()
+
+
+def _swap(self: SimulatedFleet, first: str, second: str) -> None:
+    """Two devices trade places: each now answers, on the other's port, with the other's
+    identity and values; their current connections drop."""
+    by_id = {d.spec.device_id: d for d in self.devices}
+    missing = [name for name in (first, second) if name not in by_id]
+    if missing:
+        raise KeyError(f"no simulated device {missing[0]!r}")
+    _swap_personas(by_id[first], by_id[second])

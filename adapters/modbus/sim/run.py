@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 from pathlib import Path
 
 from adapters.modbus.sim.devices import (
@@ -54,6 +55,15 @@ def build_specs(args: argparse.Namespace) -> list[DeviceSpec]:
     for spec in specs:
         spec.max_registers = getattr(args, "max_registers", None)
         spec.busy_every = getattr(args, "busy_every", None)
+    for device_id in getattr(args, "no_fc43", ()):
+        if device_id not in by_id:
+            raise ConfigError("--no-fc43", [f"no simulated device {device_id!r}"])
+        by_id[device_id].fc43_exception = True
+    swap = getattr(args, "swap", None)
+    if swap:
+        pair = swap.split(",")
+        if len(pair) != 2 or any(p not in by_id for p in pair) or pair[0] == pair[1]:
+            raise ConfigError("--swap", [f"{swap}: name two different simulated devices, ID,ID"])
     roles = getattr(args, "tls_roles", None)
     if roles:
         tls_identities(specs, Path(args.pki), args.host, roles)
@@ -106,6 +116,11 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+def _swap(fleet: SimulatedFleet, first: str, second: str) -> None:
+    fleet.swap(first, second)
+    print(f"swapped {first} and {second}", flush=True)
+
+
 def _hole(text: str) -> tuple[str, int]:
     table, _, address = text.rpartition(":")
     if table not in ("", "holding", "input", "coil", "discrete"):
@@ -121,6 +136,7 @@ def write_config(args: argparse.Namespace, specs: list[DeviceSpec]) -> Path:
         hub_port=args.hub_port,
         state_dir=Path(args.state_dir) if args.state_dir else None,
         max_age=args.max_age,
+        identity=getattr(args, "identity", "none"),
     )
     return simconfig.write(doc, Path(args.write_config), Path(args.pki))
 
@@ -129,7 +145,13 @@ def run_simulator(args: argparse.Namespace) -> int:
     specs = build_specs(args)
 
     async def main(stop: asyncio.Event) -> None:
-        async with SimulatedFleet(specs, host=args.host, step=args.step):
+        async with SimulatedFleet(specs, host=args.host, step=args.step) as fleet:
+            swap = getattr(args, "swap", None)
+            if swap:
+                first, second = swap.split(",")
+                asyncio.get_running_loop().add_signal_handler(
+                    signal.SIGUSR2, _swap, fleet, first, second
+                )
             # Written once every device listens: a simulator that cannot start leaves no
             # config behind for devices that are not there.
             if args.write_config:

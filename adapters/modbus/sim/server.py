@@ -12,8 +12,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from pymodbus.constants import ExcCodes
-from pymodbus.pdu import ExceptionResponse
+from pymodbus.constants import DeviceInformation, ExcCodes
+from pymodbus.pdu import ModbusPDU
+from pymodbus.pdu.decoders import DecodePDU
+from pymodbus.pdu.exceptionresponse import ExceptionResponse
+from pymodbus.pdu.mei_message import ReadDeviceInformationRequest, ReadDeviceInformationResponse
 from pymodbus.server import ModbusTcpServer, ModbusTlsServer
 from pymodbus.server.requesthandler import ServerRequestHandler
 from pymodbus.simulator import DataType, SimData, SimDevice
@@ -25,6 +28,9 @@ from gateway.identity.pki import modbus_role
 # (function code, request address, request count, the accessed table's registers, is it a
 # write) -> Modbus exception code or None.
 DeviceAction = Callable[[int, int, int, list[int], bool], Awaitable[int | None]]
+# FC 43 (read code, first object id) -> the objects to answer with (id -> value), or a Modbus
+# exception code.
+Identify = Callable[[int, int], "dict[int, bytes] | int"]
 
 
 class DeviceServer:
@@ -32,11 +38,20 @@ class DeviceServer:
     of ``size`` entries each, on its own port; ``action`` sees every request first and may
     change the registers in place or answer with an exception code."""
 
-    def __init__(self, host: str, port: int, unit: int, size: int, action: DeviceAction) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        unit: int,
+        size: int,
+        action: DeviceAction,
+        identify: Identify | None = None,
+    ) -> None:
         self.address = (host, port)
         self._unit = unit
         self._size = size
         self._action = action
+        self._identify = identify
         self._server: ModbusTcpServer | None = None  # a ModbusTlsServer is one too
 
     async def _on_access(
@@ -64,8 +79,22 @@ class DeviceServer:
 
     async def __aenter__(self) -> DeviceServer:
         self._server = ModbusTcpServer(self._device(), address=self.address)
+        if self._identify is not None:
+            _answer_identification(self._server, self._identify)
         await self._server.serve_forever(background=True)
         return self
+
+    def drop_connections(self) -> int:
+        """Abort every client connection now (a device unplugged); returns how many."""
+        if self._server is None:
+            return 0
+        dropped = 0
+        for connection in list(self._server.active_connections.values()):
+            transport = connection.transport
+            if transport is not None:
+                transport.abort()  # type: ignore[attr-defined]
+                dropped += 1
+        return dropped
 
     async def __aexit__(self, *exc: object) -> None:
         if self._server is not None:
@@ -109,8 +138,9 @@ class TlsDeviceServer(DeviceServer):
         *,
         sslctx: ssl.SSLContext,
         roles: frozenset[str],
+        identify: Identify | None = None,
     ) -> None:
-        super().__init__(host, port, unit, size, action)
+        super().__init__(host, port, unit, size, action, identify)
         self.sslctx = sslctx
         self.roles = roles
         self.refusals = 0
@@ -120,6 +150,8 @@ class TlsDeviceServer(DeviceServer):
         self._server = _RoleCheckingServer(
             self, self._device(), address=self.address, sslctx=self.sslctx
         )
+        if self._identify is not None:
+            _answer_identification(self._server, self._identify)
         await self._server.serve_forever(background=True)
         return self
 
@@ -172,3 +204,45 @@ class _RoleCheckingHandler(ServerRequestHandler):
             ),
             self.last_addr,
         )
+
+
+def _answer_identification(server: ModbusTcpServer, identify: Identify) -> None:
+    """Serve FC 43 / MEI 14 from this device's own objects.
+
+    pymodbus answers Read Device Identification from one process-wide control block (a
+    singleton), so every server in a process would show the same identity; here the server's
+    own decoder maps MEI 14 to a request class bound to ``identify``. pymodbus's response
+    encodes "more follows" itself when the objects exceed one frame."""
+
+    class _Request(ReadDeviceInformationRequest):
+        async def datastore_update(self, context: Any, device_id: int) -> ModbusPDU:
+            _ = context
+            if self.read_code not in set(DeviceInformation):
+                return ExceptionResponse(self.function_code, ExcCodes.ILLEGAL_VALUE)
+            answer = identify(self.read_code, self.object_id)
+            if isinstance(answer, int):
+                return ExceptionResponse(self.function_code, answer)
+            if self.read_code == DeviceInformation.SPECIFIC:
+                chosen = {k: v for k, v in answer.items() if k == self.object_id}
+            else:
+                top = {DeviceInformation.BASIC: 0x03, DeviceInformation.REGULAR: 0x80}.get(
+                    DeviceInformation(self.read_code), 0x100
+                )
+                start = self.object_id if self.object_id < top else 0
+                chosen = {k: v for k, v in sorted(answer.items()) if start <= k < top}
+            if not chosen:
+                return ExceptionResponse(self.function_code, ExcCodes.ILLEGAL_ADDRESS)
+            return ReadDeviceInformationResponse(
+                read_code=self.read_code,
+                information=dict(chosen),
+                dev_id=device_id,
+                transaction_id=self.transaction_id,
+            )
+
+    decoder = server.decoder
+    table = {code: dict(subs) for code, subs in DecodePDU.pdu_sub_table.items()}
+    table[_Request.function_code][_Request.sub_function_code] = (
+        _Request,
+        ReadDeviceInformationResponse,
+    )
+    decoder.pdu_sub_table = table  # this server's decoder only
