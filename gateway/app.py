@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from adapters.base import DeviceHealth
-from adapters.modbus.link import ModbusLink
+from adapters.modbus.link import ModbusBus, ModbusLink
 from adapters.modbus.planstore import PlanStore
 from gateway.config import BleEndpoint, Config, DeviceConfig
 from gateway.core.auth import AuthGate, Registration
@@ -228,7 +228,7 @@ class Gateway:
         contexts: dict[str, ssl.SSLContext],
     ) -> None:
         cfg = self.config
-        gate = AuthGate([_registration(d) for d in cfg.devices], self.events.record)
+        gate = AuthGate([_registration(d, cfg) for d in cfg.devices], self.events.record)
         self.step = PipelineStep(batcher, sealer, gate.admitted)
         pipeline = Intake(self.step)
         connects = RateLimiter(cfg.hub.connect_rate)
@@ -249,29 +249,40 @@ class Gateway:
             session_tasks = [
                 uplink.create_task(s.run(), name=f"uplink[{d}]") for d, s in self.sessions.items()
             ]
-            modbus = [d for d in cfg.devices if d.enabled and d.modbus is not None]
+            links = cfg.modbus_links()
             # Bursts of at most about BURST devices: smaller ones would cost more commits and
             # wake-ups than they save in waiting (3x the CPU on 20 devices, same latency).
-            phases = min(MAX_PHASES, max(1, -(-len(modbus) // BURST)))
+            phases = min(MAX_PHASES, max(1, -(-len(links) // BURST)))
             plans = PlanStore(cfg.gateway.state_dir)
             async with asyncio.TaskGroup() as intake:
+                # One task per link: a device with its own host is its own link (poll[id]),
+                # the devices on a [[links]] entry share it (link[name]).
                 pollers = [
                     intake.create_task(
-                        ModbusLink(
-                            d.id,
-                            d.modbus,
-                            d.points,
-                            pipeline.accept,
-                            gate.admit,
-                            self.health[d.id],
-                            phases=phases,
-                            on_event=self._event,
-                            plans=plans,
+                        ModbusBus(
+                            link,
+                            [
+                                ModbusLink(
+                                    d.id,
+                                    d.modbus.on(link),
+                                    d.points,
+                                    pipeline.accept,
+                                    gate.admit,
+                                    self.health[d.id],
+                                    phases=phases,
+                                    on_event=self._event,
+                                    plans=plans,
+                                    transport=link.transport,
+                                )
+                                for d in devices
+                                if d.modbus is not None
+                            ],
                         ).run(),
-                        name=f"poll[{d.id}]",
+                        name=f"link[{link.name}]"
+                        if devices[0].modbus is not None and devices[0].modbus.link is not None
+                        else f"poll[{devices[0].id}]",
                     )
-                    for d in modbus
-                    if d.modbus is not None
+                    for link, devices in links
                 ]
                 pollers += [
                     intake.create_task(radio, name=f"ble[{name}]")
@@ -363,7 +374,7 @@ class Gateway:
         )
 
 
-def _registration(device: DeviceConfig) -> Registration:
+def _registration(device: DeviceConfig, config: Config) -> Registration:
     """What the registry (the config) says of a device, for the auth gate."""
     requirements = None
     if device.ble is not None:
@@ -372,4 +383,5 @@ def _registration(device: DeviceConfig) -> Registration:
         ble = device.ble
         key_file = ble.challenge.key_file if ble.challenge is not None else None
         requirements = BleRequirements.of(ble.address, ble.app_id, ble.bond, key_file)
-    return Registration(device.id, device.transport, device.endpoint, device.enabled, requirements)
+    transport = config.transport_of(device)
+    return Registration(device.id, transport, device.endpoint, device.enabled, requirements)

@@ -66,11 +66,12 @@ def same_endpoints(config: Config, resolve: Resolver = addresses) -> list[str]:
     """Two Modbus devices at one address, port and unit under two names (``localhost`` and
     ``127.0.0.1``): both would poll the same device and report it under two identities."""
     found: list[str] = []
-    cache = resolve_all((d.modbus.host for d in config.devices if d.modbus is not None), resolve)
+    own = [d for d in config.devices if d.modbus is not None and d.modbus.host is not None]
+    cache = resolve_all((str(d.modbus.host) for d in own if d.modbus is not None), resolve)
     owners: dict[tuple[str, int, int], int] = {}
     for index, device in enumerate(config.devices):
         modbus = device.modbus
-        if modbus is None:
+        if modbus is None or modbus.host is None:  # a unit on a [[links]] entry: checked there
             continue
         for address in sorted(cache[modbus.host]):
             first = owners.setdefault((address, modbus.port, modbus.unit), index)

@@ -1,17 +1,24 @@
-"""Modbus TCP: the only module of the product that imports pymodbus (the device side, a test
-tool, is :mod:`adapters.modbus.sim.server`).
+"""Modbus TCP, RTU and RTU over TCP: the only module of the product that imports pymodbus (the
+device side, a test tool, is :mod:`adapters.modbus.sim.server`).
 
-A :class:`ModbusTransport` is one connection to one device, as an async context manager: connect
-in ``__aenter__``, close in ``__aexit__``. It offers reads and writes of one table's span and
+A :class:`ModbusTransport` is one link's connection (a TCP socket, or a serial port), shared by
+the units on it, as an async context manager: connect in ``__aenter__``, close in
+``__aexit__``. Each request names its :class:`Target` (device, unit id). pymodbus's client sends
+one request at a time (a lock per client), so one request is on the wire at a time. It offers
+reads and writes of one table's span and
 translates pymodbus's exceptions at this boundary into :class:`DeviceUnavailable` with a
 ``cause`` (``refused``, ``timeout``, ``lost``, ``malformed``), keeping the original as
 ``__cause__``. What the link does with them (schedule, backoff, health) is
 :mod:`adapters.modbus.link`.
 
 Nothing a device sends is trusted: every frame is checked against the one request in flight
-(:func:`adapters.modbus.checks.check_response`) before pymodbus decodes it. A wrong answer is
-reported to ``on_wrong`` and dropped, never a reading; one that leaves the stream out of step
-fails the request with :class:`WrongAnswer` (``resync``), and the link closes the connection.
+(:func:`adapters.modbus.checks.check_response`, or
+:func:`~adapters.modbus.checks.check_rtu_response` for RTU framing) before pymodbus decodes
+it. A wrong answer is reported to ``on_wrong`` and dropped, never a reading; one that leaves a
+TCP stream out of step fails the request with :class:`WrongAnswer` (``resync``), and the link
+closes the connection. RTU has no stream to fall out of step with: a bad frame (a CRC error,
+a truncated frame) fails its request, and the next request is sent after the line has been
+silent for the frame gap.
 """
 
 from __future__ import annotations
@@ -22,9 +29,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
-from pymodbus.framer import FramerSocket
+from pymodbus.framer import FramerRTU, FramerSocket, FramerType
 from pymodbus.pdu import DecodePDU, ModbusPDU, ReadCoilsRequest, ReadHoldingRegistersRequest
 from pymodbus.pdu.bit_message import (
     ReadDiscreteInputsRequest,
@@ -44,8 +51,9 @@ from adapters.modbus.checks import (
     UNDECODABLE,
     Expected,
     check_response,
+    check_rtu_response,
 )
-from adapters.modbus.config import ModbusEndpoint
+from adapters.modbus.config import ModbusLinkConfig
 from gateway.core.errors import DeviceUnavailable, map_exceptions
 from gateway.core.tasks import raise_if_cancelled
 
@@ -93,6 +101,19 @@ class Reply:
     exception: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Who a request is for: the device (its id and endpoint label, for errors) and its unit."""
+
+    device_id: str
+    unit: int
+    label: str
+
+
+# What the framer checks an answer against: unit, function code, count, bits, address.
+_Want = tuple[int, int, int, bool, int]
+
+
 class _CheckedFramer(FramerSocket):
     """MBAP framing that hands pymodbus only a frame that answers the request in flight.
 
@@ -102,17 +123,16 @@ class _CheckedFramer(FramerSocket):
     traceback and close the connection behind the link's back).
     """
 
-    def __init__(self, decoder: DecodePDU, unit: int, on_wrong: Callable[[str, bool], None]):
+    def __init__(self, decoder: DecodePDU, on_wrong: Callable[[str, bool], None]):
         super().__init__(decoder)
-        self._unit = unit
         self._on_wrong = on_wrong
-        self.expected: tuple[int, int, bool, int] | None = None  # code, count, bits, address
+        self.expected: _Want | None = None
 
     def handleFrame(
         self, data: bytes, exp_devid: int, exp_tid: int
     ) -> tuple[int, ModbusPDU | None]:
         want = self.expected
-        expected = None if want is None else Expected(exp_tid, self._unit, *want)
+        expected = None if want is None else Expected(exp_tid, *want)
         pdu: ModbusPDU | None = None
         try:
             verdict = check_response(data, expected)
@@ -129,40 +149,109 @@ class _CheckedFramer(FramerSocket):
         if pdu is None or cause is not None:
             self._on_wrong(cause or UNDECODABLE, (cause or UNDECODABLE) in RESYNC)
             return len(data), None
-        pdu.dev_id, pdu.transaction_id = self._unit, exp_tid
+        pdu.dev_id, pdu.transaction_id = exp_devid, exp_tid
         return used, pdu
 
 
-class ModbusTransport:
-    """One connection to one Modbus TCP device. ``on_wrong(cause)`` hears of every wrong
-    answer as it arrives (the link counts and tells them)."""
+class _CheckedRtuFramer(FramerRTU):
+    """RTU framing (serial, or through a TCP socket) with the same contract: only a frame that
+    answers the request in flight reaches pymodbus; a bad one (CRC, unit, function code, byte
+    count, truncated, trailing bytes) is told and dropped with everything received after it.
+    Never a resync of the connection: the line's silence before the next request is one."""
 
-    def __init__(
-        self, device_id: str, endpoint: ModbusEndpoint, on_wrong: Callable[[str], None]
-    ) -> None:
-        self.device_id = device_id
-        self.endpoint = endpoint
-        self.label = endpoint.label
+    def __init__(self, decoder: DecodePDU, on_wrong: Callable[[str, bool], None]):
+        super().__init__(decoder)
+        self._on_wrong = on_wrong
+        self.expected: _Want | None = None
+
+    def handleFrame(
+        self, data: bytes, exp_devid: int, exp_tid: int
+    ) -> tuple[int, ModbusPDU | None]:
+        want = self.expected
+        expected = None if want is None else Expected(0, *want)
+        pdu: ModbusPDU | None = None
+        try:
+            verdict = check_rtu_response(data, expected)
+            if verdict.used == 0:
+                return 0, None
+            used, cause = verdict.used, verdict.cause
+            if cause is None:
+                pdu = self.decoder.decode(data[1 : used - 2])
+                cause = UNDECODABLE if pdu is None else None
+        except Exception:  # a bug here must not become a transport's fatal error
+            log.debug("checking an RTU response failed", exc_info=True)
+            pdu, used, cause = None, len(data), UNDECODABLE
+        self.expected = None
+        if pdu is None or cause is not None:
+            self._on_wrong(cause or UNDECODABLE, False)
+            return len(data), None
+        pdu.dev_id, pdu.transaction_id = exp_devid, exp_tid
+        return used, pdu
+
+
+OnWrong = Callable[[str, "Target | None"], None]
+
+
+class ModbusTransport:
+    """One link's connection, shared by its units. ``on_wrong(cause, target)`` hears of every
+    wrong answer as it arrives, with the target of the request it failed (None: bytes that no
+    request was waiting for); the link counts and tells them."""
+
+    def __init__(self, link: ModbusLinkConfig, on_wrong: OnWrong) -> None:
+        self.link = link
+        self.label = link.label
         self._on_wrong = on_wrong
         self._out_of_step: str | None = None  # a violation seen while no request was waiting
         # pymodbus keeps a response future even when nothing is asked; only one that a request
         # awaits may be failed, or asyncio reports an exception that was never retrieved.
         self._in_flight = False
-        self._client = AsyncModbusTcpClient(
-            endpoint.host,
-            port=endpoint.port,
-            timeout=endpoint.timeout,
-            retries=0,
-            reconnect_delay=0,
-            trace_connect=self._on_link,
-        )
-        self._framer = _CheckedFramer(self._client.ctx.framer.decoder, endpoint.unit, self._wrong)
-        self._client.ctx.framer = self._framer
+        self._target: Target | None = None  # the request's, while one is in flight
+        self._rtu = link.type in ("rtu", "rtu-over-tcp")
+        # Serial: the silence kept between frames (RTU delimits frames by it); the line's
+        # last activity, from pymodbus's packet trace.
+        self._gap = link.gap if link.type == "rtu" else 0.0
+        self._last_rx = 0.0
+        client: AsyncModbusTcpClient | AsyncModbusSerialClient
+        if link.type == "rtu":
+            client = AsyncModbusSerialClient(
+                link.port,
+                framer=FramerType.RTU,
+                baudrate=link.baud,
+                bytesize=link.byte_size,
+                parity=link.parity,
+                stopbits=link.stop_bits,
+                timeout=link.timeout,
+                retries=0,
+                reconnect_delay=0,
+                trace_packet=self._on_packet,
+                trace_connect=self._on_link,
+            )
+        else:
+            client = AsyncModbusTcpClient(
+                link.host,
+                port=link.port,
+                framer=FramerType.RTU if self._rtu else FramerType.SOCKET,
+                timeout=link.timeout,
+                retries=0,
+                reconnect_delay=0,
+                trace_connect=self._on_link,
+            )
+        self._client = client
+        framer_type = _CheckedRtuFramer if self._rtu else _CheckedFramer
+        self._framer = framer_type(client.ctx.framer.decoder, self._wrong)
+        client.ctx.framer = self._framer
         # pymodbus silently empties a receive buffer past 264 bytes; the framer judges all.
-        self._client.ctx.max_buffer_size = 1 << 20
+        client.ctx.max_buffer_size = 1 << 20
+        # pymodbus closes a TCP connection after a few timeouts in a row; on a shared link
+        # one dead unit would take the others' connection with it. The link decides.
+        client.ctx.max_until_disconnect = client.ctx.count_until_disconnect = 1 << 30
 
-    def _unavailable(self, reason: str, cause: Any) -> DeviceUnavailable:
-        return DeviceUnavailable(self.device_id, self.label, reason, cause=cause)
+    def _unavailable(
+        self, reason: str, cause: Any, target: Target | None = None
+    ) -> DeviceUnavailable:
+        if target is None:
+            return DeviceUnavailable(self.link.name, self.label, reason, cause=cause)
+        return DeviceUnavailable(target.device_id, target.label, reason, cause=cause)
 
     async def __aenter__(self) -> ModbusTransport:
         try:
@@ -188,7 +277,7 @@ class ModbusTransport:
                     ),
                 }
             ):
-                async with asyncio.timeout(self.endpoint.timeout * 2):
+                async with asyncio.timeout(self.link.timeout * 2):
                     ok = await self._client.connect()
         finally:
             # pymodbus's connect awaits asyncio.wait_for; a cancel that lands once the TCP
@@ -197,13 +286,21 @@ class ModbusTransport:
         if not ok:
             raise self._unavailable("connect refused", "refused")
 
+    def _on_packet(self, sending: bool, data: bytes) -> bytes:
+        if not sending:
+            self._last_rx = asyncio.get_running_loop().time()
+        return data
+
     def _wrong(self, cause: str, resync: bool) -> None:
         """The framer dropped a response (or bytes nobody asked for): tell it, and fail the
         request waiting for it."""
-        self._on_wrong(cause)
+        target = self._target if self._in_flight else None
+        self._on_wrong(cause, target)
         waiting = self._client.ctx.response_future if self._in_flight else None
         if waiting is not None and not waiting.done():
-            waiting.set_exception(WrongAnswer(self.device_id, self.label, cause, resync))
+            who = target.device_id if target is not None else self.link.name
+            where = target.label if target is not None else self.label
+            waiting.set_exception(WrongAnswer(who, where, cause, resync))
         elif resync:
             self._out_of_step = cause
 
@@ -216,21 +313,24 @@ class ModbusTransport:
         if not waiting.done():
             waiting.set_exception(ConnectionResetError("connection closed by the device"))
 
-    async def read(self, table: str, address: int, count: int) -> Reply | None:
-        """Read ``count`` registers (or bits) of ``table`` from ``address``; None: the answer
-        was wrong but the stream stays in step (told through ``on_wrong``)."""
+    async def read(self, target: Target, table: str, address: int, count: int) -> Reply | None:
+        """Read ``count`` registers (or bits) of ``table`` from ``address`` of ``target``;
+        None: the answer was wrong but the stream stays in step (told through ``on_wrong``)."""
         call = getattr(self._client, _READERS[table])
         bits = table in ("coil", "discrete")
         response = await self._request(
+            target,
             f"read {table}@{address}",
-            (_READ_CODES[table], count, bits, address),
-            lambda: call(address, count=count, device_id=self.endpoint.unit),
+            (target.unit, _READ_CODES[table], count, bits, address),
+            lambda: call(address, count=count, device_id=target.unit),
         )
         if response is None or response.isError():
             return None if response is None else _exception(response)
         return Reply(response.bits if bits else response.registers)
 
-    async def write(self, table: str, address: int, values: Sequence[int]) -> Reply | None:
+    async def write(
+        self, target: Target, table: str, address: int, values: Sequence[int]
+    ) -> Reply | None:
         """Write ``values`` (registers of ``holding``, or 0/1 of ``coil``) from ``address``,
         one value with FC 6 or 5, more with FC 16 or 15."""
         single = len(values) == 1
@@ -241,9 +341,10 @@ class ModbusTransport:
         if single:
             data = data[0]
         response = await self._request(
+            target,
             f"write {table}@{address}",
-            (code, len(values), bits, address),
-            lambda: call(address, data, device_id=self.endpoint.unit),
+            (target.unit, code, len(values), bits, address),
+            lambda: call(address, data, device_id=target.unit),
         )
         if response is None or response.isError():
             return None if response is None else _exception(response)
@@ -251,19 +352,25 @@ class ModbusTransport:
 
     async def _request(
         self,
+        target: Target,
         what: str,
-        expected: tuple[int, int, bool, int],
+        expected: _Want,
         call: Callable[[], Awaitable[Any]],
     ) -> Any:
         if self._out_of_step is not None:
-            raise WrongAnswer(self.device_id, self.label, self._out_of_step, True)
-        timeout = self.endpoint.timeout
+            raise WrongAnswer(target.device_id, target.label, self._out_of_step, True)
+        if self._gap:
+            quiet = self._last_rx + self._gap - asyncio.get_running_loop().time()
+            if quiet > 0:
+                await asyncio.sleep(quiet)
+        timeout = self.link.timeout
         self._framer.expected = expected
+        self._target = target
         try:
             with map_exceptions(
                 {
                     (ConnectionException, ModbusException, OSError): lambda e: self._unavailable(
-                        f"{what}: {e!r}", "lost"
+                        f"{what}: {e!r}", "lost", target
                     )
                 }
             ):
@@ -275,10 +382,14 @@ class ModbusTransport:
                     self._framer.expected = None
                     self._in_flight = False  # nothing awaits the response future now
                     if self._client.ctx.recv_buffer:  # part of a frame came, the rest never did
-                        self._wrong(TRUNCATED, True)
-                        raise WrongAnswer(self.device_id, self.label, TRUNCATED, True) from err
+                        resync = not self._rtu
+                        self._on_wrong(TRUNCATED, target)
+                        self._client.ctx.recv_buffer = b""
+                        raise WrongAnswer(
+                            target.device_id, target.label, TRUNCATED, resync
+                        ) from err
                     raise self._unavailable(
-                        f"{what}: no response within {timeout} s", "timeout"
+                        f"{what}: no response within {timeout} s", "timeout", target
                     ) from err
                 finally:
                     self._in_flight = False
