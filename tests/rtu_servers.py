@@ -4,7 +4,8 @@ independent of fieldgate's client side.
 - :class:`PtyPair`: ``socat`` joining two pseudo-terminals, the stand-in for an RS-485 cable;
   started and stopped by PID.
 - :class:`Units`: several units behind one pymodbus server (serial RTU, RTU over TCP, or Modbus
-  TCP), holding registers ``unit * 100 + address``; units not served stay silent (a dead slave: the trace drops pymodbus's answer).
+  TCP), holding registers ``unit * 100 + address``; units not served stay silent (a dead slave:
+  the trace drops pymodbus's answer).
   It counts requests per unit, connections, and overlaps: a request that arrives while a served
   unit's answer is still owed (on a bus, two requests on the wire at once).
   ``corrupt(unit, every)`` flips a byte in every ``every``-th answer of ``unit`` (a CRC error on
@@ -95,9 +96,8 @@ class Units:
 
     def _device(self, unit: int) -> SimDevice:
         bits = [SimData(0, count=self.size, values=False, datatype=DataType.BITS)]
-        words = [
-            SimData(0, values=[value(unit, a) for a in range(self.size)], datatype=DataType.REGISTERS)
-        ]
+        held = [value(unit, a) for a in range(self.size)]
+        words = [SimData(0, values=held, datatype=DataType.REGISTERS)]
         return SimDevice(id=unit, simdata=(bits, bits, words, list(words)))
 
     def _trace(self, sending: bool, data: bytes) -> bytes:

@@ -174,7 +174,9 @@ def test_requests_on_a_shared_link_reach_their_own_unit() -> None:
             fleet = Fleet(link, [1, 2])
             task = asyncio.create_task(fleet.bus.run())
             try:
-                while not (fleet.good(1) and fleet.good(2)):
+                for _ in range(250):  # until both have answered (at most 5 s)
+                    if fleet.good(1) and fleet.good(2):
+                        break
                     await asyncio.sleep(0.02)
                 one, two = fleet.devices
                 return [
