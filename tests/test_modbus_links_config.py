@@ -62,6 +62,7 @@ def test_units_on_links_inherit_the_links_settings() -> None:
         ("gw", ["g1", "g2"]),
     ]
     own, bus, gw = (link for link, _ in links)
+    assert gw.label == "tcp 10.0.0.9:502" and gw.timeout == 0.5
     assert own.type == "tcp" and own.label == "tcp 10.0.0.5:502"
     assert isinstance(bus, RtuLink) and bus.parity == "E" and bus.char_bits == 11
     assert bus.gap == pytest.approx(3.5 * 11 / 9600)
