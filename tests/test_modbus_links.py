@@ -4,6 +4,8 @@ link to many units, against pymodbus's own servers; one task per link, units as 
 from __future__ import annotations
 
 import asyncio
+import sys
+import tomllib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -14,9 +16,19 @@ from adapters.base import DOWN, UP, DeviceHealth, Evidence
 from adapters.modbus import checks
 from adapters.modbus.config import ModbusEndpoint, Point, RtuLink, RtuOverTcpLink, TcpLink
 from adapters.modbus.link import ModbusBus, ModbusLink
+from gateway.config import render_toml
 from gateway.core.readings import GOOD, Scan
+from gateway.identity.keyring import Keyring
 
-from conftest import free_ports
+from conftest import (
+    Proc,
+    fieldgate,
+    free_ports,
+    opened_from,
+    start_hub,
+    start_simulator,
+    wait_until,
+)
 from rtu_servers import SOCAT, PtyPair, Units, value
 
 POINTS = [Point(name=f"r{a}", address=a, period=0.05) for a in range(10)]
@@ -208,3 +220,66 @@ def test_link_timeouts_reconnect_when_no_unit_answers() -> None:
     assert server.connections >= 2
     assert all(h.state == DOWN for h in fleet.health.values())
     assert Counter(len(s) for s in fleet.scans.values()) == Counter({0: 2})
+
+
+_SERVE = """
+import asyncio, sys
+sys.path.insert(0, sys.argv[1])
+from rtu_servers import Units
+
+async def main() -> None:
+    async with Units("tcp", int(sys.argv[2]), [1, 2, 3]):
+        print("units ready", flush=True)
+        await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def test_the_gateway_runs_one_task_per_link_beside_implicit_links(
+    tmp_path: Path, pki_dir: Path, keyring: Keyring, procs: list[Proc]
+) -> None:
+    """`fieldgate run` with a [[links]] entry (three units behind one TCP gateway) and a device
+    that gives its own host: every device arrives at the hub with its own values."""
+    hub_port, record = start_hub(procs, tmp_path, pki_dir)
+    config, _ = start_simulator(procs, tmp_path, pki_dir, hub_port, 1, "--max-age", "0.5")
+    port = free_ports(1)
+    server = Proc(
+        [sys.executable, "-c", _SERVE, str(Path(__file__).parent), str(port)],
+        tmp_path / "units.log",
+    )
+    procs.append(server)
+    server.wait_for("units ready")
+    doc = tomllib.loads(config.read_text())
+    doc["links"] = [{"name": "gw", "type": "tcp", "host": "127.0.0.1", "port": port}]
+    devices = pki_dir / "devices"
+    doc["devices"] += [
+        {
+            "id": f"plc-{unit + 1}",
+            "cert": str(devices / f"plc-{unit + 1}.pem"),
+            "key": str(devices / f"plc-{unit + 1}.key"),
+            "modbus": {"link": "gw", "unit": unit},
+            "points": [p.model_dump(exclude_defaults=True) for p in POINTS[:4]],
+        }
+        for unit in (1, 2, 3)
+    ]
+    config.write_text(render_toml(doc))
+    gateway = Proc(fieldgate("run", "--config", str(config)), tmp_path / "gateway.log")
+    procs.append(gateway)
+
+    def readings() -> dict[str, list[Any]]:
+        opened, _, _ = opened_from(record, keyring)
+        out: dict[str, list[Any]] = {}
+        for o in opened:
+            out.setdefault(o.device_id, []).extend(o.readings)
+        return out
+
+    wait_until(
+        lambda: len(got := readings()) == 4 and min(len(r) for r in got.values()) >= 40,
+        40,
+        "every device, on both kinds of link, to deliver 40 readings",
+    )
+    assert gateway.stop() == 0, gateway.output()[-2000:]
+    for unit in (1, 2, 3):
+        got = readings()[f"plc-{unit + 1}"]
+        assert {(r.point, r.value) for r in got} == {(f"r{a}", value(unit, a)) for a in range(4)}
