@@ -11,7 +11,11 @@ Faults, per device (``--fault dev-3=dead``):
 - ``slow:SECONDS``: answers every request after a delay;
 - ``exception:CODE``: answers every read with a Modbus exception code;
   ``exception:CODE:N`` only the first N requests (a PLC that boots, then answers);
-- ``down``: no listener at all (connection refused).
+- ``down``: no listener at all (connection refused);
+- ``crc:N``: on an RTU bus (:mod:`adapters.modbus.sim.bus`), every Nth answer leaves with a
+  corrupted CRC (Modbus TCP has no CRC: there it changes nothing).
+
+On a simulated bus a ``dead`` or ``down`` unit is simply silent, as on a real one.
 
 Quirks of real maps, per device (:class:`DeviceSpec` fields, or ``fieldgate simulate modbus``
 options), counted in :attr:`SimulatedDevice.exceptions`:
@@ -279,8 +283,10 @@ def gateway_config(
     state_dir: Path | None = None,
     max_age: float = 1.0,
     max_bytes: int = 4000,
+    link: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A gateway config that polls exactly these simulated devices."""
+    """A gateway config that polls exactly these simulated devices: each on its own TCP port,
+    or, with ``link`` (a ``[[links]]`` entry: name, type and where), all as units on it."""
     doc = skeleton(
         pki_dir=pki_dir,
         hub_port=hub_port,
@@ -294,7 +300,11 @@ def gateway_config(
             {
                 "id": spec.device_id,
                 **device_files(pki_dir, spec.device_id),
-                "modbus": {"host": host, "port": spec.port, "unit": spec.unit},
+                "modbus": (
+                    {"host": host, "port": spec.port, "unit": spec.unit}
+                    if link is None
+                    else {"link": link["name"], "unit": spec.unit}
+                ),
                 "points": [
                     {
                         k: v
@@ -306,4 +316,6 @@ def gateway_config(
                 ],
             }
         )
+    if link is not None:
+        doc["links"] = [link]
     return doc

@@ -62,3 +62,40 @@ class DeviceServer:
         if self._server is not None:
             await self._server.shutdown()  # type: ignore[no-untyped-call]
             self._server = None
+
+
+class UnitEngine:
+    """One unit behind a simulated serial bus or serial-to-Ethernet gateway: a request PDU in,
+    the response PDU out, through pymodbus's own request decoding and datastore (the same
+    tables and ``action`` as :class:`DeviceServer`, without a listener). The bus around it
+    (:mod:`adapters.modbus.sim.bus`) owns the wire: framing, pacing, silence, faults."""
+
+    def __init__(self, unit: int, size: int, action: DeviceAction) -> None:
+        # The device is built exactly as a TCP device server builds it (its own tables and
+        # access hook); the port is never opened.
+        from pymodbus.pdu import DecodePDU
+        from pymodbus.simulator.simcore import SimCore
+
+        self.unit = unit
+        self._core = SimCore(DeviceServer("", 0, unit, size, action)._device())
+        self._decoder = DecodePDU(True)
+
+    async def execute(self, pdu: bytes) -> bytes:
+        """The response PDU (function code first) to the request PDU ``pdu``: what
+        pymodbus's server would answer, exception responses included."""
+        from pymodbus.pdu import ExceptionResponse
+
+        request = self._decoder.decode(pdu) if pdu else None
+        if request is None:
+            # A function pymodbus knows but cannot decode (a count out of range, a short
+            # body) is an illegal data value; an unknown function is an illegal function.
+            known = bool(pdu) and self._decoder.lookupPduClass(pdu) is not None
+            code = ExcCodes.ILLEGAL_VALUE if known else ExcCodes.ILLEGAL_FUNCTION
+            response: Any = ExceptionResponse(pdu[0] if pdu else 0, code)
+        else:
+            try:
+                response = await request.datastore_update(self._core, self.unit)  # type: ignore[arg-type]
+            except Exception:  # pymodbus's own server answers 04 the same way
+                response = ExceptionResponse(request.function_code, ExcCodes.DEVICE_FAILURE)
+        encoded: bytes = response.encode()
+        return bytes([response.function_code]) + encoded
