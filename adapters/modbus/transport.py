@@ -82,6 +82,10 @@ _WRITERS: dict[tuple[str, bool], tuple[str, int]] = {
 }
 
 
+# The shortest wait asyncio's timers honour without overshooting by about a millisecond.
+_TIMER_RESOLUTION = 0.0015
+
+
 class WrongAnswer(DeviceUnavailable):
     """A device's response did not match its request (``wrong`` names how, from
     :mod:`.checks`); ``resync``: the stream is out of step and the connection must close."""
@@ -286,6 +290,23 @@ class ModbusTransport:
         if not ok:
             raise self._unavailable("connect refused", "refused")
 
+    async def _quiet(self) -> None:
+        """Keep the line silent for the frame gap since the last byte received.
+
+        A gap shorter than the event loop's timer resolution (epoll waits in whole
+        milliseconds: a 0.3 ms sleep costs 1 ms or more, a third of a poll at 115,200 baud) is
+        waited by yielding to the loop until it has passed, so other tasks still run."""
+        loop = asyncio.get_running_loop()
+        until = self._last_rx + self._gap
+        quiet = until - loop.time()
+        if quiet <= 0:
+            return
+        if quiet > _TIMER_RESOLUTION:
+            await asyncio.sleep(quiet)
+            return
+        while loop.time() < until:
+            await asyncio.sleep(0)
+
     def _on_packet(self, sending: bool, data: bytes) -> bytes:
         if not sending:
             self._last_rx = asyncio.get_running_loop().time()
@@ -360,9 +381,7 @@ class ModbusTransport:
         if self._out_of_step is not None:
             raise WrongAnswer(target.device_id, target.label, self._out_of_step, True)
         if self._gap:
-            quiet = self._last_rx + self._gap - asyncio.get_running_loop().time()
-            if quiet > 0:
-                await asyncio.sleep(quiet)
+            await self._quiet()
         timeout = self.link.timeout
         self._framer.expected = expected
         self._target = target
