@@ -304,7 +304,8 @@ class ModbusTransport:
         if quiet > _TIMER_RESOLUTION:
             await asyncio.sleep(quiet)
             return
-        while loop.time() < until:
+        # Not an Event: nothing will set it; this is a sub-millisecond wait, yielding each turn.
+        while loop.time() < until:  # noqa: ASYNC110
             await asyncio.sleep(0)
 
     def _on_packet(self, sending: bool, data: bytes) -> bytes:
