@@ -283,3 +283,22 @@ def test_the_gateway_runs_one_task_per_link_beside_implicit_links(
     for unit in (1, 2, 3):
         got = readings()[f"plc-{unit + 1}"]
         assert {(r.point, r.value) for r in got} == {(f"r{a}", value(unit, a)) for a in range(4)}
+
+
+def test_a_serial_port_that_is_not_there_takes_its_units_down_and_retries(
+    tmp_path: Path,
+) -> None:
+    link = _rtu(str(tmp_path / "ttyUSB9"))
+
+    async def go() -> Fleet:
+        fleet = Fleet(link, [1, 2])
+        await fleet.run_for(1.5)
+        return fleet
+
+    fleet = asyncio.run(go())
+    for unit in (1, 2):
+        health = fleet.health[unit]
+        assert health.state == DOWN and health.last_error is not None
+        assert "connect" in health.last_error
+    assert fleet.bus.attempt >= 2  # reconnected with backoff, not given up
+    assert fleet.evidence == []  # never admitted: nothing was seen on the link

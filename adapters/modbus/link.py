@@ -242,6 +242,11 @@ class ModbusLink:
 
     async def run(self) -> None:
         """Poll until cancelled; returns early only if the device is refused admission."""
+        if self.modbus.link is not None:
+            raise TypeError(
+                f"{self.device_id} is unit {self.modbus.unit} of link {self.modbus.link!r}: "
+                "run that link's ModbusBus"
+            )
         bus = ModbusBus(
             implicit_link(self.device_id, self.modbus),
             [self],

@@ -215,9 +215,23 @@ class ModbusTransport:
         # last activity, from pymodbus's packet trace.
         self._gap = link.gap if link.type == "rtu" else 0.0
         self._last_rx = 0.0
-        client: AsyncModbusTcpClient | AsyncModbusSerialClient
+        client = self._client_for(link)
+        self._client = client
+        framer_type = _CheckedRtuFramer if self._rtu else _CheckedFramer
+        self._framer = framer_type(client.ctx.framer.decoder, self._wrong)
+        client.ctx.framer = self._framer
+        # pymodbus silently empties a receive buffer past 264 bytes; the framer judges all.
+        client.ctx.max_buffer_size = 1 << 20
+        # pymodbus closes a TCP connection after a few timeouts in a row; on a shared link
+        # one dead unit would take the others' connection with it. The link decides.
+        client.ctx.max_until_disconnect = client.ctx.count_until_disconnect = 1 << 30
+
+    def _client_for(self, link: ModbusLinkConfig) -> AsyncModbusTcpClient | AsyncModbusSerialClient:
+        """pymodbus's client for ``link``'s type: serial RTU, RTU through TCP, or Modbus TCP.
+        (Modbus/TCP Security, type ``tls``: pymodbus's TLS client, with the SSLContext of
+        :mod:`adapters.modbus.security`, joins here.)"""
         if link.type == "rtu":
-            client = AsyncModbusSerialClient(
+            return AsyncModbusSerialClient(
                 link.port,
                 framer=FramerType.RTU,
                 baudrate=link.baud,
@@ -230,25 +244,15 @@ class ModbusTransport:
                 trace_packet=self._on_packet,
                 trace_connect=self._on_link,
             )
-        else:
-            client = AsyncModbusTcpClient(
-                link.host,
-                port=link.port,
-                framer=FramerType.RTU if self._rtu else FramerType.SOCKET,
-                timeout=link.timeout,
-                retries=0,
-                reconnect_delay=0,
-                trace_connect=self._on_link,
-            )
-        self._client = client
-        framer_type = _CheckedRtuFramer if self._rtu else _CheckedFramer
-        self._framer = framer_type(client.ctx.framer.decoder, self._wrong)
-        client.ctx.framer = self._framer
-        # pymodbus silently empties a receive buffer past 264 bytes; the framer judges all.
-        client.ctx.max_buffer_size = 1 << 20
-        # pymodbus closes a TCP connection after a few timeouts in a row; on a shared link
-        # one dead unit would take the others' connection with it. The link decides.
-        client.ctx.max_until_disconnect = client.ctx.count_until_disconnect = 1 << 30
+        return AsyncModbusTcpClient(
+            link.host,
+            port=link.port,
+            framer=FramerType.RTU if link.type == "rtu-over-tcp" else FramerType.SOCKET,
+            timeout=link.timeout,
+            retries=0,
+            reconnect_delay=0,
+            trace_connect=self._on_link,
+        )
 
     def _unavailable(
         self, reason: str, cause: Any, target: Target | None = None
