@@ -174,3 +174,18 @@ def test_bad_links_are_refused_naming_the_field(
     devices: list[dict[str, Any]], links: list[dict[str, Any]], expected: str
 ) -> None:
     assert expected in _refused(devices, links)
+
+
+def test_the_documented_example_is_a_valid_config() -> None:
+    import re
+    import tomllib
+    from pathlib import Path
+
+    notes = Path(__file__).parent.parent / "docs" / "notes-links.md"
+    example = re.search(r"```toml\n(.*?)```", notes.read_text(), re.S)
+    assert example is not None
+    cfg = validate({**BASE, **tomllib.loads(example.group(1))}, "notes", check_files=False)
+    by_id = {d.id: d for d in cfg.devices}
+    assert cfg.transport_of(by_id["meter-7"]) == "modbus-rtu"
+    assert by_id["pump-2"].endpoint == "hall-gateway/unit 2"
+    assert [link.name for link, _ in cfg.modbus_links()] == ["bus-1", "hall-gateway"]
