@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+from test_config import good
 
 from adapters.modbus.config import RtuLink
-from gateway.config import Config
+from gateway.config import Config, load, render_toml
 from gateway.config.loading import validate
 from gateway.core.errors import ConfigError
 from gateway.workers import worker_config
@@ -179,7 +181,6 @@ def test_bad_links_are_refused_naming_the_field(
 def test_the_documented_example_is_a_valid_config() -> None:
     import re
     import tomllib
-    from pathlib import Path
 
     notes = Path(__file__).parent.parent / "docs" / "notes-links.md"
     example = re.search(r"```toml\n(.*?)```", notes.read_text(), re.S)
@@ -189,3 +190,24 @@ def test_the_documented_example_is_a_valid_config() -> None:
     assert cfg.transport_of(by_id["meter-7"]) == "modbus-rtu"
     assert by_id["pump-2"].endpoint == "hall-gateway/unit 2"
     assert [link.name for link, _ in cfg.modbus_links()] == ["bus-1", "hall-gateway"]
+
+
+def test_a_tcp_links_unit_at_a_devices_own_address_is_refused(
+    pki_dir: Path, tmp_path: Path
+) -> None:
+    """The same device reached twice (its own host, and a unit of a tcp link to that host):
+    refused before anything starts, as two devices at one address are."""
+    doc = good(pki_dir, tmp_path)
+    doc["links"] = [{"name": "gw", "type": "tcp", "host": "localhost", "port": 1503}]
+    doc["devices"][1]["modbus"] = {"link": "gw", "unit": 1}
+    path = tmp_path / "gateway.toml"
+    path.write_text(render_toml(doc))
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert (
+        "devices[1].modbus: localhost:1503 unit 1 is 127.0.0.1:1503 unit 1, already bound to "
+        "device 'plc-1' (both are 127.0.0.1)"
+    ) in str(err.value)
+    doc["devices"][1]["modbus"] = {"link": "gw", "unit": 2}
+    path.write_text(render_toml(doc))
+    assert load(path).transport_of(load(path).devices[1]) == "modbus-tcp"
