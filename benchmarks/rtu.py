@@ -14,7 +14,8 @@ parity). A pty cannot be opened with parity on Linux, so the line runs 8N1; ``--
     python benchmarks/rtu.py [--seconds 5] [--baud 19200 115200] [--parity N]
 
 prints one JSON document: per baud rate, polls/s achieved, the theoretical rate, their ratio (goal
->= 0.9), overlaps seen by the simulated line (must be 0), and what the gateway's health counted.
+>= 0.9), where a poll's time goes (the master's turnaround and the answer, each against its
+ideal), overlaps seen by the simulated line (must be 0), and what the gateway's health counted.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -32,6 +34,7 @@ from adapters.base import DeviceHealth
 from adapters.modbus.config import ModbusEndpoint, RtuLink
 from adapters.modbus.link import ModbusBus, ModbusLink
 from adapters.modbus.sim.devices import make_points
+from adapters.modbus.transport import ModbusTransport
 from gateway.core.readings import GOOD, Scan
 from gateway.testbed.harness import Proc, fieldgate
 
@@ -39,6 +42,46 @@ UNITS = 8
 REGISTERS = 10
 REQUEST, RESPONSE = 8, 3 + 2 * REGISTERS + 2  # bytes on the wire per poll
 GAP = 3.5  # characters of silence after each frame
+
+
+class Timeline:
+    """When the link's serial transport sent and received bytes (pymodbus's packet trace, which
+    the transport already takes for the frame gap), to split a poll's time between the master's
+    turnaround (last byte in -> next request out: the frame gap, then fieldgate's own work) and
+    the answer (request out -> last byte of the answer in: the line, the simulator and socat)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, bool]] = []
+        self.recording = False
+        original = ModbusTransport._on_packet
+        timeline = self
+
+        def traced(transport: ModbusTransport, sending: bool, data: bytes) -> bytes:
+            if timeline.recording:
+                timeline.events.append((time.perf_counter(), sending))
+            return original(transport, sending, data)
+
+        ModbusTransport._on_packet = traced  # type: ignore[method-assign]
+        self._original = original
+
+    def close(self) -> None:
+        ModbusTransport._on_packet = self._original  # type: ignore[method-assign]
+
+    def medians_ms(self) -> tuple[float, float]:
+        turnaround, answer = [], []
+        sent: float | None = None
+        last_rx: float | None = None
+        for at, sending in self.events:
+            if sending:
+                if sent is not None and last_rx is not None:
+                    answer.append(last_rx - sent)
+                    turnaround.append(at - last_rx)
+                sent, last_rx = at, None
+            else:
+                last_rx = at
+        if not answer:
+            return 0.0, 0.0
+        return statistics.median(turnaround) * 1e3, statistics.median(answer) * 1e3
 
 
 def theoretical(baud: int, parity: str) -> float:
@@ -60,6 +103,7 @@ async def measure(baud: int, parity: str, seconds: float, folder: Path) -> dict[
         return sink
 
     stats_file = folder / "stats.json"
+    timeline = Timeline()
     sim = Proc(
         fieldgate(
             "simulate", "modbus", "--rtu", "--units", str(UNITS), "--baud", str(baud),
@@ -90,17 +134,20 @@ async def measure(baud: int, parity: str, seconds: float, folder: Path) -> dict[
         ]
         task = asyncio.create_task(ModbusBus(link, units).run(), name="link[bench]")
         await asyncio.sleep(1.0)  # connected, every unit answering
-        counting = True
+        counting = timeline.recording = True
         start = time.perf_counter()
         await asyncio.sleep(seconds)
-        counting = False
+        counting = timeline.recording = False
         elapsed = time.perf_counter() - start
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     finally:
         sim.stop()
+        timeline.close()
     stats = json.loads(stats_file.read_text())
     polls = sum(counts.values())
+    turnaround, answer = timeline.medians_ms()
+    char = (10 if parity == "N" else 11) / baud
     rate = polls / elapsed
     ideal = theoretical(baud, parity)
     return {
@@ -113,6 +160,12 @@ async def measure(baud: int, parity: str, seconds: float, folder: Path) -> dict[
         "polls_per_s": round(rate, 2),
         "theoretical_per_s": round(ideal, 2),
         "ratio": round(rate / ideal, 3),
+        # Per poll, median: the master's turnaround against the 3.5-character gap it must keep,
+        # and the answer's time against the line's (request, gap, answer).
+        "turnaround_ms": round(turnaround, 3),
+        "turnaround_ideal_ms": round(GAP * char * 1e3, 3),
+        "answer_ms": round(answer, 3),
+        "answer_ideal_ms": round((REQUEST + GAP + RESPONSE) * char * 1e3, 3),
         "per_unit": counts,
         "overlaps": stats["overlaps"],
         "bad_frames": stats["bad_frames"],

@@ -297,17 +297,17 @@ class ModbusTransport:
     async def _quiet(self) -> None:
         """Keep the line silent for the frame gap since the last byte received.
 
-        A gap shorter than the event loop's timer resolution (epoll waits in whole
-        milliseconds: a 0.3 ms sleep costs 1 ms or more, a third of a poll at 115,200 baud) is
-        waited by yielding to the loop until it has passed, so other tasks still run."""
+        The event loop's timers overshoot by up to a millisecond (epoll waits in whole
+        milliseconds: a 0.3 ms sleep costs 1 ms or more, a third of a poll at 115,200 baud), so
+        the last part of the gap is waited by yielding to the loop until it has passed: other
+        tasks still run, and the gap is kept to within a loop turn."""
         loop = asyncio.get_running_loop()
         until = self._last_rx + self._gap
         quiet = until - loop.time()
         if quiet <= 0:
             return
         if quiet > _TIMER_RESOLUTION:
-            await asyncio.sleep(quiet)
-            return
+            await asyncio.sleep(quiet - _TIMER_RESOLUTION)  # the rest, below, to the point
         # Not an Event: nothing will set it; this is a sub-millisecond wait, yielding each turn.
         while loop.time() < until:  # noqa: ASYNC110
             await asyncio.sleep(0)
