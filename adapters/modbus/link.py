@@ -184,7 +184,7 @@ class ModbusLink:
             )
         self._requests.put_nowait(request)
         if self.bus is not None:
-            self.bus.wake()  # the link's task serves it now, between reads
+            self.bus.wake(self)  # the link's task serves it now, between reads
         return await request.done
 
     def _fail_requests(self, err: BaseException) -> None:
@@ -516,11 +516,14 @@ class ModbusBus:
         self._waiter: asyncio.Future[None] | None = None  # the task's wait between reads
         self._last: ModbusLink | None = None  # whose request went out last
         self._turn = 0  # round robin over the units' requests
+        # Units that may have requests waiting (a cheap test before every read).
+        self._pending: set[str] = set()
         self.attempt = 0  # connections in a row that delivered no reading: the backoff step
         self.schedule: Schedule | None = None  # the current connection's
 
-    def wake(self) -> None:
-        """A request came in: serve it now, between reads."""
+    def wake(self, unit: ModbusLink) -> None:
+        """``unit`` has a request: serve it now, between reads."""
+        self._pending.add(unit.device_id)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
@@ -645,7 +648,7 @@ class ModbusBus:
         before every read. A timeout around ``Queue.get`` (a cancellation per poll) was
         measured on profile (a): the gateway's CPU per point against the gateway before issue 9
         went from 1.19 to 1.12 times with this wait (benchmarks/e2e.py, medians of 3)."""
-        if wait > 0 and not any(u.has_requests for u in units):
+        if wait > 0 and not self._pending:
             loop = asyncio.get_running_loop()
             waiter = self._waiter = loop.create_future()
             timer = loop.call_later(wait, _wake, waiter)
@@ -654,13 +657,18 @@ class ModbusBus:
             finally:
                 timer.cancel()
                 self._waiter = None
+        if not self._pending:
+            return None
         count = len(units)
         for step in range(count):
             unit = units[(self._turn + step) % count]
             request = unit.next_request()
             if request is not None:
                 self._turn = (self._turn + step + 1) % count
+                if not unit.has_requests:
+                    self._pending.discard(unit.device_id)
                 return unit, request
+        self._pending.clear()  # none of them has one (a stopped unit's were failed)
         return None
 
 

@@ -70,18 +70,19 @@ class Schedule:
     def next(self) -> Due | None:
         """The earliest read of any unit; None when no unit has a block to read. Ties go to
         the unit added first, and each read moves its block on, so equal periods take turns."""
-        best: Due | None = None
+        best: tuple[Hashable, _Unit] | None = None
+        best_at = 0.0
         for key, unit in self._units.items():
             if not unit.due:
                 continue
-            index = min(range(len(unit.due)), key=unit.due.__getitem__)
-            if unit.probe_at is not None:
-                candidate = Due(key, index, unit.probe_at, probe=True)
-            else:
-                candidate = Due(key, index, unit.due[index])
-            if best is None or candidate.at < best.at:
-                best = candidate
-        return best
+            at = min(unit.due) if unit.probe_at is None else unit.probe_at
+            if best is None or at < best_at:
+                best, best_at = (key, unit), at
+        if best is None:
+            return None
+        key, unit = best
+        # The earliest block (the first of equals); a probe reads the one most overdue.
+        return Due(key, unit.due.index(min(unit.due)), best_at, unit.probe_at is not None)
 
     def advance(self, unit: Hashable, index: int, period: float, now: float) -> bool:
         """Block ``index`` of ``unit`` was read at ``now``: its next due time, one period on
