@@ -194,6 +194,8 @@ def test_requests_on_a_shared_link_reach_their_own_unit() -> None:
                 return [
                     await asyncio.wait_for(two.read(["r3"]), 5),
                     await asyncio.wait_for(one.read([]), 5),
+                    await asyncio.wait_for(two.write("r5", 4242), 5),  # FC 6 to unit 2 only
+                    await asyncio.wait_for(one.read(["r5"]), 5),
                 ]
             finally:
                 task.cancel()
@@ -202,6 +204,8 @@ def test_requests_on_a_shared_link_reach_their_own_unit() -> None:
     scans = asyncio.run(go())
     assert scans[0].values == [value(2, 3)] and scans[0].device_id == "dev-2"
     assert list(scans[1].values) == [value(1, a) for a in range(10)]
+    assert scans[2].values == [4242] and scans[2].device_id == "dev-2"
+    assert scans[3].values == [value(1, 5)]
 
 
 def test_link_timeouts_reconnect_when_no_unit_answers() -> None:
