@@ -20,7 +20,8 @@ is what a real RS-485 bus does to a master:
   response a unit had to start over a master's next request. A correct master keeps it at 0;
   two masters on one line (or a gateway that does not serialise its requests) make it grow.
   The frames themselves are still served, so that the counter, not a garbled answer, is what
-  a test asserts on.
+  a test asserts on. ``gap_violations`` counts requests that began within 3.5 characters of
+  the line falling idle (no collision, but less silence than the spec asks between frames).
 - **Fault ``crc:N``** (``--fault plc-3=crc:5``): every Nth response of that unit leaves with a
   corrupted CRC.
 
@@ -94,6 +95,10 @@ class LineStats:
     mode: str
     units: dict[int, UnitStats] = field(default_factory=dict)
     overlaps: int = 0
+    # Requests that started less than 3.5 characters after the line fell idle: no collision,
+    # but a real slave may take them for the tail of the previous frame (pymodbus's own
+    # client does not keep this gap; a master that does keeps the counter at 0).
+    gap_violations: int = 0
     bad_frames: int = 0  # CRC wrong, truncated, garbage (RTU); malformed MBAP headers
     unknown_unit: int = 0  # requests to a unit id no device has: not answered
     broadcasts: int = 0
@@ -105,6 +110,7 @@ class LineStats:
         return {
             "mode": self.mode,
             "overlaps": self.overlaps,
+            "gap_violations": self.gap_violations,
             "bad_frames": self.bad_frames,
             "unknown_unit": self.unknown_unit,
             "broadcasts": self.broadcasts,
@@ -283,6 +289,8 @@ class RtuBus:
     def frame_started(self, now: float, nbytes: int) -> None:
         if now < self._busy_until:
             self.stats_.overlaps += 1
+        elif now < self._busy_until + self.timing.gap:
+            self.stats_.gap_violations += 1
         self.occupy(now, nbytes, now)
 
     def occupy(self, start: float, nbytes: int, now: float) -> None:
