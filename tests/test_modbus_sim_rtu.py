@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import time
+import tomllib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,32 @@ def test_a_read_takes_at_least_its_frame_time_at_the_baud_rate(tmp_path: Path) -
         floor = timing.exchange_time(8, 5 + 2 * 10)
         assert floor == pytest.approx(0.038, abs=0.0005)
         assert took >= floor
+
+    _run(go)
+
+
+def test_map_quirks_and_faults_of_the_tcp_simulator_hold_on_a_bus(tmp_path: Path) -> None:
+    """Holes answer 02, a read over max_registers 03, exception:CODE:N its code N times."""
+    specs = _specs(3, u3="exception:4:1")
+    specs[0].holes = frozenset({("holding", 6)})
+    specs[1].max_registers = 4
+    timing = LineTiming(115200)
+
+    async def go() -> None:
+        async with rtu_line(specs, tmp_path / "line", timing, step=STEP) as sim:
+            client = _serial_client(sim.path, timing)
+            assert await client.connect()
+            try:
+                codes = []
+                for unit, address, count in ((1, 0, 8), (1, 0, 6), (2, 0, 8), (2, 0, 4)):
+                    r = await client.read_holding_registers(address, count=count, device_id=unit)
+                    codes.append(r.exception_code if r.isError() else 0)
+                first = await client.read_holding_registers(0, count=2, device_id=3)
+                assert first.isError() and first.exception_code == 4
+                assert await _read(client, 3) == _expected(specs[2].points)
+            finally:
+                client.close()
+        assert codes == [2, 0, 3, 0]
 
     _run(go)
 
@@ -382,6 +409,33 @@ def test_gateway_serialises_requests_and_counts_those_that_had_to_wait(tmp_path:
     _run(go)
 
 
+def test_gateway_sees_a_request_sent_before_the_previous_answer(tmp_path: Path) -> None:
+    """Two requests in one write on one connection: both answered, in order, one overlap."""
+    specs = _specs(2)
+
+    def mbap(tid: int, unit: int) -> bytes:
+        return tid.to_bytes(2, "big") + b"\0\0\0\x06" + bytes([unit]) + bytes.fromhex("0300000002")
+
+    async def go() -> None:
+        async with MbapGateway(specs, "127.0.0.1", 0, step=STEP) as gw:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            try:
+                writer.write(mbap(7, 1) + mbap(8, 2))
+                answers = [await asyncio.wait_for(reader.readexactly(13), 2.0) for _ in (1, 2)]
+            finally:
+                writer.close()
+            stats = gw.stats()
+        for answer, tid, spec in zip(answers, (7, 8), specs, strict=True):
+            assert answer[:2] == tid.to_bytes(2, "big")
+            assert answer[6] == spec.unit
+            assert answer[7:9] == bytes([3, 4])
+            regs = [int.from_bytes(answer[9 + 2 * i : 11 + 2 * i], "big") for i in (0, 1)]
+            assert regs == _expected(spec.points)[:2]
+        assert stats["overlaps"] == 1
+
+    _run(go)
+
+
 def test_gateway_can_answer_a_silent_unit_with_exception_0b(tmp_path: Path) -> None:
     async def go() -> None:
         async with MbapGateway(
@@ -401,8 +455,11 @@ def test_gateway_can_answer_a_silent_unit_with_exception_0b(tmp_path: Path) -> N
 # -- fieldgate simulate modbus --rtu|--rtu-over-tcp|--gateway --
 
 
-def test_cli_rtu_prints_the_port_and_keeps_stats(tmp_path: Path, procs: list[Proc]) -> None:
+def test_cli_rtu_prints_the_port_keeps_stats_and_writes_a_link(
+    tmp_path: Path, pki_dir: Path, procs: list[Proc]
+) -> None:
     stats_file = tmp_path / "stats.json"
+    config = tmp_path / "gateway.toml"
     sim = Proc(
         fieldgate(
             "simulate",
@@ -418,6 +475,10 @@ def test_cli_rtu_prints_the_port_and_keeps_stats(tmp_path: Path, procs: list[Pro
             str(tmp_path / "line"),
             "--stats",
             str(stats_file),
+            "--write-config",
+            str(config),
+            "--pki",
+            str(pki_dir),
             "--step",
             str(STEP),
             "--types",
@@ -452,6 +513,20 @@ def test_cli_rtu_prints_the_port_and_keeps_stats(tmp_path: Path, procs: list[Pro
         return bool(stats["requests"] == 3 and stats["units"]["3"]["requests"] == 1)
 
     wait_until(counted, 10, "the stats file to count 3 requests")
+    written = tomllib.loads(config.read_text())
+    assert written["links"] == [
+        {
+            "name": "sim-bus",
+            "type": "rtu",
+            "port": str(path),
+            "baud": 57600,
+            "parity": "N",
+            "stop_bits": 1,
+        }
+    ]
+    assert [d["modbus"] for d in written["devices"]] == [
+        {"link": "sim-bus", "unit": u} for u in range(1, 9)
+    ]
     assert json.loads(stats_file.read_text())["overlaps"] == 0
     sim.stop()
     assert sim.popen.returncode == 0, sim.output()

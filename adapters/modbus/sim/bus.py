@@ -408,8 +408,12 @@ class SerialPort:
             data = os.read(self._fd, 4096)
         except (BlockingIOError, InterruptedError):
             return
-        except OSError:
-            data = b""  # EIO: the other side of the pty is gone for now
+        except OSError as err:
+            # EIO: the cable is gone (socat stopped). Stop reading, or the loop would spin on
+            # a descriptor that is always readable; the answers' bytes are dropped from now on.
+            self.bus.loop.remove_reader(self._fd)
+            print(f"simulated bus: {self.path}: {err.strerror}; no longer reading", flush=True)
+            return
         self._port.received(data)
 
     async def __aexit__(self, *exc: object) -> None:
@@ -550,12 +554,17 @@ class MbapGateway(_Listener):
         self.timing = timing
         self.target_timeout = target_timeout
         self.answer_timeout = answer_timeout
-        self._turn = asyncio.Lock()
+        # Requests from every connection, in arrival order; one worker serves them.
+        self._queue: asyncio.Queue[tuple[asyncio.StreamWriter, bytes, bytes]] = asyncio.Queue()
+        self._busy = False
+        self._worker: asyncio.Task[None] | None = None
 
     def stats(self) -> dict[str, Any]:
         return self.stats_.as_dict()
 
     async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Read requests as they come (a master that sends before its answer is in is seen
+        at once, not when its turn comes) and queue them for the one worker."""
         while True:
             try:
                 header = await reader.readexactly(MBAP_HEADER)
@@ -563,27 +572,28 @@ class MbapGateway(_Listener):
                 if err.partial:
                     self.stats_.bad_frames += 1
                 return
-            tid = int.from_bytes(header[0:2], "big")
             protocol = int.from_bytes(header[2:4], "big")
             length = int.from_bytes(header[4:6], "big")
-            unit_id = header[6]
             if protocol != 0 or not 2 <= length <= 254:
                 self.stats_.bad_frames += 1
                 return
             pdu = await reader.readexactly(length - 1)
-            if self._turn.locked():
+            if self._busy or not self._queue.empty():
                 self.stats_.overlaps += 1
-            async with self._turn:
-                answer = await self._answer(unit_id, pdu)
-            if answer is not None:
-                writer.write(
-                    tid.to_bytes(2, "big")
-                    + b"\0\0"
-                    + (len(answer) + 1).to_bytes(2, "big")
-                    + bytes([unit_id])
-                    + answer
-                )
-                await writer.drain()
+            self._queue.put_nowait((writer, header, pdu))
+
+    async def _serve(self) -> None:
+        while True:
+            writer, header, pdu = await self._queue.get()
+            self._busy = True
+            try:
+                answer = await self._answer(header[6], pdu)
+            finally:
+                self._busy = False
+            if answer is None or writer.is_closing():
+                continue
+            # Transaction id and unit as asked; protocol 0; the length of unit and PDU.
+            writer.write(header[0:4] + (len(answer) + 1).to_bytes(2, "big") + header[6:7] + answer)
 
     async def _answer(self, unit_id: int, pdu: bytes) -> bytes | None:
         unit = self.units.get(unit_id)
@@ -605,11 +615,23 @@ class MbapGateway(_Listener):
         return answer
 
     async def __aenter__(self) -> MbapGateway:
-        await self.start()
+        self._worker = asyncio.create_task(self._serve(), name="mbap-gateway")
+        try:
+            await self.start()
+        except BaseException:
+            await self._stop_worker()
+            raise
         return self
+
+    async def _stop_worker(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+            self._worker = None
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+        await self._stop_worker()
 
 
 @dataclass
