@@ -581,13 +581,21 @@ def test_cli_gateway_refuses_a_second_connection(tmp_path: Path, procs: list[Pro
         (("--rtu", "--fault", "2=crc:0"), "crc:N"),
         (("--rtu", "--units", "300"), "300: a bus carries 1 to 247 units"),
         (("--rtu-over-tcp", "--baud", "0"), "baud must be positive"),
+        (
+            (
+                "--baud",
+                "9600",
+            ),
+            "--baud is for a bus: add --rtu, --rtu-over-tcp or --gateway",
+        ),
+        (("--rtu", "--max-connections", "1"), "a serial line has no connections to limit"),
     ],
 )
 def test_cli_bad_bus_options_are_one_clear_line(args: tuple[str, ...], says: str) -> None:
     import subprocess
 
     done = subprocess.run(
-        fieldgate("simulate", "modbus", "--units", "4", *args),
+        fieldgate("simulate", "modbus", "--devices", "4", *args),
         capture_output=True,
         text=True,
         timeout=60,
