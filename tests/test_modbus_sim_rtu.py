@@ -603,3 +603,20 @@ def test_cli_bad_bus_options_are_one_clear_line(args: tuple[str, ...], says: str
     assert done.returncode != 0
     assert "Traceback" not in done.stderr
     assert says in done.stderr
+
+
+def test_cli_rtu_without_socat_says_so_in_one_line(tmp_path: Path) -> None:
+    import subprocess
+
+    done = subprocess.run(
+        fieldgate("simulate", "modbus", "--rtu", "--serial-dir", str(tmp_path / "line")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PATH": str(tmp_path / "no-such-bin")},
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "fieldgate: cannot start the simulated bus: socat is not installed "
+        "(Debian: apt-get install socat)"
+    )
