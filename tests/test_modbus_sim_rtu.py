@@ -146,6 +146,30 @@ def test_serial_units_answer_their_values_unknown_and_dead_units_are_silent(
     _run(go)
 
 
+def test_a_slow_unit_delays_its_own_answer_not_the_next_units(tmp_path: Path) -> None:
+    specs = _specs(2, u1="slow:1.0")
+    timing = LineTiming(115200)
+
+    async def go() -> None:
+        async with rtu_line(specs, tmp_path / "line", timing, step=STEP) as sim:
+            client = _serial_client(sim.path, timing, timeout=0.3)
+            assert await client.connect()
+            try:
+                assert await _silent(client, 1)  # the master gives up on unit 1
+                began = time.monotonic()
+                assert await _read(client, 2) == _expected(specs[1].points)
+                took = time.monotonic() - began
+                await asyncio.sleep(1.0)  # unit 1 answers, late, to nobody
+            finally:
+                client.close()
+            stats = sim.bus.stats()
+        assert took < 0.3  # unit 2 did not wait for unit 1's second
+        assert stats["units"]["1"]["answered"] == 1  # its late answer did go out
+        assert stats["overlaps"] == 0  # and found the line free
+
+    _run(go)
+
+
 def test_a_read_takes_at_least_its_frame_time_at_the_baud_rate(tmp_path: Path) -> None:
     timing = LineTiming(9600)
     specs = [DeviceSpec("plc-1", 0, unit=1, points=make_points(10, types=["uint16"]))]

@@ -51,7 +51,7 @@ import json
 import os
 import time
 import tty
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,6 +137,7 @@ class _Unit:
         self.stats = stats
         self.crc_every = crc_every(spec.fault)
         self.silent = spec.fault in SILENT_FAULTS
+        self.turn = asyncio.Lock()  # a unit answers its own requests one after the other
 
 
 def _units(specs: list[DeviceSpec], step: float, stats: LineStats) -> dict[int, _Unit]:
@@ -245,7 +246,7 @@ class _Frame:
 
 
 class RtuBus:
-    """Units sharing one RTU line, answering one frame at a time in the order they came.
+    """Units sharing one RTU line; each answers its own requests in the order they came.
 
     ``async with RtuBus(specs, timing) as bus``; then attach ways onto it: :class:`SerialPort`
     (a pty end), :class:`RtuOverTcp` (a TCP listener), or :meth:`port` for your own."""
@@ -260,6 +261,7 @@ class RtuBus:
         self._queue: asyncio.Queue[_Frame] = asyncio.Queue()
         self._busy_until = 0.0
         self._worker: asyncio.Task[None] | None = None
+        self._answering: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -279,10 +281,11 @@ class RtuBus:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
-            self._worker = None
+        tasks = [t for t in (self._worker, *self._answering) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._worker = None
 
     # The line's occupancy, as the ports report bytes arriving.
 
@@ -307,13 +310,12 @@ class RtuBus:
 
     async def _serve(self) -> None:
         while True:
-            item = await self._queue.get()
-            try:
-                await self._answer(item)
-            except Exception as err:  # a test tool keeps serving, and says why
-                print(f"simulated bus: frame {item.adu.hex()}: {err!r}", flush=True)
+            self._dispatch(await self._queue.get())
 
-    async def _answer(self, item: _Frame) -> None:
+    def _dispatch(self, item: _Frame) -> None:
+        """Hand a frame to the unit it names. Units are independent, as on a real bus: a slow
+        unit delays its own answers, not another unit's (its late answer may then collide
+        with the next one, which ``overlaps`` counts)."""
         checked = rtuframe.check(item.adu)
         assert checked is not None
         unit_id, pdu = checked
@@ -321,21 +323,39 @@ class RtuBus:
             self.stats_.broadcasts += 1
             for each in self.units.values():
                 if not each.silent:
-                    await each.engine.execute(pdu)
+                    self._spawn(self._act(each, pdu), each)
             return
         unit = self.units.get(unit_id)
         if unit is None:
             self.stats_.unknown_unit += 1
             return
         unit.stats.requests += 1
-        if unit.silent:
-            return
-        answer = rtuframe.frame(unit_id, await unit.engine.execute(pdu))
-        unit.stats.answered += 1
-        if unit.crc_every and unit.stats.answered % unit.crc_every == 0:
-            answer = rtuframe.corrupt(answer)
-            unit.stats.crc_faults += 1
-        await self.transmit(item.port, answer, not_before=item.end + self.timing.gap)
+        if not unit.silent:
+            self._spawn(self._answer(unit, item, pdu), unit)
+
+    def _spawn(self, work: Coroutine[Any, Any, None], unit: _Unit) -> None:
+        task = asyncio.create_task(work, name=f"rtu-unit[{unit.device.spec.device_id}]")
+        self._answering.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._answering.discard(task)
+        if not task.cancelled() and (err := task.exception()) is not None:
+            # A test tool keeps serving, and says why.
+            print(f"simulated bus: {task.get_name()}: {err!r}", flush=True)
+
+    async def _act(self, unit: _Unit, pdu: bytes) -> None:
+        async with unit.turn:
+            await unit.engine.execute(pdu)
+
+    async def _answer(self, unit: _Unit, item: _Frame, pdu: bytes) -> None:
+        async with unit.turn:
+            answer = rtuframe.frame(unit.engine.unit, await unit.engine.execute(pdu))
+            unit.stats.answered += 1
+            if unit.crc_every and unit.stats.answered % unit.crc_every == 0:
+                answer = rtuframe.corrupt(answer)
+                unit.stats.crc_faults += 1
+            await self.transmit(item.port, answer, not_before=item.end + self.timing.gap)
 
     async def transmit(self, port: BusPort, adu: bytes, *, not_before: float) -> None:
         """Send ``adu`` through ``port`` at the baud rate, its first character no earlier than
