@@ -15,6 +15,9 @@ is what a real RS-485 bus does to a master:
 - **Silence.** A unit id no device has does not answer; a ``dead`` (or ``down``) unit never
   answers; a frame with a bad CRC is dropped, and so is everything up to the next 3.5-character
   silence, as a real slave does.
+- **Independent units.** Each unit answers its own requests in order, but units do not wait
+  for each other: a ``slow`` unit delays its own answer, not the next unit's, and its late
+  answer goes out when it is ready, over whatever is on the line then.
 - **One talker at a time.** ``overlaps`` counts frames that started while the line still carried
   another frame: a request sent before the previous request or response had finished, or a
   response a unit had to start over a master's next request. A correct master keeps it at 0;
