@@ -222,7 +222,7 @@ def test_map_quirks_and_faults_of_the_tcp_simulator_hold_on_a_bus(tmp_path: Path
 
 def test_overlaps_count_two_masters_on_one_line_and_stay_0_for_one(tmp_path: Path) -> None:
     specs = _specs(4)
-    timing = LineTiming(19200)
+    timing = LineTiming(9600)  # slow enough that two masters' requests surely meet
 
     async def go() -> None:
         async with rtu_line(specs, tmp_path / "line", timing, step=STEP) as sim:
@@ -331,7 +331,7 @@ def _cmdline(pid: int) -> str:
 
 def test_rtu_over_tcp_serves_rtu_frames_and_counts_two_connected_masters(tmp_path: Path) -> None:
     specs = _specs(3, u2="dead")
-    timing = LineTiming(115200)
+    timing = LineTiming(9600)  # slow enough that two masters' requests surely meet
 
     async def go() -> None:
         async with (
