@@ -7,6 +7,7 @@ loaded machine can be slower than the line, never faster)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -80,6 +81,14 @@ def _serial_client(path: Path, timing: LineTiming, timeout: float = 0.5) -> Asyn
         retries=0,
         reconnect_delay=0,
     )
+
+
+async def _closed(writer: asyncio.StreamWriter) -> None:
+    """Close and wait: a socket left to the garbage collector is reported as unclosed in
+    whichever test runs next."""
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
 
 
 def _run(coro: Callable[[], Awaitable[None]]) -> None:
@@ -392,7 +401,7 @@ def test_gateway_serves_16_units_one_connection_at_a_time(tmp_path: Path) -> Non
                 # A second connection is closed at once, and counted.
                 reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
                 assert await asyncio.wait_for(reader.read(), 2.0) == b""
-                writer.close()
+                await _closed(writer)
                 # The first one is unaffected.
                 assert await _read(first, 16) == _expected(specs[15].points)
             finally:
@@ -447,7 +456,7 @@ def test_gateway_sees_a_request_sent_before_the_previous_answer(tmp_path: Path) 
                 writer.write(mbap(7, 1) + mbap(8, 2))
                 answers = [await asyncio.wait_for(reader.readexactly(13), 2.0) for _ in (1, 2)]
             finally:
-                writer.close()
+                await _closed(writer)
             stats = gw.stats()
         for answer, tid, spec in zip(answers, (7, 8), specs, strict=True):
             assert answer[:2] == tid.to_bytes(2, "big")
@@ -586,7 +595,7 @@ def test_cli_gateway_refuses_a_second_connection(tmp_path: Path, procs: list[Pro
             await _read(client, 16, 2)
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             assert await asyncio.wait_for(reader.read(), 2.0) == b""
-            writer.close()
+            await _closed(writer)
         finally:
             client.close()
 
