@@ -7,9 +7,11 @@ loaded machine can be slower than the line, never faster)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
+import tomllib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,14 @@ def _serial_client(path: Path, timing: LineTiming, timeout: float = 0.5) -> Asyn
     )
 
 
+async def _closed(writer: asyncio.StreamWriter) -> None:
+    """Close and wait: a socket left to the garbage collector is reported as unclosed in
+    whichever test runs next."""
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+
 def _run(coro: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(coro())  # type: ignore[arg-type]
 
@@ -145,6 +155,30 @@ def test_serial_units_answer_their_values_unknown_and_dead_units_are_silent(
     _run(go)
 
 
+def test_a_slow_unit_delays_its_own_answer_not_the_next_units(tmp_path: Path) -> None:
+    specs = _specs(2, u1="slow:1.0")
+    timing = LineTiming(115200)
+
+    async def go() -> None:
+        async with rtu_line(specs, tmp_path / "line", timing, step=STEP) as sim:
+            client = _serial_client(sim.path, timing, timeout=0.3)
+            assert await client.connect()
+            try:
+                assert await _silent(client, 1)  # the master gives up on unit 1
+                began = time.monotonic()
+                assert await _read(client, 2) == _expected(specs[1].points)
+                took = time.monotonic() - began
+                await asyncio.sleep(1.0)  # unit 1 answers, late, to nobody
+            finally:
+                client.close()
+            stats = sim.bus.stats()
+        assert took < 0.3  # unit 2 did not wait for unit 1's second
+        assert stats["units"]["1"]["answered"] == 1  # its late answer did go out
+        assert stats["overlaps"] == 0  # and found the line free
+
+    _run(go)
+
+
 def test_a_read_takes_at_least_its_frame_time_at_the_baud_rate(tmp_path: Path) -> None:
     timing = LineTiming(9600)
     specs = [DeviceSpec("plc-1", 0, unit=1, points=make_points(10, types=["uint16"]))]
@@ -169,9 +203,35 @@ def test_a_read_takes_at_least_its_frame_time_at_the_baud_rate(tmp_path: Path) -
     _run(go)
 
 
+def test_map_quirks_and_faults_of_the_tcp_simulator_hold_on_a_bus(tmp_path: Path) -> None:
+    """Holes answer 02, a read over max_registers 03, exception:CODE:N its code N times."""
+    specs = _specs(3, u3="exception:4:1")
+    specs[0].holes = frozenset({("holding", 6)})
+    specs[1].max_registers = 4
+    timing = LineTiming(115200)
+
+    async def go() -> None:
+        async with rtu_line(specs, tmp_path / "line", timing, step=STEP) as sim:
+            client = _serial_client(sim.path, timing)
+            assert await client.connect()
+            try:
+                codes = []
+                for unit, address, count in ((1, 0, 8), (1, 0, 6), (2, 0, 8), (2, 0, 4)):
+                    r = await client.read_holding_registers(address, count=count, device_id=unit)
+                    codes.append(r.exception_code if r.isError() else 0)
+                first = await client.read_holding_registers(0, count=2, device_id=3)
+                assert first.isError() and first.exception_code == 4
+                assert await _read(client, 3) == _expected(specs[2].points)
+            finally:
+                client.close()
+        assert codes == [2, 0, 3, 0]
+
+    _run(go)
+
+
 def test_overlaps_count_two_masters_on_one_line_and_stay_0_for_one(tmp_path: Path) -> None:
     specs = _specs(4)
-    timing = LineTiming(19200)
+    timing = LineTiming(9600)  # slow enough that two masters' requests surely meet
 
     async def go() -> None:
         async with rtu_line(specs, tmp_path / "line", timing, step=STEP) as sim:
@@ -280,7 +340,7 @@ def _cmdline(pid: int) -> str:
 
 def test_rtu_over_tcp_serves_rtu_frames_and_counts_two_connected_masters(tmp_path: Path) -> None:
     specs = _specs(3, u2="dead")
-    timing = LineTiming(115200)
+    timing = LineTiming(9600)  # slow enough that two masters' requests surely meet
 
     async def go() -> None:
         async with (
@@ -341,7 +401,7 @@ def test_gateway_serves_16_units_one_connection_at_a_time(tmp_path: Path) -> Non
                 # A second connection is closed at once, and counted.
                 reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
                 assert await asyncio.wait_for(reader.read(), 2.0) == b""
-                writer.close()
+                await _closed(writer)
                 # The first one is unaffected.
                 assert await _read(first, 16) == _expected(specs[15].points)
             finally:
@@ -382,6 +442,33 @@ def test_gateway_serialises_requests_and_counts_those_that_had_to_wait(tmp_path:
     _run(go)
 
 
+def test_gateway_sees_a_request_sent_before_the_previous_answer(tmp_path: Path) -> None:
+    """Two requests in one write on one connection: both answered, in order, one overlap."""
+    specs = _specs(2)
+
+    def mbap(tid: int, unit: int) -> bytes:
+        return tid.to_bytes(2, "big") + b"\0\0\0\x06" + bytes([unit]) + bytes.fromhex("0300000002")
+
+    async def go() -> None:
+        async with MbapGateway(specs, "127.0.0.1", 0, step=STEP) as gw:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            try:
+                writer.write(mbap(7, 1) + mbap(8, 2))
+                answers = [await asyncio.wait_for(reader.readexactly(13), 2.0) for _ in (1, 2)]
+            finally:
+                await _closed(writer)
+            stats = gw.stats()
+        for answer, tid, spec in zip(answers, (7, 8), specs, strict=True):
+            assert answer[:2] == tid.to_bytes(2, "big")
+            assert answer[6] == spec.unit
+            assert answer[7:9] == bytes([3, 4])
+            regs = [int.from_bytes(answer[9 + 2 * i : 11 + 2 * i], "big") for i in (0, 1)]
+            assert regs == _expected(spec.points)[:2]
+        assert stats["overlaps"] == 1
+
+    _run(go)
+
+
 def test_gateway_can_answer_a_silent_unit_with_exception_0b(tmp_path: Path) -> None:
     async def go() -> None:
         async with MbapGateway(
@@ -401,8 +488,11 @@ def test_gateway_can_answer_a_silent_unit_with_exception_0b(tmp_path: Path) -> N
 # -- fieldgate simulate modbus --rtu|--rtu-over-tcp|--gateway --
 
 
-def test_cli_rtu_prints_the_port_and_keeps_stats(tmp_path: Path, procs: list[Proc]) -> None:
+def test_cli_rtu_prints_the_port_keeps_stats_and_writes_a_link(
+    tmp_path: Path, pki_dir: Path, procs: list[Proc]
+) -> None:
     stats_file = tmp_path / "stats.json"
+    config = tmp_path / "gateway.toml"
     sim = Proc(
         fieldgate(
             "simulate",
@@ -418,6 +508,10 @@ def test_cli_rtu_prints_the_port_and_keeps_stats(tmp_path: Path, procs: list[Pro
             str(tmp_path / "line"),
             "--stats",
             str(stats_file),
+            "--write-config",
+            str(config),
+            "--pki",
+            str(pki_dir),
             "--step",
             str(STEP),
             "--types",
@@ -452,6 +546,20 @@ def test_cli_rtu_prints_the_port_and_keeps_stats(tmp_path: Path, procs: list[Pro
         return bool(stats["requests"] == 3 and stats["units"]["3"]["requests"] == 1)
 
     wait_until(counted, 10, "the stats file to count 3 requests")
+    written = tomllib.loads(config.read_text())
+    assert written["links"] == [
+        {
+            "name": "sim-bus",
+            "type": "rtu",
+            "port": str(path),
+            "baud": 57600,
+            "parity": "N",
+            "stop_bits": 1,
+        }
+    ]
+    assert [d["modbus"] for d in written["devices"]] == [
+        {"link": "sim-bus", "unit": u} for u in range(1, 9)
+    ]
     assert json.loads(stats_file.read_text())["overlaps"] == 0
     sim.stop()
     assert sim.popen.returncode == 0, sim.output()
@@ -487,7 +595,7 @@ def test_cli_gateway_refuses_a_second_connection(tmp_path: Path, procs: list[Pro
             await _read(client, 16, 2)
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             assert await asyncio.wait_for(reader.read(), 2.0) == b""
-            writer.close()
+            await _closed(writer)
         finally:
             client.close()
 
@@ -506,13 +614,21 @@ def test_cli_gateway_refuses_a_second_connection(tmp_path: Path, procs: list[Pro
         (("--rtu", "--fault", "2=crc:0"), "crc:N"),
         (("--rtu", "--units", "300"), "300: a bus carries 1 to 247 units"),
         (("--rtu-over-tcp", "--baud", "0"), "baud must be positive"),
+        (
+            (
+                "--baud",
+                "9600",
+            ),
+            "--baud is for a bus: add --rtu, --rtu-over-tcp or --gateway",
+        ),
+        (("--rtu", "--max-connections", "1"), "a serial line has no connections to limit"),
     ],
 )
 def test_cli_bad_bus_options_are_one_clear_line(args: tuple[str, ...], says: str) -> None:
     import subprocess
 
     done = subprocess.run(
-        fieldgate("simulate", "modbus", "--units", "4", *args),
+        fieldgate("simulate", "modbus", "--devices", "4", *args),
         capture_output=True,
         text=True,
         timeout=60,
@@ -520,3 +636,20 @@ def test_cli_bad_bus_options_are_one_clear_line(args: tuple[str, ...], says: str
     assert done.returncode != 0
     assert "Traceback" not in done.stderr
     assert says in done.stderr
+
+
+def test_cli_rtu_without_socat_says_so_in_one_line(tmp_path: Path) -> None:
+    import subprocess
+
+    done = subprocess.run(
+        fieldgate("simulate", "modbus", "--rtu", "--serial-dir", str(tmp_path / "line")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PATH": str(tmp_path / "no-such-bin")},
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "fieldgate: cannot start the simulated bus: socat is not installed "
+        "(Debian: apt-get install socat)"
+    )

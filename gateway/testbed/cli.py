@@ -159,7 +159,12 @@ def add_verbs(verbs: Any) -> None:
     modbus = sim.add_parser("modbus", help="simulated Modbus TCP devices, one port each")
     modbus.add_argument("--devices", type=int, default=5)
     modbus.add_argument("--host", default="127.0.0.1")
-    modbus.add_argument("--port", type=int, default=15020, help="first device's port")
+    modbus.add_argument(
+        "--port",
+        type=int,
+        default=15020,
+        help="first device's port (--rtu-over-tcp, --gateway: the listener's port)",
+    )
     modbus.add_argument("--points", type=int, default=9, help="points per device")
     modbus.add_argument(
         "--types", default=None, help="comma-separated point types (default: a mix of every type)"
@@ -174,7 +179,8 @@ def add_verbs(verbs: Any) -> None:
         action="append",
         default=[],
         metavar="ID=KIND",
-        help="dead | slow:SECONDS | exception:CODE[:N] (the first N requests) | down",
+        help="dead | slow:SECONDS | exception:CODE[:N] (the first N requests) | down | crc:N "
+        "(on a bus: every Nth answer with a bad CRC); on a bus ID may be a unit number",
     )
     modbus.add_argument(
         "--holes",

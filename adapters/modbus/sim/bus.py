@@ -15,12 +15,16 @@ is what a real RS-485 bus does to a master:
 - **Silence.** A unit id no device has does not answer; a ``dead`` (or ``down``) unit never
   answers; a frame with a bad CRC is dropped, and so is everything up to the next 3.5-character
   silence, as a real slave does.
+- **Independent units.** Each unit answers its own requests in order, but units do not wait
+  for each other: a ``slow`` unit delays its own answer, not the next unit's, and its late
+  answer goes out when it is ready, over whatever is on the line then.
 - **One talker at a time.** ``overlaps`` counts frames that started while the line still carried
   another frame: a request sent before the previous request or response had finished, or a
   response a unit had to start over a master's next request. A correct master keeps it at 0;
   two masters on one line (or a gateway that does not serialise its requests) make it grow.
   The frames themselves are still served, so that the counter, not a garbled answer, is what
-  a test asserts on.
+  a test asserts on. ``gap_violations`` counts requests that began within 3.5 characters of
+  the line falling idle (no collision, but less silence than the spec asks between frames).
 - **Fault ``crc:N``** (``--fault plc-3=crc:5``): every Nth response of that unit leaves with a
   corrupted CRC.
 
@@ -50,7 +54,7 @@ import json
 import os
 import time
 import tty
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +98,10 @@ class LineStats:
     mode: str
     units: dict[int, UnitStats] = field(default_factory=dict)
     overlaps: int = 0
+    # Requests that started less than 3.5 characters after the line fell idle: no collision,
+    # but a real slave may take them for the tail of the previous frame (pymodbus's own
+    # client does not keep this gap; a master that does keeps the counter at 0).
+    gap_violations: int = 0
     bad_frames: int = 0  # CRC wrong, truncated, garbage (RTU); malformed MBAP headers
     unknown_unit: int = 0  # requests to a unit id no device has: not answered
     broadcasts: int = 0
@@ -105,6 +113,7 @@ class LineStats:
         return {
             "mode": self.mode,
             "overlaps": self.overlaps,
+            "gap_violations": self.gap_violations,
             "bad_frames": self.bad_frames,
             "unknown_unit": self.unknown_unit,
             "broadcasts": self.broadcasts,
@@ -131,6 +140,7 @@ class _Unit:
         self.stats = stats
         self.crc_every = crc_every(spec.fault)
         self.silent = spec.fault in SILENT_FAULTS
+        self.turn = asyncio.Lock()  # a unit answers its own requests one after the other
 
 
 def _units(specs: list[DeviceSpec], step: float, stats: LineStats) -> dict[int, _Unit]:
@@ -239,7 +249,7 @@ class _Frame:
 
 
 class RtuBus:
-    """Units sharing one RTU line, answering one frame at a time in the order they came.
+    """Units sharing one RTU line; each answers its own requests in the order they came.
 
     ``async with RtuBus(specs, timing) as bus``; then attach ways onto it: :class:`SerialPort`
     (a pty end), :class:`RtuOverTcp` (a TCP listener), or :meth:`port` for your own."""
@@ -254,6 +264,7 @@ class RtuBus:
         self._queue: asyncio.Queue[_Frame] = asyncio.Queue()
         self._busy_until = 0.0
         self._worker: asyncio.Task[None] | None = None
+        self._answering: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -273,16 +284,19 @@ class RtuBus:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
-            self._worker = None
+        tasks = [t for t in (self._worker, *self._answering) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._worker = None
 
     # The line's occupancy, as the ports report bytes arriving.
 
     def frame_started(self, now: float, nbytes: int) -> None:
         if now < self._busy_until:
             self.stats_.overlaps += 1
+        elif now < self._busy_until + self.timing.gap:
+            self.stats_.gap_violations += 1
         self.occupy(now, nbytes, now)
 
     def occupy(self, start: float, nbytes: int, now: float) -> None:
@@ -299,13 +313,12 @@ class RtuBus:
 
     async def _serve(self) -> None:
         while True:
-            item = await self._queue.get()
-            try:
-                await self._answer(item)
-            except Exception as err:  # a test tool keeps serving, and says why
-                print(f"simulated bus: frame {item.adu.hex()}: {err!r}", flush=True)
+            self._dispatch(await self._queue.get())
 
-    async def _answer(self, item: _Frame) -> None:
+    def _dispatch(self, item: _Frame) -> None:
+        """Hand a frame to the unit it names. Units are independent, as on a real bus: a slow
+        unit delays its own answers, not another unit's (its late answer may then collide
+        with the next one, which ``overlaps`` counts)."""
         checked = rtuframe.check(item.adu)
         assert checked is not None
         unit_id, pdu = checked
@@ -313,21 +326,39 @@ class RtuBus:
             self.stats_.broadcasts += 1
             for each in self.units.values():
                 if not each.silent:
-                    await each.engine.execute(pdu)
+                    self._spawn(self._act(each, pdu), each)
             return
         unit = self.units.get(unit_id)
         if unit is None:
             self.stats_.unknown_unit += 1
             return
         unit.stats.requests += 1
-        if unit.silent:
-            return
-        answer = rtuframe.frame(unit_id, await unit.engine.execute(pdu))
-        unit.stats.answered += 1
-        if unit.crc_every and unit.stats.answered % unit.crc_every == 0:
-            answer = rtuframe.corrupt(answer)
-            unit.stats.crc_faults += 1
-        await self.transmit(item.port, answer, not_before=item.end + self.timing.gap)
+        if not unit.silent:
+            self._spawn(self._answer(unit, item, pdu), unit)
+
+    def _spawn(self, work: Coroutine[Any, Any, None], unit: _Unit) -> None:
+        task = asyncio.create_task(work, name=f"rtu-unit[{unit.device.spec.device_id}]")
+        self._answering.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._answering.discard(task)
+        if not task.cancelled() and (err := task.exception()) is not None:
+            # A test tool keeps serving, and says why.
+            print(f"simulated bus: {task.get_name()}: {err!r}", flush=True)
+
+    async def _act(self, unit: _Unit, pdu: bytes) -> None:
+        async with unit.turn:
+            await unit.engine.execute(pdu)
+
+    async def _answer(self, unit: _Unit, item: _Frame, pdu: bytes) -> None:
+        async with unit.turn:
+            answer = rtuframe.frame(unit.engine.unit, await unit.engine.execute(pdu))
+            unit.stats.answered += 1
+            if unit.crc_every and unit.stats.answered % unit.crc_every == 0:
+                answer = rtuframe.corrupt(answer)
+                unit.stats.crc_faults += 1
+            await self.transmit(item.port, answer, not_before=item.end + self.timing.gap)
 
     async def transmit(self, port: BusPort, adu: bytes, *, not_before: float) -> None:
         """Send ``adu`` through ``port`` at the baud rate, its first character no earlier than
@@ -400,8 +431,12 @@ class SerialPort:
             data = os.read(self._fd, 4096)
         except (BlockingIOError, InterruptedError):
             return
-        except OSError:
-            data = b""  # EIO: the other side of the pty is gone for now
+        except OSError as err:
+            # EIO: the cable is gone (socat stopped). Stop reading, or the loop would spin on
+            # a descriptor that is always readable; the answers' bytes are dropped from now on.
+            self.bus.loop.remove_reader(self._fd)
+            print(f"simulated bus: {self.path}: {err.strerror}; no longer reading", flush=True)
+            return
         self._port.received(data)
 
     async def __aexit__(self, *exc: object) -> None:
@@ -542,12 +577,17 @@ class MbapGateway(_Listener):
         self.timing = timing
         self.target_timeout = target_timeout
         self.answer_timeout = answer_timeout
-        self._turn = asyncio.Lock()
+        # Requests from every connection, in arrival order; one worker serves them.
+        self._queue: asyncio.Queue[tuple[asyncio.StreamWriter, bytes, bytes]] = asyncio.Queue()
+        self._busy = False
+        self._worker: asyncio.Task[None] | None = None
 
     def stats(self) -> dict[str, Any]:
         return self.stats_.as_dict()
 
     async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Read requests as they come (a master that sends before its answer is in is seen
+        at once, not when its turn comes) and queue them for the one worker."""
         while True:
             try:
                 header = await reader.readexactly(MBAP_HEADER)
@@ -555,27 +595,28 @@ class MbapGateway(_Listener):
                 if err.partial:
                     self.stats_.bad_frames += 1
                 return
-            tid = int.from_bytes(header[0:2], "big")
             protocol = int.from_bytes(header[2:4], "big")
             length = int.from_bytes(header[4:6], "big")
-            unit_id = header[6]
             if protocol != 0 or not 2 <= length <= 254:
                 self.stats_.bad_frames += 1
                 return
             pdu = await reader.readexactly(length - 1)
-            if self._turn.locked():
+            if self._busy or not self._queue.empty():
                 self.stats_.overlaps += 1
-            async with self._turn:
-                answer = await self._answer(unit_id, pdu)
-            if answer is not None:
-                writer.write(
-                    tid.to_bytes(2, "big")
-                    + b"\0\0"
-                    + (len(answer) + 1).to_bytes(2, "big")
-                    + bytes([unit_id])
-                    + answer
-                )
-                await writer.drain()
+            self._queue.put_nowait((writer, header, pdu))
+
+    async def _serve(self) -> None:
+        while True:
+            writer, header, pdu = await self._queue.get()
+            self._busy = True
+            try:
+                answer = await self._answer(header[6], pdu)
+            finally:
+                self._busy = False
+            if answer is None or writer.is_closing():
+                continue
+            # Transaction id and unit as asked; protocol 0; the length of unit and PDU.
+            writer.write(header[0:4] + (len(answer) + 1).to_bytes(2, "big") + header[6:7] + answer)
 
     async def _answer(self, unit_id: int, pdu: bytes) -> bytes | None:
         unit = self.units.get(unit_id)
@@ -597,11 +638,23 @@ class MbapGateway(_Listener):
         return answer
 
     async def __aenter__(self) -> MbapGateway:
-        await self.start()
+        self._worker = asyncio.create_task(self._serve(), name="mbap-gateway")
+        try:
+            await self.start()
+        except BaseException:
+            await self._stop_worker()
+            raise
         return self
+
+    async def _stop_worker(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+            self._worker = None
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+        await self._stop_worker()
 
 
 @dataclass

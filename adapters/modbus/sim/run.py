@@ -32,6 +32,8 @@ from gateway.testbed import simconfig
 
 FAULT_KINDS = ("dead", "slow:", "exception:", "down", "crc:")
 BUS_MODES = ("rtu", "rtu_over_tcp", "gateway")
+# Options that mean nothing to the TCP devices (one port each): given without a bus mode, an error.
+BUS_ONLY = ("--units", "--baud", "--serial-dir", "--max-connections", "--stats", "--answer-timeout")
 DEFAULT_BAUD = 19200
 STATS_EVERY = 0.25  # seconds between rewrites of --stats FILE while the counters change
 
@@ -46,7 +48,15 @@ def build_specs(args: argparse.Namespace) -> list[DeviceSpec]:
     types = [t.strip() for t in args.types.split(",")] if args.types else None
     mode = bus_mode(args)
     count = args.devices
-    if mode is not None:
+    if mode is None:
+        for flag in BUS_ONLY:
+            if getattr(args, flag.lstrip("-").replace("-", "_"), None) not in (None, False):
+                raise ConfigError(
+                    flag, [f"{flag} is for a bus: add --rtu, --rtu-over-tcp or --gateway"]
+                )
+    else:
+        if mode == "rtu" and args.max_connections is not None:
+            raise ConfigError("--max-connections", ["a serial line has no connections to limit"])
         count = args.units if getattr(args, "units", None) is not None else args.devices
         if not 1 <= count <= 247:
             raise ConfigError("--units", [f"{count}: a bus carries 1 to 247 units"])
