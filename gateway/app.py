@@ -20,7 +20,8 @@ from typing import Any
 
 from adapters.base import DeviceHealth
 from adapters.modbus.admission import ModbusRequirements
-from adapters.modbus.link import ModbusLink
+from adapters.modbus.config import ModbusLinkConfig
+from adapters.modbus.link import ModbusBus, ModbusLink
 from adapters.modbus.planstore import PlanStore
 from adapters.modbus.security import ModbusTlsError
 from adapters.modbus.security import client_context as modbus_tls_context
@@ -171,6 +172,13 @@ class Gateway:
                     self._modbus_tls[device.id] = modbus_tls_context(device.modbus.tls, passphrase)
                 except ModbusTlsError as err:
                     raise StartupError(f"devices[{index}].modbus.{err} ({device.id})") from err
+        for index, link in enumerate(cfg.links):
+            tls = getattr(link, "tls", None)
+            if tls is not None:
+                try:
+                    self._modbus_tls[f"links/{link.name}"] = modbus_tls_context(tls, passphrase)
+                except ModbusTlsError as err:
+                    raise StartupError(f"links[{index}].{err} ({link.name})") from err
         if cfg.secrets.allow_clear_keys:
             clear = [d.id for d in cfg.devices if not identity.key_is_encrypted(d.key.read_bytes())]
             if clear:
@@ -243,7 +251,9 @@ class Gateway:
         contexts: dict[str, ssl.SSLContext],
     ) -> None:
         cfg = self.config
-        gate = AuthGate([_registration(d, self.enrolment) for d in cfg.devices], self.events.record)
+        gate = AuthGate(
+            [_registration(d, cfg, self.enrolment) for d in cfg.devices], self.events.record
+        )
         self.step = PipelineStep(batcher, sealer, gate.admitted)
         pipeline = Intake(self.step)
         connects = RateLimiter(cfg.hub.connect_rate)
@@ -264,31 +274,42 @@ class Gateway:
             session_tasks = [
                 uplink.create_task(s.run(), name=f"uplink[{d}]") for d, s in self.sessions.items()
             ]
-            modbus = [d for d in cfg.devices if d.enabled and d.modbus is not None]
+            links = cfg.modbus_links()
             # Bursts of at most about BURST devices: smaller ones would cost more commits and
             # wake-ups than they save in waiting (3x the CPU on 20 devices, same latency).
-            phases = min(MAX_PHASES, max(1, -(-len(modbus) // BURST)))
+            phases = min(MAX_PHASES, max(1, -(-len(links) // BURST)))
             plans = PlanStore(cfg.gateway.state_dir)
             async with asyncio.TaskGroup() as intake:
+                # One task per link: a device with its own host is its own link (poll[id]),
+                # the devices on a [[links]] entry share it (link[name]).
                 pollers = [
                     intake.create_task(
-                        ModbusLink(
-                            d.id,
-                            d.modbus,
-                            d.points,
-                            pipeline.accept,
-                            gate.admit,
-                            self.health[d.id],
-                            phases=phases,
-                            on_event=self._event,
-                            plans=plans,
-                            tls_context=self._modbus_tls.get(d.id),
-                            identity=d.identity,
+                        ModbusBus(
+                            link,
+                            [
+                                ModbusLink(
+                                    d.id,
+                                    d.modbus.on(link),
+                                    d.points,
+                                    pipeline.accept,
+                                    gate.admit,
+                                    self.health[d.id],
+                                    phases=phases,
+                                    on_event=self._event,
+                                    plans=plans,
+                                    transport=link.transport,
+                                    identity=d.identity,
+                                )
+                                for d in devices
+                                if d.modbus is not None
+                            ],
+                            tls_context=self._modbus_tls.get(_tls_key(link, devices)),
                         ).run(),
-                        name=f"poll[{d.id}]",
+                        name=f"link[{link.name}]"
+                        if devices[0].modbus is not None and devices[0].modbus.link is not None
+                        else f"poll[{devices[0].id}]",
                     )
-                    for d in modbus
-                    if d.modbus is not None
+                    for link, devices in links
                 ]
                 pollers += [
                     intake.create_task(radio, name=f"ble[{name}]")
@@ -385,7 +406,16 @@ class Gateway:
         )
 
 
-def _registration(device: DeviceConfig, enrolment: Enrolment | None = None) -> Registration:
+def _tls_key(link: ModbusLinkConfig, devices: list[DeviceConfig]) -> str:
+    """Where :meth:`Gateway._prepare` keeps a link's TLS client context: under the device's
+    id for a device's own host, under ``links/NAME`` for a configured link."""
+    own = devices[0].modbus is not None and devices[0].modbus.link is None
+    return devices[0].id if own else f"links/{link.name}"
+
+
+def _registration(
+    device: DeviceConfig, config: Config, enrolment: Enrolment | None = None
+) -> Registration:
     """What the registry (the config, and the enrolled fingerprints) says of a device."""
     requirements: Requirements | None = None
     if device.modbus is not None and device.identity is not None:
@@ -398,4 +428,5 @@ def _registration(device: DeviceConfig, enrolment: Enrolment | None = None) -> R
         ble = device.ble
         key_file = ble.challenge.key_file if ble.challenge is not None else None
         requirements = BleRequirements.of(ble.address, ble.app_id, ble.bond, key_file)
-    return Registration(device.id, device.transport, device.endpoint, device.enabled, requirements)
+    transport = config.transport_of(device)
+    return Registration(device.id, transport, device.endpoint, device.enabled, requirements)

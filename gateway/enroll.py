@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.core.errors import EXIT_FAILED, ConfigError, FieldgateError
 
 if TYPE_CHECKING:  # the parser is built for every verb: pydantic loads only where needed
+    from adapters.modbus.config import ModbusLinkConfig
     from gateway.config import Config, DeviceConfig
 
 SUFFIX = ".enrolled.json"
@@ -196,29 +197,61 @@ def enrollable(cfg: Config, only: list[str]) -> list[DeviceConfig]:
     ]
 
 
-async def read_fingerprints(devices: list[DeviceConfig]) -> dict[str, tuple[dict[str, str], str]]:
+async def read_fingerprints(
+    cfg: Config, devices: list[DeviceConfig]
+) -> dict[str, tuple[dict[str, str], str]]:
     """Each device's fingerprint (values, and how it was read), or an error text as values
-    ``{}`` with the reason; read concurrently, one connection each."""
+    ``{}`` with the reason. One connection per link, as the gateway keeps (a serial port, or a
+    serial-to-Ethernet gateway that takes one connection), its units read one after another;
+    the links concurrently."""
     from adapters.modbus.identity import collect_fingerprint, comparable
-    from adapters.modbus.transport import ModbusTransport
+    from adapters.modbus.link import UnitSource
+    from adapters.modbus.security import ModbusTlsError
+    from adapters.modbus.security import client_context as modbus_tls_context
+    from adapters.modbus.transport import ModbusTransport, Target
 
-    async def one(device: DeviceConfig) -> tuple[dict[str, str], str]:
-        assert device.modbus is not None and device.identity is not None
-        wrong: list[str] = []
+    wanted = {d.id for d in devices}
+
+    def ignore(_cause: str, _target: Target | None) -> None:
+        pass  # a wrong answer fails its read, which says so below
+
+    async def one_link(
+        link: ModbusLinkConfig, members: list[DeviceConfig]
+    ) -> dict[str, tuple[dict[str, str], str]]:
+        out: dict[str, tuple[dict[str, str], str]] = {}
+        tls = getattr(link, "tls", None)
         try:
-            async with ModbusTransport(device.id, device.modbus, wrong.append) as transport:
-                found = await collect_fingerprint(transport, device.identity)
-        except FieldgateError as err:
-            return {}, str(err)
-        if found.refusal is not None:
-            return {}, found.refusal
-        how = found.notes.get("identity_source", "")
-        if "fc43" in found.notes:
-            how += f" (FC 43 answered {found.notes['fc43']})"
-        return comparable(found.values), how
+            context = None if tls is None else modbus_tls_context(tls, cfg.secrets.passphrase())
+            async with ModbusTransport(link, ignore, context) as transport:
+                for device in members:
+                    assert device.modbus is not None and device.identity is not None
+                    target = Target(device.id, device.modbus.unit, device.endpoint)
+                    try:
+                        found = await collect_fingerprint(
+                            UnitSource(transport, target), device.identity
+                        )
+                    except FieldgateError as err:
+                        out[device.id] = {}, str(err)
+                        continue
+                    if found.refusal is not None:
+                        out[device.id] = {}, found.refusal
+                        continue
+                    how = found.notes.get("identity_source", "")
+                    if "fc43" in found.notes:
+                        how += f" (FC 43 answered {found.notes['fc43']})"
+                    out[device.id] = comparable(found.values), how
+        except (FieldgateError, ModbusTlsError) as err:
+            for device in members:
+                out.setdefault(device.id, ({}, str(err)))
+        return out
 
-    results = await asyncio.gather(*(one(d) for d in devices))
-    return {d.id: r for d, r in zip(devices, results, strict=True)}
+    groups = [
+        (link, [d for d in members if d.id in wanted]) for link, members in cfg.modbus_links()
+    ]
+    results: dict[str, tuple[dict[str, str], str]] = {}
+    for part in await asyncio.gather(*(one_link(k, m) for k, m in groups if m)):
+        results.update(part)
+    return {d.id: results.get(d.id, ({}, "not read")) for d in devices}
 
 
 def decide(
@@ -284,7 +317,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         return 0
 
     async def main(_stop: asyncio.Event) -> dict[str, tuple[dict[str, str], str]]:
-        return await read_fingerprints(devices)
+        return await read_fingerprints(cfg, devices)
 
     read = runtime.run(main)
     confirm = (lambda _q: True) if args.yes else _ask

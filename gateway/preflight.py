@@ -10,8 +10,10 @@ import socket
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import Any
 
-from gateway.config import Config
+from adapters.modbus.config import TcpLink
+from gateway.config import Config, DeviceConfig
 from gateway.identity import checks as identity
 
 Resolver = Callable[[str], set[str]]
@@ -32,11 +34,18 @@ def problems(config: Config) -> list[str]:
 def _modbus_tls(config: Config) -> list[str]:
     """The gateway's client identity on each Modbus/TCP Security link."""
     found: list[str] = []
-    for index, device in enumerate(config.devices):
-        tls = device.modbus.tls if device.enabled and device.modbus is not None else None
+    where: list[tuple[str, Any]] = [
+        (f"devices[{index}].modbus.tls", device.modbus.tls)
+        for index, device in enumerate(config.devices)
+        if device.enabled and device.modbus is not None
+    ]
+    where += [
+        (f"links[{index}].tls", getattr(k, "tls", None)) for index, k in enumerate(config.links)
+    ]
+    for field, tls in where:
         if tls is not None:
             found += identity.check_modbus_client(
-                f"devices[{index}].modbus.tls",
+                field,
                 tls.cert,
                 _read(tls.cert),
                 tls.key,
@@ -80,24 +89,39 @@ def resolve_all(
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _tcp_endpoint(config: Config, device: DeviceConfig) -> tuple[str, int, int] | None:
+    """Where a Modbus TCP device is: its own host, or its ``tcp`` link's (host, port, unit)."""
+    modbus = device.modbus
+    if modbus is None:
+        return None
+    if modbus.host is not None:
+        return modbus.host, modbus.port, modbus.unit
+    link = config.link_named(modbus.link or "")
+    if isinstance(link, TcpLink):
+        return link.host, link.port, modbus.unit
+    return None  # serial, or RTU through TCP: (link, unit) is checked by the config
+
+
 def same_endpoints(config: Config, resolve: Resolver = addresses) -> list[str]:
     """Two Modbus devices at one address, port and unit under two names (``localhost`` and
-    ``127.0.0.1``): both would poll the same device and report it under two identities."""
+    ``127.0.0.1``, or a device's own host and a ``tcp`` link's): both would poll the same
+    device and report it under two identities."""
     found: list[str] = []
-    cache = resolve_all((d.modbus.host for d in config.devices if d.modbus is not None), resolve)
+    where = {i: _tcp_endpoint(config, d) for i, d in enumerate(config.devices)}
+    cache = resolve_all((e[0] for e in where.values() if e is not None), resolve)
     owners: dict[tuple[str, int, int], int] = {}
-    for index, device in enumerate(config.devices):
-        modbus = device.modbus
-        if modbus is None:
+    for index, endpoint in where.items():
+        if endpoint is None:
             continue
-        for address in sorted(cache[modbus.host]):
-            first = owners.setdefault((address, modbus.port, modbus.unit), index)
+        host, port, unit = endpoint
+        for address in sorted(cache[host]):
+            first = owners.setdefault((address, port, unit), index)
             if first != index:
                 other = config.devices[first]
-                assert other.modbus is not None
+                ohost, oport, ounit = where[first] or endpoint
                 found.append(
-                    f"devices[{index}].modbus: {modbus.host}:{modbus.port} unit {modbus.unit} is "
-                    f"{other.modbus.host}:{other.modbus.port} unit {other.modbus.unit}, already "
+                    f"devices[{index}].modbus: {host}:{port} unit {unit} is "
+                    f"{ohost}:{oport} unit {ounit}, already "
                     f"bound to device {other.id!r} (both are {address})"
                 )
                 break

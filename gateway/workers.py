@@ -1,7 +1,8 @@
 """Several gateway processes over disjoint device sets: one event loop (one core) each.
 
 ``fieldgate run --workers W`` starts W children, ``fieldgate run --worker I/W`` each. Worker I
-takes Modbus devices I, I+W, I+2W, ... of the config and the BLE devices of every W-th adapter
+takes Modbus devices I, I+W, I+2W, ... of the config (a shared link's devices: links I, I+W,
+...) and the BLE devices of every W-th adapter
 (one process per radio), and has its own state folder
 (``state_dir/worker-I``): its own store, security events and sessions. The parent forwards
 SIGTERM/SIGINT, so every worker flushes, and restarts a worker that dies unexpectedly,
@@ -34,7 +35,13 @@ def worker_config(cfg: Config, index: int, count: int) -> Config:
     """The share of ``cfg`` that worker ``index`` of ``count`` runs."""
     if not 0 <= index < count:
         raise ValueError(f"worker {index}/{count} does not exist")
-    modbus = [d for d in cfg.devices if d.ble is None][index::count]
+    # Devices with their own host: every W-th; devices on a [[links]] entry go with their link
+    # (one task per link, one connection), every W-th link.
+    own = [d for d in cfg.devices if d.modbus is not None and d.modbus.link is None]
+    links = {k.name for k in cfg.links[index::count]}
+    modbus = own[index::count] + [
+        d for d in cfg.devices if d.modbus is not None and d.modbus.link in links
+    ]
     # A radio serves one process: discovery, pairing and connection slots are the adapter's.
     adapters = sorted({d.ble.adapter for d in cfg.devices if d.ble is not None})
     mine = set(adapters[index::count])

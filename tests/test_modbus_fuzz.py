@@ -33,6 +33,7 @@ import pytest
 from adapters.base import DeviceHealth
 from adapters.modbus import checks
 from adapters.modbus.checks import MBAP_SIZE, WRITE_CODES, Expected, Verdict, check_response
+from adapters.modbus.config import implicit_link
 from adapters.modbus.link import ModbusLink
 from adapters.modbus.sim import hostile
 from adapters.modbus.sim.devices import (
@@ -278,7 +279,7 @@ def test_the_framer_hands_pymodbus_only_frames_whose_values_are_the_frames() -> 
     assert endpoint is not None
 
     async def make() -> ModbusTransport:  # pymodbus's client wants a running loop
-        return ModbusTransport("fz-1", endpoint, lambda _cause: None)
+        return ModbusTransport(implicit_link("fz-1", endpoint), lambda _cause, _target: None)
 
     transport = asyncio.run(make())
     framer = transport._framer
@@ -298,7 +299,7 @@ def test_the_framer_hands_pymodbus_only_frames_whose_values_are_the_frames() -> 
         data = MBAP.wrap(expected, correct_pdu(expected, rng))
         for _ in range(rng.choice((0, 1, 2))):
             data = mutate(MBAP, data, rng, [])
-        framer.expected = (fc, expected.count, expected.bits, expected.address)
+        framer.expected = (endpoint.unit, fc, expected.count, expected.bits, expected.address, None)
         before = len(wrong)
         used, pdu = framer.handleFrame(data, endpoint.unit, expected.transaction_id)
         oracle = MBAP.oracle(data, expected)

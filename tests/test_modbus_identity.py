@@ -23,7 +23,7 @@ from adapters.modbus.checks import (
     Expected,
     check_response,
 )
-from adapters.modbus.config import ModbusEndpoint, ModbusIdentity
+from adapters.modbus.config import ModbusEndpoint, ModbusIdentity, implicit_link
 from adapters.modbus.identity import (
     Identification,
     collect_evidence,
@@ -33,7 +33,7 @@ from adapters.modbus.identity import (
     objects_fingerprint,
     text,
 )
-from adapters.modbus.link import ModbusLink
+from adapters.modbus.link import ModbusLink, UnitSource
 from adapters.modbus.sim.devices import (
     DeviceSpec,
     SimulatedFleet,
@@ -42,7 +42,7 @@ from adapters.modbus.sim.devices import (
     make_points,
 )
 from adapters.modbus.sim.server import DeviceServer
-from adapters.modbus.transport import ModbusTransport
+from adapters.modbus.transport import ModbusTransport, Target
 from gateway import config as config_mod
 from gateway.core.auth import AuthGate, Registration
 from gateway.core.errors import ConfigError, DeviceUnavailable
@@ -283,7 +283,9 @@ def test_fc43_and_identity_registers_are_read_from_the_device() -> None:
                 {"fc43": True, "registers": [{"name": "serial", "address": serial_at, "count": 5}]}
             )
             endpoint = ModbusEndpoint(host="127.0.0.1", port=port)
-            async with ModbusTransport("plc-1", endpoint, lambda _c: None) as transport:
+            link = implicit_link("plc-1", endpoint)
+            async with ModbusTransport(link, lambda _c, _t: None) as shared:
+                transport = UnitSource(shared, Target("plc-1", endpoint.unit, endpoint.label))
                 found = await collect_fingerprint(transport, identity)
         assert found.refusal is None
         assert found.values["vendor"] == "Fieldgate Simulations"
@@ -310,7 +312,9 @@ def test_a_long_identification_is_followed_through_more_follows() -> None:
         port = free_ports(1)
         async with DeviceServer("127.0.0.1", port, 1, 64, noop, identify):
             endpoint = ModbusEndpoint(host="127.0.0.1", port=port)
-            async with ModbusTransport("dev", endpoint, lambda _c: None) as transport:
+            link = implicit_link("dev", endpoint)
+            async with ModbusTransport(link, lambda _c, _t: None) as shared:
+                transport = UnitSource(shared, Target("dev", endpoint.unit, endpoint.label))
                 found = await collect_fingerprint(transport, ModbusIdentity(fc43=True))
         assert found.refusal is None
         return found.values
@@ -330,7 +334,9 @@ def test_fc43_exception_falls_back_to_identity_registers_or_refuses_without_them
                 {"fc43": True, "registers": [{"name": "serial", "address": serial_at, "count": 5}]}
             )
             endpoint = ModbusEndpoint(host="127.0.0.1", port=port)
-            async with ModbusTransport("plc-1", endpoint, lambda _c: None) as transport:
+            link = implicit_link("plc-1", endpoint)
+            async with ModbusTransport(link, lambda _c, _t: None) as shared:
+                transport = UnitSource(shared, Target("plc-1", endpoint.unit, endpoint.label))
                 fallback = await collect_fingerprint(transport, both)
                 alone = await collect_evidence(
                     transport, "plc-1", endpoint.label, ModbusIdentity(fc43=True)

@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from adapters.base import DOWN, UP, DeviceHealth, Evidence
-from adapters.modbus.config import ModbusEndpoint, ModbusTls, Point
-from adapters.modbus.link import ModbusLink
+from adapters.modbus.config import ModbusEndpoint, ModbusTls, Point, TcpLink
+from adapters.modbus.link import ModbusBus, ModbusLink
 from adapters.modbus.security import (
     EXPIRED,
     FINGERPRINT,
@@ -137,11 +137,13 @@ def _run(
     gateway_pki: Path | None = None,
     port: int | None = None,
     server_name: str | None = None,
+    shared: bool = False,
 ) -> Outcome:
     """A TLS device allowing role ``operator`` and a link to it, until the link delivered
     scans of every point (``until="scans"``), or has made ``attempts`` connections
     (``"attempts"``), or the device refused requests (``"refusals"``). With ``port``, the
-    device is one already listening there (another TLS stack)."""
+    device is one already listening there (another TLS stack). ``shared``: the device is a
+    unit of a configured ``tcp`` link with the ``tls`` table (one task for the link)."""
     cert, key = device or plant.device_cert("plc-tls")
     issuer = pki_mod.Pki(gateway_pki or plant.root)
     gw_cert, gw_key = issuer.device_cert(gateway), issuer.device_key(gateway)
@@ -169,9 +171,10 @@ def _run(
             "127.0.0.1", port, UNIT, 64, _registers, sslctx=sslctx, roles=frozenset({"operator"})
         )
         async with contextlib.nullcontext() if external else server:
+            tls_gw = TcpLink(name="tls-gw", type="tcp", host="127.0.0.1", port=port, tls=tls)
             link = ModbusLink(
                 "plc-tls",
-                endpoint,
+                ModbusEndpoint(link="tls-gw", unit=UNIT).on(tls_gw) if shared else endpoint,
                 POINTS,
                 out.scans.append,
                 admit,
@@ -181,7 +184,13 @@ def _run(
                 on_event=on_event,
                 tls_context=client_context(tls, issuer.passphrase()),
             )
-            task = asyncio.create_task(link.run(), name="poll[plc-tls]")
+            context = client_context(tls, issuer.passphrase())
+            runner = (
+                ModbusBus(tls_gw, [link], backoff_min=0.05, backoff_max=0.2, tls_context=context)
+                if shared
+                else link
+            )
+            task = asyncio.create_task(runner.run(), name="poll[plc-tls]")
 
             def done() -> bool:
                 if until == "scans":
@@ -215,11 +224,13 @@ def _der(pem: Path) -> bytes:
 # -- served -------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["own-host", "tcp-link-with-tls"])
 def test_the_right_role_is_served_and_readings_arrive_with_the_devices_values(
-    plant: Plant,
+    plant: Plant, shared: bool
 ) -> None:
     device = plant.device_cert("plc-served")
-    out = _run(plant, device=device, fingerprint=hashlib.sha256(_der(device[0])).hexdigest())
+    pin = hashlib.sha256(_der(device[0])).hexdigest()
+    out = _run(plant, device=device, fingerprint=pin, shared=shared)
     values = {
         n: v for s in out.scans if s.quality == GOOD for n, v in zip(s.names, s.values, strict=True)
     }

@@ -12,12 +12,16 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from adapters.modbus.config import TRANSPORTS as LINK_TYPES
 from gateway.config.models import Config
 from gateway.core.errors import ConfigError
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
     out = ""
+    # A tagged union (a [[links]] entry) puts its tag in the path: links[0].rtu.parity.
+    if len(loc) > 2 and loc[0] == "links" and loc[2] in LINK_TYPES:
+        loc = loc[:2] + loc[3:]
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
@@ -34,6 +38,11 @@ def _reason(error: Any) -> str:
     if kind == "literal_error":
         expected = error.get("ctx", {}).get("expected", "")
         return f"{given!r} is not one of {expected}"
+    if kind == "union_tag_not_found":  # a [[links]] entry without its type
+        return f"type required: one of {', '.join(map(repr, LINK_TYPES))}"
+    if kind == "union_tag_invalid":
+        tag = error.get("ctx", {}).get("tag")
+        return f"type {tag!r} is not one of {', '.join(map(repr, LINK_TYPES))}"
     if kind == "extra_forbidden":
         return "unknown field (check its spelling)"
     if kind == "missing":

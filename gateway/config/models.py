@@ -23,7 +23,15 @@ from pydantic import (
 )
 
 from adapters.ble.config import BleEndpoint, BleSection
-from adapters.modbus.config import ModbusEndpoint, ModbusIdentity, Point, point_problems
+from adapters.modbus.config import (
+    UNIT_RANGES,
+    ModbusEndpoint,
+    ModbusIdentity,
+    ModbusLinkConfig,
+    Point,
+    implicit_link,
+    point_problems,
+)
 from gateway.core.errors import ConfigError
 
 # IoT Hub allows a few more characters in device ids; these are the ones that are also safe in an
@@ -264,10 +272,6 @@ class DeviceConfig(_Model):
         return self
 
     @property
-    def transport(self) -> str:
-        return "modbus-tcp" if self.modbus is not None else "ble"
-
-    @property
     def endpoint(self) -> str:
         if self.modbus is not None:
             return self.modbus.label
@@ -283,6 +287,8 @@ class Config(_Model):
     gateway: GatewaySection = GatewaySection()
     store: StoreConfig = StoreConfig()
     ble: BleSection = BleSection()
+    # Modbus links (tcp, rtu, rtu-over-tcp) shared by the devices that name them.
+    links: list[ModbusLinkConfig] = Field(default_factory=list)
     devices: list[DeviceConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -296,8 +302,10 @@ class Config(_Model):
                     f"devices[{index}].id: {device.id!r} is already devices[{seen[device.id]}]"
                 )
             seen[device.id] = index
-            if device.modbus is not None:
-                key = (device.modbus.host, device.modbus.port, device.modbus.unit)
+            if device.modbus is not None and device.modbus.link is not None:
+                self._check_unit(index, device)
+            elif device.modbus is not None:
+                key = (str(device.modbus.host), device.modbus.port, device.modbus.unit)
                 if key in endpoints:
                     raise ValueError(
                         f"devices[{index}].modbus: {key[0]}:{key[1]} unit {key[2]} is already "
@@ -312,3 +320,79 @@ class Config(_Model):
                     )
                 radios[name] = device.id
         return self
+
+    @model_validator(mode="after")
+    def _unique_links(self) -> Config:
+        names: dict[str, int] = {}
+        serial: dict[str, int] = {}
+        for index, link in enumerate(self.links):
+            if link.name in names:
+                raise ValueError(
+                    f"links[{index}].name: {link.name!r} is already links[{names[link.name]}]"
+                )
+            names[link.name] = index
+            if link.type == "rtu":
+                if link.port in serial:
+                    raise ValueError(
+                        f"links[{index}].port: {link.port} is already links[{serial[link.port]}]"
+                        " (one serial port is one bus: put its units on one link)"
+                    )
+                serial[link.port] = index
+        return self
+
+    def _check_unit(self, index: int, device: DeviceConfig) -> None:
+        assert device.modbus is not None and device.modbus.link is not None
+        modbus, name = device.modbus, device.modbus.link
+        link = self.link_named(name)
+        if link is None:
+            known = ", ".join(repr(k.name) for k in self.links) or "none"
+            raise ValueError(
+                f"devices[{index}].modbus.link: no [[links]] entry is named {name!r} "
+                f"(links: {known})"
+            )
+        low, high = UNIT_RANGES.get(link.type, (0, 255))
+        if not low <= modbus.unit <= high:
+            raise ValueError(
+                f"devices[{index}].modbus.unit: {modbus.unit} is not a unit id on {link.type} "
+                f"link {name!r} ({low} to {high})"
+            )
+        for other in self.devices[:index]:
+            if other.modbus is not None and other.modbus.link == name:
+                if other.modbus.unit == modbus.unit:
+                    raise ValueError(
+                        f"devices[{index}].modbus: link {name!r} unit {modbus.unit} is already "
+                        f"bound to device {other.id!r}"
+                    )
+
+    def link_named(self, name: str) -> ModbusLinkConfig | None:
+        return next((link for link in self.links if link.name == name), None)
+
+    def transport_of(self, device: DeviceConfig) -> str:
+        """What the device's evidence says it was seen on: ``ble``, or its link's type."""
+        if device.modbus is None:
+            return "ble"
+        return self.link_of(device).transport
+
+    def link_of(self, device: DeviceConfig) -> ModbusLinkConfig:
+        """A Modbus device's link: the configured one it names, or its own implicit TCP link."""
+        assert device.modbus is not None
+        if device.modbus.link is None:
+            return implicit_link(device.id, device.modbus)
+        link = self.link_named(device.modbus.link)
+        assert link is not None  # validated
+        return link
+
+    def modbus_links(self) -> list[tuple[ModbusLinkConfig, list[DeviceConfig]]]:
+        """Each link to poll with the enabled devices on it: one implicit link per device
+        that gives its own host, then every configured link that has a device, in order."""
+        out: list[tuple[ModbusLinkConfig, list[DeviceConfig]]] = []
+        shared: dict[str, list[DeviceConfig]] = {k.name: [] for k in self.links}
+        for device in self.devices:
+            if not device.enabled or device.modbus is None:
+                continue
+            if device.modbus.link is None:
+                out.append((self.link_of(device), [device]))
+            else:
+                shared[device.modbus.link].append(device)
+        out += [(link, shared[link.name]) for link in self.links if shared[link.name]]
+        return out

@@ -159,7 +159,12 @@ def add_verbs(verbs: Any) -> None:
     modbus = sim.add_parser("modbus", help="simulated Modbus TCP devices, one port each")
     modbus.add_argument("--devices", type=int, default=5)
     modbus.add_argument("--host", default="127.0.0.1")
-    modbus.add_argument("--port", type=int, default=15020, help="first device's port")
+    modbus.add_argument(
+        "--port",
+        type=int,
+        default=15020,
+        help="first device's port (--rtu-over-tcp, --gateway: the listener's port)",
+    )
     modbus.add_argument("--points", type=int, default=9, help="points per device")
     modbus.add_argument(
         "--types", default=None, help="comma-separated point types (default: a mix of every type)"
@@ -174,7 +179,8 @@ def add_verbs(verbs: Any) -> None:
         action="append",
         default=[],
         metavar="ID=KIND",
-        help="dead | slow:SECONDS | exception:CODE[:N] (the first N requests) | down",
+        help="dead | slow:SECONDS | exception:CODE[:N] (the first N requests) | down | crc:N "
+        "(on a bus: every Nth answer with a bad CRC); on a bus ID may be a unit number",
     )
     modbus.add_argument(
         "--holes",
@@ -237,6 +243,74 @@ def add_verbs(verbs: Any) -> None:
     modbus.add_argument("--hub-port", type=int, default=8883)
     modbus.add_argument("--max-age", type=float, default=1.0)
     modbus.add_argument("--state-dir", default=None)
+    bus = modbus.add_argument_group(
+        "serial buses",
+        "units 1..N sharing one line instead of one TCP port per device; --fault then also "
+        "takes a unit number (--fault 3=dead), and crc:N sends every Nth answer with a bad CRC",
+    )
+    where = bus.add_mutually_exclusive_group()
+    where.add_argument(
+        "--rtu",
+        action="store_true",
+        help="Modbus RTU on a serial line paced at --baud: a socat pty pair, the gateway opens "
+        "the printed path",
+    )
+    where.add_argument(
+        "--rtu-over-tcp",
+        action="store_true",
+        help="the same paced RTU line behind a TCP listener on --port (RTU frames, no MBAP)",
+    )
+    where.add_argument(
+        "--gateway",
+        action="store_true",
+        help="a serial-to-Ethernet gateway: Modbus TCP on --port, the units behind it, one "
+        "request at a time",
+    )
+    bus.add_argument("--units", type=int, default=None, help="units on the bus (default --devices)")
+    bus.add_argument(
+        "--baud",
+        type=int,
+        default=None,
+        help="line speed (default 19200); with --gateway, pace answers as a bus behind it would",
+    )
+    bus.add_argument(
+        "--parity",
+        choices=("N", "E", "O"),
+        default="N",
+        help="the line's timing: 11 bits a character with parity, 10 without (default N: "
+        "Linux refuses parity on a pty, so open it as 8N1 whatever this says)",
+    )
+    bus.add_argument("--stopbits", type=int, choices=(1, 2), default=1)
+    bus.add_argument(
+        "--serial-dir",
+        default=None,
+        help="--rtu: folder for the pty pair's links 'device' and 'gateway' (default: a temp "
+        "folder)",
+    )
+    bus.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        help="TCP connections accepted at once; more are closed at once and counted (default: "
+        "1 for --gateway, no limit for --rtu-over-tcp)",
+    )
+    bus.add_argument(
+        "--target-timeout",
+        type=float,
+        default=0.5,
+        help="--gateway: seconds it waits for a silent unit before the next request",
+    )
+    bus.add_argument(
+        "--answer-timeout",
+        action="store_true",
+        help="--gateway: answer a silent unit with exception 0x0B after --target-timeout",
+    )
+    bus.add_argument(
+        "--stats",
+        metavar="FILE",
+        help="keep FILE (JSON) with where to connect and the counters: requests per unit, "
+        "overlaps, bad frames, refused connections",
+    )
     modbus.set_defaults(func=cmd_simulate_modbus)
     ble = sim.add_parser(
         "ble", help="simulated BLE peripherals behind a simulated bluetoothd on a private D-Bus"

@@ -11,7 +11,11 @@ Faults, per device (``--fault dev-3=dead``):
 - ``slow:SECONDS``: answers every request after a delay;
 - ``exception:CODE``: answers every read with a Modbus exception code;
   ``exception:CODE:N`` only the first N requests (a PLC that boots, then answers);
-- ``down``: no listener at all (connection refused).
+- ``down``: no listener at all (connection refused);
+- ``crc:N``: on an RTU bus (:mod:`adapters.modbus.sim.bus`), every Nth answer leaves with a
+  corrupted CRC (Modbus TCP has no CRC: there it changes nothing).
+
+On a simulated bus a ``dead`` or ``down`` unit is simply silent, as on a real one.
 
 Quirks of real maps, per device (:class:`DeviceSpec` fields, or ``fieldgate simulate modbus``
 options), counted in :attr:`SimulatedDevice.exceptions`:
@@ -340,9 +344,11 @@ def gateway_config(
     max_age: float = 1.0,
     max_bytes: int = 4000,
     identity: str = "none",
+    link: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A gateway config that polls exactly these simulated devices, verified by ``identity``
-    (one of :data:`IDENTITY_METHODS`)."""
+    (one of :data:`IDENTITY_METHODS`): each on its own TCP port, or, with ``link`` (a
+    ``[[links]]`` entry: name, type and where), all as units on it."""
     doc = skeleton(
         pki_dir=pki_dir,
         hub_port=hub_port,
@@ -356,22 +362,26 @@ def gateway_config(
             {
                 "id": spec.device_id,
                 **device_files(pki_dir, spec.device_id),
-                "modbus": {
-                    "host": host,
-                    "port": spec.port,
-                    "unit": spec.unit,
-                    **(
-                        {}
-                        if spec.tls is None
-                        else {
-                            "tls": {
-                                "ca": str(spec.tls.client_ca),
-                                "cert": str(spec.tls.gateway_cert),
-                                "key": str(spec.tls.gateway_key),
+                "modbus": (
+                    {
+                        "host": host,
+                        "port": spec.port,
+                        "unit": spec.unit,
+                        **(
+                            {}
+                            if spec.tls is None
+                            else {
+                                "tls": {
+                                    "ca": str(spec.tls.client_ca),
+                                    "cert": str(spec.tls.gateway_cert),
+                                    "key": str(spec.tls.gateway_key),
+                                }
                             }
-                        }
-                    ),
-                },
+                        ),
+                    }
+                    if link is None
+                    else {"link": link["name"], "unit": spec.unit}
+                ),
                 "identity": identity_config(spec, identity),
                 "points": [
                     {
@@ -384,6 +394,8 @@ def gateway_config(
                 ],
             }
         )
+    if link is not None:
+        doc["links"] = [link]
     return doc
 
 

@@ -80,7 +80,7 @@ class DeviceServer:
     async def __aenter__(self) -> DeviceServer:
         self._server = ModbusTcpServer(self._device(), address=self.address)
         if self._identify is not None:
-            _answer_identification(self._server, self._identify)
+            _answer_identification(self._server.decoder, self._identify)
         await self._server.serve_forever(background=True)
         return self
 
@@ -151,7 +151,7 @@ class TlsDeviceServer(DeviceServer):
             self, self._device(), address=self.address, sslctx=self.sslctx
         )
         if self._identify is not None:
-            _answer_identification(self._server, self._identify)
+            _answer_identification(self._server.decoder, self._identify)
         await self._server.serve_forever(background=True)
         return self
 
@@ -206,13 +206,13 @@ class _RoleCheckingHandler(ServerRequestHandler):
         )
 
 
-def _answer_identification(server: ModbusTcpServer, identify: Identify) -> None:
+def _answer_identification(decoder: DecodePDU, identify: Identify) -> None:
     """Serve FC 43 / MEI 14 from this device's own objects.
 
     pymodbus answers Read Device Identification from one process-wide control block (a
     singleton), so every server in a process would show the same identity; here the server's
-    own decoder maps MEI 14 to a request class bound to ``identify``. pymodbus's response
-    encodes "more follows" itself when the objects exceed one frame."""
+    (or a bus unit's) own decoder maps MEI 14 to a request class bound to ``identify``.
+    pymodbus's response encodes "more follows" itself when the objects exceed one frame."""
 
     class _Request(ReadDeviceInformationRequest):
         async def datastore_update(self, context: Any, device_id: int) -> ModbusPDU:
@@ -239,10 +239,50 @@ def _answer_identification(server: ModbusTcpServer, identify: Identify) -> None:
                 transaction_id=self.transaction_id,
             )
 
-    decoder = server.decoder
     table = {code: dict(subs) for code, subs in DecodePDU.pdu_sub_table.items()}
     table[_Request.function_code][_Request.sub_function_code] = (
         _Request,
         ReadDeviceInformationResponse,
     )
     decoder.pdu_sub_table = table  # this server's decoder only
+
+
+class UnitEngine:
+    """One unit behind a simulated serial bus or serial-to-Ethernet gateway: a request PDU in,
+    the response PDU out, through pymodbus's own request decoding and datastore (the same
+    tables and ``action`` as :class:`DeviceServer`, without a listener). The bus around it
+    (:mod:`adapters.modbus.sim.bus`) owns the wire: framing, pacing, silence, faults."""
+
+    def __init__(
+        self, unit: int, size: int, action: DeviceAction, identify: Identify | None = None
+    ) -> None:
+        # The device is built exactly as a TCP device server builds it (its own tables and
+        # access hook); the port is never opened.
+        from pymodbus.pdu import DecodePDU
+        from pymodbus.simulator.simcore import SimCore
+
+        self.unit = unit
+        self._core = SimCore(DeviceServer("", 0, unit, size, action)._device())
+        self._decoder = DecodePDU(True)
+        if identify is not None:  # FC 43 from this unit's own objects
+            _answer_identification(self._decoder, identify)
+
+    async def execute(self, pdu: bytes) -> bytes:
+        """The response PDU (function code first) to the request PDU ``pdu``: what
+        pymodbus's server would answer, exception responses included."""
+        from pymodbus.pdu import ExceptionResponse
+
+        request = self._decoder.decode(pdu) if pdu else None
+        if request is None:
+            # A function pymodbus knows but cannot decode (a count out of range, a short
+            # body) is an illegal data value; an unknown function is an illegal function.
+            known = bool(pdu) and self._decoder.lookupPduClass(pdu) is not None
+            code = ExcCodes.ILLEGAL_VALUE if known else ExcCodes.ILLEGAL_FUNCTION
+            response: Any = ExceptionResponse(pdu[0] if pdu else 0, code)
+        else:
+            try:
+                response = await request.datastore_update(self._core, self.unit)  # type: ignore[arg-type]
+            except Exception:  # pymodbus's own server answers 04 the same way
+                response = ExceptionResponse(request.function_code, ExcCodes.DEVICE_FAILURE)
+        encoded: bytes = response.encode()
+        return bytes([response.function_code]) + encoded
