@@ -685,9 +685,15 @@ class ModbusBus:
                 unit, request = served
                 self._last = unit
                 try:
-                    if unit.identity_due(loop.time()) and not await self._recheck(
-                        transport, unit, units, schedule
-                    ):
+                    try:
+                        admitted = not unit.identity_due(loop.time()) or await self._recheck(
+                            transport, unit, units, schedule
+                        )
+                    except BaseException as err:  # the check failed: so does this request
+                        if not request.done.done():
+                            request.done.set_exception(err)
+                        raise
+                    if not admitted:
                         if not request.done.done():  # quarantined: this request fails too
                             request.done.set_exception(
                                 DeviceUnavailable(
