@@ -98,6 +98,11 @@ def test_the_good_config_loads(pki_dir: Path, tmp_path: Path) -> None:
             "float32 at address 65535 runs past register 65535",
         ),
         (
+            lambda c: c["devices"][0]["modbus"].update(max_registers=1),
+            "devices[0]: points[0] 'p0' (float32) takes 2 registers, more than max_registers = 1 "
+            "allows in one read",
+        ),
+        (
             lambda c: c["devices"][0].update(cert="/nonexistent/plc-1.pem"),
             "devices[0].cert: file not found: /nonexistent/plc-1.pem",
         ),

@@ -212,3 +212,21 @@ def test_a_tcp_links_unit_at_a_devices_own_address_is_refused(
     doc["devices"][1]["modbus"] = {"link": "gw", "unit": 2}
     path.write_text(render_toml(doc))
     assert load(path).transport_of(load(path).devices[1]) == "modbus-tcp"
+
+
+def test_a_point_wider_than_its_links_read_limit_is_refused() -> None:
+    device = {
+        **_device("a", link="bus-1", unit=1),
+        "points": [{"name": "e", "address": 0, "type": "float64"}],
+    }
+    links = [{**LINKS[0], "max_registers": 2}, *LINKS[1:]]
+    with pytest.raises(ConfigError) as refused:
+        _config([device], links)
+    assert (
+        "devices[0].points[0] 'e' (float64) takes 4 registers, more than max_registers = 2"
+        in str(refused.value)
+    )
+    assert "(link 'bus-1')" in str(refused.value)
+    # The device's own limit counts before the link's.
+    own = {**device, "modbus": {"link": "bus-1", "unit": 1, "max_registers": 4}}
+    assert _config([own], links).devices[0].modbus is not None

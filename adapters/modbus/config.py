@@ -101,6 +101,18 @@ def overlapping_points(points: Sequence[Point]) -> str | None:
     return None
 
 
+def too_wide(points: Sequence[Point], max_registers: int) -> str | None:
+    """The first point that one read of at most ``max_registers`` registers cannot hold."""
+    for index, point in enumerate(points):
+        width = REGISTER_WIDTH[point.type]
+        if point.table in ("holding", "input") and width > max_registers:
+            return (
+                f"points[{index}] {point.name!r} ({point.type}) takes {width} registers, more "
+                f"than max_registers = {max_registers} allows in one read"
+            )
+    return None
+
+
 def point_problems(points: Sequence[Point]) -> str | None:
     """What is wrong with a device's register map as a whole (a name twice, an overlap)."""
     seen: set[str] = set()

@@ -31,6 +31,7 @@ from adapters.modbus.config import (
     Point,
     implicit_link,
     point_problems,
+    too_wide,
 )
 from gateway.core.errors import ConfigError
 
@@ -267,6 +268,8 @@ class DeviceConfig(_Model):
         if self.ble is not None and self.points:
             raise ValueError("points: a BLE device names its values in ble.characteristics")
         problem = point_problems(self.points)
+        if problem is None and self.modbus is not None and self.modbus.link is None:
+            problem = too_wide(self.points, self.modbus.max_registers)
         if problem is not None:
             raise ValueError(problem)
         return self
@@ -350,6 +353,9 @@ class Config(_Model):
                 f"devices[{index}].modbus.link: no [[links]] entry is named {name!r} "
                 f"(links: {known})"
             )
+        wide = too_wide(device.points, modbus.on(link).max_registers)
+        if wide is not None:
+            raise ValueError(f"devices[{index}].{wide} (link {name!r})")
         low, high = UNIT_RANGES.get(link.type, (0, 255))
         if not low <= modbus.unit <= high:
             raise ValueError(
