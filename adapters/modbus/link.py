@@ -678,7 +678,7 @@ class ModbusBus:
             unit.transport = transport
             unit.start(schedule, unit.device_id, now)
         while True:
-            due = schedule.next()
+            due = schedule.next(loop.time())
             wait = 3600.0 if due is None else due.at - loop.time()
             served = await self._next_request(wait, units)
             if served is not None:

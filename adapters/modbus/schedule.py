@@ -36,6 +36,7 @@ class _Unit:
     due: list[float] = field(default_factory=list)
     failures: int = 0  # probes in a row that went unanswered
     probe_at: float | None = None  # backed off until then; None: polled at its rate
+    last: int = 0  # when it was last read, in reads of the link (ties go to the longest wait)
 
 
 def probe_delay(failures: int, first: float, cap: float) -> float:
@@ -50,6 +51,7 @@ class Schedule:
     def __init__(self, *, first: float = 0.5, cap: float = 30.0) -> None:
         self._first, self._cap = first, cap
         self._units: dict[Hashable, _Unit] = {}
+        self._reads = 0  # reads of the link so far
 
     def add(self, unit: Hashable, blocks: int, start: float) -> None:
         """A unit with ``blocks`` read blocks, all first due at ``start``."""
@@ -67,16 +69,24 @@ class Schedule:
     def due(self, unit: Hashable, index: int) -> float:
         return self._units[unit].due[index]
 
-    def next(self) -> Due | None:
-        """The earliest read of any unit; None when no unit has a block to read. Ties go to
-        the unit added first, and each read moves its block on, so equal periods take turns."""
+    def next(self, now: float | None = None) -> Due | None:
+        """The next read; None when no unit has a block to read.
+
+        The earliest due read of any unit, except on a link that is behind (at ``now``, more
+        than one unit is overdue): then the overdue unit read longest ago goes first, so that
+        the units of a saturated link take turns rather than the ones whose ticks fall first
+        winning every round. Ties go to the unit added first."""
         best: tuple[Hashable, _Unit] | None = None
         best_at = 0.0
         for key, unit in self._units.items():
             if not unit.due:
                 continue
             at = min(unit.due) if unit.probe_at is None else unit.probe_at
-            if best is None or at < best_at:
+            if best is None:
+                best, best_at = (key, unit), at
+                continue
+            overdue = now is not None and at <= now and best_at <= now
+            if (unit.last < best[1].last) if overdue else (at < best_at):
                 best, best_at = (key, unit), at
         if best is None:
             return None
@@ -87,7 +97,10 @@ class Schedule:
     def advance(self, unit: Hashable, index: int, period: float, now: float) -> bool:
         """Block ``index`` of ``unit`` was read at ``now``: its next due time, one period on
         (past ticks skipped). Returns True when the read overran its period."""
-        due = self._units[unit].due
+        state = self._units[unit]
+        self._reads += 1
+        state.last = self._reads
+        due = state.due
         next_due = due[index] + period
         overrun = next_due < now
         if overrun:
