@@ -125,3 +125,20 @@ def test_a_write_the_device_refuses_fails_that_request_and_the_link_goes_on() ->
         assert written.values == [pytest.approx(12.5)] and written.quality == GOOD
 
     asyncio.run(_with_link(body, holes=frozenset({("holding", 46)})))
+
+
+def test_a_request_is_planned_as_the_polls_learnt_to_read_the_device() -> None:
+    """The polls learnt that holding 46 is a hole ('unmapped' answers 02). A request for
+    'limit' (42-43) and 'unmapped' is not one bridged read refused whole: 'limit' arrives,
+    'unmapped' stays None and the scan says BAD."""
+
+    async def body(link: ModbusLink, fleet: SimulatedFleet) -> Scan:
+        async with asyncio.timeout(5):
+            while "unmapped" not in link.unreadable:  # noqa: ASYNC110 (nothing signals it)
+                await asyncio.sleep(0.02)
+        return await asyncio.wait_for(link.read(["limit", "unmapped"]), 5)
+
+    scan = asyncio.run(_with_link(body, holes=frozenset({("holding", 46)})))
+    assert scan.names == ("limit", "unmapped")
+    assert scan.values[0] is not None and scan.values[1] is None
+    assert scan.quality == "bad"

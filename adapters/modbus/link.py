@@ -139,6 +139,7 @@ class ModbusLink:
         self._phases = max(1, phases)
         self.endpoint = endpoint.label
         self.blocks = plan_reads(points, **_limits(endpoint))
+        self._configured = _spans(self.blocks)  # the plan the config alone gives
         self._plans = plans
         self._plan_key = map_key(device_id, points, _limits(endpoint))
         self.unreadable: dict[str, int] = {}  # points the device never answers (name -> code)
@@ -193,8 +194,18 @@ class ModbusLink:
         )
 
     def _blocks_for(self, names: Sequence[str]) -> list[ReadBlock]:
-        rows = [self.points[n] for n in dict.fromkeys(names)]
-        return plan_reads(rows, **_limits(self.modbus))
+        """The reads of a request, planned as the polls learnt to read this device: points it
+        never answers are left out (their values stay None, the scan BAD), and once it has
+        refused a read, gaps are not bridged and no read is larger than the largest that
+        worked."""
+        rows = [self.points[n] for n in dict.fromkeys(names) if n not in self.unreadable]
+        limits = _limits(self.modbus)
+        if self.unreadable or _spans(self.blocks) != self._configured:
+            limits["max_gap"] = 0
+            largest = max((b.count for b in self.blocks if b.table in _WORDS), default=0)
+            if largest:
+                limits["max_registers"] = min(limits["max_registers"], largest)
+        return plan_reads(rows, **limits)
 
     async def _submit(self, request: _Request) -> Scan:
         if self.transport is None:
@@ -235,7 +246,7 @@ class ModbusLink:
                     return
             ts_ms = int(time.time() * 1000)
             values: dict[str, Any] = {}
-            quality = GOOD
+            quality = BAD if any(n in self.unreadable for n in request.names) else GOOD
             for block in request.blocks:
                 reply = await transport.read(self.target, block.table, block.address, block.count)
                 if reply is None or reply.exception is not None:
@@ -826,6 +837,13 @@ def _for(unit: ModbusLink, err: DeviceUnavailable) -> DeviceUnavailable:
     if err.device_id == unit.device_id:
         return err
     return DeviceUnavailable(unit.device_id, unit.endpoint, err.reason, cause=err.cause)
+
+
+_WORDS = frozenset({"holding", "input"})  # tables of registers (coils and inputs: bits)
+
+
+def _spans(blocks: Sequence[ReadBlock]) -> list[tuple[str, int, int]]:
+    return [(b.table, b.address, b.count) for b in blocks]
 
 
 def _unavailable(device_id: str, ts_ms: int, block: ReadBlock) -> Scan:
