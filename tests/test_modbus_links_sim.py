@@ -215,3 +215,58 @@ def test_units_on_a_paced_line_are_verified_by_their_own_fc43_objects(tmp_path: 
     assert refused and refused[0][1] == "plc-2"
     assert "identity mismatch" in refused[0][2] and "expected" in refused[0][2]
     assert "seen" in refused[0][2]
+
+
+@pytest.mark.skipif(SOCAT is None, reason="socat is not installed")
+def test_a_dead_unit_whose_identity_cannot_be_read_does_not_hold_up_the_bus(
+    tmp_path: Path,
+) -> None:
+    """Every unit is verified by FC 43 and unit 3 is dead: its identity read at connect times
+    out once, it is backed off like a unit that stops answering its polls, and the other units
+    are admitted and read at their rate; the link is not reconnected over it."""
+    from adapters.modbus.admission import ModbusRequirements
+    from adapters.modbus.config import ModbusIdentity
+    from adapters.modbus.identity import collect_fingerprint, comparable
+    from adapters.modbus.link import UnitSource
+    from adapters.modbus.transport import ModbusTransport, Target
+    from gateway.core.auth import AuthGate, Registration
+
+    specs = _specs([1, 2, 3, 4], {3: "dead"})
+    identity = ModbusIdentity(fc43=True)
+
+    async def go() -> tuple[Run, dict[str, Any]]:
+        async with rtu_line(specs, tmp_path / "line", LineTiming(38400), step=STEP) as sim:
+            link = RtuLink(name="bus-1", type="rtu", port=str(sim.path), baud=38400, parity="N")
+            link = link.model_copy(update={"timeout": 0.3})
+            pinned: dict[int, dict[str, str]] = {}
+            async with ModbusTransport(link, lambda _c, _t: None) as transport:
+                for s in specs:
+                    if s.unit == 3:
+                        continue
+                    target = Target(s.device_id, s.unit, f"bus-1/unit {s.unit}")
+                    found = await collect_fingerprint(UnitSource(transport, target), identity)
+                    pinned[s.unit] = comparable(found.values)
+            pinned[3] = {"vendor": "whatever it was"}
+            gate = AuthGate(
+                [
+                    Registration(
+                        s.device_id,
+                        link.transport,
+                        f"bus-1/unit {s.unit}",
+                        requirements=ModbusRequirements(True, pinned[s.unit]),
+                    )
+                    for s in specs
+                ],
+                lambda *e, **f: None,
+            )
+            run = Run(link, specs, admit=gate.admit, identity=identity)
+            await run.run_for(3.0)
+            return run, sim.bus.stats()
+
+    run, stats = asyncio.run(go())
+    for unit in (1, 2, 4):
+        # Every 0.2 s for 3 s, less the one 0.3 s timeout at connect.
+        assert len(run.good(unit)) >= 10 and run.right(unit), (unit, len(run.good(unit)))
+    assert run.scans[3] == [] and run.health[3].state == DOWN
+    assert stats["overlaps"] == 0
+    assert run.bus.attempt <= 1  # one connection, never reconnected over the dead unit

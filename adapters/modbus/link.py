@@ -28,7 +28,7 @@ import logging
 import ssl
 import time
 import zlib
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from struct import error as struct_error
 from typing import Any
@@ -309,6 +309,10 @@ class ModbusLink:
         if self.identity is not None and not self.identity.none:
             self._check_due = asyncio.get_running_loop().time() + self.identity.recheck
         return True
+
+    def unchecked(self) -> None:
+        """The unit's identity could not be read at connect: checked before its first read."""
+        self._suspect = True
 
     def identity_due(self, now: float) -> bool:
         """Is the fingerprint to be checked before this unit's next read: its recheck period
@@ -636,11 +640,10 @@ class ModbusBus:
                 unit.connected()
             try:
                 async with ModbusTransport(self.link, self._wrong, self._tls_context) as transport:
-                    admitted = [u for u in active if await u.admit_unit(transport)]
-                    active = admitted
+                    active, silent = await self._admit(transport, active)
                     if not active:
                         return
-                    await self._poll(transport, active)
+                    await self._poll(transport, active, silent)
             except WrongAnswer as err:
                 # Counted and logged as it arrived; the connection is out of step.
                 for unit in active:
@@ -681,13 +684,45 @@ class ModbusBus:
             unit = next(iter(self.units.values()))
         unit._wrong(cause)
 
-    async def _poll(self, transport: ModbusTransport, units: list[ModbusLink]) -> None:
+    async def _admit(
+        self, transport: ModbusTransport, units: list[ModbusLink]
+    ) -> tuple[list[ModbusLink], set[str]]:
+        """Each unit through the gate on a new connection: (those not refused, those of them
+        that did not answer their identity read). A unit that does not answer costs the others
+        its timeout once, as in the polls: it stays on the link, backed off, and its identity
+        is checked (and it is admitted) when a probe finds it answering. When none answers,
+        the link itself is in question: the error is raised (reconnect)."""
+        kept: list[ModbusLink] = []
+        silent: set[str] = set()
+        failed: DeviceUnavailable | None = None
+        for unit in units:
+            try:
+                if await unit.admit_unit(transport):
+                    kept.append(unit)
+            except DeviceUnavailable as err:
+                if isinstance(err, WrongAnswer) or err.cause != "timeout":
+                    raise
+                failed = err
+                unit.unavailable(_for(unit, err))
+                unit.unchecked()
+                kept.append(unit)
+                silent.add(unit.device_id)
+        if failed is not None and len(silent) == len(kept):
+            raise failed
+        return kept, silent
+
+    async def _poll(
+        self, transport: ModbusTransport, units: list[ModbusLink], silent: Collection[str] = ()
+    ) -> None:
         loop = asyncio.get_running_loop()
         schedule = self.schedule = Schedule(first=self._backoff[0], cap=self._backoff[1])
         now = loop.time()
         for unit in units:
-            unit.transport = transport
             unit.start(schedule, unit.device_id, now)
+            if unit.device_id in silent:
+                schedule.failed(unit.device_id, now)  # backed off until a probe finds it
+            else:
+                unit.transport = transport
         while True:
             due = schedule.next(loop.time())
             wait = 3600.0 if due is None else due.at - loop.time()
