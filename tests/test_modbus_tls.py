@@ -35,6 +35,7 @@ from adapters.modbus.security import (
     NAME_MISMATCH,
     REFUSED_US,
     UNKNOWN_CA,
+    TlsRefused,
     client_context,
 )
 from adapters.modbus.sim.server import TlsDeviceServer, server_context
@@ -642,3 +643,26 @@ def test_simulate_modbus_with_tls_roles_serves_devices_the_gateway_delivers(
     admitted = [e for e in events if e["kind"] == "device-admitted"]
     assert len(admitted) == 2 and all(len(e["tls_peer_sha256"]) == 64 for e in admitted)
     assert not [e for e in events if e["kind"].startswith("modbus-")]
+
+
+def test_a_different_tls_refusal_is_a_new_event() -> None:
+    from adapters.modbus.link import ModbusLink
+
+    events: list[tuple[Any, ...]] = []
+
+    async def go() -> None:
+        link = ModbusLink(
+            "plc",
+            ModbusEndpoint(host="h", port=802),
+            [],
+            lambda _s: None,
+            lambda _e: None,
+            DeviceHealth("plc"),
+            on_event=lambda *a, **f: events.append((a, f)),
+        )
+        link.tls_refused(TlsRefused("plc", "h:802", "expired", "the certificate has expired"))
+        link.tls_refused(TlsRefused("plc", "h:802", "expired", "the certificate has expired"))
+        link.tls_refused(TlsRefused("plc", "h:802", "fingerprint", "not the pinned certificate"))
+
+    asyncio.run(go())
+    assert [f["check"] for _a, f in events] == ["expired", "fingerprint"], events

@@ -22,7 +22,8 @@ The pure part (formats, objects to names, the "more follows" walk) is tested wit
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -37,6 +38,33 @@ MAX_REQUESTS = 16  # "more follows" answers followed per read, at most
 MAX_VALUE = 128  # characters of one value kept in a fingerprint (and in an event)
 ILLEGAL_FUNCTION = 0x01
 NO_ANSWER = -1  # Identification.exception of an FC 43 request that timed out
+# Exception 0A/0B: a gateway says the device behind it is not answering. 05/06: busy, asked
+# again after these delays. Neither is an answer about the device's identity: the read fails
+# as a timeout would (the device is backed off and checked again), it is never a refusal.
+NOT_THERE = frozenset({0x0A, 0x0B})
+BUSY = frozenset({0x05, 0x06})
+BUSY_DELAYS = (0.02, 0.04, 0.08, 0.16)
+
+
+async def _asked(call: Callable[[], Awaitable[Any]], what: str) -> Any:
+    """``call()`` (a read through the transport) again while the device answers busy; an
+    answer from a gateway that the device is not there, or busy past the retries, raises
+    :class:`DeviceUnavailable` (cause ``timeout``)."""
+    for delay in (*BUSY_DELAYS, None):
+        reply = await call()
+        code = None if reply is None else reply.exception
+        if code in NOT_THERE:
+            why = f"{what}: exception 0x{code:02X}: the device is not answering"
+            raise DeviceUnavailable("", "", why, cause="timeout")
+        if code not in BUSY:
+            return reply
+        if delay is None:
+            raise DeviceUnavailable(
+                "", "", f"{what}: busy (exception 0x{code:02X}) past its retries", cause="timeout"
+            )
+        await asyncio.sleep(delay)
+
+
 TRANSPORT = "modbus-tcp"
 
 
@@ -144,11 +172,17 @@ async def read_objects(source: IdentitySource) -> Identification:
     """Every basic and regular object the device offers, following "more follows"; a device
     that refuses the regular code is asked for the basic objects. An exception, or a wrong
     answer (``None`` from the transport: exception 0), comes back as ``exception``."""
+
+    def ask(code: int, object_id: int) -> Awaitable[Identification | None]:
+        return _asked(
+            lambda: source.read_device_information(code, object_id), "device identification"
+        )
+
     read_code = REGULAR
-    first = await source.read_device_information(read_code, 0)
+    first = await ask(read_code, 0)
     if first is None or first.exception is not None:
         read_code = BASIC
-        first = await source.read_device_information(read_code, 0)
+        first = await ask(read_code, 0)
     if first is None:
         return Identification(exception=0)
     if first.exception is not None:
@@ -162,7 +196,7 @@ async def read_objects(source: IdentitySource) -> Identification:
             return Identification(exception=0)
         if nxt is None:
             return Identification(tuple(objects))
-        again = await source.read_device_information(read_code, nxt)
+        again = await ask(read_code, nxt)
         if again is None or again.exception is not None:
             return Identification(exception=0 if again is None else again.exception)
         objects.extend(again.objects)
@@ -171,7 +205,10 @@ async def read_objects(source: IdentitySource) -> Identification:
 
 async def read_register(source: IdentitySource, register: IdentityRegister) -> str | None:
     """One identity register's value, or None if the device did not answer it correctly."""
-    reply = await source.read(register.table, register.address, register.count)
+    reply = await _asked(
+        lambda: source.read(register.table, register.address, register.count),
+        f"identity register {register.name}",
+    )
     if reply is None or reply.exception is not None:
         return None
     return format_registers(reply.values, register.format)

@@ -164,6 +164,7 @@ class ModbusLink:
         self.transport: ModbusTransport | None = None  # while connected, admitted, answering
         self._requests: asyncio.Queue[_Request] = asyncio.Queue()
         self._reads_at_connect = 0
+        self._stopped = False  # told its end (stopped() runs once)
 
     @property
     def attempt(self) -> int:
@@ -218,6 +219,8 @@ class ModbusLink:
         return await request.done
 
     def _fail_requests(self, err: BaseException) -> None:
+        if self.bus is not None:
+            self.bus.served(self)  # nothing of this unit's is waiting any more
         while not self._requests.empty():
             request = self._requests.get_nowait()
             if not request.done.done():
@@ -322,8 +325,9 @@ class ModbusLink:
         return self._suspect or now >= self._check_due
 
     def tls_refused(self, err: TlsRefused) -> None:
-        """The link's handshake was refused: a security event once until a read passes."""
-        if self._tls_refused is None and self._on_event is not None:
+        """The link's handshake was refused: a security event once per kind of refusal until
+        a read passes (an expired certificate, then an impostor's, is two events)."""
+        if self._tls_refused != err.check and self._on_event is not None:
             self._on_event(
                 "modbus-tls-refused", self.device_id, err.detail, check=err.check,
                 endpoint=self.endpoint,
@@ -360,8 +364,12 @@ class ModbusLink:
         return self.health.reads_ok > self._reads_at_connect
 
     def stopped(self, err: DeviceUnavailable) -> None:
-        """The link stopped (its task ends): requests fail, an open episode is told."""
+        """The link stopped (its task ends) or the unit left it (quarantined at a recheck):
+        requests fail, an open episode is told, once."""
         self.transport = None
+        if self._stopped:
+            return
+        self._stopped = True
         self._fail_requests(err)
         line = self.misbehaviour.at_stop(time.monotonic())
         if line is not None:
@@ -616,6 +624,10 @@ class ModbusBus:
         self.attempt = 0  # connections in a row that delivered no reading: the backoff step
         self.schedule: Schedule | None = None  # the current connection's
 
+    def served(self, unit: ModbusLink) -> None:
+        """``unit`` has no request waiting (its queue was failed)."""
+        self._pending.discard(unit.device_id)
+
     def wake(self, unit: ModbusLink) -> None:
         """``unit`` has a request: serve it now, between reads."""
         self._pending.add(unit.device_id)
@@ -780,6 +792,11 @@ class ModbusBus:
                 if isinstance(err, WrongAnswer) or err.cause not in ("timeout", "exception"):
                     raise
                 self._unit_failed(unit, err, schedule)
+                continue
+            if due.probe and schedule.backed_off(due.unit):
+                # The probe's answer was wrong (a CRC error, a mismatch that keeps the line in
+                # step): still not answering for itself; probed again later, not at once.
+                schedule.failed(due.unit, loop.time())
                 continue
             if unit.transport is None and not schedule.backed_off(due.unit):
                 unit.transport = transport  # it answers again: requests are served

@@ -79,9 +79,9 @@ class Schedule:
         best: tuple[Hashable, _Unit] | None = None
         best_at = 0.0
         for key, unit in self._units.items():
-            if not unit.due:
-                continue
-            at = min(unit.due) if unit.probe_at is None else unit.probe_at
+            if not unit.due and unit.probe_at is None:
+                continue  # nothing to read (every point set aside), nothing to probe
+            at = unit.probe_at if unit.probe_at is not None else min(unit.due)
             if best is None:
                 best, best_at = (key, unit), at
                 continue
@@ -91,8 +91,10 @@ class Schedule:
         if best is None:
             return None
         key, unit = best
-        # The earliest block (the first of equals); a probe reads the one most overdue.
-        return Due(key, unit.due.index(min(unit.due)), best_at, unit.probe_at is not None)
+        # The earliest block (the first of equals); a probe reads the one most overdue (or,
+        # with every block set aside, the kept plan's first, which the link restores).
+        index = unit.due.index(min(unit.due)) if unit.due else 0
+        return Due(key, index, best_at, unit.probe_at is not None)
 
     def advance(self, unit: Hashable, index: int, period: float, now: float) -> bool:
         """Block ``index`` of ``unit`` was read at ``now``: its next due time, one period on
