@@ -208,7 +208,7 @@ async def read_fingerprints(
     from adapters.modbus.link import UnitSource
     from adapters.modbus.security import ModbusTlsError
     from adapters.modbus.security import client_context as modbus_tls_context
-    from adapters.modbus.transport import ModbusTransport, Target
+    from adapters.modbus.transport import ModbusTransport, Target, WrongAnswer
 
     wanted = {d.id for d in devices}
 
@@ -220,26 +220,37 @@ async def read_fingerprints(
     ) -> dict[str, tuple[dict[str, str], str]]:
         out: dict[str, tuple[dict[str, str], str]] = {}
         tls = getattr(link, "tls", None)
+        left = list(members)
         try:
             context = None if tls is None else modbus_tls_context(tls, cfg.secrets.passphrase())
-            async with ModbusTransport(link, ignore, context) as transport:
-                for device in members:
-                    assert device.modbus is not None and device.identity is not None
-                    target = Target(device.id, device.modbus.unit, device.endpoint)
-                    try:
-                        found = await collect_fingerprint(
-                            UnitSource(transport, target), device.identity
-                        )
-                    except FieldgateError as err:
-                        out[device.id] = {}, str(err)
-                        continue
-                    if found.refusal is not None:
-                        out[device.id] = {}, found.refusal
-                        continue
-                    how = found.notes.get("identity_source", "")
-                    if "fc43" in found.notes:
-                        how += f" (FC 43 answered {found.notes['fc43']})"
-                    out[device.id] = comparable(found.values), how
+            while left:
+                # A stream left out of step (a truncated answer on TCP) is reconnected before
+                # the next unit is read, as the gateway does: its late bytes are not the next
+                # unit's answer.
+                async with ModbusTransport(link, ignore, context) as transport:
+                    while left:
+                        device = left.pop(0)
+                        assert device.modbus is not None and device.identity is not None
+                        target = Target(device.id, device.modbus.unit, device.endpoint)
+                        try:
+                            found = await collect_fingerprint(
+                                UnitSource(transport, target), device.identity
+                            )
+                        except WrongAnswer as err:
+                            out[device.id] = {}, str(err)
+                            if err.resync:
+                                break
+                            continue
+                        except FieldgateError as err:
+                            out[device.id] = {}, str(err)
+                            continue
+                        if found.refusal is not None:
+                            out[device.id] = {}, found.refusal
+                            continue
+                        how = found.notes.get("identity_source", "")
+                        if "fc43" in found.notes:
+                            how += f" (FC 43 answered {found.notes['fc43']})"
+                        out[device.id] = comparable(found.values), how
         except (FieldgateError, ModbusTlsError) as err:
             for device in members:
                 out.setdefault(device.id, ({}, str(err)))
