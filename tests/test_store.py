@@ -333,3 +333,19 @@ def test_the_store_path_rule_for_a_gateway_its_workers_and_what_they_left(
     single.parent.mkdir(parents=True, exist_ok=True)
     single.write_bytes(b"")
     assert paths.stores_left(cfg) == [single, worker[2], worker[11]]
+
+
+def test_a_store_file_without_its_schema_yet_is_not_read_as_a_store(tmp_path: Path) -> None:
+    """A gateway creates the file, then its schema: `fieldgate store status` in between says
+    so in one line instead of failing on a missing table."""
+    from gateway.store.sqlite import StoreNotReady
+
+    path = tmp_path / "store.db"
+    apsw.Connection(str(path)).close()  # the file, as a starting gateway has just made it
+    with pytest.raises(StoreNotReady, match="no store schema yet"):
+        status(path)
+    result = subprocess.run(
+        fieldgate("store", "status", "--path", str(path)), capture_output=True, text=True
+    )
+    assert result.returncode != 0 and "no store schema yet" in result.stderr, result
+    assert "Traceback" not in result.stderr

@@ -38,9 +38,14 @@ def accepted(state: Path) -> dict[str, int]:
 
 def stored_envelopes(state: Path) -> int:
     """Envelopes in the store (0 before the gateway created it); read while it runs."""
+    from gateway.store.sqlite import StoreNotReady
+
     if not (state / "store.db").exists():
         return 0
-    report: Any = store_report(state)
+    try:
+        report: Any = store_report(state)
+    except StoreNotReady:  # the file is made, its schema not yet
+        return 0
     return int(report["envelopes"])
 
 

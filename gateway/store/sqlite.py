@@ -84,6 +84,10 @@ class StoreError(FieldgateError):
     pass
 
 
+class StoreNotReady(StoreError):
+    """The file is there but holds no store yet."""
+
+
 class StoreCorrupt(StoreError):
     pass
 
@@ -869,7 +873,13 @@ class Reader:
 
     @classmethod
     def open(cls, path: Path) -> Reader:
-        return cls(open_database(path, readonly=True))
+        conn = open_database(path, readonly=True)
+        made = _rows(conn, "SELECT count(*) FROM sqlite_master WHERE name = 'envelopes'")
+        if made[0][0] == 0:
+            conn.close()
+            # A gateway creates the file, then its schema: read between the two, it is empty.
+            raise StoreNotReady(f"{path}: no store schema yet (a gateway may be creating it)")
+        return cls(conn)
 
 
 @contextmanager
