@@ -165,6 +165,7 @@ def test_store_holds_only_ciphertext_and_a_flipped_bit_is_refused(
     edit_config(config, gateway={"shutdown_grace": 0.5})
     started = time.time()
     gateway = Proc(fieldgate("run", "--config", str(config)), tmp_path / "gateway.log")
+    procs.append(gateway)  # stopped by the fixture if the test fails before it does
     state = tmp_path / "state"
     wait_until(lambda: stored_envelopes(state) >= 10, 20, "envelopes in the store")
     assert gateway.stop() == 0
@@ -230,6 +231,7 @@ def test_a_full_store_counts_every_drop_exactly_in_events_and_status(
         config, store={"max_bytes": 64 * 1024, "policy": policy}, gateway={"shutdown_grace": 0.5}
     )
     gateway = Proc(fieldgate("run", "--config", str(config)), tmp_path / "gateway.log")
+    procs.append(gateway)  # stopped by the fixture if the test fails before it does
     state = tmp_path / "state"
     wait_until(
         lambda: any(e["kind"] == "envelopes-dropped" for e in read_events(state)),
