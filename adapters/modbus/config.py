@@ -7,6 +7,7 @@ Security with :class:`ModbusTls`, or a unit on one of the configured links: ``tc
 
 from __future__ import annotations
 
+import abc
 import re
 import ssl
 import stat
@@ -224,8 +225,9 @@ class _LinkBase(_Model):
         return TRANSPORTS[self.type]  # type: ignore[attr-defined]
 
     @property
+    @abc.abstractmethod
     def label(self) -> str:
-        raise NotImplementedError
+        """How the link is named in logs and errors: its type and where."""
 
 
 class TcpLink(_LinkBase):

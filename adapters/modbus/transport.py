@@ -55,6 +55,7 @@ from adapters.modbus.checks import (
     TRUNCATED,
     UNDECODABLE,
     Expected,
+    Verdict,
     check_response,
     check_rtu_response,
 )
@@ -126,79 +127,88 @@ class Target:
 _Want = tuple[int, int, int, bool, int, int | None]
 
 
-class _CheckedFramer(FramerSocket):
-    """MBAP framing that hands pymodbus only a frame that answers the request in flight.
-
-    pymodbus calls :meth:`handleFrame` from the transport's ``data_received`` with everything
-    received since the request went out. Anything else is reported to ``on_wrong`` and dropped
+class _Checking:
+    """What both checked framers share: a frame is judged against the request in flight
+    (``expected``) by a pure check of :mod:`.checks` before pymodbus decodes it, and only a
+    correct answer's PDU is handed on. Anything else is reported to ``on_wrong`` and dropped
     whole; nothing raised here (asyncio would log it as a fatal transport error with a
-    traceback and close the connection behind the link's back).
-    """
+    traceback and close the connection behind the link's back)."""
 
-    def __init__(self, decoder: DecodePDU, on_wrong: Callable[[str, bool], None]):
-        super().__init__(decoder)
+    decoder: DecodePDU
+
+    def _start(self, on_wrong: Callable[[str, bool], None]) -> None:
         self._on_wrong = on_wrong
         self.expected: _Want | None = None
 
-    def handleFrame(
-        self, data: bytes, exp_devid: int, exp_tid: int
+    def _judge(
+        self,
+        data: bytes,
+        expected: Expected | None,
+        check: Callable[[bytes, Expected | None], Verdict],
+        pdu_at: tuple[int, int],
+        may_resync: bool,
+        ids: tuple[int, int],
     ) -> tuple[int, ModbusPDU | None]:
-        want = self.expected
-        expected = None if want is None else Expected(exp_tid, *want)
+        """``pdu_at``: the PDU's bytes in a frame of ``used`` bytes, ``data[head:used - tail]``;
+        ``may_resync``: a wrong answer can leave the stream out of step (TCP, not RTU);
+        ``ids``: the unit and transaction id the answer is filed under for pymodbus."""
+        head, tail = pdu_at
         pdu: ModbusPDU | None = None
         try:
-            verdict = check_response(data, expected)
+            verdict = check(data, expected)
             if verdict.used == 0:
                 return 0, None
             used, cause = verdict.used, verdict.cause
             if cause is None:
-                pdu = self.decoder.decode(data[MBAP_SIZE:used])
+                pdu = self.decoder.decode(data[head : used - tail])
                 cause = UNDECODABLE if pdu is None else None
         except Exception:  # a bug here must not become a transport's fatal error
             log.debug("checking a response failed", exc_info=True)
             pdu, used, cause = None, len(data), UNDECODABLE
         self.expected = None
         if pdu is None or cause is not None:
-            self._on_wrong(cause or UNDECODABLE, (cause or UNDECODABLE) in RESYNC)
+            cause = cause or UNDECODABLE
+            self._on_wrong(cause, may_resync and cause in RESYNC)
             return len(data), None
-        pdu.dev_id, pdu.transaction_id = exp_devid, exp_tid
+        pdu.dev_id, pdu.transaction_id = ids
         return used, pdu
 
 
-class _CheckedRtuFramer(FramerRTU):
-    """RTU framing (serial, or through a TCP socket) with the same contract: only a frame that
-    answers the request in flight reaches pymodbus; a bad one (CRC, unit, function code, byte
-    count, truncated, trailing bytes) is told and dropped with everything received after it.
-    Never a resync of the connection: the line's silence before the next request is one."""
+class _CheckedFramer(_Checking, FramerSocket):
+    """MBAP framing that hands pymodbus only a frame that answers the request in flight.
+    pymodbus calls :meth:`handleFrame` from the transport's ``data_received`` with everything
+    received since the request went out."""
 
     def __init__(self, decoder: DecodePDU, on_wrong: Callable[[str, bool], None]):
         super().__init__(decoder)
-        self._on_wrong = on_wrong
-        self.expected: _Want | None = None
+        self._start(on_wrong)
+
+    def handleFrame(
+        self, data: bytes, exp_devid: int, exp_tid: int
+    ) -> tuple[int, ModbusPDU | None]:
+        want = self.expected
+        expected = None if want is None else Expected(exp_tid, *want)
+        return self._judge(
+            data, expected, check_response, (MBAP_SIZE, 0), True, (exp_devid, exp_tid)
+        )
+
+
+class _CheckedRtuFramer(_Checking, FramerRTU):
+    """RTU framing (serial, or through a TCP socket) with the same contract: a bad frame (CRC,
+    unit, function code, byte count, truncated, trailing bytes) is told and dropped with
+    everything received after it. Never a resync of the connection: the line's silence before
+    the next request is one."""
+
+    def __init__(self, decoder: DecodePDU, on_wrong: Callable[[str, bool], None]):
+        super().__init__(decoder)
+        self._start(on_wrong)
 
     def handleFrame(
         self, data: bytes, exp_devid: int, exp_tid: int
     ) -> tuple[int, ModbusPDU | None]:
         want = self.expected
         expected = None if want is None else Expected(0, *want)
-        pdu: ModbusPDU | None = None
-        try:
-            verdict = check_rtu_response(data, expected)
-            if verdict.used == 0:
-                return 0, None
-            used, cause = verdict.used, verdict.cause
-            if cause is None:
-                pdu = self.decoder.decode(data[1 : used - 2])
-                cause = UNDECODABLE if pdu is None else None
-        except Exception:  # a bug here must not become a transport's fatal error
-            log.debug("checking an RTU response failed", exc_info=True)
-            pdu, used, cause = None, len(data), UNDECODABLE
-        self.expected = None
-        if pdu is None or cause is not None:
-            self._on_wrong(cause or UNDECODABLE, False)
-            return len(data), None
-        pdu.dev_id, pdu.transaction_id = exp_devid, exp_tid
-        return used, pdu
+        return self._judge(data, expected, check_rtu_response, (1, 2), False, (exp_devid, exp_tid))
 
 
 OnWrong = Callable[[str, "Target | None"], None]

@@ -48,6 +48,7 @@ Python API (tests and ``fieldgate simulate modbus --rtu|--rtu-over-tcp|--gateway
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import json
@@ -450,9 +451,10 @@ class SerialPort:
             self._port.close()
 
 
-class _Listener:
+class _Listener(abc.ABC):
     """A TCP listener with a connection limit: over it, a connection is closed at once and
-    counted (``connections_refused``), as a serial server with all its slots taken does."""
+    counted (``connections_refused``), as a serial server with all its slots taken does.
+    Subclasses serve one accepted connection in :meth:`connection`."""
 
     def __init__(self, stats: LineStats, host: str, port: int, max_connections: int | None) -> None:
         if max_connections is not None and max_connections < 1:
@@ -493,8 +495,9 @@ class _Listener:
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
 
+    @abc.abstractmethod
     async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        raise NotImplementedError
+        """Serve one accepted connection until it closes."""
 
     async def start(self) -> None:
         try:
