@@ -3,6 +3,7 @@ testbed's harness, ``gateway/testbed/harness.py``)."""
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,6 +83,48 @@ def start_simulator(
         extra=extra,
     )
     return config, _start(procs, argv, tmp / "sim.log", MODBUS_READY)
+
+
+def start_hostile(
+    procs: list[Proc], tmp: Path, port: int, plan: str, stats: Path, *extra: str
+) -> Proc:
+    """The raw hostile Modbus device (:mod:`adapters.modbus.sim.hostile`) on ``port``, playing
+    ``plan`` and keeping its counts in ``stats``, once it listens."""
+    argv = [sys.executable, "-m", "adapters.modbus.sim.hostile", "--port", str(port)]
+    argv += ["--plan", plan, "--stats", str(stats), *extra]
+    proc = Proc(argv, tmp / "hostile.log")
+    procs.append(proc)
+    proc.wait_for("hostile Modbus device on")
+    return proc
+
+
+def add_modbus_device(
+    config: Path,
+    pki_dir: Path,
+    device_id: str,
+    port: int,
+    points: list[dict[str, object]],
+    *,
+    timeout: float,
+) -> None:
+    """Append a Modbus device on its own loopback port (``identity = "none"``) to a gateway
+    config file."""
+    import tomllib
+
+    from gateway.config import render_toml
+    from gateway.testbed.simconfig import device_files
+
+    doc = tomllib.loads(config.read_text())
+    doc["devices"].append(
+        {
+            "id": device_id,
+            **device_files(pki_dir, device_id),
+            "modbus": {"host": "127.0.0.1", "port": port, "unit": 1, "timeout": timeout},
+            "identity": "none",
+            "points": points,
+        }
+    )
+    config.write_text(render_toml(doc))
 
 
 def start_ble_simulator(

@@ -19,7 +19,6 @@ import logging
 import math
 import random
 import struct
-import sys
 import time
 import tomllib
 from collections import Counter, defaultdict
@@ -45,17 +44,18 @@ from adapters.modbus.sim.devices import (
 )
 from adapters.modbus.sim.hostile import FUZZ_MODES, HostileDevice, RegisterMap, Request
 from adapters.modbus.transport import ModbusTransport
-from gateway.config import DeviceConfig, render_toml
+from gateway.config import DeviceConfig
 from gateway.core.readings import GOOD, Scan
 from gateway.events import read_events
 from gateway.identity.keyring import Keyring
-from gateway.testbed.simconfig import device_files
 
 from conftest import (
     Proc,
+    add_modbus_device,
     fieldgate,
     free_ports,
     opened_from,
+    start_hostile,
     start_hub,
     start_simulator,
     wait_until,
@@ -629,44 +629,12 @@ def test_the_gateway_forwards_only_correct_values_through_every_kind_of_malforme
     wrong = list(FUZZ_MODES)
     plan = ",".join(["good:20", *(f"{mode}:1,good:4" for mode in wrong), "good"])
     window = 20 + 5 * len(wrong)
-    hostile_proc = Proc(
-        [
-            sys.executable,
-            "-m",
-            "adapters.modbus.sim.hostile",
-            "--port",
-            str(port),
-            "--plan",
-            plan,
-            "--points",
-            str(POINTS),
-            "--map-seed",
-            str(map_seed),
-            "--late",
-            "0.6",
-            "--stats",
-            str(stats),
-        ],
-        tmp_path / "hostile.log",
-    )
-    procs.append(hostile_proc)
-    hostile_proc.wait_for("hostile Modbus device on")
+    extra = ["--points", str(POINTS), "--map-seed", str(map_seed), "--late", "0.6"]
+    start_hostile(procs, tmp_path, port, plan, stats, *extra)
     bad_points = make_points(POINTS, period=0.1, seed=map_seed)
-    doc = tomllib.loads(config.read_text())
-    ok_count = len(doc["devices"][0]["points"])
-    doc["devices"].append(
-        {
-            "id": "plc-2",
-            **device_files(pki_dir, "plc-2"),
-            "modbus": {"host": "127.0.0.1", "port": port, "unit": 1, "timeout": 0.3},
-            "identity": "none",
-            "points": [
-                {k: v for k, v in sp.point.model_dump().items() if v is not None}
-                for sp in bad_points
-            ],
-        }
-    )
-    config.write_text(render_toml(doc))
+    ok_count = len(tomllib.loads(config.read_text())["devices"][0]["points"])
+    rows = [{k: v for k, v in sp.point.model_dump().items() if v is not None} for sp in bad_points]
+    add_modbus_device(config, pki_dir, "plc-2", port, rows, timeout=0.3)
     gateway = Proc(fieldgate("run", "--config", str(config)), tmp_path / "gateway.log")
     procs.append(gateway)
 

@@ -7,8 +7,6 @@ import asyncio
 import json
 import logging
 import struct
-import sys
-import tomllib
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,17 +17,18 @@ from adapters.modbus import checks
 from adapters.modbus.checks import Expected, Misbehaviour, check_response
 from adapters.modbus.link import ModbusLink
 from adapters.modbus.sim.hostile import BAD, HostileDevice
-from gateway.config import DeviceConfig, render_toml
+from gateway.config import DeviceConfig
 from gateway.core.readings import Scan
 from gateway.events import read_events
 from gateway.identity.keyring import Keyring
-from gateway.testbed.simconfig import device_files
 
 from conftest import (
     Proc,
+    add_modbus_device,
     fieldgate,
     free_ports,
     opened_from,
+    start_hostile,
     start_hub,
     start_simulator,
     wait_until,
@@ -330,33 +329,11 @@ def test_a_hostile_device_delivers_only_its_correct_answers_and_no_traceback(
     port = free_ports(1)
     stats = tmp_path / "hostile.json"
     plan = "good:10,wrong_fc:40,unknown_fc:5,trailing:1,wrong_tid:10,exc0b:20,reset:1,long:10,good"
-    hostile = Proc(
-        [
-            sys.executable,
-            "-m",
-            "adapters.modbus.sim.hostile",
-            "--port",
-            str(port),
-            "--plan",
-            plan,
-            "--stats",
-            str(stats),
-        ],
-        tmp_path / "hostile.log",
-    )
-    procs.append(hostile)
-    hostile.wait_for("hostile Modbus device on")
-    doc = tomllib.loads(config.read_text())
-    doc["devices"].append(
-        {
-            "id": "plc-2",
-            **device_files(pki_dir, "plc-2"),
-            "modbus": {"host": "127.0.0.1", "port": port, "unit": 1, "timeout": 0.5},
-            "identity": "none",
-            "points": [{"name": f"p{i}", "address": i, "period": 0.1} for i in range(POINTS)],
-        }
-    )
-    config.write_text(render_toml(doc))
+    start_hostile(procs, tmp_path, port, plan, stats)
+    rows: list[dict[str, object]] = [
+        {"name": f"p{i}", "address": i, "period": 0.1} for i in range(POINTS)
+    ]
+    add_modbus_device(config, pki_dir, "plc-2", port, rows, timeout=0.5)
     gateway = Proc(fieldgate("run", "--config", str(config)), tmp_path / "gateway.log")
     procs.append(gateway)
     # The episode ends after 10 s of correct answers.

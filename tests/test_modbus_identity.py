@@ -4,11 +4,13 @@ gate's checks, and the swap of two devices at run time, against pymodbus's own s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import struct
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,14 @@ from conftest import (
 )
 
 # -- pure: formats, objects, the "more follows" walk --
+
+
+@contextlib.asynccontextmanager
+async def _unit_source(device_id: str, endpoint: ModbusEndpoint) -> AsyncIterator[UnitSource]:
+    """A device's own connection (its implicit link), as identity collection reads it."""
+    link = implicit_link(device_id, endpoint)
+    async with ModbusTransport(link, lambda _c, _t: None) as shared:
+        yield UnitSource(shared, Target(device_id, endpoint.unit, endpoint.label))
 
 
 def test_identity_registers_format_as_ascii_hex_and_uint() -> None:
@@ -283,9 +293,7 @@ def test_fc43_and_identity_registers_are_read_from_the_device() -> None:
                 {"fc43": True, "registers": [{"name": "serial", "address": serial_at, "count": 5}]}
             )
             endpoint = ModbusEndpoint(host="127.0.0.1", port=port)
-            link = implicit_link("plc-1", endpoint)
-            async with ModbusTransport(link, lambda _c, _t: None) as shared:
-                transport = UnitSource(shared, Target("plc-1", endpoint.unit, endpoint.label))
+            async with _unit_source("plc-1", endpoint) as transport:
                 found = await collect_fingerprint(transport, identity)
         assert found.refusal is None
         assert found.values["vendor"] == "Fieldgate Simulations"
@@ -312,9 +320,7 @@ def test_a_long_identification_is_followed_through_more_follows() -> None:
         port = free_ports(1)
         async with DeviceServer("127.0.0.1", port, 1, 64, noop, identify):
             endpoint = ModbusEndpoint(host="127.0.0.1", port=port)
-            link = implicit_link("dev", endpoint)
-            async with ModbusTransport(link, lambda _c, _t: None) as shared:
-                transport = UnitSource(shared, Target("dev", endpoint.unit, endpoint.label))
+            async with _unit_source("dev", endpoint) as transport:
                 found = await collect_fingerprint(transport, ModbusIdentity(fc43=True))
         assert found.refusal is None
         return found.values
@@ -334,9 +340,7 @@ def test_fc43_exception_falls_back_to_identity_registers_or_refuses_without_them
                 {"fc43": True, "registers": [{"name": "serial", "address": serial_at, "count": 5}]}
             )
             endpoint = ModbusEndpoint(host="127.0.0.1", port=port)
-            link = implicit_link("plc-1", endpoint)
-            async with ModbusTransport(link, lambda _c, _t: None) as shared:
-                transport = UnitSource(shared, Target("plc-1", endpoint.unit, endpoint.label))
+            async with _unit_source("plc-1", endpoint) as transport:
                 fallback = await collect_fingerprint(transport, both)
                 alone = await collect_evidence(
                     transport, "plc-1", endpoint.label, ModbusIdentity(fc43=True)
