@@ -4,6 +4,7 @@ unit with an identity method, a backed-off unit answering garbage, a unit refusi
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from adapters.base import DeviceHealth
 from adapters.modbus.config import ModbusEndpoint, ModbusIdentity, Point, RtuOverTcpLink, TcpLink
@@ -11,6 +12,29 @@ from adapters.modbus.link import ModbusBus, ModbusLink
 
 from conftest import free_ports
 from rtu_servers import Units
+
+
+def _units(
+    link: Any,
+    points: dict[int, list[Point]],
+    scans: dict[int, list[Any]] | None = None,
+    identity: ModbusIdentity | None = None,
+) -> list[ModbusLink]:
+    """One device per unit id of ``link``, reading ``points[unit]``; its scans go to
+    ``scans[unit]`` (or nowhere)."""
+    return [
+        ModbusLink(
+            f"dev-{u}",
+            ModbusEndpoint(link=link.name, unit=u).on(link),
+            pts,
+            scans[u].append if scans is not None else lambda _s: None,
+            lambda _e: None,
+            DeviceHealth(f"dev-{u}"),
+            transport=link.transport,
+            identity=identity,
+        )
+        for u, pts in points.items()
+    ]
 
 
 def test_a_dead_unit_with_an_identity_method_does_not_stop_its_link() -> None:
@@ -24,19 +48,7 @@ def test_a_dead_unit_with_an_identity_method_does_not_stop_its_link() -> None:
 
     async def go() -> int:
         async with Units("tcp", port, [1, 2]) as server:  # unit 3 is not there
-            units = [
-                ModbusLink(
-                    f"dev-{u}",
-                    ModbusEndpoint(link="gw", unit=u).on(link),
-                    points,
-                    scans[u].append,
-                    lambda _e: None,
-                    DeviceHealth(f"dev-{u}"),
-                    transport=link.transport,
-                    identity=identity,
-                )
-                for u in (1, 2, 3)
-            ]
+            units = _units(link, {u: points for u in (1, 2, 3)}, scans, identity)
             bus = ModbusBus(link, units, backoff_min=0.2, backoff_max=1.0)
             task = asyncio.create_task(bus.run())
             await asyncio.sleep(3.0)
@@ -56,18 +68,7 @@ def test_a_backed_off_unit_answering_garbage_is_still_probed_rarely() -> None:
     async def go() -> tuple[int, int]:
         async with Units("rtu-over-tcp", port, [1, 2]) as server:
             server.served = [1]  # unit 2 silent: it times out and is backed off
-            units = [
-                ModbusLink(
-                    f"dev-{u}",
-                    ModbusEndpoint(link="ser", unit=u).on(link),
-                    points,
-                    lambda _s: None,
-                    lambda _e: None,
-                    DeviceHealth(f"dev-{u}"),
-                    transport=link.transport,
-                )
-                for u in (1, 2)
-            ]
+            units = _units(link, {u: points for u in (1, 2)})
             bus = ModbusBus(link, units, backoff_min=0.5, backoff_max=5.0)
             task = asyncio.create_task(bus.run())
             await asyncio.sleep(1.0)
@@ -93,18 +94,7 @@ def test_a_unit_refusing_every_point_is_probed_again_on_a_shared_link() -> None:
 
     async def go() -> tuple[list[int], int]:
         async with Units("tcp", port, [1, 2]) as server:
-            units = [
-                ModbusLink(
-                    f"dev-{u}",
-                    ModbusEndpoint(link="gw", unit=u).on(link),
-                    pts,
-                    lambda _s: None,
-                    lambda _e: None,
-                    DeviceHealth(f"dev-{u}"),
-                    transport=link.transport,
-                )
-                for u, pts in ((1, good), (2, beyond))
-            ]
+            units = _units(link, {u: pts for u, pts in ((1, good), (2, beyond))})
             bus = ModbusBus(link, units, backoff_min=0.2, backoff_max=0.4)
             task = asyncio.create_task(bus.run())
             seen = []

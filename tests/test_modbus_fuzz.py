@@ -551,7 +551,7 @@ def test_a_window_of_malformed_answers_costs_only_that_device_and_none_becomes_a
     assert bad.malformed == sum(bad.malformed_causes.values())
     malformed_drawn = sum(n for mode, n in drawn.items() if mode not in ("split",))
     assert bad.malformed >= malformed_drawn // 2, (bad.malformed, drawn)
-    assert {
+    drawn_causes = {
         checks.WRONG_TID,
         checks.WRONG_UNIT,
         checks.WRONG_FC,
@@ -560,18 +560,10 @@ def test_a_window_of_malformed_answers_costs_only_that_device_and_none_becomes_a
         checks.TRAILING,
         checks.BAD_HEADER,
         checks.TRUNCATED,
-    } <= bad.malformed_causes.keys(), bad.malformed_causes
-    assert bad.malformed_causes.keys() <= {
-        checks.WRONG_TID,
-        checks.WRONG_UNIT,
-        checks.WRONG_FC,
-        checks.WRONG_COUNT,
-        checks.LENGTH,
-        checks.TRAILING,
-        checks.BAD_HEADER,
-        checks.TRUNCATED,
-        checks.UNSOLICITED,
     }
+    assert drawn_causes <= bad.malformed_causes.keys(), bad.malformed_causes
+    # Besides those, only bytes nobody asked for (a late answer, a second one).
+    assert bad.malformed_causes.keys() <= drawn_causes | {checks.UNSOLICITED}
     ok = healths["ok-1"]
     assert ok.malformed == 0 and ok.reads_failed == 0
 

@@ -12,7 +12,7 @@ import json
 import os
 import time
 import tomllib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,16 +71,25 @@ async def _silent(client: Any, unit: int) -> bool:
     return False
 
 
-def _serial_client(path: Path, timing: LineTiming, timeout: float = 0.5) -> AsyncModbusSerialClient:
-    return AsyncModbusSerialClient(
+@contextlib.asynccontextmanager
+async def _master(
+    path: Path, timing: LineTiming, answer_within: float = 0.5
+) -> AsyncIterator[AsyncModbusSerialClient]:
+    """pymodbus's own serial client on the gateway's end of the line, connected."""
+    client = AsyncModbusSerialClient(
         str(path),
         baudrate=timing.baud,
         parity="N",  # a pty refuses parity (EINVAL); the line is timed as ``timing`` says
         stopbits=timing.stopbits,
-        timeout=timeout,
+        timeout=answer_within,
         retries=0,
         reconnect_delay=0,
     )
+    assert await client.connect()
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 async def _closed(writer: asyncio.StreamWriter) -> None:
@@ -127,9 +136,7 @@ def test_serial_units_answer_their_values_unknown_and_dead_units_are_silent(
 
     async def go() -> None:
         async with rtu_line(specs, tmp_path / "line", timing, step=STEP) as sim:
-            client = _serial_client(sim.path, timing, timeout=0.3)
-            assert await client.connect()
-            try:
+            async with _master(sim.path, timing, answer_within=0.3) as client:
                 for spec in specs:
                     if spec.unit == 3:
                         assert await _silent(client, 3)
@@ -138,8 +145,6 @@ def test_serial_units_answer_their_values_unknown_and_dead_units_are_silent(
                 assert await _silent(client, 9)  # no device has unit 9
                 # The bus still answers after a silent unit: nothing is stuck behind it.
                 assert await _read(client, 1) == _expected(specs[0].points)
-            finally:
-                client.close()
             stats = sim.bus.stats()
         assert stats["overlaps"] == 0  # one master, one request at a time
         assert stats["unknown_unit"] == 1
@@ -161,16 +166,12 @@ def test_a_slow_unit_delays_its_own_answer_not_the_next_units(tmp_path: Path) ->
 
     async def go() -> None:
         async with rtu_line(specs, tmp_path / "line", timing, step=STEP) as sim:
-            client = _serial_client(sim.path, timing, timeout=0.3)
-            assert await client.connect()
-            try:
+            async with _master(sim.path, timing, answer_within=0.3) as client:
                 assert await _silent(client, 1)  # the master gives up on unit 1
                 began = time.monotonic()
                 assert await _read(client, 2) == _expected(specs[1].points)
                 took = time.monotonic() - began
                 await asyncio.sleep(1.0)  # unit 1 answers, late, to nobody
-            finally:
-                client.close()
             stats = sim.bus.stats()
         assert took < 0.3  # unit 2 did not wait for unit 1's second
         assert stats["units"]["1"]["answered"] == 1  # its late answer did go out
@@ -185,15 +186,11 @@ def test_a_read_takes_at_least_its_frame_time_at_the_baud_rate(tmp_path: Path) -
 
     async def go() -> None:
         async with rtu_line(specs, tmp_path / "line", timing, step=STEP) as sim:
-            client = _serial_client(sim.path, timing, timeout=2.0)
-            assert await client.connect()
-            try:
+            async with _master(sim.path, timing, answer_within=2.0) as client:
                 await _read(client, 1, count=10)  # warm-up: the first request opens things
                 began = time.monotonic()
                 await _read(client, 1, count=10)
                 took = time.monotonic() - began
-            finally:
-                client.close()
         # Request 8 bytes, 3.5 characters of silence, response 5 + 20 bytes: 36.5 characters
         # of 10 bits at 9,600 baud = 38 ms. A pty alone answers in well under a millisecond.
         floor = timing.exchange_time(8, 5 + 2 * 10)
@@ -212,9 +209,7 @@ def test_map_quirks_and_faults_of_the_tcp_simulator_hold_on_a_bus(tmp_path: Path
 
     async def go() -> None:
         async with rtu_line(specs, tmp_path / "line", timing, step=STEP) as sim:
-            client = _serial_client(sim.path, timing)
-            assert await client.connect()
-            try:
+            async with _master(sim.path, timing) as client:
                 codes = []
                 for unit, address, count in ((1, 0, 8), (1, 0, 6), (2, 0, 8), (2, 0, 4)):
                     r = await client.read_holding_registers(address, count=count, device_id=unit)
@@ -222,8 +217,6 @@ def test_map_quirks_and_faults_of_the_tcp_simulator_hold_on_a_bus(tmp_path: Path
                 first = await client.read_holding_registers(0, count=2, device_id=3)
                 assert first.isError() and first.exception_code == 4
                 assert await _read(client, 3) == _expected(specs[2].points)
-            finally:
-                client.close()
         assert codes == [2, 0, 3, 0]
 
     _run(go)
@@ -235,27 +228,25 @@ def test_overlaps_count_two_masters_on_one_line_and_stay_0_for_one(tmp_path: Pat
 
     async def go() -> None:
         async with rtu_line(specs, tmp_path / "line", timing, step=STEP) as sim:
-            master = _serial_client(sim.path, timing)
-            assert await master.connect()
-            # pymodbus locks the port it opens; a second master on the same wire is a plain
-            # file descriptor writing its own request frames.
-            other = os.open(sim.path, os.O_WRONLY | os.O_NOCTTY)
-            try:
-                for _ in range(3):
-                    for spec in specs:
-                        assert await _read(master, spec.unit) == _expected(spec.points)
-                assert sim.bus.stats()["overlaps"] == 0
-                # Both masters send at once: on a real bus the frames would collide.
-                for _ in range(3):
-                    read = asyncio.ensure_future(
-                        master.read_holding_registers(0, count=2, device_id=1)
-                    )
-                    os.write(other, frame(2, bytes.fromhex("0300000002")))
-                    await asyncio.gather(read, return_exceptions=True)
-                    await asyncio.sleep(0.6)  # a confused master times out
-            finally:
-                os.close(other)
-                master.close()
+            async with _master(sim.path, timing) as master:
+                # pymodbus locks the port it opens; a second master on the same wire is a plain
+                # file descriptor writing its own request frames.
+                other = os.open(sim.path, os.O_WRONLY | os.O_NOCTTY)
+                try:
+                    for _ in range(3):
+                        for spec in specs:
+                            assert await _read(master, spec.unit) == _expected(spec.points)
+                    assert sim.bus.stats()["overlaps"] == 0
+                    # Both masters send at once: on a real bus the frames would collide.
+                    for _ in range(3):
+                        read = asyncio.ensure_future(
+                            master.read_holding_registers(0, count=2, device_id=1)
+                        )
+                        os.write(other, frame(2, bytes.fromhex("0300000002")))
+                        await asyncio.gather(read, return_exceptions=True)
+                        await asyncio.sleep(0.6)  # a confused master times out
+                finally:
+                    os.close(other)
             assert sim.bus.stats()["overlaps"] > 0
 
     _run(go)
@@ -267,16 +258,12 @@ def test_crc_fault_corrupts_every_nth_answer_and_the_client_rejects_it(tmp_path:
 
     async def go() -> None:
         async with rtu_line(specs, tmp_path / "line", timing, step=STEP) as sim:
-            client = _serial_client(sim.path, timing, timeout=0.3)
-            assert await client.connect()
-            try:
+            async with _master(sim.path, timing, answer_within=0.3) as client:
                 outcomes = []
                 for _ in range(4):
                     outcomes.append(await _silent(client, 2))
                     await asyncio.sleep(0.05)  # let a rejected frame's bytes drain
                 assert await _read(client, 1) == _expected(specs[0].points)
-            finally:
-                client.close()
             stats = sim.bus.stats()
         assert outcomes == [False, True, False, True]
         assert stats["units"]["2"]["crc_faults"] == 2
@@ -530,14 +517,10 @@ def test_cli_rtu_prints_the_port_keeps_stats_and_writes_a_link(
     specs = _specs(8)
 
     async def go() -> None:
-        client = _serial_client(path, timing)
-        assert await client.connect()
-        try:
+        async with _master(path, timing) as client:
             assert await _read(client, 1) == _expected(specs[0].points)
             assert await _read(client, 8) == _expected(specs[7].points)
             assert await _silent(client, 3)
-        finally:
-            client.close()
 
     _run(go)
 

@@ -3,7 +3,9 @@
 The simulated line needs three facts a pymodbus server keeps to itself: where a request frame
 ends (RTU has no length prefix: the length follows from the function code, or the frame ends at
 3.5 characters of silence), the CRC, and how long characters take on the wire. They live here,
-once, so the serial line, RTU over TCP and the tests agree on them.
+once, so the serial line, RTU over TCP and the tests agree on them. The CRC is computed here
+rather than taken from the gateway's :mod:`adapters.modbus.checks` on purpose: a simulator that
+shared the checker's CRC could not catch a mistake in it.
 """
 
 from __future__ import annotations
