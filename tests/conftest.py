@@ -162,11 +162,18 @@ def ble_sim(address: str, call: str, *args: object) -> object:
 
 
 def wait_until(predicate: object, timeout: float, what: str) -> None:
+    """Poll ``predicate`` until true. A store read between the gateway creating its file and
+    writing its schema raises StoreNotReady: that is "not yet", not a failure."""
+    from gateway.store.sqlite import StoreNotReady
+
     assert callable(predicate)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():
-            return
+        try:
+            if predicate():
+                return
+        except StoreNotReady:
+            pass
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
 
