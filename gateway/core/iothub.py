@@ -63,3 +63,114 @@ def parse_telemetry_topic(topic: str) -> tuple[str, dict[str, str]]:
     if len(parts) < 4 or parts[0] != "devices" or parts[2:4] != ["messages", "events"]:
         raise ValueError(f"not a telemetry topic: {topic!r}")
     return parts[1], decode_properties(parts[4] if len(parts) == 5 else "")
+
+
+# -- the cloud-to-device side ----------------------------------------------------------------
+# What a device's session subscribes to (IoT Hub scopes each to the connection's identity).
+METHOD_REQUESTS = "$iothub/methods/POST/#"
+TWIN_RESPONSES = "$iothub/twin/res/#"
+TWIN_DESIRED = "$iothub/twin/PATCH/properties/desired/#"
+
+# Sizes IoT Hub takes (iot-hub-devguide-quotas-throttling): larger is refused by the hub, so a
+# larger request cannot be genuine.
+METHOD_PAYLOAD_MAX = 128 * 1024
+C2D_PAYLOAD_MAX = 64 * 1024
+TWIN_SECTION_MAX = 32 * 1024  # desired and reported, each
+# Twin updates per second per hub on Free/S1 (50/s shared by every device and module).
+TWIN_UPDATES_PER_S = 50.0
+# Method response statuses a device may answer with are any int; these are the hub's own.
+METHOD_TIMEOUT_STATUS = 504
+DEVICE_NOT_CONNECTED_STATUS = 404
+
+
+def c2d_filter(device_id: str) -> str:
+    return f"devices/{device_id}/messages/devicebound/#"
+
+
+def c2d_topic(device_id: str, props: dict[str, str]) -> str:
+    """The topic a C2D message reaches ``device_id`` on; ``$.mid`` is its message id."""
+    return f"devices/{device_id}/messages/devicebound/{encode_properties(props)}"
+
+
+def parse_c2d_topic(topic: str) -> tuple[str, dict[str, str]]:
+    """``devices/{id}/messages/devicebound/{props}`` -> (device id, properties)."""
+    parts = topic.split("/", 4)
+    if len(parts) < 4 or parts[0] != "devices" or parts[2:4] != ["messages", "devicebound"]:
+        raise ValueError(f"not a cloud-to-device topic: {topic!r}")
+    return parts[1], decode_properties(parts[4] if len(parts) == 5 else "")
+
+
+C2D_MESSAGE_ID = "$.mid"
+
+
+def _query(topic: str, prefix: str) -> dict[str, str] | None:
+    """The ``?a=b&c=d`` part of ``prefix...?query``; None when ``topic`` is not under prefix."""
+    if not topic.startswith(prefix):
+        return None
+    _, sep, query = topic.partition("?")
+    return decode_properties(query) if sep else {}
+
+
+def method_request_topic(name: str, rid: str) -> str:
+    return f"$iothub/methods/POST/{name}/?$rid={rid}"
+
+
+def parse_method_request(topic: str) -> tuple[str, str] | None:
+    """``$iothub/methods/POST/{name}/?$rid={rid}`` -> (name, rid); None if it is not one."""
+    query = _query(topic, "$iothub/methods/POST/")
+    if query is None:
+        return None
+    name = topic[len("$iothub/methods/POST/") :].partition("?")[0].rstrip("/")
+    return name, query.get("$rid", "")
+
+
+def method_response_topic(status: int, rid: str) -> str:
+    return f"$iothub/methods/res/{status}/?$rid={rid}"
+
+
+def parse_method_response(topic: str) -> tuple[int, str] | None:
+    """``$iothub/methods/res/{status}/?$rid={rid}`` -> (status, rid)."""
+    query = _query(topic, "$iothub/methods/res/")
+    if query is None:
+        return None
+    status = topic[len("$iothub/methods/res/") :].partition("/")[0]
+    return (int(status), query.get("$rid", "")) if status.isdigit() else None
+
+
+def twin_get_topic(rid: str) -> str:
+    return f"$iothub/twin/GET/?$rid={rid}"
+
+
+def twin_reported_topic(rid: str) -> str:
+    return f"$iothub/twin/PATCH/properties/reported/?$rid={rid}"
+
+
+def twin_response_topic(status: int, rid: str, version: int | None = None) -> str:
+    tail = f"&$version={version}" if version is not None else ""
+    return f"$iothub/twin/res/{status}/?$rid={rid}{tail}"
+
+
+def parse_twin_response(topic: str) -> tuple[int, str, int | None] | None:
+    """``$iothub/twin/res/{status}/?$rid={rid}[&$version={v}]`` -> (status, rid, version)."""
+    query = _query(topic, "$iothub/twin/res/")
+    if query is None:
+        return None
+    status = topic[len("$iothub/twin/res/") :].partition("/")[0]
+    version = query.get("$version")
+    if not status.isdigit():
+        return None
+    return int(status), query.get("$rid", ""), int(version) if version and version.isdigit() else None
+
+
+def desired_patch_topic(version: int) -> str:
+    return f"$iothub/twin/PATCH/properties/desired/?$version={version}"
+
+
+def parse_desired_patch(topic: str) -> int | None:
+    """``$iothub/twin/PATCH/properties/desired/?$version={v}`` -> v (None if it is not one, -1
+    when the version is missing)."""
+    query = _query(topic, "$iothub/twin/PATCH/properties/desired/")
+    if query is None:
+        return None
+    version = query.get("$version", "")
+    return int(version) if version.isdigit() else -1
