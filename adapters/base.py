@@ -81,12 +81,19 @@ class DeviceHealth:
     last_error: str | None = None
     # Configuration problems found while polling (a point the device never answers), once each.
     config_problems: list[str] = field(default_factory=list)
+    # Called at each change of state (the twin's reported properties follow it).
+    watchers: list[Callable[[], None]] = field(default_factory=list)
+
+    def _changed(self) -> None:
+        for watcher in self.watchers:
+            watcher()
 
     def up(self) -> None:
         if self.state != UP:
             if self.state == DOWN:
                 log.info("%s: recovered", self.device_id)
             self.state, self.since = UP, time.time()
+            self._changed()
         # Cleared on every good read, so that the next episode of errors is told again.
         self.last_error = None
 
@@ -94,8 +101,10 @@ class DeviceHealth:
         if self.state != DOWN:
             log.warning("%s: unavailable: %s", self.device_id, reason)
             self.state, self.since = DOWN, time.time()
+            self._changed()
         self.last_error = reason
 
     def quarantine(self, reason: str) -> None:
         log.error("%s: quarantined: %s", self.device_id, reason)
         self.state, self.since, self.last_error = QUARANTINED, time.time(), reason
+        self._changed()

@@ -14,9 +14,8 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapters.base import DeviceHealth
 from adapters.modbus.admission import ModbusRequirements
@@ -26,6 +25,7 @@ from adapters.modbus.planstore import PlanStore
 from adapters.modbus.security import ModbusTlsError
 from adapters.modbus.security import client_context as modbus_tls_context
 from gateway.config import BleEndpoint, Config, DeviceConfig
+from gateway.control.dispatch import Control
 from gateway.core.auth import AuthGate, Registration, Requirements
 from gateway.core.batcher import Batcher
 from gateway.core.envelope import Sealer
@@ -43,6 +43,9 @@ from gateway.store.memory import MemoryQueue
 from gateway.store.paths import store_path
 from gateway.store.queue import EnvelopeQueue
 from gateway.uplink.session import DeviceSession
+
+if TYPE_CHECKING:
+    from adapters.ble.adapter import BleAdapter
 from gateway.uplink.throttle import RateLimiter
 
 log = logging.getLogger("fieldgate")
@@ -129,6 +132,8 @@ class Gateway:
         # Modbus/TCP Security client contexts per device, made once at start (the passphrase).
         self._modbus_tls: dict[str, ssl.SSLContext] = {}
         self.step: PipelineStep | None = None
+        self.control: Control | None = None
+        self._gate: AuthGate | None = None
 
     @property
     def events(self) -> SecurityEvents:
@@ -255,11 +260,34 @@ class Gateway:
             [_registration(d, cfg, self.enrolment) for d in cfg.devices], self.events.record
         )
         self.step = PipelineStep(batcher, sealer, gate.admitted)
+        self._gate = gate
         pipeline = Intake(self.step)
         connects = RateLimiter(cfg.hub.connect_rate)
         sends = RateLimiter(cfg.hub.send_rate)
+        control = self.control = Control(
+            cfg.control.switches(),
+            {d.id: d.control.policy() for d in cfg.devices if d.enabled},
+            record=self.events.record,
+            status_of=self.device_status,
+            section_of=self.reported_section,
+            watch=lambda d, changed: self.health[d].watchers.append(changed),
+            state_dir=cfg.gateway.state_dir,
+            timeout=cfg.control.timeout,
+        )
+        twins = RateLimiter(cfg.control.twin_rate)
         self.sessions = {
-            d: DeviceSession(d, cfg.hub, ctx, queue, connects, sends, on_event=self.events.record)
+            d: DeviceSession(
+                d,
+                cfg.hub,
+                ctx,
+                queue,
+                connects,
+                sends,
+                on_event=self.events.record,
+                commands=control,
+                twins=twins,
+                report_interval=cfg.control.report_interval,
+            )
             for d, ctx in contexts.items()
         }
         log.info(
@@ -269,65 +297,133 @@ class Gateway:
             cfg.hub.address or cfg.hub.hostname,
             cfg.hub.port,
         )
-        async with asyncio.TaskGroup() as uplink:
-            writer = uplink.create_task(self._write(pipeline, queue), name="store-writer")
-            session_tasks = [
-                uplink.create_task(s.run(), name=f"uplink[{d}]") for d, s in self.sessions.items()
+        by_id = {d.id: d for d in cfg.devices}
+        links = cfg.modbus_links()
+        # Bursts of at most about BURST devices: smaller ones would cost more commits and
+        # wake-ups than they save in waiting (3x the CPU on 20 devices, same latency).
+        phases = min(MAX_PHASES, max(1, -(-len(links) // BURST)))
+        plans = PlanStore(cfg.gateway.state_dir)
+        buses: list[tuple[str, ModbusBus]] = []
+        for link, devices in links:
+            units = [
+                ModbusLink(
+                    d.id,
+                    d.modbus.on(link),
+                    d.points,
+                    pipeline.accept,
+                    gate.admit,
+                    self.health[d.id],
+                    phases=phases,
+                    on_event=self._event,
+                    plans=plans,
+                    transport=link.transport,
+                    identity=d.identity,
+                )
+                for d in devices
+                if d.modbus is not None
             ]
-            links = cfg.modbus_links()
-            # Bursts of at most about BURST devices: smaller ones would cost more commits and
-            # wake-ups than they save in waiting (3x the CPU on 20 devices, same latency).
-            phases = min(MAX_PHASES, max(1, -(-len(links) // BURST)))
-            plans = PlanStore(cfg.gateway.state_dir)
-            async with asyncio.TaskGroup() as intake:
-                # One task per link: a device with its own host is its own link (poll[id]),
-                # the devices on a [[links]] entry share it (link[name]).
-                pollers = [
-                    intake.create_task(
-                        ModbusBus(
-                            link,
-                            [
-                                ModbusLink(
-                                    d.id,
-                                    d.modbus.on(link),
-                                    d.points,
-                                    pipeline.accept,
-                                    gate.admit,
-                                    self.health[d.id],
-                                    phases=phases,
-                                    on_event=self._event,
-                                    plans=plans,
-                                    transport=link.transport,
-                                    identity=d.identity,
-                                )
-                                for d in devices
-                                if d.modbus is not None
-                            ],
-                            tls_context=self._modbus_tls.get(_tls_key(link, devices)),
-                        ).run(),
-                        name=f"link[{link.name}]"
-                        if devices[0].modbus is not None and devices[0].modbus.link is not None
-                        else f"poll[{devices[0].id}]",
-                    )
-                    for link, devices in links
+            for unit in units:
+                control.attach(unit.device_id, unit, frozenset(by_id[unit.device_id].point_names()))
+            own = devices[0].modbus is not None and devices[0].modbus.link is None
+            buses.append(
+                (
+                    f"poll[{devices[0].id}]" if own else f"link[{link.name}]",
+                    ModbusBus(
+                        link, units, tls_context=self._modbus_tls.get(_tls_key(link, devices))
+                    ),
+                )
+            )
+        radios = self._radios(pipeline, gate)
+        for adapter in radios.values():
+            for ble_link in adapter.links:
+                names = frozenset(by_id[ble_link.device_id].point_names())
+                control.attach(ble_link.device_id, ble_link, names)
+        try:
+            async with asyncio.TaskGroup() as uplink:
+                writer = uplink.create_task(self._write(pipeline, queue), name="store-writer")
+                session_tasks = [
+                    uplink.create_task(s.run(), name=f"uplink[{d}]")
+                    for d, s in self.sessions.items()
                 ]
-                pollers += [
-                    intake.create_task(radio, name=f"ble[{name}]")
-                    for name, radio in self._radios(pipeline, gate).items()
-                ]
-                await stop.wait()
-                log.info("stopping: polling stops, open batches are flushed")
-                for task in pollers:
-                    task.cancel("stop: polling ends")
-            pipeline.flush()
-            await pipeline.sealed.join()
-            writer.cancel("stop: every sealed envelope is in the store")
-            queue.close()
-            for session in self.sessions.values():
-                session.finish()
-            await self._drain(queue, session_tasks)
+                async with asyncio.TaskGroup() as intake:
+                    # One task per link: a device with its own host is its own link (poll[id]),
+                    # the devices on a [[links]] entry share it (link[name]).
+                    pollers = [intake.create_task(bus.run(), name=name) for name, bus in buses]
+                    pollers += [
+                        intake.create_task(adapter.run(), name=f"ble[{name}]")
+                        for name, adapter in radios.items()
+                    ]
+                    await stop.wait()
+                    log.info("stopping: polling stops, open batches are flushed")
+                    for task in pollers:
+                        task.cancel("stop: polling ends")
+                pipeline.flush()
+                await pipeline.sealed.join()
+                writer.cancel("stop: every sealed envelope is in the store")
+                queue.close()
+                for session in self.sessions.values():
+                    session.finish()
+                await self._drain(queue, session_tasks)
+        finally:
+            control.close()
 
-    def _radios(self, pipeline: Intake, gate: AuthGate) -> dict[str, Coroutine[Any, Any, None]]:
+    def identity_state(self, device_id: str) -> dict[str, Any]:
+        gate = self._gate
+        if gate is not None and device_id in gate.quarantined:
+            return {"state": "quarantined", "reason": gate.quarantined[device_id]}
+        admitted = gate is not None and gate.admitted(device_id)
+        device = next(d for d in self.config.devices if d.id == device_id)
+        # BLE devices are verified by their bond (and challenge), Modbus/TCP Security ones by
+        # TLS, the others by their identity reads unless their config says "none".
+        verified = (
+            device.ble is not None
+            or (device.modbus is not None and device.modbus.tls is not None)
+            or (device.identity is not None and not device.identity.none)
+        )
+        return {"state": "admitted" if admitted else "pending", "verified": bool(verified)}
+
+    def reported_section(self, device_id: str) -> dict[str, Any]:
+        """The device's section of its twin's reported properties: changes at transitions."""
+        health = self.health[device_id]
+        return {
+            "state": health.state,
+            "since": round(health.since, 3),
+            "identity": self.identity_state(device_id),
+            "boot_id": self.boot_id,
+        }
+
+    def device_status(self, device_id: str) -> dict[str, Any]:
+        """What the ``status`` method answers: health, identity, store depth, uplink."""
+        health = self.health[device_id]
+        queue = self.queue
+        depth = next(
+            (d for d in (queue.depth() if queue is not None else []) if d.device_id == device_id),
+            None,
+        )
+        session = self.sessions.get(device_id)
+        return {
+            "device": device_id,
+            "state": health.state,
+            "since": round(health.since, 3),
+            "last_error": health.last_error,
+            "reads_ok": health.reads_ok,
+            "reads_failed": health.reads_failed,
+            "malformed": health.malformed,
+            "identity": self.identity_state(device_id),
+            "store": {
+                "queued": depth.queued if depth else 0,
+                "leased": depth.leased if depth else 0,
+                "bytes": depth.bytes if depth else 0,
+            },
+            "uplink": {
+                "connected": session.stats.connected if session else False,
+                "connects": session.stats.connects if session else 0,
+                "readings_acked": session.stats.readings_acked if session else 0,
+            },
+            "boot_id": self.boot_id,
+        }
+
+    def _radios(self, pipeline: Intake, gate: AuthGate) -> dict[str, BleAdapter]:
         """One task per BLE adapter, serving that adapter's devices."""
         by_adapter: dict[str, dict[str, BleEndpoint]] = {}
         for d in self.config.devices:
@@ -347,7 +443,7 @@ class Gateway:
                 unknown=gate.unknown,
                 health=self.health,
                 state_dir=self.config.gateway.state_dir,
-            ).run()
+            )
             for name, devices in by_adapter.items()
         }
 

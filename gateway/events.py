@@ -19,7 +19,7 @@ log = logging.getLogger("fieldgate.security")
 
 FILE_NAME = "security-events.jsonl"
 # Recorded like every other event, but logged at INFO: they are the expected case.
-ROUTINE = frozenset({"device-admitted"})
+ROUTINE = frozenset({"device-admitted", "command-accepted"})
 
 
 class SecurityEvents:

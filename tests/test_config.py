@@ -118,6 +118,34 @@ def test_the_good_config_loads(pki_dir: Path, tmp_path: Path) -> None:
             ),
             "batching.max_bytes: Input should be less than or equal to 262144",
         ),
+        (
+            lambda c: c["devices"][0].update(
+                control={"channels": ["method"], "writes": {"p9": {}}}
+            ),
+            "devices[0]: control.writes.p9: the device has no point 'p9' (points: p0, p1, p2)",
+        ),
+        (
+            lambda c: c["devices"][0].update(control={"writes": {"p0": {}}}),
+            "devices[0]: control.channels: writes are listed but no channel may write",
+        ),
+        (
+            lambda c: c["devices"][0].update(
+                control={"channels": ["method"], "writes": {"p0": {"min": 5, "max": 1}}}
+            ),
+            "devices[0].control.writes.p0: min 5.0 is above max 1.0",
+        ),
+        (
+            lambda c: c["devices"][0].update(control={"channels": ["sms"]}),
+            "devices[0].control.channels[0]: 'sms' is not one of 'method', 'c2d' or 'twin'",
+        ),
+        (
+            lambda c: (
+                c["devices"][0]["points"][0].update(table="input"),
+                c["devices"][0].update(control={"channels": ["twin"], "writes": {"p0": {}}}),
+            ),
+            "control.writes.p0: an input point cannot be written",
+        ),
+        (lambda c: c.update(control={"enabled": "maybe"}), "control.enabled: Input should be"),
     ],
 )
 def test_each_bad_field_is_named_with_the_reason(

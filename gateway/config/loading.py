@@ -91,7 +91,8 @@ def load(path: str | Path, *, check_files: bool = True) -> Config:
 
 
 def render_toml(doc: dict[str, Any]) -> str:
-    """Write the subset of TOML a gateway config uses: scalars, tables, arrays of tables."""
+    """Write the subset of TOML a gateway config uses: scalars, arrays of scalars, tables,
+    arrays of tables."""
     out: list[str] = []
     _emit_table(doc, [], out)
     return "\n".join(out).strip() + "\n"
@@ -109,11 +110,21 @@ def _scalar(value: Any) -> str:
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
+def _is_table_array(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
 def _emit_table(doc: dict[str, Any], path: list[str], out: list[str]) -> None:
-    scalars = {k: v for k, v in doc.items() if not isinstance(v, dict | list) and v is not None}
-    for key, value in scalars.items():
-        out.append(f"{key} = {_scalar(value)}")
     for key, value in doc.items():
+        if value is None or isinstance(value, dict) or _is_table_array(value):
+            continue
+        if isinstance(value, list):
+            out.append(f"{key} = [{', '.join(_scalar(v) for v in value)}]")
+        else:
+            out.append(f"{key} = {_scalar(value)}")
+    for key, value in doc.items():
+        if not isinstance(value, dict) and not _is_table_array(value):
+            continue
         if isinstance(value, dict):
             out.append("")
             out.append(f"[{'.'.join([*path, key])}]")

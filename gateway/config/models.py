@@ -33,7 +33,9 @@ from adapters.modbus.config import (
     point_problems,
     too_wide,
 )
+from gateway.core import iothub
 from gateway.core.errors import ConfigError
+from gateway.core.policy import DevicePolicy, Switches, WriteRule
 
 # IoT Hub allows a few more characters in device ids; these are the ones that are also safe in an
 # MQTT topic level, a certificate CN and a file name.
@@ -223,6 +225,63 @@ class GatewaySection(_Model):
     _state = field_validator("state_dir")(_state_dir)
 
 
+class WriteLimit(_Model):
+    """One point the cloud may write; ``min``/``max`` bound a number (inclusive)."""
+
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> WriteLimit:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min} is above max {self.max}")
+        return self
+
+
+class DeviceControl(_Model):
+    """What the cloud may make this device do (docs/commands.md). Absent: no writes at all;
+    reads and status are always answered unless [control] is disabled."""
+
+    channels: list[Literal["method", "c2d", "twin"]] = Field(
+        default_factory=list, description="which channels may write (method, c2d, twin)"
+    )
+    max_writes_per_minute: int = Field(default=6, ge=0, le=6000)
+    writes: dict[str, WriteLimit] = Field(
+        default_factory=dict, description="the points the cloud may write, with their range"
+    )
+
+    def policy(self) -> DevicePolicy:
+        return DevicePolicy(
+            writes={n: WriteRule(w.min, w.max) for n, w in self.writes.items()},
+            channels=frozenset(self.channels),
+            per_minute=self.max_writes_per_minute,
+        )
+
+
+class ControlSection(_Model):
+    """Gateway-wide switches of the cloud-to-device path."""
+
+    enabled: bool = Field(default=True, description="false: every cloud command is refused")
+    read_only: bool = Field(default=False, description="true: every write is refused")
+    timeout: float = Field(
+        default=10.0, gt=0, le=120, description="seconds a device has to carry out a command"
+    )
+    report_interval: float = Field(
+        default=5.0,
+        ge=0.1,
+        description="at most one reported-properties patch per device this often",
+    )
+    twin_rate: float = Field(
+        default=10.0,
+        gt=0,
+        le=iothub.TWIN_UPDATES_PER_S,
+        description="twin reads and reported patches per second, all devices together",
+    )
+
+    def switches(self) -> Switches:
+        return Switches(enabled=self.enabled, read_only=self.read_only)
+
+
 class DeviceConfig(_Model):
     id: str = Field(pattern=DEVICE_ID_PATTERN)
     enabled: bool = True
@@ -235,6 +294,7 @@ class DeviceConfig(_Model):
     modbus: ModbusEndpoint | None = None
     points: list[Point] = Field(default_factory=list)
     ble: BleEndpoint | None = None
+    control: DeviceControl = DeviceControl()
     # After modbus and ble: its check sees which transport the device has.
     identity: ModbusIdentity | None = Field(
         default=None,
@@ -272,7 +332,42 @@ class DeviceConfig(_Model):
             problem = too_wide(self.points, self.modbus.max_registers)
         if problem is not None:
             raise ValueError(problem)
+        self._check_writes()
         return self
+
+    def point_names(self) -> list[str]:
+        """The names of this device's values: its Modbus points or its BLE values."""
+        if self.ble is not None:
+            return [v.name for row in self.ble.characteristics for v in row.values]
+        return [p.name for p in self.points]
+
+    def _check_writes(self) -> None:
+        names = self.point_names()
+        by_name = {p.name: p for p in self.points}
+        for name, limit in self.control.writes.items():
+            if name not in names:
+                raise ValueError(
+                    f"control.writes.{name}: the device has no point {name!r} "
+                    f"(points: {', '.join(names[:8])}{', ...' if len(names) > 8 else ''})"
+                )
+            point = by_name.get(name)
+            if point is not None and not point.writable:
+                raise ValueError(
+                    f"control.writes.{name}: {'an' if point.table == 'input' else 'a'} "
+                    f"{point.table} point cannot be written (only "
+                    "holding registers and coils can)"
+                )
+            if (
+                point is not None
+                and point.type == "bool"
+                and (limit.min is not None or limit.max is not None)
+            ):
+                raise ValueError(f"control.writes.{name}: a bool point takes no min or max")
+        if self.control.writes and not self.control.channels:
+            raise ValueError(
+                "control.channels: writes are listed but no channel may write; give "
+                'channels = ["method"] (and/or "c2d", "twin")'
+            )
 
     @property
     def endpoint(self) -> str:
@@ -290,6 +385,7 @@ class Config(_Model):
     gateway: GatewaySection = GatewaySection()
     store: StoreConfig = StoreConfig()
     ble: BleSection = BleSection()
+    control: ControlSection = ControlSection()
     # Modbus links (tcp, rtu, rtu-over-tcp) shared by the devices that name them.
     links: list[ModbusLinkConfig] = Field(default_factory=list)
     devices: list[DeviceConfig] = Field(min_length=1)

@@ -159,7 +159,11 @@ def parse_twin_response(topic: str) -> tuple[int, str, int | None] | None:
     version = query.get("$version")
     if not status.isdigit():
         return None
-    return int(status), query.get("$rid", ""), int(version) if version and version.isdigit() else None
+    return (
+        int(status),
+        query.get("$rid", ""),
+        int(version) if version and version.isdigit() else None,
+    )
 
 
 def desired_patch_topic(version: int) -> str:

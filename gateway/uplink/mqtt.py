@@ -15,7 +15,8 @@ import logging
 import ssl
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, cast
 
 from gateway.core.errors import UplinkCause, UplinkError
@@ -33,7 +34,10 @@ CONNACK_CODES = {
     5: "not authorized",
 }
 
-MessageHandler = Callable[[str, bytes], None]
+# Called with (topic, payload) for each PUBLISH. A QoS 1 message is acknowledged when the
+# handler returns, or, when it returns an awaitable, when that completes (a command is
+# acknowledged once it was carried out, so that a lost connection means a redelivery).
+MessageHandler = Callable[[str, bytes], Awaitable[None] | None]
 
 # OpenSSL's X509_V_ERR_* codes (x509_vfy.h) a hub's certificate is refused with.
 _VERIFY_CAUSES: dict[int, UplinkCause] = {
@@ -181,6 +185,7 @@ class MqttClient:
         self._loop = asyncio.get_running_loop()
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self._closing = False
+        self._handling: set[asyncio.Future[None]] = set()  # handlers whose PUBACK waits
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -375,15 +380,38 @@ class MqttClient:
         if qos:
             (pid,) = struct.unpack_from("!H", body, pos)
             pos += 2
+        pending: Awaitable[None] | None = None
         if self._on_message is not None:
             try:
-                self._on_message(topic, body[pos:])
+                pending = self._on_message(topic, body[pos:])
             except Exception:
                 # A consumer's bug must not take the session down; the message is still acked
                 # because MQTT 3.1.1 offers no negative acknowledgement.
                 log.exception("%s: message handler failed for %s", self.client_id, topic)
-        if pid is not None:
-            self._write(bytes((PUBACK, 2)) + struct.pack("!H", pid))
+        if pid is None:
+            return
+        if pending is None:
+            self._puback(pid)
+            return
+        task = asyncio.ensure_future(pending)
+        self._handling.add(task)
+        task.add_done_callback(partial(self._handled, pid, topic))
+
+    def _handled(self, pid: int, topic: str, task: asyncio.Future[None]) -> None:
+        self._handling.discard(task)
+        if task.cancelled() or self.closed.done():
+            return  # no acknowledgement: the broker delivers it again on the next connection
+        if task.exception() is not None:
+            log.error(
+                "%s: message handler failed for %s",
+                self.client_id,
+                topic,
+                exc_info=task.exception(),
+            )
+        self._puback(pid)
+
+    def _puback(self, pid: int) -> None:
+        self._write(bytes((PUBACK, 2)) + struct.pack("!H", pid))
 
     # -- keepalive and loss -----------------------------------------------------------------
 
@@ -422,6 +450,9 @@ class MqttClient:
     def _finish(self, err: UplinkError | None) -> None:
         if self._ping is not None:
             self._ping.cancel()
+        for task in self._handling:
+            task.cancel("the connection ended")
+        self._handling.clear()
         failure = err or UplinkError(f"{self.client_id}: disconnected")
         waiting: list[asyncio.Future[Any]] = [*self._pending.values(), *self._subacks.values()]
         for future in waiting:

@@ -14,8 +14,10 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any, Protocol
 
 from gateway.config import HubConfig
+from gateway.core import codec, iothub
 from gateway.core.backoff import backoff_delay
 from gateway.core.errors import UplinkError
 from gateway.core.iothub import iothub_username, telemetry_topic
@@ -32,6 +34,42 @@ log = logging.getLogger(__name__)
 # they are (set_ciphers does not touch them).
 # (kind, device_id, reason, **fields): how a session records a security event.
 EventSink = Callable[..., None]
+
+
+class Reply(Protocol):
+    """A command's answer: a status and a JSON body."""
+
+    @property
+    def status(self) -> int: ...
+
+    def payload(self) -> bytes: ...
+
+
+class CommandPort(Protocol):
+    """Where a session hands what the cloud sent its device (the gateway's control room)."""
+
+    async def method(self, device_id: str, name: str, payload: bytes, rid: str) -> Reply: ...
+
+    async def c2d(self, device_id: str, payload: bytes, message_id: str) -> None: ...
+
+    async def desired(
+        self, device_id: str, desired: Any, version: int | None
+    ) -> dict[str, Any]: ...
+
+    def reported(self, device_id: str) -> dict[str, Any]:
+        """The device's own section of its twin's reported properties (health, identity)."""
+        ...
+
+    def watch(self, device_id: str, changed: Callable[[], None]) -> None:
+        """Call ``changed`` whenever that section may have changed."""
+        ...
+
+
+# Method calls of one device waiting for their answer; more are answered 429 at once (a flood
+# from a stolen cloud credential must not pile up tasks).
+MAX_PENDING_METHODS = 32
+# A twin request IoT Hub has not answered in this long is given up (the next connect retries).
+TWIN_TIMEOUT = 30.0
 
 
 # backoff_delay's attempt number from which its ceiling is the maximum, whatever the minimum.
@@ -67,8 +105,18 @@ class DeviceSession:
         connects: RateLimiter,
         sends: RateLimiter,
         on_event: EventSink | None = None,
+        commands: CommandPort | None = None,
+        twins: RateLimiter | None = None,
+        report_interval: float = 5.0,
     ) -> None:
         self.device_id = device_id
+        self._commands = commands
+        # Twin reads and reported patches of every session share IoT Hub's twin throttles.
+        self._twins = twins or RateLimiter(iothub.TWIN_UPDATES_PER_S / 5)
+        self._report_interval = report_interval
+        self._twin = _TwinState()
+        if commands is not None:
+            commands.watch(device_id, self._twin.changed.set)
         self._on_event = on_event or (lambda *a, **k: None)
         # The refusal last recorded as a security event, while the uplink stays down.
         self._refused: tuple[str, int | None] | None = None
@@ -79,6 +127,7 @@ class DeviceSession:
         self._sends = sends
         self._finishing = asyncio.Event()
         self.stats = SessionStats()
+        self._connection: _Connection | None = None
 
     def finish(self) -> None:
         """The queue was closed: stop retrying once nothing is left for this device (a session
@@ -99,6 +148,7 @@ class DeviceSession:
             username=iothub_username(hub.hostname, self.device_id),
             keepalive=hub.keepalive,
             connect_timeout=hub.connect_timeout,
+            on_message=self._message if self._commands is not None else None,
         )
 
     async def run(self) -> None:
@@ -182,10 +232,149 @@ class DeviceSession:
             async with asyncio.TaskGroup() as tg:
                 watcher = tg.create_task(_until_closed(client), name=f"watch[{self.device_id}]")
                 publisher = tg.create_task(self._publish(client), name=f"publish[{self.device_id}]")
+                control = None
+                if self._commands is not None:
+                    self._connection = _Connection(client)
+                    control = tg.create_task(
+                        self._control(client, self._commands), name=f"control[{self.device_id}]"
+                    )
+                    publisher.add_done_callback(lambda _: control.cancel("publisher done"))
                 publisher.add_done_callback(lambda _: watcher.cancel("publisher done"))
         except* UplinkError as group:
             raise group.exceptions[0] from None
+        finally:
+            if self._connection is not None:
+                self._connection.end()
+                self._connection = None
         return True
+
+    # -- cloud to device ------------------------------------------------------------------------
+
+    def _message(self, topic: str, payload: bytes) -> Any:
+        """Routes what the hub sent; returns the awaitable a C2D message's PUBACK waits for."""
+        connection = self._connection
+        port = self._commands
+        if connection is None or port is None:
+            return None
+        device = self.device_id
+        method = iothub.parse_method_request(topic)
+        if method is not None:
+            name, rid = method
+            if len(connection.methods) >= MAX_PENDING_METHODS:
+                connection.answer(rid, 429, b'{"error": "too many commands pending"}')
+                return None
+            connection.spawn(self._method(connection, port, name, rid, payload), connection.methods)
+            return None
+        twin = iothub.parse_twin_response(topic)
+        if twin is not None:
+            status, rid, _ = twin
+            waiting = connection.twin_requests.pop(rid, None)
+            if waiting is not None and not waiting.done():
+                waiting.set_result((status, payload))
+            return None
+        version = iothub.parse_desired_patch(topic)
+        if version is not None:
+            connection.spawn(self._desired_patch(port, payload, version))
+            return None
+        if topic.startswith(iothub.c2d_filter(device)[:-1]):
+            _, props = iothub.parse_c2d_topic(topic)
+            return self._c2d(connection, port, payload, props.get(iothub.C2D_MESSAGE_ID, ""))
+        log.warning("%s: ignored a message on %s", device, topic[:200])
+        return None
+
+    async def _method(
+        self, connection: _Connection, port: CommandPort, name: str, rid: str, payload: bytes
+    ) -> None:
+        reply = await port.method(self.device_id, name, payload, rid)
+        connection.answer(rid, reply.status, reply.payload())
+
+    async def _c2d(
+        self, connection: _Connection, port: CommandPort, payload: bytes, message_id: str
+    ) -> None:
+        # One at a time, in arrival order: MQTT acknowledges QoS 1 messages in the order they
+        # came, and the commands of a device are carried out in that order too.
+        async with connection.c2d_order:
+            await port.c2d(self.device_id, payload, message_id)
+
+    async def _desired_patch(self, port: CommandPort, payload: bytes, version: int) -> None:
+        twin = self._twin
+        if 0 <= version <= twin.version:
+            return  # applied already (the twin GET at connect carried it)
+        try:
+            patch = codec.loads(payload)
+        except codec.JSONDecodeError:
+            patch = None
+        if version >= 0:
+            twin.version = version
+        twin.add(await port.desired(self.device_id, patch, version if version >= 0 else None))
+
+    def _filters(self) -> list[tuple[str, int]]:
+        """What a device's session subscribes to: C2D at QoS 1 (acknowledged once carried
+        out), method calls and twin traffic at QoS 0 (answered, or asked again)."""
+        return [
+            (iothub.c2d_filter(self.device_id), 1),
+            (iothub.METHOD_REQUESTS, 0),
+            (iothub.TWIN_RESPONSES, 0),
+            (iothub.TWIN_DESIRED, 0),
+        ]
+
+    async def _control(self, client: MqttClient, port: CommandPort) -> None:
+        """Subscribe to what the device may be sent, read its twin, then keep its reported
+        properties up to date (on change, at most every ``report_interval``)."""
+        device = self.device_id
+        connection = self._connection
+        assert connection is not None
+        granted = await client.subscribe(self._filters())
+        if 0x80 in granted:
+            # Telemetry goes on; the cloud cannot reach this device on this connection.
+            log.warning(
+                "%s: the hub refused subscriptions %s: no cloud commands on this connection",
+                device,
+                [f for (f, _), g in zip(self._filters(), granted, strict=False) if g == 0x80],
+            )
+            return
+        twin = self._twin
+        await self._twins.acquire()
+        try:
+            status, body = await connection.twin_request(iothub.twin_get_topic, b"")
+        except TimeoutError:
+            status, body = 504, b"no answer"
+        if status == 200:
+            try:
+                doc = codec.loads(body)
+            except codec.JSONDecodeError:
+                doc = None
+            desired = doc.get("desired") if isinstance(doc, dict) else None
+            version = desired.get("$version") if isinstance(desired, dict) else None
+            if isinstance(version, int) and not isinstance(version, bool):
+                twin.version = version
+            twin.add(await port.desired(device, desired, None))
+        else:
+            log.warning("%s: twin GET answered %d: %s", device, status, body[:200])
+        twin.sent = None  # a new connection reports its state in full
+        twin.changed.set()
+        loop = asyncio.get_running_loop()
+        last = -self._report_interval
+        while True:
+            await twin.changed.wait()
+            pause = last + self._report_interval - loop.time()
+            if pause > 0:
+                await asyncio.sleep(pause)
+            twin.changed.clear()
+            patch = twin.take(port.reported(device))
+            if not patch:
+                continue
+            await self._twins.acquire()
+            last = loop.time()
+            try:
+                status, body = await connection.twin_request(
+                    iothub.twin_reported_topic, codec.dumps(patch)
+                )
+            except TimeoutError:
+                status, body = 504, b"no answer"
+            if status != 204:
+                log.warning("%s: reported properties answered %d: %s", device, status, body[:200])
+                twin.failed(patch)
 
     async def _publish(self, client: MqttClient) -> None:
         window = _Window()
@@ -224,3 +413,82 @@ class DeviceSession:
 
 async def _until_closed(client: MqttClient) -> None:
     await client.closed
+
+
+class _TwinState:
+    """A device's twin as its sessions know it: the desired version applied, and what is to be
+    reported (the device's section, and the outcome of each desired point)."""
+
+    def __init__(self) -> None:
+        self.version = -1
+        self.changed = asyncio.Event()
+        self.points: dict[str, Any] = {}  # outcomes not yet reported
+        self.sent: dict[str, Any] | None = None  # the device section last reported
+
+    def add(self, patch: dict[str, Any]) -> None:
+        points = patch.get("points")
+        if points:
+            self.points.update(points)
+            self.changed.set()
+
+    def take(self, section: dict[str, Any]) -> dict[str, Any]:
+        patch: dict[str, Any] = {}
+        if section != self.sent:
+            patch["fieldgate"] = section
+            self.sent = section
+        if self.points:
+            patch["points"], self.points = self.points, {}
+        return patch
+
+    def failed(self, patch: dict[str, Any]) -> None:
+        """Not taken: report it again with the next change (or at the next connection)."""
+        self.sent = None
+        self.points = {**patch.get("points", {}), **self.points}
+
+
+class _Connection:
+    """What one connection of a session has going: command tasks, twin requests, answers."""
+
+    def __init__(self, client: MqttClient) -> None:
+        self.client = client
+        self.methods: set[asyncio.Task[None]] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.twin_requests: dict[str, asyncio.Future[tuple[int, bytes]]] = {}
+        self.c2d_order = asyncio.Lock()
+        self._rid = 0
+
+    def spawn(self, coro: Any, also: set[asyncio.Task[None]] | None = None) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        for bucket in (self.tasks, also):
+            if bucket is not None:
+                bucket.add(task)
+                task.add_done_callback(bucket.discard)
+        task.add_done_callback(_log_failure)
+
+    def answer(self, rid: str, status: int, payload: bytes) -> None:
+        if self.client.closed.done():
+            return  # the hub times the call out
+        try:
+            self.client.publish(iothub.method_response_topic(status, rid), payload, qos=0)
+        except UplinkError:
+            pass
+
+    async def twin_request(self, topic: Callable[[str], str], payload: bytes) -> tuple[int, bytes]:
+        self._rid += 1
+        rid = str(self._rid)
+        future: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
+        self.twin_requests[rid] = future
+        self.client.publish(topic(rid), payload, qos=0)
+        async with asyncio.timeout(TWIN_TIMEOUT):
+            return await future
+
+    def end(self) -> None:
+        for task in self.tasks:
+            task.cancel("the connection ended")
+        for future in self.twin_requests.values():
+            future.cancel()
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("command task %s failed", task.get_name(), exc_info=task.exception())

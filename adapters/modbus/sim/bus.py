@@ -134,6 +134,11 @@ class LineStats:
         }
 
 
+def _device_stats(units: dict[int, _Unit]) -> dict[str, Any]:
+    """Per device (as the TCP fleet gives them): requests, writes taken, exceptions."""
+    return {"devices": {u.device.spec.device_id: u.device.stats() for u in units.values()}}
+
+
 class _Unit:
     def __init__(self, spec: DeviceSpec, step: float, stats: UnitStats) -> None:
         self.device = SimulatedDevice(spec, step)
@@ -276,7 +281,7 @@ class RtuBus:
         return self._loop
 
     def stats(self) -> dict[str, Any]:
-        return self.stats_.as_dict()
+        return {**self.stats_.as_dict(), **_device_stats(self.units)}
 
     def port(self, send: Send, name: str = "port") -> BusPort:
         return BusPort(self, send, name)
@@ -588,7 +593,7 @@ class MbapGateway(_Listener):
         self._worker: asyncio.Task[None] | None = None
 
     def stats(self) -> dict[str, Any]:
-        return self.stats_.as_dict()
+        return {**self.stats_.as_dict(), **_device_stats(self.units)}
 
     async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Read requests as they come (a master that sends before its answer is in is seen

@@ -203,6 +203,11 @@ class SimulatedDevice:
         )
         self.identifications = 0  # FC 43 requests answered
         self.server: DeviceServer | None = None
+        # Writes taken (FC 5/6/15/16 answered without an exception), and the (table, address)
+        # they wrote: a written register holds its value, as a setpoint does, instead of
+        # following the simulated signal.
+        self.writes = 0
+        self.held: set[tuple[str, int]] = set()
 
     def table_size(self) -> int:
         """Registers (bits) per table: what the map uses plus a margin. pymodbus builds its
@@ -216,9 +221,22 @@ class SimulatedDevice:
     def current_step(self) -> int:
         return int(time.time() / self.step)
 
+    def _follows(self, sp: SimPoint) -> bool:
+        """Whether the point still follows the signal (nothing was written over it)."""
+        if not self.held:
+            return True
+        p = sp.point
+        width = 1 if p.table in ("coil", "discrete") else REGISTER_WIDTH[p.type]
+        return not any((p.table, a) in self.held for a in range(p.address, p.address + width))
+
+    def stats(self) -> dict[str, Any]:
+        return {"requests": self.requests, "writes": self.writes, "exceptions": self.exceptions}
+
     def refresh(self, table: str, registers: list[int], step: int) -> None:
         if table in ("coil", "discrete"):
             for sp in self._tables.get(table, ()):
+                if not self._follows(sp):
+                    continue
                 a = sp.point.address
                 mask = 1 << (a % 16)
                 if value_at(sp.point, sp.seed, step):
@@ -227,6 +245,8 @@ class SimulatedDevice:
                     registers[a // 16] &= ~mask
             return
         for sp in self._tables.get(table, ()):
+            if not self._follows(sp):
+                continue
             words = encode_value(sp.point, value_at(sp.point, sp.seed, step))
             registers[sp.point.address : sp.point.address + len(words)] = words
         if table == "holding":
@@ -268,6 +288,9 @@ class SimulatedDevice:
             return 0x02
         if not write and spec.max_registers is not None and count > spec.max_registers:
             return 0x03
+        if table is not None and write:
+            self.writes += 1
+            self.held.update((table, a) for a in range(address, address + count))
         if table is not None and not write:
             step = self.current_step()
             if self._last.get(table) != step:
@@ -331,6 +354,10 @@ class SimulatedFleet:
     def swap(self, first: str, second: str) -> None:
         """Two devices trade places (see :func:`_swap`)."""
         _swap(self, first, second)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters per device: requests, writes taken, exceptions answered."""
+        return {"devices": {d.spec.device_id: d.stats() for d in self.devices}}
 
 
 def gateway_config(

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import signal
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from gateway.testbed import simconfig
 FAULT_KINDS = ("dead", "slow:", "exception:", "down", "crc:")
 BUS_MODES = ("rtu", "rtu_over_tcp", "gateway")
 # Options that mean nothing to the TCP devices (one port each): given without a bus mode, an error.
-BUS_ONLY = ("--units", "--baud", "--serial-dir", "--max-connections", "--stats", "--answer-timeout")
+BUS_ONLY = ("--units", "--baud", "--serial-dir", "--max-connections", "--answer-timeout")
 DEFAULT_BAUD = 19200
 STATS_EVERY = 0.25  # seconds between rewrites of --stats FILE while the counters change
 
@@ -252,7 +252,7 @@ def run_simulator(args: argparse.Namespace) -> int:
                 f"{secure}, {args.points} points each; Ctrl-C stops",
                 flush=True,
             )
-            await stop.wait()
+            await _keep_stats(Path(args.stats) if args.stats else None, fleet.stats, stop)
 
     return simconfig.serve(main, "cannot listen")
 
@@ -344,6 +344,28 @@ def _describe(where: dict[str, Any], specs: list[DeviceSpec], args: argparse.Nam
     )
 
 
+async def _keep_stats(
+    stats_file: Path | None, snapshot: Callable[[], dict[str, Any]], stop: asyncio.Event
+) -> None:
+    """Until ``stop``: rewrite ``stats_file`` (if any) whenever the counters changed, at most
+    every STATS_EVERY, and once more at the end."""
+    from adapters.modbus.sim.bus import write_stats
+
+    if stats_file is None:
+        await stop.wait()
+        return
+    last = snapshot()
+    write_stats(stats_file, last)
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), STATS_EVERY)
+        now = snapshot()
+        if now != last:
+            write_stats(stats_file, now)
+            last = now
+    write_stats(stats_file, snapshot())
+
+
 def _run_bus(args: argparse.Namespace, mode: str, specs: list[DeviceSpec]) -> int:
     from adapters.modbus.sim.bus import write_stats
 
@@ -362,17 +384,6 @@ def _run_bus(args: argparse.Namespace, mode: str, specs: list[DeviceSpec]) -> in
                 path = write_config(args, specs, link_entry(mode, where))
                 print(f"wrote {path} for {len(specs)} devices", flush=True)
             print(_describe(where, specs, args), flush=True)
-            if stats_file is None:
-                await stop.wait()
-                return
-            last = snapshot()
-            while not stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), STATS_EVERY)
-                now = snapshot()
-                if now != last:
-                    write_stats(stats_file, now)
-                    last = now
-            write_stats(stats_file, snapshot())
+            await _keep_stats(stats_file, snapshot, stop)
 
     return simconfig.serve(main, "cannot start the simulated bus")

@@ -1,0 +1,2 @@
+"""Cloud commands: decoded (pure), weighed against the policy (gateway.core.policy), carried
+out on the device link, answered and recorded."""
