@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import struct
 import time
 import zlib
 from collections.abc import Callable, Collection, Hashable, Sequence
@@ -189,7 +190,18 @@ class ModbusLink:
             raise KeyError(f"{self.device_id} has no point {point!r}")
         if not row.writable:
             raise NotWritable(self.device_id, point, f"{row.table} points are read-only")
-        words = encode_value(row, value)
+        if (row.type == "bool") != isinstance(value, bool) and not (
+            row.type == "bool" and value in (0, 1)
+        ):
+            want = "true or false" if row.type == "bool" else "a number"
+            raise ValueError(f"{point} is a {row.type} point: write {want}, not {value!r}")
+        try:
+            words = encode_value(row, value)
+        except (struct.error, OverflowError, TypeError) as err:
+            # A value the register cannot hold: the caller's error, not the device's.
+            raise ValueError(
+                f"{value!r} does not fit {point} ({row.type}, scale {row.scale:g}): {err}"
+            ) from err
         return await self._submit(
             _Request(self._blocks_for((point,)), (point,), write=(row, words))
         )

@@ -66,9 +66,11 @@ class C2dLedger:
     """
 
     def __init__(self, state_dir: Path) -> None:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path = state_dir / C2D_FILE
         self._seen: dict[tuple[str, str], str] = {}
-        lines = self.path.read_bytes().splitlines() if self.path.exists() else []
+        data = self.path.read_bytes() if self.path.exists() else b""
+        lines = data.splitlines()
         for line in lines:
             try:
                 row = codec.loads(line)
@@ -78,6 +80,8 @@ class C2dLedger:
         if len(lines) > 2 * C2D_KEEP:
             self._compact()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        if data and not data.endswith(b"\n") and len(lines) <= 2 * C2D_KEEP:
+            os.write(self._fd, b"\n")  # end the cut line, so the next one stands alone
 
     def _compact(self) -> None:
         keep = list(self._seen.items())[-C2D_KEEP:]
