@@ -9,13 +9,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from test_modbus_link import _with_link
+
 from adapters.modbus.link import ModbusLink
 from adapters.modbus.sim.devices import SimulatedFleet
 from gateway.control.commands import Answer
 from gateway.control.dispatch import Control
 from gateway.core.policy import DevicePolicy, Switches, WriteRule
-
-from test_modbus_link import _with_link
 
 POLICY = DevicePolicy(
     writes={"setpoint": WriteRule(0.0, 100.0), "relay": WriteRule(), "limit": WriteRule()},
