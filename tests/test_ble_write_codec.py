@@ -140,8 +140,7 @@ def config_with(pki_dir: Path, tmp_path: Path, *rows: dict[str, Any]) -> str:
         ),
         (
             {**SETPOINT_ROW, "values": [{"name": "sp", "scale": 0.0}], "writable": True},
-            "devices[4].ble.characteristics[1].writable: cannot be true: "
-            "value 'sp' has scale 0",
+            "devices[4].ble.characteristics[1].writable: cannot be true: value 'sp' has scale 0",
         ),
         (
             {**SETPOINT_ROW, "writable": "yes please"},

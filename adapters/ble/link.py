@@ -31,7 +31,7 @@ from adapters.base import DeviceHealth, Evidence, NotWritable
 from adapters.ble import admission, bluez, gatt
 from adapters.ble.config import BleCharacteristic, BleEndpoint
 from gateway.core.backoff import backoff_delay
-from gateway.core.errors import DeviceRefused, DeviceUnavailable
+from gateway.core.errors import DeviceCause, DeviceRefused, DeviceUnavailable
 from gateway.core.readings import BAD, GOOD, Scan
 from gateway.core.tasks import raise_if_cancelled
 
@@ -153,19 +153,16 @@ class BleLink:
         """A radio failure of this device's link, as :class:`DeviceUnavailable` (the one
         translation of BlueZ's errors in the link; :mod:`.bluez` maps bleak's and D-Bus's). A
         request the peripheral refused with an ATT error has cause "exception" (the device
-        answered, with a no), any other failure "radio". ``what`` prefixes the reason."""
+        answered, with a no), any other failure "radio". ``what`` names the request in the
+        reason instead of BlueZ's operation."""
         try:
             yield
         except bluez.DeviceGone:
             raise
-        except bluez.AttError as err:
-            raise DeviceUnavailable(
-                self.device_id, self.endpoint, what + err.reason, cause="exception"
-            ) from err
         except bluez.BlueZError as err:
-            raise DeviceUnavailable(
-                self.device_id, self.endpoint, what + err.reason, cause="radio"
-            ) from err
+            reason = what + (err.detail or err.reason) if what else err.reason
+            cause: DeviceCause = "exception" if isinstance(err, bluez.AttError) else "radio"
+            raise DeviceUnavailable(self.device_id, self.endpoint, reason, cause=cause) from err
 
     async def _session(self) -> None:
         """Connect, admit, serve; returns after one poll round (rotating), else on link loss."""
