@@ -149,20 +149,38 @@ class BleLink:
                 yield
 
     @contextlib.contextmanager
-    def _unavailable(self, what: str = "") -> Iterator[None]:
+    def _unavailable(self) -> Iterator[None]:
         """A radio failure of this device's link, as :class:`DeviceUnavailable` (the one
-        translation of BlueZ's errors in the link; :mod:`.bluez` maps bleak's and D-Bus's). A
-        request the peripheral refused with an ATT error has cause "exception" (the device
-        answered, with a no), any other failure "radio". ``what`` names the request in the
-        reason instead of BlueZ's operation."""
+        translation of BlueZ's errors in the link's session; :mod:`.bluez` maps bleak's and
+        D-Bus's). A request the peripheral refused with an ATT error has cause "exception"
+        (the device answered, with a no), any other failure "radio"."""
         try:
             yield
         except bluez.DeviceGone:
             raise
         except bluez.BlueZError as err:
-            reason = what + (err.detail or err.reason) if what else err.reason
             cause: DeviceCause = "exception" if isinstance(err, bluez.AttError) else "radio"
-            raise DeviceUnavailable(self.device_id, self.endpoint, reason, cause=cause) from err
+            raise DeviceUnavailable(self.device_id, self.endpoint, err.reason, cause=cause) from err
+
+    @contextlib.contextmanager
+    def _request(self, what: str) -> Iterator[None]:
+        """A request's failure (``what``: "write setpoint") as :class:`DeviceUnavailable` for
+        its caller: "``what`` refused: ATT error ..." (cause "exception") or "``what``
+        failed: ..." (cause "radio"; the device gone from BlueZ too: that is the session's to
+        handle, the caller only learns that its request failed)."""
+        try:
+            yield
+        except bluez.AttError as err:
+            raise DeviceUnavailable(
+                self.device_id, self.endpoint, f"{what} refused: {err.detail}", cause="exception"
+            ) from err
+        except bluez.BlueZError as err:
+            raise DeviceUnavailable(
+                self.device_id,
+                self.endpoint,
+                f"{what} failed: {err.detail or err.reason}",
+                cause="radio",
+            ) from err
 
     async def _session(self) -> None:
         """Connect, admit, serve; returns after one poll round (rotating), else on link loss."""
@@ -356,7 +374,7 @@ class BleLink:
         async with self._in_time("read"):
             for row, decoder in rows.values():
                 async with self.gatt_ops:
-                    with self._unavailable():
+                    with self._request(f"read {row.uuid}"):
                         data = await link.read(row.uuid)
                 try:
                     values.update(zip(decoder.names, decoder.decode(data), strict=True))
@@ -396,10 +414,10 @@ class BleLink:
         async with self._writing:
             link = self._connected()  # the connection may have changed while waiting
             async with self._in_time(f"write {point}", sent=True), self.gatt_ops:
-                with self._unavailable(f"write {point} refused: "):
+                with self._request(f"write {point}"):
                     await link.write(row.uuid, data)
                 ts_ms = int(time.time() * 1000)
-                with self._unavailable(f"write {point} done, but its read back failed: "):
+                with self._request(f"write {point} done, but its read back"):
                     back = await link.read(row.uuid)
         try:
             values, quality = decoder.decode(back), GOOD
