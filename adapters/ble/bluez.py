@@ -3,7 +3,8 @@
 Everything else in the BLE adapter sees fieldgate's own small surface: :func:`ready` (is
 bluetoothd there), a :class:`Scanner` that reports what advertises, a :class:`Connection` to one
 device (connect, pair, read, write, notify), fieldgate's pairing :class:`Agent`, and the errors
-they raise: :class:`BlueZUnavailable`, :class:`DeviceGone` and :class:`PairingFailed`. Every
+they raise: :class:`BlueZUnavailable`, :class:`DeviceGone`, :class:`PairingFailed` and
+:class:`AttError` (the peripheral answered a GATT request with an ATT error). Every
 library exception is translated at this boundary by :func:`translate`, keeping the cause.
 """
 
@@ -19,7 +20,13 @@ from bleak import BleakClient, BleakScanner
 from bleak.backends.bluezdbus.manager import get_global_bluez_manager
 from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData
-from bleak.exc import BleakDBusError, BleakDeviceNotFoundError, BleakError
+from bleak.exc import (
+    PROTOCOL_ERROR_CODES,
+    BleakDBusError,
+    BleakDeviceNotFoundError,
+    BleakError,
+    BleakGATTProtocolError,
+)
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
@@ -58,6 +65,16 @@ class PairingFailed(BlueZError):
     pass
 
 
+class AttError(BlueZError):
+    """The peripheral refused a GATT request with an ATT error (``code``, as in the Core
+    specification, Vol 3 Part F 3.4.1.1): the link is fine, the request is not."""
+
+    def __init__(self, what: str, code: int) -> None:
+        self.code = code
+        name = PROTOCOL_ERROR_CODES.get(code, "unknown error")
+        super().__init__(what, f"ATT error 0x{code:02X} ({name})")
+
+
 def why(err: BaseException) -> str:
     if isinstance(err, BleakDBusError):
         detail = err.dbus_error_details
@@ -83,6 +100,8 @@ def translate(what: str) -> Iterator[None]:
         yield
     except BleakDeviceNotFoundError as err:
         raise DeviceGone(what, why(err)) from err
+    except BleakGATTProtocolError as err:  # bleak read it out of BlueZ's D-Bus error
+        raise AttError(what, int(err.code)) from err
     except _FAILURES as err:
         raise BlueZError(what, why(err)) from err
 
@@ -193,6 +212,8 @@ class Connection:
             return bytes(await self._client.read_gatt_char(uuid))
 
     async def write(self, uuid: str, data: bytes) -> None:
+        """A write with response: returns once the peripheral has accepted it; raises
+        :class:`AttError` when it refuses it."""
         with translate(f"write {uuid}"):
             await self._client.write_gatt_char(uuid, data, response=True)
 

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from adapters.ble.gatt import ADDRESS_PATTERN, UUID_PATTERN, struct_fields
+from adapters.ble.gatt import ADDRESS_PATTERN, UUID_PATTERN, struct_fields, write_problem
 
 
 class _Model(BaseModel):
@@ -44,18 +44,46 @@ class BleValue(_Model):
 
 
 class BleCharacteristic(_Model):
-    """A row of a BLE device's decode table."""
+    """A row of a BLE device's decode table.
+
+    ``writable = true`` lets the control path write the row's one value (a GATT write with
+    response, then a read back), encoded as the inverse of its decode: the same type, byte
+    order, scale and offset. Only a row whose decode can be inverted may say so: one value, no
+    pad bytes, a scale other than 0.
+    """
 
     uuid: str = Field(pattern=UUID_PATTERN)
     mode: Literal["notify", "poll"] = "notify"
     period: float = Field(default=10.0, ge=0.05, le=86_400, description="poll mode: seconds")
     format: str = Field(min_length=1, max_length=64, description="struct format, e.g. '<IhHB'")
     values: list[BleValue] = Field(min_length=1)
+    # Declared last: its check reads the format and values validated before it.
+    writable: bool = Field(default=False, description="the control path may write its value")
 
     @field_validator("uuid")
     @classmethod
     def _lower(cls, value: str) -> str:
         return value.lower()
+
+    @field_validator("writable")
+    @classmethod
+    def _invertible(cls, writable: bool, info: ValidationInfo) -> bool:
+        fmt, values = info.data.get("format"), info.data.get("values")
+        if not writable or fmt is None or values is None:
+            return writable  # a bad format or value list is reported on its own field
+        try:
+            struct_fields(fmt)
+        except ValueError:
+            return writable  # reported by the check of the format below
+        problem = write_problem(fmt)
+        if problem is not None:
+            raise ValueError(f"cannot be true: {problem}")
+        if values[0].scale == 0.0:
+            raise ValueError(
+                f"cannot be true: value {values[0].name!r} has scale 0, which reads every "
+                "raw value as the offset and so cannot be inverted"
+            )
+        return writable
 
     @model_validator(mode="after")
     def _fields_match(self) -> BleCharacteristic:
@@ -163,6 +191,12 @@ class BleSection(_Model):
         default=2, ge=1, le=64, description="concurrent GATT operations per link"
     )
     connect_timeout: float = Field(default=20.0, gt=0, le=300)
+    request_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="seconds a read or write request (the control path's) waits for the device",
+    )
     backoff_min: float = Field(default=1.0, gt=0)
     backoff_max: float = Field(default=60.0, gt=0)
     hold_off: float = Field(

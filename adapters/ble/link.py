@@ -7,6 +7,11 @@ entered; a bond made elsewhere counts as Just Works), the identity the app id wa
 before, and the answer to a fresh challenge nonce. A refused device is held off for
 ``ble.hold_off`` seconds, doubling with each further refusal: failures are rate-limited.
 
+Requests (a fresh read, a write of a value the decode table marks writable) are served on the
+link's connection beside its polls and notifications, within its GATT operation limit: a write
+and its read back are one unit, one at a time per link, and a refused write fails the request,
+never the connection.
+
 Notifications use AcquireNotify (a socket per characteristic) where the device offers it,
 which carries four times what D-Bus signals do. Malformed values are counted and logged (first,
 then every 1,000th); the link stays up.
@@ -26,7 +31,7 @@ from adapters.base import DeviceHealth, Evidence, NotWritable
 from adapters.ble import admission, bluez, gatt
 from adapters.ble.config import BleCharacteristic, BleEndpoint
 from gateway.core.backoff import backoff_delay
-from gateway.core.errors import DeviceRefused, DeviceUnavailable
+from gateway.core.errors import DeviceCause, DeviceRefused, DeviceUnavailable
 from gateway.core.readings import BAD, GOOD, Scan
 from gateway.core.tasks import raise_if_cancelled
 
@@ -67,6 +72,9 @@ class BleLink:
         ]
         self.poll_rows = [(r, decoder_for(r)) for r in self.ble.characteristics if r.mode == "poll"]
         self.gatt_ops = asyncio.Semaphore(adapter.section.max_gatt_ops)
+        # One write and its read back at a time: another write to the characteristic between
+        # them would make the read back report a value this write did not set.
+        self._writing = asyncio.Lock()
         self.refusals = 0
         # The connection, while it is up and admitted: requests (read, write) go through it.
         self.connection: bluez.Connection | None = None
@@ -143,14 +151,35 @@ class BleLink:
     @contextlib.contextmanager
     def _unavailable(self) -> Iterator[None]:
         """A radio failure of this device's link, as :class:`DeviceUnavailable` (the one
-        translation of BlueZ's errors in the link; :mod:`.bluez` maps bleak's and D-Bus's)."""
+        translation of BlueZ's errors in the link's session; :mod:`.bluez` maps bleak's and
+        D-Bus's). A request the peripheral refused with an ATT error has cause "exception"
+        (the device answered, with a no), any other failure "radio"."""
         try:
             yield
         except bluez.DeviceGone:
             raise
         except bluez.BlueZError as err:
+            cause: DeviceCause = "exception" if isinstance(err, bluez.AttError) else "radio"
+            raise DeviceUnavailable(self.device_id, self.endpoint, err.reason, cause=cause) from err
+
+    @contextlib.contextmanager
+    def _request(self, what: str) -> Iterator[None]:
+        """A request's failure (``what``: "write setpoint") as :class:`DeviceUnavailable` for
+        its caller: "``what`` refused: ATT error ..." (cause "exception") or "``what``
+        failed: ..." (cause "radio"; the device gone from BlueZ too: that is the session's to
+        handle, the caller only learns that its request failed)."""
+        try:
+            yield
+        except bluez.AttError as err:
             raise DeviceUnavailable(
-                self.device_id, self.endpoint, err.reason, cause="radio"
+                self.device_id, self.endpoint, f"{what} refused: {err.detail}", cause="exception"
+            ) from err
+        except bluez.BlueZError as err:
+            raise DeviceUnavailable(
+                self.device_id,
+                self.endpoint,
+                f"{what} failed: {err.detail or err.reason}",
+                cause="radio",
             ) from err
 
     async def _session(self) -> None:
@@ -337,30 +366,88 @@ class BleLink:
         unknown = [n for n in names if n not in self._rows_of]
         if unknown:
             raise KeyError(f"{self.device_id} has no value {unknown[0]!r}")
+        link = self._connected()
+        ts_ms = int(time.time() * 1000)
+        values: dict[str, Any] = {}
+        quality = GOOD
+        rows = {self._rows_of[n][0].uuid: self._rows_of[n] for n in names}
+        async with self._in_time("read"):
+            for row, decoder in rows.values():
+                async with self.gatt_ops:
+                    with self._request(f"read {row.uuid}"):
+                        data = await link.read(row.uuid)
+                try:
+                    values.update(zip(decoder.names, decoder.decode(data), strict=True))
+                except ValueError as err:
+                    self._malformed(err)
+                    quality = BAD
+        return Scan(self.device_id, ts_ms, names, [values.get(n) for n in names], quality)
+
+    async def write(self, point: str, value: Any) -> Scan:
+        """Write ``value`` to ``point`` (a GATT write with response to its characteristic,
+        which the decode table marks writable), then read the characteristic back on the same
+        connection: the scan holds what the device holds now (quality BAD if the read back
+        does not decode).
+
+        Raises, before anything is sent: KeyError for a point the device does not have;
+        :class:`~adapters.base.NotWritable` for a point on a characteristic not marked
+        writable; :class:`~adapters.ble.gatt.InvalidValue` (a ValueError) for a value of the
+        wrong type or outside what the characteristic holds; ``DeviceUnavailable`` (cause
+        "unavailable") while the device is not connected. Then ``DeviceUnavailable`` with
+        cause "exception" when the peripheral refuses the write or the read back with an ATT
+        error (the reason carries it), "timeout" past ``ble.request_timeout``, "radio" for
+        any other BlueZ failure. None of these ends the link's session.
+        """
+        entry = self._rows_of.get(point)
+        if entry is None:
+            raise KeyError(f"{self.device_id} has no value {point!r}")
+        row, decoder = entry
+        if not row.writable:
+            reason = (
+                f"its characteristic {row.uuid} is not marked writable in the decode table"
+                if any(r.writable for r in self.ble.characteristics)
+                else "the decode table marks no writable characteristic"
+            )
+            raise NotWritable(self.device_id, point, reason)
+        data = decoder.encode_value(value)
+        self._connected()
+        async with self._writing:
+            link = self._connected()  # the connection may have changed while waiting
+            async with self._in_time(f"write {point}", sent=True), self.gatt_ops:
+                with self._request(f"write {point}"):
+                    await link.write(row.uuid, data)
+                ts_ms = int(time.time() * 1000)
+                with self._request(f"write {point} done, but its read back"):
+                    back = await link.read(row.uuid)
+        try:
+            values, quality = decoder.decode(back), GOOD
+        except ValueError as err:
+            self._malformed(err)
+            values, quality = [None], BAD
+        return Scan(self.device_id, ts_ms, (point,), values, quality)
+
+    def _connected(self) -> bluez.Connection:
+        """The connection requests go through, while it is up and admitted."""
         link = self.connection
         if link is None:
             raise DeviceUnavailable(
                 self.device_id, self.endpoint, "not connected", cause="unavailable"
             )
-        ts_ms = int(time.time() * 1000)
-        values: dict[str, Any] = {}
-        quality = GOOD
-        rows = {self._rows_of[n][0].uuid: self._rows_of[n] for n in names}
-        for row, decoder in rows.values():
-            async with self.gatt_ops:
-                with self._unavailable():
-                    data = await link.read(row.uuid)
-            try:
-                values.update(zip(decoder.names, decoder.decode(data), strict=True))
-            except ValueError as err:
-                self._malformed(err)
-                quality = BAD
-        return Scan(self.device_id, ts_ms, names, [values.get(n) for n in names], quality)
+        return link
 
-    async def write(self, point: str, value: Any) -> Scan:
-        """Refused until the control issue adds writable rows to the decode table."""
-        if point not in self._rows_of:
-            raise KeyError(f"{self.device_id} has no value {point!r}")
-        raise NotWritable(
-            self.device_id, point, "the decode table marks no writable characteristic"
-        )
+    @contextlib.asynccontextmanager
+    async def _in_time(self, what: str, *, sent: bool = False) -> AsyncIterator[None]:
+        """A request past ``ble.request_timeout`` as ``DeviceUnavailable`` (cause "timeout");
+        ``sent``: say that the device may have taken it."""
+        limit = self.adapter.section.request_timeout
+        try:
+            async with asyncio.timeout(limit):
+                yield
+        except TimeoutError as err:
+            maybe = "; it may have reached the device" if sent else ""
+            raise DeviceUnavailable(
+                self.device_id,
+                self.endpoint,
+                f"{what}: no answer within {limit:g} s{maybe}",
+                cause="timeout",
+            ) from err

@@ -19,11 +19,16 @@ reads before pairing; notifications by ``StartNotify`` (``PropertiesChanged`` on
 
 Each peripheral has the fieldgate sensor profile (:mod:`adapters.ble.gatt`): a measurement
 characteristic (notify, read) whose values are a pure function of (seed, counter), a status
-characteristic (read), and, when the peripheral has a key, the HMAC challenge characteristic.
+characteristic (read), a setpoint (read, write) that holds what was last written to it, and,
+when the peripheral has a key, the HMAC challenge characteristic. Every write that reaches a
+data characteristic is counted (``writes``; ``write_requests`` those with response), so a test
+can tell that a refused command reached no device; a peripheral told to (``write-error``)
+answers writes to its setpoint with that ATT error, reported the way BlueZ reports it.
 
 Faults are set at start (``--set``) or at run time through ``org.fieldgate.BleSim1`` on
 ``/org/fieldgate/sim`` (:class:`SimControl`): connect aborts, slow connects, dropping a link,
-garbage or short notifications, a wrong or replayed challenge answer, the slot limit.
+garbage or short notifications, a wrong or replayed challenge answer, the slot limit, writes
+refused with an ATT error or answered late.
 
 Every message the service sends goes through one ordered outbox that waits while the socket's
 send queue is deep: dbus-fast drops the whole connection when a send hits a full socket buffer.
@@ -57,6 +62,7 @@ from adapters.ble.sim.fleet import (
     PeripheralSpec,
     apply_setting,
     measurement_raw,
+    setpoint_raw,
 )
 
 log = logging.getLogger(__name__)
@@ -84,6 +90,7 @@ NODES = {
     gatt.MEASUREMENT: f"{SERVICE_NODE}/char000b",
     gatt.STATUS: f"{SERVICE_NODE}/char000d",
     gatt.CHALLENGE: f"{SERVICE_NODE}/char000f",
+    gatt.SETPOINT: f"{SERVICE_NODE}/char0011",
 }
 
 
@@ -94,6 +101,27 @@ class SimError(Exception):
         super().__init__(text)
         self.name = name
         self.text = text
+
+
+def att_error(code: int) -> SimError:
+    """A peripheral's ATT error as BlueZ reports it on D-Bus (``create_gatt_dbus_error`` in
+    BlueZ's src/gatt-client.c): a few codes have errors of their own, the rest are ``Failed``
+    with the code in the text (from which bleak reads it back)."""
+    named = {
+        0x02: ("NotPermitted", "Read not permitted"),
+        0x03: ("NotPermitted", "Write not permitted"),
+        0x05: ("NotPermitted", "Not paired"),
+        0x0C: ("NotPermitted", "Not paired"),
+        0x0F: ("NotPermitted", "Not paired"),
+        0x06: ("NotSupported", "Not Supported"),
+        0x07: ("InvalidArguments", "Invalid offset"),
+        0x08: ("NotAuthorized", "Not Authorized"),
+        0x0D: ("InvalidArguments", "Invalid Length"),
+    }
+    if code in named:
+        name, text = named[code]
+        return SimError(f"org.bluez.Error.{name}", text)
+    return SimError("org.bluez.Error.Failed", f"Operation failed with ATT error: 0x{code:02x}")
 
 
 # -- the simulated bluetoothd ----------------------------------------------------------------------
@@ -127,6 +155,7 @@ class Peripheral:
     nonce: bytes = b""
     first_response: bytes | None = None
     removal: asyncio.TimerHandle | None = None
+    setpoint: bytes = b""
     stats: dict[str, int] = field(
         default_factory=lambda: {
             "connects": 0,
@@ -135,8 +164,14 @@ class Peripheral:
             "dropped": 0,
             "pairings": 0,
             "challenges": 0,
+            "writes": 0,  # writes that reached a data characteristic, whatever the answer
+            "write_requests": 0,  # of which with response
+            "writes_refused": 0,
         }
     )
+
+    def __post_init__(self) -> None:
+        self.setpoint = struct.pack(gatt.SETPOINT_FORMAT, setpoint_raw(self.spec.seed))
 
     def status_value(self) -> bytes:
         return struct.pack(gatt.STATUS_FORMAT, 3000 - self.spec.seed % 500, int(time.monotonic()))
@@ -184,6 +219,10 @@ class Peripheral:
         chars = [
             (gatt.MEASUREMENT, ["read", "notify"] + (["encrypt-read"] if secure else [])),
             (gatt.STATUS, ["read"] + (["encrypt-read"] if secure else [])),
+            (
+                gatt.SETPOINT,
+                ["read", "write"] + (["encrypt-read", "encrypt-write"] if secure else []),
+            ),
         ]
         if self.spec.key is not None:
             chars.append((gatt.CHALLENGE, ["read", "write"]))
@@ -623,9 +662,9 @@ class BlueZSimulator:
                 return p, uuid
         raise SimError("org.freedesktop.DBus.Error.UnknownObject", f"no object {msg.path}")
 
-    def _check_encrypted(self, p: Peripheral, uuid: str) -> None:
+    def _check_encrypted(self, p: Peripheral, uuid: str, op: str = "Read") -> None:
         if uuid != gatt.CHALLENGE and p.spec.bond != "none" and not p.paired:
-            raise SimError("org.bluez.Error.NotPermitted", "Read not permitted: encryption needed")
+            raise SimError("org.bluez.Error.NotPermitted", f"{op} not permitted: encryption needed")
 
     def read_value(self, msg: Message) -> Message:
         p, uuid = self._char(msg)
@@ -634,6 +673,8 @@ class BlueZSimulator:
             value = p.measurement()
         elif uuid == gatt.STATUS:
             value = p.status_value()
+        elif uuid == gatt.SETPOINT:
+            value = p.setpoint
         else:
             value = self._challenge_answer(p)
         return Message.new_method_return(msg, "ay", [value])
@@ -653,14 +694,49 @@ class BlueZSimulator:
             return p.first_response
         return answer
 
-    def write_value(self, msg: Message) -> Message:
+    def write_value(self, msg: Message) -> Message | Any:
         p, uuid = self._char(msg)
         value = bytes(msg.body[0])
-        if uuid != gatt.CHALLENGE:
-            raise SimError("org.bluez.Error.NotPermitted", "Write not permitted")
-        if len(value) != gatt.NONCE_SIZE:
-            raise SimError("org.bluez.Error.InvalidValueLength", "Invalid Length")
-        p.nonce = value
+        if uuid == gatt.CHALLENGE:
+            if len(value) != gatt.NONCE_SIZE:
+                raise att_error(0x0D)
+            p.nonce = value
+            return Message.new_method_return(msg)
+        options = msg.body[1] if len(msg.body) > 1 else {}
+        kind = options.get("type")
+        # BlueZ's default is a request (with response), unless the flags allow only commands.
+        request = kind is None or kind.value == "request"
+        p.stats["writes"] += 1
+        p.stats["write_requests"] += int(request)
+        if uuid == gatt.SETPOINT and p.spec.write_delay > 0:
+            return self._write_later(msg, p, value, request)
+        return self._write(msg, p, uuid, value, request)
+
+    async def _write_later(
+        self, msg: Message, p: Peripheral, value: bytes, request: bool
+    ) -> Message:
+        await asyncio.sleep(p.spec.write_delay)
+        return self._write(msg, p, gatt.SETPOINT, value, request)
+
+    def _write(
+        self, msg: Message, p: Peripheral, uuid: str, value: bytes, request: bool
+    ) -> Message:
+        """A write to a data characteristic; a write command (no response) is never answered
+        with an error, like the radio: the peripheral drops what it refuses."""
+        try:
+            if uuid != gatt.SETPOINT:
+                raise att_error(0x03)
+            self._check_encrypted(p, uuid, "Write")
+            if p.spec.write_error:
+                raise att_error(p.spec.write_error)
+            if len(value) != len(p.setpoint):
+                raise att_error(0x0D)
+        except SimError:
+            p.stats["writes_refused"] += 1
+            if request:
+                raise
+            return Message.new_method_return(msg)
+        p.setpoint = value
         return Message.new_method_return(msg)
 
     def start_notify(self, msg: Message) -> Message:
@@ -779,6 +855,7 @@ class BlueZSimulator:
                     "connected": p.connected,
                     "paired": p.paired,
                     "counter": p.counter,
+                    "setpoint": p.setpoint.hex(),
                 }
                 for p in self.peripherals.values()
             },

@@ -29,6 +29,11 @@ def measurement_raw(seed: int, counter: int) -> tuple[int, int, int, int]:
     return counter & 0xFFFFFFFF, temperature, humidity, battery
 
 
+def setpoint_raw(seed: int) -> int:
+    """The setpoint a peripheral holds until written: 20.00 degC plus a tenth per seed."""
+    return 2000 + 10 * (seed % 100)
+
+
 MEASUREMENT_DECODER = gatt.Decoder(
     gatt.MEASUREMENT_FORMAT,
     (
@@ -64,6 +69,8 @@ class PeripheralSpec:
     notify: str = "good"
     connect_aborts: int = 0
     connect_delay: float = 0.0
+    write_error: int = 0  # ATT error code the setpoint answers writes with; 0: accepts them
+    write_delay: float = 0.0  # seconds before a write to the setpoint is answered
 
 
 def make_specs(
@@ -123,7 +130,27 @@ def apply_setting(spec: PeripheralSpec, key: str, value: str) -> None:
         spec.connect_aborts = int(value)
     elif key == "connect-delay":
         spec.connect_delay = float(value)
+    elif key == "write-error":
+        spec.write_error = _att_code(value)
+    elif key == "write-delay":
+        spec.write_delay = float(value)
     else:
         raise ValueError(
-            f"unknown setting {key!r}: bond, hmac, notify, rate, connect-aborts, connect-delay"
+            f"unknown setting {key!r}: bond, hmac, notify, rate, connect-aborts, connect-delay, "
+            "write-error, write-delay"
         )
+
+
+def _att_code(value: str) -> int:
+    """An ATT error code (``0x80``, ``128``), or ``none``/``0``/empty: writes are accepted."""
+    if value.strip().lower() in ("", "none", "0"):
+        return 0
+    try:
+        code = int(value, 0)
+    except ValueError:
+        raise ValueError(
+            f"write-error must be an ATT error code such as 0x80, not {value!r}"
+        ) from None
+    if not 0x01 <= code <= 0xFF:
+        raise ValueError(f"write-error must be an ATT error code 0x01 to 0xFF, not {value!r}")
+    return code

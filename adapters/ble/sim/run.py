@@ -59,9 +59,10 @@ def build_specs(args: argparse.Namespace) -> list[PeripheralSpec]:
 
 
 def device_entry(
-    spec: PeripheralSpec, bond: str, pki_dir: Path, poll_period: float
+    spec: PeripheralSpec, bond: str, pki_dir: Path, poll_period: float, *, writable: bool = False
 ) -> dict[str, Any]:
-    """The config of one allow-listed peripheral: identity, bond, challenge, decode table."""
+    """The config of one allow-listed peripheral: identity, bond, challenge, decode table
+    (``writable``: with the setpoint, polled and marked writable)."""
     ble: dict[str, Any] = {"bond": CONFIG_BOND[bond]}
     if spec.app_id is not None:
         ble["app_id"] = spec.app_id
@@ -99,6 +100,17 @@ def device_entry(
             ],
         },
     ]
+    if writable:
+        ble["characteristics"].append(
+            {
+                "uuid": gatt.SETPOINT,
+                "mode": "poll",
+                "period": poll_period,
+                "format": gatt.SETPOINT_FORMAT,
+                "values": [{"name": "setpoint", "scale": 0.01, "unit": "degC"}],
+                "writable": True,
+            }
+        )
     return {"id": spec.device_id, **simconfig.device_files(pki_dir, spec.device_id), "ble": ble}
 
 
@@ -114,7 +126,9 @@ def write_config(args: argparse.Namespace, specs: list[PeripheralSpec]) -> Path:
     )
     doc["ble"] = {"dbus_address": bus_address(Path(args.bus_dir)), "max_connections": args.slots}
     doc["devices"] = [
-        device_entry(s, args.bond, pki_dir, args.poll_period) for s in specs if s.allowed
+        device_entry(s, args.bond, pki_dir, args.poll_period, writable=args.writable)
+        for s in specs
+        if s.allowed
     ]
     return simconfig.write(doc, Path(args.write_config), pki_dir, merge=args.merge)
 
@@ -171,9 +185,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="ID:KEY=VALUE",
         help="per peripheral: bond=none|just-works|passkey, hmac=good|wrong|replay, "
-        "notify=good|garbage|short, rate=HZ, connect-aborts=N, connect-delay=SECONDS",
+        "notify=good|garbage|short, rate=HZ, connect-aborts=N, connect-delay=SECONDS, "
+        "write-error=ATT-CODE|none (the setpoint refuses writes), write-delay=SECONDS",
     )
     parser.add_argument("--poll-period", type=float, default=10.0, help="status poll period")
+    parser.add_argument(
+        "--writable",
+        action="store_true",
+        help="the config also polls each peripheral's setpoint and marks it writable",
+    )
     parser.add_argument(
         "--signals-only",
         action="store_true",
