@@ -44,8 +44,8 @@ from gateway.testbed.harness import (
     hub_argv,
     modbus_load_argv,
 )
-from gateway.testbed.localhub.control import HubControl
 from gateway.testbed.loadtest.procstat import usage
+from gateway.testbed.localhub.control import HubControl
 
 STOP_GRACE = 30.0
 POINT = "float32_0"  # the simulated map's first point: a float32 holding register
@@ -58,16 +58,22 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
 
 
+async def is_up(hub: HubControl, device: str) -> bool:
+    status, body = await hub.invoke(device, "status", None, timeout=30)
+    return status == 200 and body.get("state") == "up"
+
+
 async def drive(
     pki: pki_mod.Pki, port: int, devices: list[str], args: argparse.Namespace, cpu: Any
 ) -> list[dict[str, Any]]:
     phases: list[dict[str, Any]] = []
     async with HubControl(pki, "127.0.0.1", port) as hub:
         async with asyncio.timeout(120):
-            while not all(hub.connected(d) for d in devices):
+            # Other processes' state: nothing here to wait on but asking again.
+            while not all(hub.connected(d) for d in devices):  # noqa: ASYNC110
                 await asyncio.sleep(0.2)
             for device in devices:  # every device polled: a write now reaches it
-                while (await hub.invoke(device, "status", None, timeout=30))[1].get("state") != "up":
+                while not await is_up(hub, device):  # noqa: ASYNC110
                     await asyncio.sleep(0.2)
         await asyncio.sleep(args.warmup)
         for _ in range(args.rounds):
@@ -193,7 +199,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "profile": {
             "devices": len(devices),
-            "link": f"rtu {args.baud} baud, {args.rtu} units" if args.rtu else "tcp, one per device",
+            "link": f"rtu {args.baud} baud, {args.rtu} units"
+            if args.rtu
+            else "tcp, one per device",
             "points": args.points,
             "rate_hz": args.rate,
             "calls_per_s": args.calls,

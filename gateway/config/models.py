@@ -350,6 +350,15 @@ class DeviceConfig(_Model):
                     f"control.writes.{name}: the device has no point {name!r} "
                     f"(points: {', '.join(names[:8])}{', ...' if len(names) > 8 else ''})"
                 )
+            if self.ble is not None:
+                row = next(
+                    r for r in self.ble.characteristics if name in [v.name for v in r.values]
+                )
+                if not row.writable:
+                    raise ValueError(
+                        f"control.writes.{name}: its characteristic {row.uuid} is not writable "
+                        "(give the row writable = true)"
+                    )
             point = by_name.get(name)
             if point is not None and not point.writable:
                 raise ValueError(
