@@ -16,7 +16,6 @@ import pwd
 import shutil
 import tempfile
 from pathlib import Path
-
 from typing import IO
 
 from gateway.core.errors import FieldgateError
@@ -147,7 +146,7 @@ class Broker:
                 log.close()
         try:
             await self._wait_listening()
-            self._front_log = open(self.log_path, "a") if self.log_path else None  # noqa: SIM115
+            self._front_log = open(self.log_path, "a") if self.log_path else None
             self.front = Front(
                 server_context(self.pki.root_cert, self.pki.server_cert, key_pem, workdir),
                 host=self.host,

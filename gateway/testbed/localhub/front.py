@@ -85,8 +85,14 @@ def inner_acl() -> str:
         f"topic read {iothub.ALL_TELEMETRY}",
         f"user {FRONT_USER}",
         f"topic write {CONTROL}#",
-        *(f"pattern write {inner_topic('%u', t.format(device='%u'))}" for t in iothub.DEVICE_PUBLISHES),
-        *(f"pattern read {inner_topic('%u', t.format(device='%u'))}" for t in iothub.DEVICE_RECEIVES),
+        *(
+            f"pattern write {inner_topic('%u', t.format(device='%u'))}"
+            for t in iothub.DEVICE_PUBLISHES
+        ),
+        *(
+            f"pattern read {inner_topic('%u', t.format(device='%u'))}"
+            for t in iothub.DEVICE_RECEIVES
+        ),
     ]
     return "\n".join(lines) + "\n"
 
@@ -205,7 +211,9 @@ def inner_connect(cn: str, connect: Connect) -> bytes:
     flags = (connect.flags & 0x3E) | 0x80  # keep clean/will bits, username set, no password
     payload = _string(connect.client_id.encode())
     if connect.will_topic is not None:
-        topic = connect.will_topic if cn in SERVICE_IDENTITIES else inner_topic(cn, connect.will_topic)
+        topic = (
+            connect.will_topic if cn in SERVICE_IDENTITIES else inner_topic(cn, connect.will_topic)
+        )
         payload += _string(topic.encode()) + _string(connect.will_message)
     payload += _string(cn.encode())
     body = _string(b"MQTT") + bytes((4, flags)) + struct.pack("!H", connect.keepalive) + payload
@@ -389,8 +397,11 @@ class _Connection(asyncio.Protocol):
                     self._flush(out)
                     self.refuse("publish", topic, why)
                     return
-                out.append(rewrite_publish(first, body, inner_topic(self.cn, topic))
-                           if topic.startswith(IOTHUB) else raw)
+                out.append(
+                    rewrite_publish(first, body, inner_topic(self.cn, topic))
+                    if topic.startswith(IOTHUB)
+                    else raw
+                )
             elif kind in (SUBSCRIBE, UNSUBSCRIBE):
                 try:
                     pid, filters = parse_filters(body, kind == SUBSCRIBE)
@@ -438,7 +449,9 @@ class _Connection(asyncio.Protocol):
     async def _open(self, connect: bytes) -> None:
         loop = asyncio.get_running_loop()
         try:
-            _, inner = await loop.create_unix_connection(lambda: _Inner(self), str(self.front.inner))
+            _, inner = await loop.create_unix_connection(
+                lambda: _Inner(self), str(self.front.inner)
+            )
         except OSError as err:
             log.warning("front: cannot reach the broker: %s", err)
             self.close("the broker is unreachable")
@@ -701,7 +714,9 @@ class Front:
 
     def violation(self, v: Violation) -> None:
         self.violations.append(v)
-        log.warning("front: refused %s %r of %s (%s): %s", v.what, v.topic, v.identity, v.peer, v.why)
+        log.warning(
+            "front: refused %s %r of %s (%s): %s", v.what, v.topic, v.identity, v.peer, v.why
+        )
         if self._log is not None:
             self._log.write(f"{int(v.t)}: {REFUSED_MARK}{orjson.dumps(asdict(v)).decode()}\n")
             self._log.flush()
@@ -717,14 +732,18 @@ class Front:
     def _announce(self, topic: str, value: object) -> None:
         if self._control is not None and not self._control.is_closing():
             # QoS 0, retained: the latest state is what a service side joining later reads.
-            self._control.write(packet(PUBLISH | 0x01, _string(topic.encode()) + orjson.dumps(value)))
+            self._control.write(
+                packet(PUBLISH | 0x01, _string(topic.encode()) + orjson.dumps(value))
+            )
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         control, _ = await loop.create_unix_connection(asyncio.Protocol, str(self.inner))
         self._control = control
         body = _string(b"MQTT") + bytes((4, 0x82)) + struct.pack("!H", 0)
-        control.write(packet(CONNECT, body + _string(FRONT_USER.encode()) + _string(FRONT_USER.encode())))
+        control.write(
+            packet(CONNECT, body + _string(FRONT_USER.encode()) + _string(FRONT_USER.encode()))
+        )
         self._announce(EPOCH, {"epoch": self.epoch})
         self._server = await loop.create_server(
             lambda: _Tls(self, _Connection(self)), self.host, self.port

@@ -9,6 +9,7 @@ from pathlib import Path
 from gateway import runtime
 from gateway.identity.pki import Pki
 from gateway.testbed.localhub.broker import Broker
+from gateway.testbed.localhub.control import TwinHolder
 from gateway.testbed.localhub.service import HubService
 
 
@@ -22,19 +23,33 @@ async def serve(
     stop: asyncio.Event,
     log_path: Path | None = None,
     persist: Path | None = None,
+    twins: Path | None = None,
 ) -> None:
     async with Broker(pki, host=host, port=port, log_path=log_path, persist=persist):
         service = HubService(pki, host=host, port=port, record=record)
+        holder = TwinHolder(pki, host=host, port=port, path=twins_file(twins, record, persist))
         print(
             f"local hub listening on {host}:{port} (TLS, client certificates required)", flush=True
         )
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(service.run(stop), name="hub-service")
+                tg.create_task(holder.run(stop), name="hub-twins")
                 if not quiet:
                     tg.create_task(_report(service, stop), name="hub-report")
         finally:
             service.close()
+
+
+def twins_file(twins: Path | None, record: Path | None, persist: Path | None) -> Path | None:
+    """Where the twins are kept: as asked, else in the persist folder, else next to the
+    record; with none of them, in memory only (gone at the stand-in's stop)."""
+    if twins is not None:
+        return twins
+    if persist is not None:
+        persist.mkdir(parents=True, exist_ok=True)
+        return persist / "twins.json"
+    return record.with_name(record.stem + ".twins.json") if record is not None else None
 
 
 async def _report(service: HubService, stop: asyncio.Event) -> None:
@@ -64,6 +79,7 @@ def run_localhub(
     quiet: bool,
     broker_log: Path | None = None,
     persist: Path | None = None,
+    twins: Path | None = None,
 ) -> int:
     pki = Pki(pki_dir)
 
@@ -77,6 +93,7 @@ def run_localhub(
             stop=stop,
             log_path=broker_log,
             persist=persist,
+            twins=twins,
         )
 
     runtime.run(main)
