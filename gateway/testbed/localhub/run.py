@@ -28,13 +28,16 @@ async def serve(
     async with Broker(pki, host=host, port=port, log_path=log_path, persist=persist):
         service = HubService(pki, host=host, port=port, record=record)
         holder = TwinHolder(pki, host=host, port=port, path=twins_file(twins, record, persist))
-        print(
-            f"local hub listening on {host}:{port} (TLS, client certificates required)", flush=True
-        )
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(service.run(stop), name="hub-service")
                 tg.create_task(holder.run(stop), name="hub-twins")
+                # Ready once the twins are answered: a device's first twin GET must not be lost.
+                await _first_of(holder.connected, stop)
+                print(
+                    f"local hub listening on {host}:{port} (TLS, client certificates required)",
+                    flush=True,
+                )
                 if not quiet:
                     tg.create_task(_report(service, stop), name="hub-report")
         finally:
@@ -50,6 +53,15 @@ def twins_file(twins: Path | None, record: Path | None, persist: Path | None) ->
         persist.mkdir(parents=True, exist_ok=True)
         return persist / "twins.json"
     return record.with_name(record.stem + ".twins.json") if record is not None else None
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
 
 
 async def _report(service: HubService, stop: asyncio.Event) -> None:
