@@ -25,6 +25,7 @@ from gateway.uplink.mqtt import MqttClient
 
 from conftest import free_ports
 
+
 def device(
     pki: Pki,
     device_id: str,
@@ -183,8 +184,11 @@ def test_a_publish_or_subscribe_outside_the_identity_closes_the_connection(
                 await until(lambda: b"own" in [body for _, body in seen], "own telemetry")
             refused = [f"{v.what} {v.topic}" for v in broker.violations]
         recorded = [line for line in record.read_text().splitlines() if line]
-        return outcomes, seen, refused + [f"{len(recorded)} recorded"], read_violations(
-            tmp_path / "broker.log"
+        return (
+            outcomes,
+            seen,
+            refused + [f"{len(recorded)} recorded"],
+            read_violations(tmp_path / "broker.log"),
         )
 
     outcomes, seen, refused, logged = asyncio.run(scenario())
