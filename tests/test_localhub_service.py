@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from test_localhub_front import device, receives, until
 
 from gateway.core import iothub
 from gateway.identity.pki import Pki
@@ -17,7 +18,6 @@ from gateway.testbed.localhub.control import HubControl, HubControlError
 from gateway.uplink.mqtt import MqttClient
 
 from conftest import Proc, fieldgate, start_hub
-from test_localhub_front import device, receives, until
 
 
 def responder(client: MqttClient, got: list[tuple[str, bytes]]) -> None:
