@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_localhub_front import until
 
 from gateway.identity import pki as pki_mod
 from gateway.testbed.localhub.broker import Broker
 from gateway.testbed.localhub.control import HubControl, TwinHolder
-
-from test_localhub_front import until
 
 azure = pytest.importorskip("azure.iot.device", reason="azure-iot-device is in the dev extra")
 
