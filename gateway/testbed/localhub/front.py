@@ -358,8 +358,7 @@ class _Connection(asyncio.Protocol):
         if self.closed:
             return
         if self.raw:
-            assert self.inner is not None and self.inner.transport is not None
-            self.inner.transport.write(data)
+            self._flush([data])
             return
         self.buf += data
         if not self.connecting:
@@ -424,8 +423,10 @@ class _Connection(asyncio.Protocol):
         self._flush(out)
 
     def _flush(self, out: list[bytes]) -> None:
-        if out and self.inner is not None and self.inner.transport is not None:
-            self.inner.transport.write(b"".join(out))
+        inner = self.inner.transport if self.inner is not None else None
+        # uvloop raises on a write to a closed transport, asyncio only warns.
+        if out and inner is not None and not inner.is_closing():
+            inner.write(b"".join(out))
 
     def _connect(self, body: bytes, rest: list[tuple[int, bytes, bytes]]) -> None:
         try:
@@ -613,7 +614,7 @@ class _Tls(asyncio.Protocol):
 
     def _flush(self) -> None:
         data = self.outgoing.read()
-        if data and self.tcp is not None:
+        if data and self.tcp is not None and not self.tcp.is_closing():
             self.tcp.write(data)
 
     def data_received(self, data: bytes) -> None:
@@ -757,8 +758,10 @@ class Front:
         for task in list(self.tasks):
             task.cancel()
         if self._control is not None:
-            self._control.write(bytes((DISCONNECT, 0)))
-            self._control.close()
+            if not self._control.is_closing():
+                self._control.write(bytes((DISCONNECT, 0)))
+                self._control.close()
+            self._control = None
         if self._server is not None:
             try:
                 async with asyncio.timeout(2):
