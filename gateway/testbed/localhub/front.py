@@ -173,6 +173,9 @@ def judge_connect(cn: str, connect: Connect) -> str | None:
         return f"MQTT protocol level {connect.level}: IoT Hub speaks 3.1.1 (level 4) here"
     if cn in SERVICE_IDENTITIES:
         return None
+    if any(c in cn for c in "/+#") or not cn:
+        # IoT Hub's device ids have none of them; here they would break the per-device scope.
+        return f"certificate CN {cn!r} is not a device id (empty, or has '/', '+' or '#')"
     if connect.client_id != cn:
         return f"client id {connect.client_id!r} is not the certificate's CN {cn!r}"
     parts = (connect.username or "").split("/", 2)
