@@ -47,7 +47,7 @@ def _device(
 def test_a_device_cannot_deliver_on_another_devices_topic(pki_dir: Path) -> None:
     pki = Pki(pki_dir)
 
-    async def scenario() -> list[tuple[str, bytes]]:
+    async def scenario() -> tuple[list[tuple[str, bytes]], list[str]]:
         port = free_ports(1)
         received: list[tuple[str, bytes]] = []
         own_arrived = asyncio.Event()
@@ -61,7 +61,7 @@ def test_a_device_cannot_deliver_on_another_devices_topic(pki_dir: Path) -> None
             pki.root_cert, pki.service_cert, pki.service_key, pki.passphrase()
         )
         async with (
-            Broker(pki, port=port),
+            Broker(pki, port=port) as broker,
             MqttClient(
                 host="127.0.0.1",
                 port=port,
@@ -74,15 +74,19 @@ def test_a_device_cannot_deliver_on_another_devices_topic(pki_dir: Path) -> None
             assert await service.subscribe([("devices/+/messages/events/#", 1)]) == [1]
             async with _device(pki, "plc-1", port) as plc1:
                 spoof = plc1.publish("devices/plc-2/messages/events/a=1", b"spoof")
+                # As IoT Hub: no PUBACK, the connection is closed.
+                with pytest.raises(UplinkError):
+                    await asyncio.wait_for(spoof, 5)  # type: ignore[arg-type]
+            async with _device(pki, "plc-1", port) as plc1:
                 own = plc1.publish("devices/plc-1/messages/events/a=1", b"own")
-                # MQTT 3.1.1 acknowledges what the ACL drops: a PUBACK proves nothing.
-                await asyncio.wait_for(asyncio.gather(spoof, own), 5)  # type: ignore[arg-type]
-                # Same connection, same order: once "own" is here, "spoof" would have been.
+                await asyncio.wait_for(own, 5)  # type: ignore[arg-type]
                 await asyncio.wait_for(own_arrived.wait(), 5)
-        return received
+            refused = [f"{v.identity} {v.what} {v.topic}" for v in broker.violations]
+        return received, refused
 
-    received = asyncio.run(scenario())
+    received, refused = asyncio.run(scenario())
     assert received == [("devices/plc-1/messages/events/a=1", b"own")]
+    assert refused == ["plc-1 publish devices/plc-2/messages/events/a=1"]
 
 
 def test_uplink_refuses_a_hub_signed_by_an_unknown_ca(pki_dir: Path, tmp_path: Path) -> None:
@@ -136,7 +140,9 @@ def _handshake(port: int, pki: Pki, *, tls_max: ssl.TLSVersion, with_cert: bool 
         try:
             # A real MQTT CONNECT; TLS 1.3 reports a refused client certificate only here.
             client_id = b"plc-1"
-            body = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(client_id).to_bytes(2, "big") + client_id
+            user = iothub_username("localhost", "plc-1").encode()
+            body = b"\x00\x04MQTT\x04\x82\x00\x3c" + len(client_id).to_bytes(2, "big") + client_id
+            body += len(user).to_bytes(2, "big") + user
             writer.write(bytes((0x10, len(body))) + body)
             await writer.drain()
             data = await asyncio.wait_for(reader.read(4), 5)

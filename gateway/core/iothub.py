@@ -178,3 +178,19 @@ def parse_desired_patch(topic: str) -> int | None:
         return None
     version = query.get("$version", "")
     return int(version) if version.isdigit() else -1
+
+
+def parse_twin_get(topic: str) -> str | None:
+    """``$iothub/twin/GET/?$rid={rid}`` -> rid (None if it is not a twin GET)."""
+    query = _query(topic, "$iothub/twin/GET/")
+    return None if query is None else query.get("$rid", "")
+
+
+def parse_twin_reported(topic: str) -> str | None:
+    """``$iothub/twin/PATCH/properties/reported/?$rid={rid}`` -> rid (None if not one)."""
+    query = _query(topic, "$iothub/twin/PATCH/properties/reported/")
+    return None if query is None else query.get("$rid", "")
+
+
+# A reported patch is answered with this status (and the new $version), a twin GET with 200.
+TWIN_PATCHED_STATUS = 204

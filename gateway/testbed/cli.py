@@ -1,4 +1,4 @@
-"""The test tools' verbs: ``demo``, ``loadtest``, ``localhub`` and ``simulate modbus|ble``.
+"""The test tools' verbs: ``demo``, ``loadtest``, ``localhub``, ``hub`` and ``simulate modbus|ble``.
 
 They plug into the one ``fieldgate`` command through the ``fieldgate.verbs`` entry-point group
 (``pyproject.toml``); ``gateway/cli.py`` loads that group and never imports the testbed, so a
@@ -23,6 +23,25 @@ def cmd_localhub(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         broker_log=Path(args.broker_log) if args.broker_log else None,
         persist=Path(args.persist) if args.persist else None,
+        twins=Path(args.twins) if args.twins else None,
+    )
+
+
+def cmd_hub(args: argparse.Namespace) -> int:
+    from gateway.testbed.localhub.tool import run_hub_tool
+
+    return run_hub_tool(
+        args.action,
+        pki_dir=Path(args.pki),
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        method=getattr(args, "method", None),
+        payload=getattr(args, "payload", None),
+        timeout=getattr(args, "timeout", 30.0),
+        body=getattr(args, "body", None),
+        message_id=getattr(args, "message_id", None),
+        desired=getattr(args, "desired", None),
     )
 
 
@@ -151,7 +170,33 @@ def add_verbs(verbs: Any) -> None:
         help="keep the broker's sessions and queued messages in this "
         "folder across restarts, as IoT Hub does",
     )
+    hub.add_argument(
+        "--twins",
+        help="keep the device twins in this JSON file (default: the persist folder, else "
+        "next to the record)",
+    )
     hub.set_defaults(func=cmd_localhub)
+
+    service = verbs.add_parser(
+        "hub", help="the stand-in's service side: direct methods, C2D, twins"
+    ).add_subparsers(dest="action", required=True)
+    invoke = service.add_parser("invoke", help="call a direct method; prints status and body")
+    invoke.add_argument("device")
+    invoke.add_argument("method")
+    invoke.add_argument("--payload", default="null", help="the method's JSON payload")
+    invoke.add_argument("--timeout", type=float, default=30.0, help="seconds (504 after)")
+    c2d = service.add_parser("c2d", help="send a cloud-to-device message")
+    c2d.add_argument("device")
+    c2d.add_argument("body", help="the message, JSON")
+    c2d.add_argument("--message-id", help="reuse a message id (a redelivery)")
+    twin = service.add_parser("twin", help="print a device's twin, after an optional update")
+    twin.add_argument("device")
+    twin.add_argument("--desired", help="a desired-properties patch, JSON (null deletes)")
+    for sub in (invoke, c2d, twin):
+        sub.add_argument("--pki", default="fieldgate-state/pki")
+        sub.add_argument("--host", default="127.0.0.1")
+        sub.add_argument("--port", type=int, default=8883)
+        sub.set_defaults(func=cmd_hub)
 
     sim = verbs.add_parser("simulate", help="device simulators").add_subparsers(
         dest="sim_verb", required=True

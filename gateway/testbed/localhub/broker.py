@@ -1,9 +1,11 @@
-"""mosquitto configured as a stand-in for IoT Hub's MQTT endpoint.
+"""mosquitto behind a TLS front, as a stand-in for IoT Hub's MQTT endpoint.
 
-TLS 1.2 or newer with AEAD ciphers only, a client certificate required from everyone, the
-certificate's CN used as the identity (username and client id), and per-identity ACLs that
-mirror IoT Hub's topics: a device may publish only on its own ``devices/{id}/...`` topics.
-It binds loopback unless told otherwise. Facts behind each line: shared/recipes/localhub.md.
+The front (:mod:`gateway.testbed.localhub.front`) holds the public port: TLS 1.2 or newer with
+AEAD ciphers only, a client certificate required from everyone, the certificate's CN as the
+identity; it scopes ``$iothub/...`` per identity and closes a connection that publishes or
+subscribes outside its identity's topics, as IoT Hub does. mosquitto listens only on a unix
+socket in the stand-in's private folder, with ACLs that mirror IoT Hub's topics in their inner
+per-device form. It binds loopback unless told otherwise. Facts: shared/recipes/localhub.md.
 """
 
 from __future__ import annotations
@@ -14,31 +16,20 @@ import pwd
 import shutil
 import tempfile
 from pathlib import Path
+from typing import IO
 
-from gateway.core import iothub
 from gateway.core.errors import FieldgateError
 from gateway.core.tlsprofile import TLS12_CIPHERS
-from gateway.identity.pki import MONITOR_IDENTITY, SERVICE_IDENTITY, Pki, decrypted_key_pem
+from gateway.identity.pki import Pki, decrypted_key_pem
 from gateway.runtime import child_process_options
+from gateway.testbed.localhub.front import Front, Violation, inner_acl, server_context
 
 # The uplink's own list: the stand-in takes exactly what a gateway offers on TLS 1.2.
 CIPHERS = TLS12_CIPHERS
 
-ACL = (
-    "\n".join(
-        [
-            f"user {SERVICE_IDENTITY}",
-            "topic readwrite #",
-            "topic readwrite $iothub/#",  # `#` does not match $-topics
-            f"user {MONITOR_IDENTITY}",
-            f"topic read {iothub.ALL_TELEMETRY}",
-            # IoT Hub's device topics, with mosquitto's %u (the certificate's CN) for the device.
-            *(f"pattern write {t.format(device='%u')}" for t in iothub.DEVICE_PUBLISHES),
-            *(f"pattern read {t.format(device='%u')}" for t in iothub.DEVICE_RECEIVES),
-        ]
-    )
-    + "\n"
-)
+# IoT Hub's device topics, with mosquitto's %u (the CN, set as username by the front).
+ACL = inner_acl()
+INNER_SOCKET = "inner.sock"
 
 
 PERSIST_FILE = "mosquitto.db"
@@ -57,14 +48,13 @@ def mosquitto_binary() -> str:
     return found
 
 
-def render_config(
-    workdir: Path, host: str, port: int, run_as: str | None, persist: Path | None = None
-) -> str:
+def render_config(workdir: Path, run_as: str | None, persist: Path | None = None) -> str:
     # Every listener-scoped option comes after the `listener` line: otherwise mosquitto 2.0
-    # silently opens an extra listener on all interfaces.
+    # silently opens an extra listener on all interfaces. The one listener is a unix socket in
+    # the private folder: only the front reaches it, and it sets the username to the CN it
+    # verified, so anonymous access there is the front's identity.
     lines = [
-        "per_listener_settings false",
-        "allow_anonymous false",
+        "per_listener_settings true",
         # With persist, the hub-service session and the messages queued for it survive a
         # restart of the stand-in, as they do in IoT Hub.
         *(
@@ -72,7 +62,6 @@ def render_config(
             if persist
             else ["persistence false"]
         ),
-        f"acl_file {workdir / 'acl'}",
         "log_dest stderr",
         "log_type error",
         "log_type warning",
@@ -84,15 +73,9 @@ def render_config(
     if run_as:
         lines.append(f"user {run_as}")
     lines += [
-        f"listener {port} {host}",
-        f"cafile {workdir / 'root.pem'}",
-        f"certfile {workdir / 'server.pem'}",
-        f"keyfile {workdir / 'server.key'}",
-        "tls_version tlsv1.2",
-        f"ciphers {CIPHERS}",
-        "require_certificate true",
-        "use_identity_as_username true",
-        "use_username_as_clientid true",
+        f"listener 0 {workdir / INNER_SOCKET}",
+        "allow_anonymous true",
+        f"acl_file {workdir / 'acl'}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -122,26 +105,22 @@ class Broker:
         self.host = host
         self.log_path = log_path
         self.process: asyncio.subprocess.Process | None = None
+        self.front: Front | None = None
+        self._front_log: IO[str] | None = None
         self._dir: Path | None = None
 
     async def __aenter__(self) -> Broker:
         binary = mosquitto_binary()
         workdir = self._dir = _secret_dir()
-        key = workdir / "server.key"
-        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(decrypted_key_pem(self.pki.server_key, self.pki.passphrase()))
+        key_pem = decrypted_key_pem(self.pki.server_key, self.pki.passphrase())
         (workdir / "acl").write_text(ACL)
-        # Copies, so that the broker's user needs no access to the PKI folder itself.
-        shutil.copyfile(self.pki.root_cert, workdir / "root.pem")
-        shutil.copyfile(self.pki.server_cert, workdir / "server.pem")
         # The broker persists into its own folder (its user may not reach ours); the file is
         # carried over from and back to the persist folder around each run.
         if self.persist is not None and (self.persist / PERSIST_FILE).exists():
             shutil.copyfile(self.persist / PERSIST_FILE, workdir / PERSIST_FILE)
         run_as = None
         if os.geteuid() == 0:
-            # mosquitto started as root drops to its own user before reading the key.
+            # mosquitto started as root drops to its own user before it binds its socket.
             try:
                 entry = pwd.getpwnam("mosquitto")
             except KeyError:
@@ -150,9 +129,7 @@ class Broker:
                 for path in (workdir, *workdir.iterdir()):
                     os.chown(path, entry.pw_uid, entry.pw_gid)
         conf = workdir / "mosquitto.conf"
-        conf.write_text(
-            render_config(workdir, self.host, self.port, run_as, workdir if self.persist else None)
-        )
+        conf.write_text(render_config(workdir, run_as, workdir if self.persist else None))
         log = open(self.log_path, "ab") if self.log_path else asyncio.subprocess.DEVNULL
         try:
             self.process = await asyncio.create_subprocess_exec(
@@ -169,32 +146,58 @@ class Broker:
                 log.close()
         try:
             await self._wait_listening()
+            self._front_log = open(self.log_path, "a") if self.log_path else None
+            self.front = Front(
+                server_context(self.pki.root_cert, self.pki.server_cert, key_pem, workdir),
+                host=self.host,
+                port=self.port,
+                inner=workdir / INNER_SOCKET,
+                log_file=self._front_log,
+            )
+            try:
+                await self.front.start()
+            except OSError as err:
+                raise BrokerError(
+                    f"the stand-in cannot listen on {self.host}:{self.port}: "
+                    f"{err.strerror or err} (is the port free?)"
+                ) from err
         except BaseException:
             await self.__aexit__()
             raise
         return self
 
+    @property
+    def violations(self) -> list[Violation]:
+        """What the front refused (connections closed), oldest first."""
+        return self.front.violations if self.front is not None else []
+
     async def _wait_listening(self) -> None:
-        assert self.process is not None
+        assert self.process is not None and self._dir is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 10
         while loop.time() < deadline:
             if self.process.returncode is not None:
                 raise BrokerError(
                     f"mosquitto exited with code {self.process.returncode} "
-                    f"(see {self.log_path or 'its log'}; is port {self.port} free?)"
+                    f"(see {self.log_path or 'its log'})"
                 )
             try:
-                _, writer = await asyncio.open_connection(self.host, self.port)
+                _, writer = await asyncio.open_unix_connection(str(self._dir / INNER_SOCKET))
             except OSError:
                 # Startup of an external process: no event to wait on, so poll briefly.
                 await asyncio.sleep(0.02)
                 continue
             writer.close()
             return
-        raise BrokerError(f"mosquitto did not listen on {self.host}:{self.port} within 10 s")
+        raise BrokerError(f"mosquitto did not listen on {self._dir / INNER_SOCKET} within 10 s")
 
     async def __aexit__(self, *exc: object) -> None:
+        # Idempotent: the load test stops its hub early, then leaves the block.
+        if self.front is not None:
+            await self.front.stop()
+        if self._front_log is not None:
+            self._front_log.close()
+            self._front_log = None
         if self.process is not None and self.process.returncode is None:
             self.process.terminate()
             try:

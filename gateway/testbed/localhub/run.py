@@ -9,6 +9,7 @@ from pathlib import Path
 from gateway import runtime
 from gateway.identity.pki import Pki
 from gateway.testbed.localhub.broker import Broker
+from gateway.testbed.localhub.control import TwinHolder
 from gateway.testbed.localhub.service import HubService
 
 
@@ -22,19 +23,45 @@ async def serve(
     stop: asyncio.Event,
     log_path: Path | None = None,
     persist: Path | None = None,
+    twins: Path | None = None,
 ) -> None:
     async with Broker(pki, host=host, port=port, log_path=log_path, persist=persist):
         service = HubService(pki, host=host, port=port, record=record)
-        print(
-            f"local hub listening on {host}:{port} (TLS, client certificates required)", flush=True
-        )
+        holder = TwinHolder(pki, host=host, port=port, path=twins_file(twins, record, persist))
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(service.run(stop), name="hub-service")
+                tg.create_task(holder.run(stop), name="hub-twins")
+                # Ready once the twins are answered: a device's first twin GET must not be lost.
+                await _first_of(holder.connected, stop)
+                print(
+                    f"local hub listening on {host}:{port} (TLS, client certificates required)",
+                    flush=True,
+                )
                 if not quiet:
                     tg.create_task(_report(service, stop), name="hub-report")
         finally:
             service.close()
+
+
+def twins_file(twins: Path | None, record: Path | None, persist: Path | None) -> Path | None:
+    """Where the twins are kept: as asked, else in the persist folder, else next to the
+    record; with none of them, in memory only (gone at the stand-in's stop)."""
+    if twins is not None:
+        return twins
+    if persist is not None:
+        persist.mkdir(parents=True, exist_ok=True)
+        return persist / "twins.json"
+    return record.with_name(record.stem + ".twins.json") if record is not None else None
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
 
 
 async def _report(service: HubService, stop: asyncio.Event) -> None:
@@ -64,6 +91,7 @@ def run_localhub(
     quiet: bool,
     broker_log: Path | None = None,
     persist: Path | None = None,
+    twins: Path | None = None,
 ) -> int:
     pki = Pki(pki_dir)
 
@@ -77,6 +105,7 @@ def run_localhub(
             stop=stop,
             log_path=broker_log,
             persist=persist,
+            twins=twins,
         )
 
     runtime.run(main)
