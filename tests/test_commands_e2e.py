@@ -287,7 +287,9 @@ def test_writes_on_a_serial_bus_keep_one_request_on_the_wire(
     rig = Rig(tmp_path, pki_dir, procs, 3, "--rtu", "--baud", "19200", period=1.0)
 
     async def body(hub: HubControl) -> list[tuple[int, Any]]:
-        await until_up(hub, "plc-1")
+        await until_connected(hub, "plc-3")
+        for unit in (1, 2, 3):
+            await until_up(hub, f"plc-{unit}")
         calls = [
             hub.invoke("plc-1", "write", {"point": "float32_0", "value": float(i)}, timeout=20)
             for i in range(5)

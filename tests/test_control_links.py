@@ -50,7 +50,7 @@ def make_control(
         record=record,
         status_of=lambda d: {"device": d, "state": link.health.state},
         section_of=lambda d: {"state": link.health.state},
-        watch=lambda d, changed: None,
+        watch=lambda d, changed: link.health.watchers.append(changed),
         state_dir=tmp,
         timeout=timeout,
     )
@@ -307,3 +307,94 @@ def test_a_value_the_register_cannot_hold_is_a_400_and_reaches_nothing(tmp_path:
     answers = asyncio.run(_with_link(body))
     assert [a.status for a in answers] == [400, 400, 400]
     assert "4000 does not fit setpoint (int16, scale 0.1)" in answers[0].body["error"]
+
+
+def test_a_desired_point_refused_while_the_device_is_down_is_applied_when_it_is_up(
+    tmp_path: Path,
+) -> None:
+    record = Recorder()
+
+    async def body(link: ModbusLink, fleet: SimulatedFleet) -> list[dict[str, Any]]:
+        control = make_control(tmp_path, link, record)
+        try:
+            link.health.down("a test says so")
+            first = await control.desired("plc-1", {"points": {"limit": 12.0}, "$version": 3}, None)
+            assert fleet.devices[0].writes == 0
+            link.health.up()  # the next good poll does this; the wait ends at once here
+            async with asyncio.timeout(5):
+                while control.reported("plc-1")["points"]["limit"]["status"] != "applied":
+                    await asyncio.sleep(0.05)
+            assert fleet.devices[0].writes == 1
+            return [first, control.reported("plc-1")]
+        finally:
+            control.close()
+
+    first, reported = asyncio.run(_with_link(body))
+    assert first["points"]["limit"]["status"] == "failed"
+    assert first["points"]["limit"]["rule"] == "device.state"
+    assert reported["points"]["limit"] == {
+        "status": "applied",
+        "value": 12.0,
+        "read_back": 12.0,
+        "version": 3,
+    }
+    assert reported["fieldgate"] == {"state": "up"}
+
+
+def test_a_redelivery_while_the_first_delivery_is_carried_out_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    record = Recorder()
+    message = json.dumps({"point": "limit", "value": 8.0}).encode()
+
+    async def body(link: ModbusLink, fleet: SimulatedFleet) -> None:
+        control = make_control(tmp_path, link, record)
+        try:
+            fleet.devices[0].spec = replace(fleet.devices[0].spec, fault="slow:0.3")
+            await asyncio.wait_for(
+                asyncio.gather(
+                    control.c2d("plc-1", message, "mid-5"), control.c2d("plc-1", message, "mid-5")
+                ),
+                10,
+            )
+            assert fleet.devices[0].writes == 1
+        finally:
+            control.close()
+
+    asyncio.run(_with_link(body))
+    assert record.kinds() == ["command-accepted"]
+
+
+def test_the_write_rate_holds_above_a_thousand_a_minute(tmp_path: Path) -> None:
+    record = Recorder()
+    limit = 1005
+    policy = DevicePolicy(POLICY.writes, POLICY.channels, limit)
+
+    async def body(link: ModbusLink, fleet: SimulatedFleet) -> list[int]:
+        control = make_control(tmp_path, link, record, policy=policy)
+        try:
+            return [
+                (await invoke(control, "write", {"point": "limit", "value": float(i)})).status
+                for i in range(limit + 2)
+            ]
+        finally:
+            control.close()
+
+    statuses = asyncio.run(_with_link(body))
+    assert statuses.count(200) == limit and statuses[-2:] == [403, 403]
+
+
+def test_fresh_reads_are_rate_limited_too(tmp_path: Path) -> None:
+    record = Recorder()
+    policy = DevicePolicy(POLICY.writes, POLICY.channels, 10, reads_per_minute=3)
+
+    async def body(link: ModbusLink, fleet: SimulatedFleet) -> list[Answer]:
+        control = make_control(tmp_path, link, record, policy=policy)
+        try:
+            return [await invoke(control, "read", {"points": ["limit"]}) for _ in range(5)]
+        finally:
+            control.close()
+
+    answers = asyncio.run(_with_link(body))
+    assert [a.status for a in answers] == [200, 200, 200, 403, 403]
+    assert answers[-1].body["rule"] == "devices.control.max_reads_per_minute"

@@ -246,6 +246,9 @@ class DeviceControl(_Model):
         default_factory=list, description="which channels may write (method, c2d, twin)"
     )
     max_writes_per_minute: int = Field(default=6, ge=0, le=6000)
+    max_reads_per_minute: int = Field(
+        default=60, ge=0, le=6000, description="fresh reads by the read method, any 60 s"
+    )
     writes: dict[str, WriteLimit] = Field(
         default_factory=dict, description="the points the cloud may write, with their range"
     )
@@ -255,6 +258,7 @@ class DeviceControl(_Model):
             writes={n: WriteRule(w.min, w.max) for n, w in self.writes.items()},
             channels=frozenset(self.channels),
             per_minute=self.max_writes_per_minute,
+            reads_per_minute=self.max_reads_per_minute,
         )
 
 

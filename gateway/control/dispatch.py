@@ -50,9 +50,17 @@ class _Device:
     policy: DevicePolicy
     link: DeviceLink | None = None
     points: frozenset[str] = frozenset()
-    writes: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
-    # Twin points applied in this run: name -> (value, desired $version).
+    # Monotonic times of the writes and reads tried in the last RATE_WINDOW.
+    writes: deque[float] = field(default_factory=deque)
+    reads: deque[float] = field(default_factory=deque)
+    # Twin points carried out in this run: name -> (value, desired $version).
     applied: dict[str, tuple[Any, int]] = field(default_factory=dict)
+    # The last outcome of each desired point, as reported (kept across connections).
+    outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Desired points that could not be carried out because the device was not up: tried
+    # again when it is.
+    waiting: dict[str, Command] = field(default_factory=dict)
+    changed: list[Callable[[], None]] = field(default_factory=list)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -91,14 +99,25 @@ class C2dLedger:
             b"".join(codec.dumps({"device": d, "mid": m, "state": s}) + b"\n" for (d, m), s in keep)
         )
         os.replace(tmp, self.path)
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the rename itself is durable
+        finally:
+            os.close(fd)
 
     def state(self, device_id: str, mid: str) -> str | None:
         return self._seen.get((device_id, mid))
 
     def mark(self, device_id: str, mid: str, state: str) -> None:
+        # Two small fsyncs per message on the loop: C2D is throttled by IoT Hub to a few
+        # messages per second per hub unit, so this is not a hot path.
         self._seen[(device_id, mid)] = state
         os.write(self._fd, codec.dumps({"device": device_id, "mid": mid, "state": state}) + b"\n")
         os.fsync(self._fd)
+        if len(self._seen) > 2 * C2D_KEEP:
+            os.close(self._fd)
+            self._compact()
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -128,6 +147,7 @@ class Control:
         self._timeout = timeout
         self._ledger = C2dLedger(state_dir)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._c2d_running: dict[tuple[str, str], asyncio.Future[Any]] = {}
         self.counts: dict[str, int] = {"accepted": 0, "refused": 0, "failed": 0}
         self.closed = False
 
@@ -136,6 +156,12 @@ class Control:
         (set when the links are made)."""
         device = self._devices[device_id]
         device.link, device.points = link, points
+        self._watch(device_id, lambda: self._health_changed(device_id))
+
+    def _health_changed(self, device_id: str) -> None:
+        device = self._devices[device_id]
+        if device.waiting and device.link is not None and device.link.health.state == "up":
+            self._spawn(self._retry_waiting(device_id), f"twin-retry[{device_id}]")
 
     def close(self) -> None:
         for task in self._tasks:
@@ -153,10 +179,17 @@ class Control:
     # -- what sessions hand in (uplink.session.CommandPort) -----------------------------------
 
     def reported(self, device_id: str) -> dict[str, Any]:
-        return self._section_of(device_id)
+        """The device's reported properties as fieldgate owns them: its health and identity
+        (``fieldgate``) and the last outcome of each desired point (``points``)."""
+        doc: dict[str, Any] = {"fieldgate": self._section_of(device_id)}
+        outcomes = self._devices[device_id].outcomes
+        if outcomes:
+            doc["points"] = dict(outcomes)
+        return doc
 
     def watch(self, device_id: str, changed: Callable[[], None]) -> None:
         self._watch(device_id, changed)
+        self._devices[device_id].changed.append(changed)
 
     async def method(self, device_id: str, name: str, payload: bytes, rid: str) -> Answer:
         """A direct method call on ``device_id``'s identity; always an answer."""
@@ -170,8 +203,15 @@ class Control:
 
     async def c2d(self, device_id: str, payload: bytes, message_id: str) -> None:
         """A cloud-to-device message: carried out once per message id (see :class:`C2dLedger`);
-        returns when it may be acknowledged."""
-        await self._spawn(self._c2d(device_id, payload, message_id), f"c2d[{device_id}]")
+        returns when it may be acknowledged. A redelivery of a message still being carried
+        out waits for it."""
+        key = (device_id, message_id)
+        running = self._c2d_running.get(key)
+        if running is None:
+            running = self._spawn(self._c2d(device_id, payload, message_id), f"c2d[{device_id}]")
+            self._c2d_running[key] = running
+            running.add_done_callback(lambda _: self._c2d_running.pop(key, None))
+        await asyncio.shield(running)
 
     async def desired(self, device_id: str, desired: Any, version: int | None) -> dict[str, Any]:
         """The twin's desired properties (at a GET, or a patch): the reported patch that says
@@ -202,14 +242,19 @@ class Control:
             else:
                 log.info("%s: C2D message %s redelivered, done before", device_id, message_id)
             return
-        self._ledger.mark(device_id, message_id, "started")
         try:
             command = decode_c2d(device_id, payload, message_id)
         except Refused as err:
             self._refused_request(device_id, "c2d", "write", err.answer, ref=message_id)
             self._ledger.mark(device_id, message_id, str(err.answer.status))
             return
-        answer = await self._carry_out(command)
+
+        def started() -> None:
+            # Right before the device is asked, inside the device's turn: a stop while the
+            # command only waited leaves no "started" behind.
+            self._ledger.mark(device_id, message_id, "started")
+
+        answer = await self._carry_out(command, before=started)
         self._ledger.mark(device_id, message_id, str(answer.status))
 
     async def _desired(self, device_id: str, desired: Any, version: int | None) -> dict[str, Any]:
@@ -218,28 +263,59 @@ class Control:
         points: dict[str, Any] = {}
         for name, answer in decoded.refused.items():
             self._refused_request(device_id, "twin", "write", answer, ref=str(decoded.version))
-            points[name or "$error"] = _reported(None, decoded.version, answer)
+            # IoT Hub takes no "$", "." or space in a property name.
+            points[name or "_error"] = _reported(None, decoded.version, answer)
         for command in decoded.commands:
             assert command.point is not None
             done = device.applied.get(command.point)
-            if done is not None and done[0] == command.value:
-                continue  # applied in this run already: a twin GET after a reconnect
-            answer = await self._carry_out(command)
-            if answer.status == policy.OK:
-                device.applied[command.point] = (command.value, decoded.version)
-            points[command.point] = _reported(command.value, decoded.version, answer)
+            if done is not None and _identical(done[0], command.value):
+                continue  # carried out in this run already: a twin GET after a reconnect
+            points[command.point] = await self._twin_write(device, command, decoded.version)
+        device.outcomes.update(points)
+        self._notify(device)
         return {"points": points} if points else {}
+
+    async def _twin_write(self, device: _Device, command: Command, version: int) -> dict[str, Any]:
+        assert command.point is not None
+        device.waiting.pop(command.point, None)
+        answer = await self._carry_out(command)
+        if answer.status == policy.OK:
+            device.applied[command.point] = (command.value, version)
+        elif answer.body.get("rule") == "device.state":
+            # Not up yet (starting, reconnecting): carried out when it is.
+            device.waiting[command.point] = command
+        return _reported(command.value, version, answer)
+
+    async def _retry_waiting(self, device_id: str) -> None:
+        device = self._devices[device_id]
+        waiting, device.waiting = device.waiting, {}
+        for command in waiting.values():
+            assert command.point is not None
+            version = int(command.ref) if command.ref.isdigit() else 0
+            device.outcomes[command.point] = await self._twin_write(device, command, version)
+        self._notify(device)
+
+    def _notify(self, device: _Device) -> None:
+        for changed in device.changed:
+            changed()
 
     def _state(self, command: Command, device: _Device) -> DeviceState:
         link = device.link
         if link is None:
-            return DeviceState(frozenset(), "down", tuple(device.writes))
-        return DeviceState(device.points, link.health.state, tuple(device.writes))
+            return DeviceState(frozenset(), "down", tuple(device.writes), tuple(device.reads))
+        return DeviceState(
+            device.points, link.health.state, tuple(device.writes), tuple(device.reads)
+        )
 
-    async def _carry_out(self, command: Command) -> Answer:
+    async def _carry_out(
+        self, command: Command, before: Callable[[], None] | None = None
+    ) -> Answer:
         device = self._devices[command.device_id]
         async with device.lock:  # one command of a device at a time, in arrival order
             now = time.monotonic()
+            for window in (device.writes, device.reads):
+                while window and now - window[0] >= policy.RATE_WINDOW:
+                    window.popleft()
             decision = policy.decide(
                 command, device.policy, self.switches, self._state(command, device), now
             )
@@ -249,6 +325,13 @@ class Control:
                 return answer
             if command.action == "write":
                 device.writes.append(now)  # counted when tried: a failing write still drives
+                if command.channel != "twin" and command.point is not None:
+                    # Written by another channel: the twin's value is to be applied again.
+                    device.applied.pop(command.point, None)
+            elif command.action == "read":
+                device.reads.append(now)
+            if before is not None:
+                before()
             try:
                 answer = await self._perform(command, device)
             except Exception as err:  # every failure is answered, never raised to a session
@@ -331,6 +414,11 @@ class Control:
         )
 
 
+def _identical(a: Any, b: Any) -> bool:
+    """Equal and of one type: True is not 1, 1 is not 1.0 (each encodes differently)."""
+    return type(a) is type(b) and bool(a == b)
+
+
 def _same(value: Any, read_back: Any) -> bool:
     if isinstance(value, bool) or isinstance(read_back, bool):
         return bool(value) == bool(read_back) and read_back is not None
@@ -341,9 +429,11 @@ def _same(value: Any, read_back: Any) -> bool:
 
 def _failure(command: Command, err: Exception, timeout: float) -> Answer:
     if isinstance(err, TimeoutError):
-        return error_answer(
-            policy.TIMEOUT, f"{command.device_id} did not answer within {timeout:g} s"
-        )
+        text = f"{command.device_id} did not answer within {timeout:g} s"
+        if command.action == "write":
+            # The request may have been on the wire: the device may hold the value now.
+            text += "; the write may have reached the device (read it before writing again)"
+        return error_answer(policy.TIMEOUT, text)
     if isinstance(err, NotWritable):
         return error_answer(policy.FORBIDDEN, str(err), rule="points.writable")
     if isinstance(err, DeviceUnavailable):

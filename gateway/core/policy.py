@@ -60,6 +60,9 @@ class DevicePolicy:
     writes: Mapping[str, WriteRule] = field(default_factory=dict)
     channels: frozenset[Channel] = frozenset()
     per_minute: int = 0  # writes in any 60 s; 0: none
+    # Fresh reads in any 60 s: each is a request on the device's link, served before the
+    # next poll, so a flood of them would crowd out telemetry.
+    reads_per_minute: int = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +79,9 @@ class DeviceState:
 
     known_points: frozenset[str]
     state: str = "up"  # adapters.base: up, down, starting, quarantined
-    # Monotonic times of this device's accepted writes (any channel), oldest first.
+    # Monotonic times of this device's writes and reads tried (any channel), oldest first.
     recent_writes: Sequence[float] = ()
+    recent_reads: Sequence[float] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +120,15 @@ def decide(
         refused = _write_refused(command, policy, switches, device, now)
         if refused is not None:
             return refused
+    else:
+        recent = sum(1 for t in device.recent_reads if now - t < RATE_WINDOW)
+        if recent >= policy.reads_per_minute:
+            return _refuse(
+                FORBIDDEN,
+                "devices.control.max_reads_per_minute",
+                f"{command.device_id} took {recent} reads in the last minute (at most "
+                f"{policy.reads_per_minute})",
+            )
     if device.state == "quarantined":
         return _refuse(CONFLICT, "device.quarantined", f"{command.device_id} is quarantined")
     if device.state != "up":

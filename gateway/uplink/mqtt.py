@@ -343,8 +343,14 @@ class MqttClient:
         future: asyncio.Future[list[int]] = self._loop.create_future()
         self._subacks[pid] = future
         self._write(bytes((SUBSCRIBE,)) + _varint(len(body)) + body)
-        async with asyncio.timeout(self._timeout):
-            return await future
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await future
+        except TimeoutError as err:
+            self._subacks.pop(pid, None)
+            raise UplinkError(
+                f"{self.client_id}: no SUBACK within {self._timeout:g} s", cause="timeout"
+            ) from err
 
     # -- receiving --------------------------------------------------------------------------
 
@@ -402,12 +408,15 @@ class MqttClient:
         if task.cancelled() or self.closed.done():
             return  # no acknowledgement: the broker delivers it again on the next connection
         if task.exception() is not None:
+            # Not carried out: no acknowledgement, so the broker delivers it again on the
+            # next connection (MQTT 3.1.1 has no negative acknowledgement).
             log.error(
-                "%s: message handler failed for %s",
+                "%s: message handler failed for %s; left unacknowledged",
                 self.client_id,
                 topic,
                 exc_info=task.exception(),
             )
+            return
         self._puback(pid)
 
     def _puback(self, pid: int) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -68,6 +69,8 @@ class CommandPort(Protocol):
 # Method calls of one device waiting for their answer; more are answered 429 at once (a flood
 # from a stolen cloud credential must not pile up tasks).
 MAX_PENDING_METHODS = 32
+# Desired patches that cannot be merged (not JSON objects) waiting at most.
+MAX_PENDING_PATCHES = 16
 # A twin request IoT Hub has not answered in this long is given up (the next connect retries).
 TWIN_TIMEOUT = 30.0
 
@@ -274,7 +277,8 @@ class DeviceSession:
             return None
         version = iothub.parse_desired_patch(topic)
         if version is not None:
-            connection.spawn(self._desired_patch(port, payload, version))
+            if connection.queue_desired(payload, version):
+                connection.spawn(self._desired_patches(connection, port))
             return None
         if topic.startswith(iothub.c2d_filter(device)[:-1]):
             _, props = iothub.parse_c2d_topic(topic)
@@ -296,17 +300,18 @@ class DeviceSession:
         async with connection.c2d_order:
             await port.c2d(self.device_id, payload, message_id)
 
-    async def _desired_patch(self, port: CommandPort, payload: bytes, version: int) -> None:
+    async def _desired_patches(self, connection: _Connection, port: CommandPort) -> None:
+        """Carry out the queued desired patches in order, after the twin GET's document."""
         twin = self._twin
-        if 0 <= version <= twin.version:
-            return  # applied already (the twin GET at connect carried it)
-        try:
-            patch = codec.loads(payload)
-        except codec.JSONDecodeError:
-            patch = None
-        if version >= 0:
-            twin.version = version
-        twin.add(await port.desired(self.device_id, patch, version if version >= 0 else None))
+        async with connection.desired_order:
+            while connection.desired_queue:
+                patch, version = connection.desired_queue.popleft()
+                if 0 <= version <= twin.version:
+                    continue  # carried by the twin GET at connect, or an older patch
+                if version >= 0:
+                    twin.version = version
+                await port.desired(self.device_id, patch, version if version >= 0 else None)
+        connection.desired_worker = False
 
     def _filters(self) -> list[tuple[str, int]]:
         """What a device's session subscribes to: C2D at QoS 1 (acknowledged once carried
@@ -319,6 +324,16 @@ class DeviceSession:
         ]
 
     async def _control(self, client: MqttClient, port: CommandPort) -> None:
+        """The control side of a connection. A failure of its own never ends the connection:
+        telemetry goes on, and the next connection tries again."""
+        try:
+            await self._control_side(client, port)
+        except UplinkError:
+            raise  # the connection itself failed: the session reconnects
+        except Exception:
+            log.exception("%s: cloud commands stopped on this connection", self.device_id)
+
+    async def _control_side(self, client: MqttClient, port: CommandPort) -> None:
         """Subscribe to what the device may be sent, read its twin, then keep its reported
         properties up to date (on change, at most every ``report_interval``)."""
         device = self.device_id
@@ -334,23 +349,25 @@ class DeviceSession:
             )
             return
         twin = self._twin
-        await self._twins.acquire()
-        try:
-            status, body = await connection.twin_request(iothub.twin_get_topic, b"")
-        except TimeoutError:
-            status, body = 504, b"no answer"
-        if status == 200:
+        # Patches that arrive meanwhile wait: the GET's document comes first.
+        async with connection.desired_order:
+            await self._twins.acquire()
             try:
-                doc = codec.loads(body)
-            except codec.JSONDecodeError:
-                doc = None
-            desired = doc.get("desired") if isinstance(doc, dict) else None
-            version = desired.get("$version") if isinstance(desired, dict) else None
-            if isinstance(version, int) and not isinstance(version, bool):
-                twin.version = version
-            twin.add(await port.desired(device, desired, None))
-        else:
-            log.warning("%s: twin GET answered %d: %s", device, status, body[:200])
+                status, body = await connection.twin_request(iothub.twin_get_topic, b"")
+            except TimeoutError:
+                status, body = 504, b"no answer"
+            if status == 200:
+                try:
+                    doc = codec.loads(body)
+                except codec.JSONDecodeError:
+                    doc = None
+                desired = doc.get("desired") if isinstance(doc, dict) else None
+                version = desired.get("$version") if isinstance(desired, dict) else None
+                if isinstance(version, int) and not isinstance(version, bool):
+                    twin.version = version
+                await port.desired(device, desired, None)
+            else:
+                log.warning("%s: twin GET answered %d: %s", device, status, body[:200])
         twin.sent = None  # a new connection reports its state in full
         twin.changed.set()
         loop = asyncio.get_running_loop()
@@ -372,9 +389,13 @@ class DeviceSession:
                 )
             except TimeoutError:
                 status, body = 504, b"no answer"
-            if status != 204:
-                log.warning("%s: reported properties answered %d: %s", device, status, body[:200])
-                twin.failed(patch)
+            if status == 204:
+                continue
+            log.warning("%s: reported properties answered %d: %s", device, status, body[:200])
+            if not 400 <= status < 500:
+                twin.failed(patch)  # not taken now: sent again with the next change
+            # A 4xx would be refused again as it is: dropped (the log says why), so that it
+            # cannot hold back every later patch.
 
     async def _publish(self, client: MqttClient) -> None:
         window = _Window()
@@ -416,34 +437,38 @@ async def _until_closed(client: MqttClient) -> None:
 
 
 class _TwinState:
-    """A device's twin as its sessions know it: the desired version applied, and what is to be
-    reported (the device's section, and the outcome of each desired point)."""
+    """A device's twin as its sessions know it: the desired version carried out, and the
+    reported properties last taken by the hub (patches are the difference)."""
 
     def __init__(self) -> None:
         self.version = -1
         self.changed = asyncio.Event()
-        self.points: dict[str, Any] = {}  # outcomes not yet reported
-        self.sent: dict[str, Any] | None = None  # the device section last reported
+        self.sent: dict[str, Any] | None = None  # None: report everything
 
-    def add(self, patch: dict[str, Any]) -> None:
-        points = patch.get("points")
-        if points:
-            self.points.update(points)
-            self.changed.set()
-
-    def take(self, section: dict[str, Any]) -> dict[str, Any]:
+    def take(self, reported: dict[str, Any]) -> dict[str, Any]:
+        """The patch from what was sent to ``reported``: changed sections and points."""
+        sent = self.sent or {}
         patch: dict[str, Any] = {}
-        if section != self.sent:
-            patch["fieldgate"] = section
-            self.sent = section
-        if self.points:
-            patch["points"], self.points = self.points, {}
+        if reported.get("fieldgate") != sent.get("fieldgate"):
+            patch["fieldgate"] = reported.get("fieldgate")
+        before = sent.get("points", {})
+        points = {k: v for k, v in reported.get("points", {}).items() if before.get(k) != v}
+        if points:
+            patch["points"] = points
+        self.sent = {
+            "fieldgate": reported.get("fieldgate"),
+            "points": {**before, **points},
+        }
         return patch
 
     def failed(self, patch: dict[str, Any]) -> None:
-        """Not taken: report it again with the next change (or at the next connection)."""
-        self.sent = None
-        self.points = {**patch.get("points", {}), **self.points}
+        """Not taken: what it carried counts as not sent (it goes with the next patch)."""
+        if self.sent is None:
+            return
+        if "fieldgate" in patch:
+            self.sent["fieldgate"] = None
+        for name in patch.get("points", {}):
+            self.sent["points"].pop(name, None)
 
 
 class _Connection:
@@ -455,7 +480,30 @@ class _Connection:
         self.tasks: set[asyncio.Task[None]] = set()
         self.twin_requests: dict[str, asyncio.Future[tuple[int, bytes]]] = {}
         self.c2d_order = asyncio.Lock()
+        self.desired_order = asyncio.Lock()
+        self.desired_queue: deque[tuple[Any, int]] = deque()
+        self.desired_worker = False
         self._rid = 0
+
+    def queue_desired(self, payload: bytes, version: int) -> bool:
+        """Queue a desired patch; True when a worker must be started. Patches that follow
+        each other merge into one (IoT Hub's merge semantics), so a flood cannot pile up."""
+        try:
+            patch = codec.loads(payload)
+        except codec.JSONDecodeError:
+            patch = None
+        queue = self.desired_queue
+        if queue and isinstance(patch, dict) and isinstance(queue[-1][0], dict):
+            merged = _merge(queue[-1][0], patch)
+            queue[-1] = (merged, version)
+        elif len(queue) < MAX_PENDING_PATCHES:
+            queue.append((patch, version))
+        else:
+            log.warning("desired patch %d dropped: %d waiting", version, len(queue))
+        if self.desired_worker:
+            return False
+        self.desired_worker = True
+        return True
 
     def spawn(self, coro: Any, also: set[asyncio.Task[None]] | None = None) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -479,14 +527,27 @@ class _Connection:
         future: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
         self.twin_requests[rid] = future
         self.client.publish(topic(rid), payload, qos=0)
-        async with asyncio.timeout(TWIN_TIMEOUT):
-            return await future
+        try:
+            async with asyncio.timeout(TWIN_TIMEOUT):
+                return await future
+        finally:
+            self.twin_requests.pop(rid, None)
 
     def end(self) -> None:
         for task in self.tasks:
             task.cancel("the connection ended")
         for future in self.twin_requests.values():
             future.cancel()
+
+
+def _merge(into: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    out = dict(into)
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

@@ -334,7 +334,7 @@ class _Connection(asyncio.Protocol):
         self.front = front
         self.transport: asyncio.Transport | None = None
         self.inner: _Inner | None = None
-        self.cn = "?"
+        self.cn = ""  # no CN in the certificate: refused at CONNECT
         self.peer = "?"
         self.buf = bytearray()
         self.raw = False  # service identities: bytes pass unparsed after CONNECT
