@@ -320,10 +320,13 @@ def test_a_desired_point_refused_while_the_device_is_down_is_applied_when_it_is_
             link.health.down("a test says so")
             first = await control.desired("plc-1", {"points": {"limit": 12.0}, "$version": 3}, None)
             assert fleet.devices[0].writes == 0
+            changed = asyncio.Event()
+            control.watch("plc-1", changed.set)  # as a session does, for its reported patches
             link.health.up()  # the next good poll does this; the wait ends at once here
             async with asyncio.timeout(5):
                 while control.reported("plc-1")["points"]["limit"]["status"] != "applied":
-                    await asyncio.sleep(0.05)
+                    await changed.wait()
+                    changed.clear()
             assert fleet.devices[0].writes == 1
             return [first, control.reported("plc-1")]
         finally:
