@@ -39,10 +39,10 @@ from gateway.testbed.harness import (
     HUB_READY,
     MODBUS_READY,
     Proc,
-    fieldgate,
     free_ports,
     hub_argv,
     modbus_load_argv,
+    start_logged,
 )
 from gateway.testbed.loadtest.procstat import usage
 from gateway.testbed.localhub.control import HubControl
@@ -129,11 +129,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     procs: list[Proc] = []
 
     def start(name: str, argv: list[str], ready: str | None = None) -> Proc:
-        proc = Proc(fieldgate(*argv), work / f"{name}.log")
-        procs.append(proc)
-        if ready is not None:
-            proc.wait_for(ready, timeout=120)
-        return proc
+        return start_logged(procs, work, name, argv, ready, timeout=120)
 
     try:
         start("hub", hub_argv(pki_dir, hub_port, record), HUB_READY)

@@ -35,10 +35,10 @@ from gateway.testbed.harness import (
     HUB_READY,
     MODBUS_READY,
     Proc,
-    fieldgate,
     free_ports,
     hub_argv,
     modbus_load_argv,
+    start_logged,
 )
 from gateway.testbed.loadtest.procstat import usage
 
@@ -61,11 +61,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     procs: list[Proc] = []
 
     def start(name: str, argv: list[str], ready: str | None = None) -> Proc:
-        proc = Proc(fieldgate(*argv), work / f"{name}.log")
-        procs.append(proc)
-        if ready is not None:
-            proc.wait_for(ready, timeout=60)
-        return proc
+        return start_logged(procs, work, name, argv, ready, timeout=60)
 
     try:
         start("hub", hub_argv(pki_dir, hub_port, record), HUB_READY)

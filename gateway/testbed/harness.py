@@ -169,6 +169,23 @@ class Proc:
 # -- asyncio: the demo and the load test ------------------------------------------------------
 
 
+def start_logged(
+    procs: list[Proc],
+    folder: Path,
+    name: str,
+    argv: list[str],
+    ready: str | None = None,
+    timeout: float = 60,
+) -> Proc:
+    """``fieldgate ARGV`` logged to ``folder/NAME.log`` and kept in ``procs`` (stop them in
+    reverse), once its output says ``ready`` (if given)."""
+    proc = Proc(fieldgate(*argv), folder / f"{name}.log")
+    procs.append(proc)
+    if ready is not None:
+        proc.wait_for(ready, timeout=timeout)
+    return proc
+
+
 async def spawn(args: Sequence[str], log: BinaryIO) -> asyncio.subprocess.Process:
     """``fieldgate ARGS`` as a helper process, its output into ``log``."""
     return await asyncio.create_subprocess_exec(

@@ -73,7 +73,9 @@ def _os_text(err: OSError) -> str:
     return err.strerror or str(err) or type(err).__name__
 
 
-def _varint(n: int) -> bytes:
+# MQTT 3.1.1's wire encodings (also used by the hub stand-in's front, which parses and rewrites
+# packets): a remaining length, and a length-prefixed string.
+def encode_length(n: int) -> bytes:
     out = bytearray()
     while True:
         byte = n & 0x7F
@@ -83,7 +85,24 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _string(data: bytes) -> bytes:
+def decode_length(buf: bytes | bytearray, pos: int) -> tuple[int, int] | None:
+    """The remaining length at ``buf[pos:]`` (1 to 4 bytes of 7 bits each) and where the body
+    starts; None while it is incomplete. ValueError: more than 4 bytes."""
+    length = shift = 0
+    while True:
+        if pos >= len(buf):
+            return None
+        byte = buf[pos]
+        length |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            return length, pos
+        shift += 7
+        if shift > 21:
+            raise ValueError("malformed packet length")
+
+
+def encode_string(data: bytes) -> bytes:
     return struct.pack("!H", len(data)) + data
 
 
@@ -105,22 +124,14 @@ class _Protocol(asyncio.Protocol):
         buf = self._buf
         buf += data
         while len(buf) >= 2:
-            # Remaining length: 1 to 4 bytes of 7 bits each.
-            length = 0
-            shift = 0
-            pos = 1
-            while True:
-                if pos >= len(buf):
-                    return
-                byte = buf[pos]
-                length |= (byte & 0x7F) << shift
-                pos += 1
-                if not byte & 0x80:
-                    break
-                shift += 7
-                if shift > 21:
-                    client._fail(UplinkError("malformed packet length from broker"))
-                    return
+            try:
+                found = decode_length(buf, 1)
+            except ValueError:
+                client._fail(UplinkError("malformed packet length from broker"))
+                return
+            if found is None:
+                return
+            length, pos = found
             end = pos + length
             if len(buf) < end:
                 return
@@ -286,13 +297,13 @@ class MqttClient:
 
     def _send_connect(self) -> None:
         flags = 0x02 if self._clean else 0
-        payload = _string(self.client_id.encode())
+        payload = encode_string(self.client_id.encode())
         if self._username is not None:
             flags |= 0x80
-            payload += _string(self._username.encode())
-        variable = _string(b"MQTT") + bytes((4, flags)) + struct.pack("!H", self._keepalive)
+            payload += encode_string(self._username.encode())
+        variable = encode_string(b"MQTT") + bytes((4, flags)) + struct.pack("!H", self._keepalive)
         body = variable + payload
-        self._write(bytes((CONNECT,)) + _varint(len(body)) + body)
+        self._write(bytes((CONNECT,)) + encode_length(len(body)) + body)
 
     def _packet_id(self) -> int:
         for _ in range(65535):
@@ -319,14 +330,18 @@ class MqttClient:
         """Send a PUBLISH; for QoS 1 the returned future completes at the PUBACK."""
         encoded = topic.encode()
         if qos == 0:
-            head = bytes((PUBLISH,)) + _varint(2 + len(encoded) + len(payload)) + _string(encoded)
+            head = (
+                bytes((PUBLISH,))
+                + encode_length(2 + len(encoded) + len(payload))
+                + encode_string(encoded)
+            )
             self._write(head + payload)
             return None
         pid = self._packet_id()
         head = (
             bytes((PUBLISH | 0x02,))
-            + _varint(4 + len(encoded) + len(payload))
-            + _string(encoded)
+            + encode_length(4 + len(encoded) + len(payload))
+            + encode_string(encoded)
             + struct.pack("!H", pid)
         )
         self._write(head + payload)
@@ -338,11 +353,11 @@ class MqttClient:
         """Subscribe and return the granted QoS per filter (0x80 means refused)."""
         pid = self._packet_id()
         body = struct.pack("!H", pid) + b"".join(
-            _string(f.encode()) + bytes((qos,)) for f, qos in filters
+            encode_string(f.encode()) + bytes((qos,)) for f, qos in filters
         )
         future: asyncio.Future[list[int]] = self._loop.create_future()
         self._subacks[pid] = future
-        self._write(bytes((SUBSCRIBE,)) + _varint(len(body)) + body)
+        self._write(bytes((SUBSCRIBE,)) + encode_length(len(body)) + body)
         try:
             async with asyncio.timeout(self._timeout):
                 return await future

@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 
 from gateway.core import iothub
-from gateway.core.errors import FieldgateError, UplinkError
+from gateway.core.errors import FieldgateError
 from gateway.identity.pki import SERVICE_IDENTITY, Pki, ensure_hub_identity
 from gateway.identity.tls import client_context
 from gateway.testbed.localhub.front import (
@@ -40,6 +40,7 @@ from gateway.testbed.localhub.front import (
     outer_topic,
     read_violations,
 )
+from gateway.testbed.localhub.service import stay_subscribed
 from gateway.uplink.mqtt import MqttClient
 
 log = logging.getLogger("fieldgate.localhub.control")
@@ -209,41 +210,31 @@ class TwinHolder:
         self._send(TWIN_ANSWERS + reply_to, {"status": 200, "twin": self.twins.get(device)})
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                async with MqttClient(
-                    host=self.host,
-                    port=self.port,
-                    client_id=f"{SERVICE_IDENTITY}.twins",
-                    ssl_context=self._context,
-                    server_hostname="localhost",
-                    on_message=self._message,
-                ) as client:
-                    self._client = client
-                    await client.subscribe(
-                        [
-                            (inner_topic("+", "$iothub/twin/GET/#"), 0),
-                            (inner_topic("+", "$iothub/twin/PATCH/properties/reported/#"), 0),
-                            (TWIN_REQUESTS + "#", 0),
-                        ]
-                    )
-                    self.connected.set()
-                    stop_task = asyncio.ensure_future(stop.wait())
-                    try:
-                        watched: list[asyncio.Future[Any]] = [stop_task, client.closed]
-                        await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
-                    finally:
-                        stop_task.cancel()
-            except UplinkError as err:
-                self.connected.clear()
-                log.warning("twin holder: %s", err)
-                try:
-                    async with asyncio.timeout(0.5):
-                        await stop.wait()
-                except TimeoutError:
-                    pass
-            finally:
-                self._client = None
+        def make() -> MqttClient:
+            client = MqttClient(
+                host=self.host,
+                port=self.port,
+                client_id=f"{SERVICE_IDENTITY}.twins",
+                ssl_context=self._context,
+                server_hostname="localhost",
+                on_message=self._message,
+            )
+            self._client = client
+            return client
+
+        async def subscribe(client: MqttClient) -> None:
+            await client.subscribe(
+                [
+                    (inner_topic("+", "$iothub/twin/GET/#"), 0),
+                    (inner_topic("+", "$iothub/twin/PATCH/properties/reported/#"), 0),
+                    (TWIN_REQUESTS + "#", 0),
+                ]
+            )
+
+        try:
+            await stay_subscribed("twin holder", make, subscribe, self.connected, stop)
+        finally:
+            self._client = None
 
 
 # -- what tests and tools use ----------------------------------------------------------------

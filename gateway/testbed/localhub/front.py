@@ -41,6 +41,7 @@ import orjson
 from gateway.core import iothub
 from gateway.core.tlsprofile import MIN_VERSION, TLS12_CIPHERS
 from gateway.identity.pki import MONITOR_IDENTITY, SERVICE_IDENTITY
+from gateway.uplink.mqtt import decode_length, encode_length, encode_string
 
 log = logging.getLogger("fieldgate.localhub.front")
 
@@ -191,35 +192,23 @@ def judge_connect(cn: str, connect: Connect) -> str | None:
     return None
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        out.append(byte | 0x80 if n else byte)
-        if not n:
-            return bytes(out)
-
-
-def _string(data: bytes) -> bytes:
-    return struct.pack("!H", len(data)) + data
-
-
 def packet(first: int, body: bytes) -> bytes:
-    return bytes((first,)) + _varint(len(body)) + body
+    return bytes((first,)) + encode_length(len(body)) + body
 
 
 def inner_connect(cn: str, connect: Connect) -> bytes:
     """The CONNECT mosquitto gets: username = CN, no password, the will topic scoped."""
     flags = (connect.flags & 0x3E) | 0x80  # keep clean/will bits, username set, no password
-    payload = _string(connect.client_id.encode())
+    payload = encode_string(connect.client_id.encode())
     if connect.will_topic is not None:
         topic = (
             connect.will_topic if cn in SERVICE_IDENTITIES else inner_topic(cn, connect.will_topic)
         )
-        payload += _string(topic.encode()) + _string(connect.will_message)
-    payload += _string(cn.encode())
-    body = _string(b"MQTT") + bytes((4, flags)) + struct.pack("!H", connect.keepalive) + payload
+        payload += encode_string(topic.encode()) + encode_string(connect.will_message)
+    payload += encode_string(cn.encode())
+    body = (
+        encode_string(b"MQTT") + bytes((4, flags)) + struct.pack("!H", connect.keepalive) + payload
+    )
     return packet(CONNECT, body)
 
 
@@ -229,19 +218,10 @@ def split_packets(buf: bytearray) -> list[tuple[int, bytes, bytes]]:
     out: list[tuple[int, bytes, bytes]] = []
     start = 0
     while len(buf) - start >= 2:
-        length, shift, pos = 0, 0, start + 1
-        while True:
-            if pos >= len(buf):
-                del buf[:start]
-                return out
-            byte = buf[pos]
-            length |= (byte & 0x7F) << shift
-            pos += 1
-            if not byte & 0x80:
-                break
-            shift += 7
-            if shift > 21:
-                raise ValueError("malformed packet length")
+        found = decode_length(buf, start + 1)
+        if found is None:
+            break
+        length, pos = found
         end = pos + length
         if len(buf) < end:
             break
@@ -258,7 +238,7 @@ def publish_topic(first: int, body: bytes) -> tuple[str, int]:
 
 def rewrite_publish(first: int, body: bytes, topic: str) -> bytes:
     (n,) = struct.unpack_from("!H", body)
-    return packet(first, _string(topic.encode()) + body[2 + n :])
+    return packet(first, encode_string(topic.encode()) + body[2 + n :])
 
 
 def parse_filters(body: bytes, with_qos: bool) -> tuple[bytes, list[tuple[str, int]]]:
@@ -417,7 +397,7 @@ class _Connection(asyncio.Protocol):
                         self._flush(out)
                         self.refuse("subscribe" if kind == SUBSCRIBE else "unsubscribe", name, why)
                         return
-                    rewritten += _string(inner_topic(self.cn, name).encode())
+                    rewritten += encode_string(inner_topic(self.cn, name).encode())
                     if kind == SUBSCRIBE:
                         rewritten += bytes((min(qos, 1),))  # IoT Hub grants QoS 1 at most
                 out.append(packet(first, pid + rewritten))
@@ -737,16 +717,19 @@ class Front:
         if self._control is not None and not self._control.is_closing():
             # QoS 0, retained: the latest state is what a service side joining later reads.
             self._control.write(
-                packet(PUBLISH | 0x01, _string(topic.encode()) + orjson.dumps(value))
+                packet(PUBLISH | 0x01, encode_string(topic.encode()) + orjson.dumps(value))
             )
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         control, _ = await loop.create_unix_connection(asyncio.Protocol, str(self.inner))
         self._control = control
-        body = _string(b"MQTT") + bytes((4, 0x82)) + struct.pack("!H", 0)
+        body = encode_string(b"MQTT") + bytes((4, 0x82)) + struct.pack("!H", 0)
         control.write(
-            packet(CONNECT, body + _string(FRONT_USER.encode()) + _string(FRONT_USER.encode()))
+            packet(
+                CONNECT,
+                body + encode_string(FRONT_USER.encode()) + encode_string(FRONT_USER.encode()),
+            )
         )
         self._announce(EPOCH, {"epoch": self.epoch})
         self._server = await loop.create_server(

@@ -12,7 +12,7 @@ import base64
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -127,38 +127,58 @@ class HubService:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Stay subscribed until ``stop`` is set, reconnecting if the broker goes away."""
-        while not stop.is_set():
-            try:
-                async with MqttClient(
-                    host=self.host,
-                    port=self.port,
-                    client_id=self.identity,
-                    ssl_context=self._context,
-                    server_hostname="localhost",
-                    clean_session=False,
-                    on_message=self._message,
-                ) as client:
-                    self._client = client
-                    granted = await client.subscribe([(TELEMETRY, 1)])
-                    if granted != [1]:
-                        raise UplinkError(f"subscription refused: {granted}", retryable=False)
-                    self.connected.set()
-                    stop_task = asyncio.ensure_future(stop.wait())
-                    try:
-                        watched: list[asyncio.Future[Any]] = [stop_task, client.closed]
-                        await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
-                    finally:
-                        stop_task.cancel()
-            except UplinkError as err:
-                self.connected.clear()
-                log.warning("hub service: %s", err)
-                try:
-                    async with asyncio.timeout(0.5):
-                        await stop.wait()
-                except TimeoutError:
-                    pass
+
+        def make() -> MqttClient:
+            client = MqttClient(
+                host=self.host,
+                port=self.port,
+                client_id=self.identity,
+                ssl_context=self._context,
+                server_hostname="localhost",
+                clean_session=False,
+                on_message=self._message,
+            )
+            self._client = client
+            return client
+
+        async def subscribe(client: MqttClient) -> None:
+            granted = await client.subscribe([(TELEMETRY, 1)])
+            if granted != [1]:
+                raise UplinkError(f"subscription refused: {granted}", retryable=False)
+
+        await stay_subscribed("hub service", make, subscribe, self.connected, stop)
 
     def close(self) -> None:
         if self._record is not None:
             self._record.close()
             self._record = None
+
+
+async def stay_subscribed(
+    name: str,
+    make: Callable[[], MqttClient],
+    subscribe: Callable[[MqttClient], Awaitable[None]],
+    connected: asyncio.Event,
+    stop: asyncio.Event,
+) -> None:
+    """A service-side client of the stand-in: connected and subscribed until ``stop``,
+    reconnecting half a second after the broker went away (``connected`` says which)."""
+    while not stop.is_set():
+        try:
+            async with make() as client:
+                await subscribe(client)
+                connected.set()
+                stop_task = asyncio.ensure_future(stop.wait())
+                try:
+                    watched: list[asyncio.Future[Any]] = [stop_task, client.closed]
+                    await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stop_task.cancel()
+        except UplinkError as err:
+            connected.clear()
+            log.warning("%s: %s", name, err)
+            try:
+                async with asyncio.timeout(0.5):
+                    await stop.wait()
+            except TimeoutError:
+                pass
