@@ -123,7 +123,7 @@ class BleLink:
                 self.refusals += 1
                 hold = min(HOLD_OFF_MAX, self.adapter.section.hold_off * 2 ** (self.refusals - 1))
                 self.health.quarantine(f"{refused.reason}; next attempt in {hold:.0f} s")
-                await asyncio.sleep(hold)
+                await _pause(hold)
                 continue
             except DeviceUnavailable as err:
                 self.health.down(err.reason)
@@ -136,7 +136,7 @@ class BleLink:
                 self.health.down(f"internal error: {err!r}")
             attempt += 1
             section = self.adapter.section
-            await asyncio.sleep(backoff_delay(attempt, section.backoff_min, section.backoff_max))
+            await _pause(backoff_delay(attempt, section.backoff_min, section.backoff_max))
 
     @contextlib.asynccontextmanager
     async def _slot(self) -> AsyncIterator[None]:
@@ -451,3 +451,12 @@ class BleLink:
                 f"{what}: no answer within {limit:g} s{maybe}",
                 cause="timeout",
             ) from err
+
+
+async def _pause(seconds: float) -> None:
+    """Sleep between attempts, unless a stop was asked for meanwhile: a cancellation that
+    bleak's ``wait_for`` swallowed during the session just ended would otherwise be lost, and
+    the stop would wait out a quarantine's hold-off (300 s; seen in CI as a demo that did not
+    stop while a peripheral's wrong challenge answer was being judged)."""
+    raise_if_cancelled("bleak")
+    await asyncio.sleep(seconds)
