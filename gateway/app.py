@@ -32,6 +32,7 @@ from gateway.core.envelope import Sealer
 from gateway.core.errors import KeyringError, StartupError, UplinkError
 from gateway.core.pipeline import Output, PipelineStep
 from gateway.core.readings import Envelope, Scan
+from gateway.core.tasks import stops_firmly
 from gateway.enroll import Enrolment
 from gateway.events import SecurityEvents
 from gateway.identity import checks as identity
@@ -348,9 +349,16 @@ class Gateway:
                 async with asyncio.TaskGroup() as intake:
                     # One task per link: a device with its own host is its own link (poll[id]),
                     # the devices on a [[links]] entry share it (link[name]).
-                    pollers = [intake.create_task(bus.run(), name=name) for name, bus in buses]
+                    # A poller that does not end at its cancel is cancelled again, and left
+                    # behind after a grace: a stuck radio never holds the stop.
+                    pollers = [
+                        intake.create_task(stops_firmly(bus.run(), name), name=name)
+                        for name, bus in buses
+                    ]
                     pollers += [
-                        intake.create_task(adapter.run(), name=f"ble[{name}]")
+                        intake.create_task(
+                            stops_firmly(adapter.run(), f"ble[{name}]"), name=f"ble[{name}]"
+                        )
                         for name, adapter in radios.items()
                     ]
                     await stop.wait()

@@ -10,6 +10,8 @@ import signal
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from gateway.core.tasks import await_chain
+
 log = logging.getLogger("fieldgate.runtime")
 
 Main = Callable[[asyncio.Event], Coroutine[Any, Any, Any]]
@@ -85,11 +87,10 @@ async def _with_signals(main: Main) -> Any:
 
 
 def dump_tasks() -> None:
-    """SIGUSR1: log every task and where it waits (for a gateway that seems stuck)."""
+    """SIGUSR1: log every task and where it waits (for a gateway that seems stuck), down the
+    whole chain of awaits: a task's own stack shows only its outermost coroutine."""
     for task in asyncio.all_tasks():
-        out = io.StringIO()
-        task.print_stack(limit=8, file=out)
-        log.warning("task %s:\n%s", task.get_name(), out.getvalue())
+        log.warning("task %s:\n%s", task.get_name(), "\n".join(await_chain(task)))
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
