@@ -484,7 +484,7 @@ class ChainVerifier:
                 e,
             )
         if record.seq != e:
-            if record.prev == self._last_hash and e > self._first:
+            if record.prev == self._last_hash:
                 return self._fail(
                     "renumbered",
                     f"record {e}: says seq {record.seq} but follows record {e - 1} "
