@@ -337,7 +337,7 @@ def test_identical_resends_are_duplicates_not_breaks() -> None:
 
 
 def test_a_consumer_resumes_after_a_record_it_verified_earlier() -> None:
-    records, heads = split(ITEMS)
+    records, _ = split(ITEMS)
     v = ChainVerifier(PUB, CHAIN, after=(records[99].seq, records[99].hash))
     for item in ITEMS[pos(ITEMS, 100) :]:
         v.add(item) if isinstance(item, AuditRecord) else v.add_head(item)
