@@ -226,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_enroll(verbs)
 
+    from gateway.audit.cli import add_parser as add_audit
+
+    add_audit(verbs)
+
     store = verbs.add_parser("store", help="inspect the durable store").add_subparsers(
         dest="store_verb", required=True
     )
