@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import random
 import shutil
 import statistics
@@ -41,10 +39,12 @@ from gateway.testbed.harness import (
     Proc,
     free_ports,
     hub_argv,
+    machine,
     modbus_load_argv,
     start_logged,
 )
 from gateway.testbed.loadtest.procstat import usage
+from gateway.testbed.loadtest.stats import percentile as nearest_rank
 from gateway.testbed.localhub.control import HubControl
 
 STOP_GRACE = 30.0
@@ -52,10 +52,8 @@ POINT = "float32_0"  # the simulated map's first point: a float32 holding regist
 
 
 def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
+    found = nearest_rank(values, q)
+    return None if found is None else round(found, 2)
 
 
 async def is_up(hub: HubControl, device: str) -> bool:
@@ -204,11 +202,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "phase_s": args.phase,
             "rounds": args.rounds,
         },
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        "machine": machine(),
         "method_round_trip_ms": {
             "calls": len(trips),
             "p50": percentile(trips, 0.5),

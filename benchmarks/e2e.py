@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -37,6 +35,7 @@ from gateway.testbed.harness import (
     Proc,
     free_ports,
     hub_argv,
+    machine,
     modbus_load_argv,
     start_logged,
 )
@@ -126,11 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             "duration_s": round(seconds, 1),
             "warmup_s": args.warmup,
         },
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        "machine": machine(),
         "delivered_points_per_s": round(points / seconds),
         "gateway_cpu_fraction": round(cpu / seconds, 3),
         "gateway_cpu_s_per_1M_points": round(cpu / points * 1e6, 2) if points else None,

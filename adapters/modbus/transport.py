@@ -136,7 +136,9 @@ class _Checking:
 
     decoder: DecodePDU
 
-    def _start(self, on_wrong: Callable[[str, bool], None]) -> None:
+    def __init__(self, decoder: DecodePDU, on_wrong: Callable[[str, bool], None]):
+        # Cooperative: the pymodbus framer after this mixin in the MRO takes the decoder.
+        super().__init__(decoder)  # type: ignore[call-arg]
         self._on_wrong = on_wrong
         self.expected: _Want | None = None
 
@@ -179,10 +181,6 @@ class _CheckedFramer(_Checking, FramerSocket):
     pymodbus calls :meth:`handleFrame` from the transport's ``data_received`` with everything
     received since the request went out."""
 
-    def __init__(self, decoder: DecodePDU, on_wrong: Callable[[str, bool], None]):
-        super().__init__(decoder)
-        self._start(on_wrong)
-
     def handleFrame(
         self, data: bytes, exp_devid: int, exp_tid: int
     ) -> tuple[int, ModbusPDU | None]:
@@ -198,10 +196,6 @@ class _CheckedRtuFramer(_Checking, FramerRTU):
     unit, function code, byte count, truncated, trailing bytes) is told and dropped with
     everything received after it. Never a resync of the connection: the line's silence before
     the next request is one."""
-
-    def __init__(self, decoder: DecodePDU, on_wrong: Callable[[str, bool], None]):
-        super().__init__(decoder)
-        self._start(on_wrong)
 
     def handleFrame(
         self, data: bytes, exp_devid: int, exp_tid: int

@@ -57,12 +57,17 @@ def telemetry_topic(device_id: str, header: Header) -> str:
     return f"devices/{device_id}/messages/events/{encode_properties(header.properties())}"
 
 
+def _device_topic(topic: str, leaf: str, what: str) -> tuple[str, dict[str, str]]:
+    """``devices/{id}/messages/{leaf}/{props}`` -> (device id, properties)."""
+    parts = topic.split("/", 4)
+    if len(parts) < 4 or parts[0] != "devices" or parts[2:4] != ["messages", leaf]:
+        raise ValueError(f"not a {what} topic: {topic!r}")
+    return parts[1], decode_properties(parts[4] if len(parts) == 5 else "")
+
+
 def parse_telemetry_topic(topic: str) -> tuple[str, dict[str, str]]:
     """``devices/{id}/messages/events/{props}`` -> (device id, properties)."""
-    parts = topic.split("/", 4)
-    if len(parts) < 4 or parts[0] != "devices" or parts[2:4] != ["messages", "events"]:
-        raise ValueError(f"not a telemetry topic: {topic!r}")
-    return parts[1], decode_properties(parts[4] if len(parts) == 5 else "")
+    return _device_topic(topic, "events", "telemetry")
 
 
 # -- the cloud-to-device side ----------------------------------------------------------------
@@ -94,10 +99,7 @@ def c2d_topic(device_id: str, props: dict[str, str]) -> str:
 
 def parse_c2d_topic(topic: str) -> tuple[str, dict[str, str]]:
     """``devices/{id}/messages/devicebound/{props}`` -> (device id, properties)."""
-    parts = topic.split("/", 4)
-    if len(parts) < 4 or parts[0] != "devices" or parts[2:4] != ["messages", "devicebound"]:
-        raise ValueError(f"not a cloud-to-device topic: {topic!r}")
-    return parts[1], decode_properties(parts[4] if len(parts) == 5 else "")
+    return _device_topic(topic, "devicebound", "cloud-to-device")
 
 
 C2D_MESSAGE_ID = "$.mid"
@@ -128,13 +130,17 @@ def method_response_topic(status: int, rid: str) -> str:
     return f"$iothub/methods/res/{status}/?$rid={rid}"
 
 
+def _answer(topic: str, prefix: str) -> tuple[int, dict[str, str]] | None:
+    """``{prefix}{status}/?{query}`` -> (status, query); None if it is not one."""
+    query = _query(topic, prefix)
+    status = topic[len(prefix) :].partition("/")[0]
+    return None if query is None or not status.isdigit() else (int(status), query)
+
+
 def parse_method_response(topic: str) -> tuple[int, str] | None:
     """``$iothub/methods/res/{status}/?$rid={rid}`` -> (status, rid)."""
-    query = _query(topic, "$iothub/methods/res/")
-    if query is None:
-        return None
-    status = topic[len("$iothub/methods/res/") :].partition("/")[0]
-    return (int(status), query.get("$rid", "")) if status.isdigit() else None
+    found = _answer(topic, "$iothub/methods/res/")
+    return None if found is None else (found[0], found[1].get("$rid", ""))
 
 
 def twin_get_topic(rid: str) -> str:
@@ -152,18 +158,12 @@ def twin_response_topic(status: int, rid: str, version: int | None = None) -> st
 
 def parse_twin_response(topic: str) -> tuple[int, str, int | None] | None:
     """``$iothub/twin/res/{status}/?$rid={rid}[&$version={v}]`` -> (status, rid, version)."""
-    query = _query(topic, "$iothub/twin/res/")
-    if query is None:
+    found = _answer(topic, "$iothub/twin/res/")
+    if found is None:
         return None
-    status = topic[len("$iothub/twin/res/") :].partition("/")[0]
-    version = query.get("$version")
-    if not status.isdigit():
-        return None
-    return (
-        int(status),
-        query.get("$rid", ""),
-        int(version) if version and version.isdigit() else None,
-    )
+    status, query = found
+    version = query.get("$version", "")
+    return status, query.get("$rid", ""), int(version) if version.isdigit() else None
 
 
 def desired_patch_topic(version: int) -> str:

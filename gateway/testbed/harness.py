@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -167,6 +168,15 @@ class Proc:
 
 
 # -- asyncio: the demo and the load test ------------------------------------------------------
+
+
+def machine() -> dict[str, object]:
+    """What a report says of the machine it was measured on."""
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 def start_logged(

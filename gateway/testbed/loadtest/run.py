@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +26,7 @@ from gateway.store import accepted as store_accepted
 from gateway.store.paths import run_stores
 from gateway.testbed import harness
 from gateway.testbed.console import Column, Console, Live, Renderable, table
-from gateway.testbed.harness import free_ports
+from gateway.testbed.harness import free_ports, machine
 from gateway.testbed.loadtest.procstat import usage
 from gateway.testbed.loadtest.report import write_plots, write_report
 from gateway.testbed.loadtest.stats import Collector, phase_label, summarize, timeline
@@ -376,11 +374,7 @@ def _report(
         "result": "failed" if problems else "ok",
         "problems": problems,
         "plan": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(plan).items()},
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        "machine": machine(),
         **summary,
         **({"ble_peripherals": peripherals} if peripherals else {}),
         "timeline": timeline(collector),
