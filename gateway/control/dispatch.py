@@ -148,8 +148,6 @@ class Control:
         self._ledger = C2dLedger(state_dir)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._c2d_running: dict[tuple[str, str], asyncio.Future[Any]] = {}
-        self.counts: dict[str, int] = {"accepted": 0, "refused": 0, "failed": 0}
-        self.closed = False
 
     def attach(self, device_id: str, link: DeviceLink, points: frozenset[str]) -> None:
         """The link that carries out ``device_id``'s commands, and the points its table names
@@ -167,7 +165,6 @@ class Control:
         for task in self._tasks:
             task.cancel("stop: the gateway is stopping")
         self._ledger.close()
-        self.closed = True
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Future[Any]:
         # Owned here, not by the session that asked: see the module's docstring.
@@ -299,12 +296,13 @@ class Control:
         for changed in device.changed:
             changed()
 
-    def _state(self, command: Command, device: _Device) -> DeviceState:
+    def _state(self, device: _Device) -> DeviceState:
         link = device.link
-        if link is None:
-            return DeviceState(frozenset(), "down", tuple(device.writes), tuple(device.reads))
         return DeviceState(
-            device.points, link.health.state, tuple(device.writes), tuple(device.reads)
+            device.points if link is not None else frozenset(),
+            link.health.state if link is not None else "down",
+            tuple(device.writes),
+            tuple(device.reads),
         )
 
     async def _carry_out(
@@ -317,7 +315,7 @@ class Control:
                 while window and now - window[0] >= policy.RATE_WINDOW:
                     window.popleft()
             decision = policy.decide(
-                command, device.policy, self.switches, self._state(command, device), now
+                command, device.policy, self.switches, self._state(device), now
             )
             if not decision.allowed:
                 answer = error_answer(decision.status, decision.reason, rule=decision.rule)
@@ -374,7 +372,6 @@ class Control:
     # -- the record ---------------------------------------------------------------------------
 
     def _event(self, outcome: str, command: Command, answer: Answer, decision: Decision) -> None:
-        self.counts[outcome] += 1
         body = answer.body
         reason = str(body.get("error", "")) or (
             f"{command.action} {command.point} = {command.value!r}"
@@ -400,7 +397,6 @@ class Control:
     def _refused_request(
         self, device_id: str, channel: str, name: str, answer: Answer, ref: str = ""
     ) -> None:
-        self.counts["refused"] += 1
         self._record(
             "command-refused",
             device_id,
