@@ -24,12 +24,15 @@ from adapters.modbus.link import ModbusBus, ModbusLink
 from adapters.modbus.planstore import PlanStore
 from adapters.modbus.security import ModbusTlsError
 from adapters.modbus.security import client_context as modbus_tls_context
+from gateway.audit.log import AuditSettings
+from gateway.audit.room import AuditRoom
 from gateway.config import BleEndpoint, Config, DeviceConfig
 from gateway.control.dispatch import Control
+from gateway.core.audit import HeadSigner
 from gateway.core.auth import AuthGate, Registration, Requirements
 from gateway.core.batcher import Batcher
 from gateway.core.envelope import Sealer
-from gateway.core.errors import KeyringError, StartupError, UplinkError
+from gateway.core.errors import KeyringError, PkiError, StartupError, UplinkError
 from gateway.core.pipeline import Output, PipelineStep
 from gateway.core.readings import Envelope, Scan
 from gateway.core.tasks import stops_firmly
@@ -135,11 +138,28 @@ class Gateway:
         self.step: PipelineStep | None = None
         self.control: Control | None = None
         self._gate: AuthGate | None = None
+        # The gateway's own identity (gateway.cert/key): signs the audit heads, sends the
+        # audit stream. Loaded in _prepare.
+        self._audit_signer: HeadSigner | None = None
+        self._gateway_tls: ssl.SSLContext | None = None
+        self.audit: AuditRoom | None = None
 
     @property
     def events(self) -> SecurityEvents:
         if self._events is None:
-            self._events = SecurityEvents(self.config.gateway.state_dir)
+            cfg = self.config
+            streaming = cfg.audit.stream and self._audit_signer is not None
+            self._events = SecurityEvents(
+                cfg.gateway.state_dir,
+                chain_id=cfg.gateway.id,
+                signer=self._audit_signer,
+                settings=AuditSettings(
+                    max_bytes=cfg.audit.max_bytes,
+                    head_every=cfg.audit.head_every,
+                    head_interval=cfg.audit.head_interval,
+                    prune_unsent=not streaming,
+                ),
+            )
         return self._events
 
     def _event(self, kind: str, device_id: str | None, reason: str, **fields: object) -> None:
@@ -160,6 +180,7 @@ class Gateway:
             self._marks = SeqMarks.from_sealing(cfg.sealing.key_id, ring.keys)
         except KeyringError as err:
             raise StartupError(f"sealing.keyring: {err}") from err
+        self._prepare_identity(passphrase)
         contexts = {}
         for index, device in enumerate(cfg.devices):
             if not device.enabled:
@@ -195,6 +216,28 @@ class Gateway:
                 )
         return key, contexts
 
+    def _prepare_identity(self, passphrase: bytes) -> None:
+        """The gateway's own key and TLS context; a key that does not load refuses the start."""
+        gw = self.config.gateway
+        if gw.cert is None or gw.key is None:
+            return
+        from gateway.identity.auditkeys import load_signer
+
+        try:
+            self._audit_signer = load_signer(gw.key, passphrase)
+        except PkiError as err:
+            raise StartupError(f"gateway.key: {err}") from err
+        if self.config.audit.stream:
+            try:
+                self._gateway_tls = client_context(
+                    self.config.hub.ca_file, gw.cert, gw.key, passphrase
+                )
+            except UplinkError as err:
+                why = identity.explain_key_failure(
+                    gw.cert.read_bytes(), gw.key.read_bytes(), passphrase
+                )
+                raise StartupError(f"gateway.cert ({gw.id}): {why}: {err}") from err
+
     def _open_queue(self) -> Store | MemoryQueue:
         store = self.config.store
         if store.kind == "memory":
@@ -221,7 +264,8 @@ class Gateway:
                 )
                 await self._run(stop, queue, batcher, sealer, contexts)
         finally:
-            # However the run ends, the events file is closed and the state is free again.
+            # However the run ends, the audit log is closed (a head over its tail) and the
+            # state is free again.
             if self._events is not None:
                 self.events.close()
             release_all(locks)
@@ -257,6 +301,8 @@ class Gateway:
         contexts: dict[str, ssl.SSLContext],
     ) -> None:
         cfg = self.config
+        room = self.audit = AuditRoom(cfg, self.events)
+        room.started(self.boot_id, self.boot_id if isinstance(queue, Store) else None)
         gate = AuthGate(
             [_registration(d, cfg, self.enrolment) for d in cfg.devices], self.events.record
         )
@@ -291,6 +337,7 @@ class Gateway:
             )
             for d, ctx in contexts.items()
         }
+        audit_session = room.make_session(self._gateway_tls, connects, sends)
         log.info(
             "gateway boot %s: %d devices, hub %s:%d",
             self.boot_id,
@@ -311,7 +358,7 @@ class Gateway:
                     d.id,
                     d.modbus.on(link),
                     d.points,
-                    pipeline.accept,
+                    room.sink(d.id, pipeline.accept),
                     gate.admit,
                     self.health[d.id],
                     phases=phases,
@@ -342,10 +389,15 @@ class Gateway:
         try:
             async with asyncio.TaskGroup() as uplink:
                 writer = uplink.create_task(self._write(pipeline, queue), name="store-writer")
+                audit_tasks = [uplink.create_task(c, name=n) for n, c in room.tasks()]
                 session_tasks = [
                     uplink.create_task(s.run(), name=f"uplink[{d}]")
                     for d, s in self.sessions.items()
                 ]
+                if audit_session is not None:
+                    session_tasks.append(
+                        uplink.create_task(audit_session.run(), name=f"audit[{cfg.gateway.id}]")
+                    )
                 async with asyncio.TaskGroup() as intake:
                     # One task per link: a device with its own host is its own link (poll[id]),
                     # the devices on a [[links]] entry share it (link[name]).
@@ -371,7 +423,10 @@ class Gateway:
                 queue.close()
                 for session in self.sessions.values():
                     session.finish()
+                await room.stopping("stop requested")
                 await self._drain(queue, session_tasks)
+                for task in audit_tasks:
+                    task.cancel("stop: the audit log commits the rest at close")
         finally:
             control.close()
 

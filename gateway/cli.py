@@ -64,10 +64,11 @@ def cmd_pki_init(args: argparse.Namespace) -> int:
     from gateway.identity import pki
 
     root_key = Path(args.root_key) if args.root_key else None
-    made = pki.init(Path(args.dir), root_key=root_key)
+    made = pki.init(Path(args.dir), root_key=root_key, gateway_id=args.gateway_id)
     print(f"DEVELOPMENT PKI created in {made.root}: for development and tests, not production")
     print(f"  trust root for the hub side: {made.root_cert}")
     print(f"  sealing keyring:             {made.keyring}")
+    print(f"  gateway identity:            {made.gateway_cert} (CN {args.gateway_id}: audit log)")
     if made.passphrase_file.exists():
         print(f"  key passphrase (0600):       {made.passphrase_file} (beside the keys it unlocks)")
     if root_key is not None:
@@ -205,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--root-key",
         metavar="PATH",
         help="keep the root's key here, outside --dir (default: not kept)",
+    )
+    init.add_argument(
+        "--gateway-id",
+        default="fieldgate",
+        help="the gateway's own IoT Hub device id (CN of gateway.pem; the audit chain's id)",
     )
     init.set_defaults(func=cmd_pki_init)
     issue = pki.add_parser("issue", help="issue device certificates (CN = device id)")

@@ -11,6 +11,10 @@ sequence number) identifies every reading, so :class:`SequenceTracker` tells a d
 new data. A resent envelope is byte-identical to the first, so the tracker keeps a short digest
 of every envelope's body: the same sequence numbers with other content are a **conflict**
 (somebody reused numbers), counted and reported, never taken for duplicates.
+
+The gateway's audit stream arrives beside telemetry, under the gateway's own identity and marked
+``fg-stream=audit``: :func:`open_all` leaves it out, :class:`AuditConsumer` checks it as it
+arrives (hash chain, signed heads, order), naming the first bad record.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ import bisect
 import hashlib
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.audit.files import P_STREAM, STREAM_AUDIT, parse_line
+from gateway.core.audit import AuditRecord, ChainVerifier, Head, HeadVerifier, Verdict
 from gateway.core.envelope import open_envelope
 from gateway.core.errors import EnvelopeError
 from gateway.core.iothub import parse_telemetry_topic
@@ -195,6 +201,46 @@ class SequenceTracker:
         return sum(s.count() for s in self.streams.values())
 
 
+def audit_message(topic: str, body: bytes) -> tuple[str, list[AuditRecord | Head]] | None:
+    """The sending gateway and the items of an audit stream message (``fg-stream=audit``),
+    or None for any other message. A malformed one raises AuditFileError naming the line."""
+    if P_STREAM not in topic:
+        return None
+    device_id, props = parse_telemetry_topic(topic)
+    if props.get(P_STREAM) != STREAM_AUDIT:
+        return None
+    items: list[AuditRecord | Head] = []
+    for number, line in enumerate(body.splitlines(), start=1):
+        if line.strip():
+            items.append(parse_line(line, f"{device_id} audit message line {number}"))
+    return device_id, items
+
+
+@dataclass
+class AuditConsumer:
+    """A cloud service's check of audit streams as they arrive: one streaming verifier per
+    sending gateway (the hub authenticated the connection, so the chain must be the sender's
+    own), its public key looked up by gateway id (from its certificate)."""
+
+    key_of: Callable[[str], HeadVerifier]
+    verifiers: dict[str, ChainVerifier] = field(default_factory=dict)
+
+    def add(self, topic: str, body: bytes) -> Verdict | None:
+        """Feed one message; the first failing verdict of its gateway, else None."""
+        found = audit_message(topic, body)
+        if found is None:
+            return None
+        gateway, items = found
+        verifier = self.verifiers.get(gateway)
+        if verifier is None:
+            verifier = self.verifiers[gateway] = ChainVerifier(self.key_of(gateway), gateway)
+        failure = None
+        for item in items:
+            got = verifier.add(item) if isinstance(item, AuditRecord) else verifier.add_head(item)
+            failure = failure or got
+        return failure
+
+
 def open_all(
     messages: Iterable[tuple[str, bytes, float]],
     keyring: Keyring,
@@ -203,6 +249,8 @@ def open_all(
     """Open many messages; returns (opened, one error line per refused message)."""
     opened, errors = [], []
     for topic, body, received in messages:
+        if P_STREAM in topic and audit_message(topic, body) is not None:
+            continue  # the audit stream: AuditConsumer checks it
         try:
             item = open_message(topic, body, keyring, received=received)
         except EnvelopeError as err:

@@ -121,7 +121,9 @@ def test_a_full_disk_refuses_new_readings_keeps_delivering_and_resumes(
     assert errors == [] and tracker.conflicts == []
 
 
-def test_security_events_on_a_full_disk_are_counted_not_fatal(small_disk: Path) -> None:
+def test_security_events_on_a_full_disk_wait_in_memory_and_are_written_after(
+    small_disk: Path,
+) -> None:
     from gateway.events import SecurityEvents
 
     events = SecurityEvents(small_disk)
@@ -129,8 +131,13 @@ def test_security_events_on_a_full_disk_are_counted_not_fatal(small_disk: Path) 
     fill(small_disk)
     for _ in range(3):
         events.record("store-disk-full", None, "x" * 9000)  # no exception
-    assert events.unwritten == 3 and events.counts["store-disk-full"] == 3
+    # Not committed, so not counted as recorded; kept in order, in memory.
+    assert events.unwritten == 3 and "store-disk-full" not in events.counts
+    assert [e["kind"] for e in read_events(small_disk)] == ["first"]
     (small_disk / "filler").unlink()
     events.record("after", None, "written again")
+    assert events.unwritten == 0 and events.counts["store-disk-full"] == 3
     events.close()
-    assert [e["kind"] for e in read_events(small_disk)] == ["first", "after"]
+    kinds = [e["kind"] for e in read_events(small_disk)]
+    assert kinds == ["first", "store-disk-full", "store-disk-full", "store-disk-full", "after"]
+    assert [e["seq"] for e in read_events(small_disk)] == [0, 1, 2, 3, 4]

@@ -11,7 +11,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import orjson
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -19,6 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.consumer import Opened, SequenceTracker
 from gateway.core.readings import CODEC, Header
+from gateway.events import read_events
 from gateway.testbed.demo import Admissions, hub_missing
 
 from conftest import fieldgate
@@ -138,11 +138,10 @@ def _demo_until_ctrl_c(
     """Run the demo until the hub's record grew by ``records`` lines (or, with 0, until the
     gateway of this run delivered something) and the gateway recorded security events of each
     kind in ``events``; Ctrl-C it, return what it printed."""
-    security = state / "gateway" / "security-events.jsonl"
 
     def seen_events() -> bool:
-        text = security.read_text() if security.exists() else ""
-        return all(f'"kind":"{kind}"' in text for kind in events)
+        seen = {e["kind"] for e in read_events(state / "gateway")}
+        return all(kind in seen for kind in events)
 
     record = state / "hub-record.jsonl"
     before = len(record.read_bytes().splitlines()) if record.exists() else 0
@@ -217,10 +216,11 @@ def test_demo_without_ble_says_that_no_quarantine_is_shown(tmp_path: Path) -> No
 def test_the_demo_names_how_each_device_was_admitted_from_this_runs_events(
     tmp_path: Path,
 ) -> None:
-    path = tmp_path / "security-events.jsonl"
-    earlier = {"kind": "device-quarantined", "device": "plc-1", "reason": "an earlier run"}
-    path.write_bytes(orjson.dumps(earlier) + b"\n")
-    admissions = Admissions(path)
+    from gateway.events import SecurityEvents
+
+    events = SecurityEvents(tmp_path)
+    events.record("device-quarantined", "plc-1", "an earlier run")
+    admissions = Admissions(events.path)
     now = [
         {
             "kind": "device-admitted",
@@ -266,13 +266,19 @@ def test_the_demo_names_how_each_device_was_admitted_from_this_runs_events(
             "reason": "not in the registry: address C0",
         },
     ]
-    with open(path, "ab") as out:
-        out.write(b"".join(orjson.dumps(e) + b"\n" for e in now[:5]))
-        out.write(orjson.dumps(now[5])[:20])  # a line still being written
-        out.flush()
-        admissions.poll()
-        out.write(orjson.dumps(now[5])[20:] + b"\n" + orjson.dumps(now[6]) + b"\n")
+
+    def record(event: dict[str, object]) -> None:
+        fields = {k: v for k, v in event.items() if k not in ("kind", "device", "reason")}
+        reason = str(event.get("reason", "-"))
+        events.record(str(event["kind"]), event["device"], reason, **fields)  # type: ignore[arg-type]
+
+    for event in now[:5]:
+        record(event)
     admissions.poll()
+    for event in now[5:]:
+        record(event)
+    admissions.poll()
+    events.close()
     assert admissions.devices == {
         "plc-1": "registry binding (127.0.0.1:502/unit 1)",
         "plc-2": "FC 43 enrolled (127.0.0.1:503/unit 1)",

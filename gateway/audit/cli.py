@@ -35,7 +35,8 @@ def verify_file(
     chain = chain_id or (read.records[0].chain_id if read.records else None)
     if chain is None:
         chain = read.heads[0].chain_id if read.heads else "-"
-    verdict = audit.verify(read.records, read.heads, public_key, chain)
+    after = (read.anchor.seq, read.anchor.hash) if read.anchor is not None else None
+    verdict = audit.verify(read.records, read.heads, public_key, chain, after=after)
     line = read.line_of(verdict.index, head=verdict.head) if not verdict.ok else None
     if as_json:
         doc: dict[str, Any] = {
@@ -56,10 +57,17 @@ def verify_file(
         }
         print(audit.canonical_json(doc))
     elif verdict.ok:
+        if after is not None:
+            print(
+                f"{path}: records up to seq {after[0]} were pruned by the audit quota "
+                "(the hub has them); verified from there on"
+            )
         extra = f"; {verdict.lost} records lost (audit-lost)" if verdict.lost else ""
         dupes = f"; {verdict.duplicates} duplicates skipped" if verdict.duplicates else ""
+        first = after[0] + 1 if after is not None else 0
         print(
-            f"{path}: chain {chain} holds: {verdict.records} records (seq 0..{verdict.last_seq}), "
+            f"{path}: chain {chain} holds: {verdict.records} records "
+            f"(seq {first}..{verdict.last_seq}), "
             f"{verdict.heads} signed heads, the last at seq {verdict.proven_seq}{extra}{dupes}"
         )
     else:

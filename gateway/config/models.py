@@ -219,10 +219,81 @@ class StoreConfig(_Model):
 
 
 class GatewaySection(_Model):
+    id: str = Field(
+        default="fieldgate",
+        pattern=DEVICE_ID_PATTERN,
+        description="the gateway's own IoT Hub device id: its audit chain's id",
+    )
+    # The gateway's own identity (``fieldgate pki init`` makes one): it signs the audit log's
+    # heads and sends the audit stream. Without it the log is chained but neither signed nor
+    # sent.
+    cert: FilePath | None = Field(
+        default=None, description="PEM: the gateway's leaf (CN = gateway.id), then the intermediate"
+    )
+    key: FilePath | None = Field(default=None, description="PEM: its encrypted PKCS#8 key")
     state_dir: FilePath = Path("state")
     shutdown_grace: float = Field(default=5.0, ge=0, le=300)
 
     _state = field_validator("state_dir")(_state_dir)
+
+    @field_validator("cert", "key")
+    @classmethod
+    def _identity_files(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else _existing_file(value, info)
+
+    @model_validator(mode="after")
+    def _both(self) -> GatewaySection:
+        if (self.cert is None) != (self.key is None):
+            missing = "key" if self.key is None else "cert"
+            raise ValueError(f"{missing}: the gateway's identity needs both cert and key")
+        return self
+
+
+class TamperFile(_Model):
+    """A file or GPIO value on the box (``/sys/class/gpio/gpioN/value``): any other content
+    than ``normal`` is a tamper signal."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    path: Path
+    normal: str = Field(description="the content (stripped) when the enclosure is closed")
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: Path, info: ValidationInfo) -> Path:
+        return _resolve(value, info)
+
+
+class TamperInput(_Model):
+    """A device's point that is a tamper input (an enclosure switch on a coil or discrete
+    input): a reading other than ``normal`` is a tamper signal."""
+
+    point: str = Field(min_length=1, max_length=64)
+    normal: bool = False
+
+
+class AuditSection(_Model):
+    stream: bool = Field(
+        default=True, description="send the audit log to the hub under the gateway's identity"
+    )
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=64 * 1024, description="its own quota")
+    head_every: int = Field(default=100, ge=1, le=100_000, description="records per signed head")
+    head_interval: float = Field(
+        default=10.0, gt=0, le=3600, description="seconds before records get a head, at most"
+    )
+    clock_jump: float = Field(
+        default=5.0, gt=0, description="seconds the wall clock may move apart from the monotonic"
+    )
+    tamper_files: list[TamperFile] = Field(default_factory=list)
+    tamper_interval: float = Field(default=1.0, ge=0.05, le=3600, description="seconds")
+
+    @model_validator(mode="after")
+    def _names(self) -> AuditSection:
+        seen: set[str] = set()
+        for index, item in enumerate(self.tamper_files):
+            if item.name in seen:
+                raise ValueError(f"tamper_files[{index}].name: {item.name!r} is used twice")
+            seen.add(item.name)
+        return self
 
 
 class WriteLimit(_Model):
@@ -299,6 +370,9 @@ class DeviceConfig(_Model):
     points: list[Point] = Field(default_factory=list)
     ble: BleEndpoint | None = None
     control: DeviceControl = DeviceControl()
+    tamper: list[TamperInput] = Field(
+        default_factory=list, description="points that are tamper inputs (enclosure switches)"
+    )
     # After modbus and ble: its check sees which transport the device has.
     identity: ModbusIdentity | None = Field(
         default=None,
@@ -337,7 +411,22 @@ class DeviceConfig(_Model):
         if problem is not None:
             raise ValueError(problem)
         self._check_writes()
+        self._check_tamper()
         return self
+
+    def _check_tamper(self) -> None:
+        by_name = {p.name: p for p in self.points}
+        for index, item in enumerate(self.tamper):
+            point = by_name.get(item.point)
+            if point is None:
+                raise ValueError(
+                    f"tamper[{index}].point: the device has no Modbus point {item.point!r}"
+                )
+            if point.type != "bool":
+                raise ValueError(
+                    f"tamper[{index}].point: {item.point!r} is {point.type}; a tamper input is "
+                    "a coil or discrete input (type bool)"
+                )
 
     def point_names(self) -> list[str]:
         """The names of this device's values: its Modbus points or its BLE values."""
@@ -399,6 +488,7 @@ class Config(_Model):
     store: StoreConfig = StoreConfig()
     ble: BleSection = BleSection()
     control: ControlSection = ControlSection()
+    audit: AuditSection = AuditSection()
     # Modbus links (tcp, rtu, rtu-over-tcp) shared by the devices that name them.
     links: list[ModbusLinkConfig] = Field(default_factory=list)
     devices: list[DeviceConfig] = Field(min_length=1)

@@ -700,10 +700,12 @@ def verify(
     heads: Iterable[Head],
     public_key: HeadVerifier,
     chain_id: str,
+    after: tuple[int, bytes] | None = None,
 ) -> Verdict:
     """Verify a whole chain. Records in the order given (a reordering is a break); each head
-    is checked after the record it names, as the gateway sends them."""
-    v = ChainVerifier(public_key, chain_id)
+    is checked after the record it names, as the gateway sends them. ``after``: (seq, hash) of
+    the record the input follows (a local log whose quota pruned what came before)."""
+    v = ChainVerifier(public_key, chain_id, after=after)
     order = sorted(enumerate(heads), key=lambda item: item[1].seq)
     h = 0
     top = -1

@@ -6,6 +6,8 @@ Layout of a PKI folder::
     intermediate.pem  intermediate.key the CA the gateway holds and issues from
     hub/server.pem  hub/server.key     the local hub stand-in's TLS certificate (+ intermediate)
     hub/service.pem hub/service.key    the hub-side consumer's identity (CN hub-service)
+    gateway.pem  gateway.key           the gateway's own identity (CN = the gateway's id): it
+                                       signs the audit log's heads and sends the audit stream
     devices/{id}.pem  devices/{id}.key a device: leaf + intermediate, and its key (also the
                                        gateway's Modbus/TCP Security client identity, issued
                                        with ``--modbus-role``)
@@ -45,6 +47,7 @@ SERVICE_IDENTITY = "hub-service"
 # on the stand-in the client id is the certificate's CN, so two consumers need two identities.
 MONITOR_IDENTITY = "hub-monitor"
 DEFAULT_KEY_ID = "k1"
+DEFAULT_GATEWAY_ID = "fieldgate"
 
 # Modbus/TCP Security (the Modbus Organization's TLS profile): the client's role, an X.509v3
 # extension whose value is a DER UTF8String. The device authorizes requests by this role.
@@ -75,6 +78,23 @@ class Pki:
 
     def device_key(self, device_id: str) -> Path:
         return self.root / "devices" / f"{device_id}.key"
+
+    @property
+    def gateway_cert(self) -> Path:
+        return self.root / "gateway.pem"
+
+    @property
+    def gateway_key(self) -> Path:
+        return self.root / "gateway.key"
+
+    def gateway_id(self) -> str | None:
+        """The CN of the gateway's certificate, None when the PKI has none."""
+        try:
+            cert = x509.load_pem_x509_certificate(self.gateway_cert.read_bytes())
+        except FileNotFoundError:
+            return None
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return str(names[0].value) if names else None
 
     @property
     def server_cert(self) -> Path:
@@ -271,13 +291,18 @@ def init(
     server_ips: Iterable[str] = ("127.0.0.1", "::1"),
     root_name: str = "fieldgate dev root",
     root_key: Path | None = None,
+    gateway_id: str = DEFAULT_GATEWAY_ID,
 ) -> Pki:
-    """Create a development root, an intermediate, the hub stand-in's certificates and a
-    sealing keyring. Refuses to touch a folder that already holds a root. The root's key is
-    written only to ``root_key``, which must lie outside the folder."""
+    """Create a development root, an intermediate, the hub stand-in's certificates, the
+    gateway's own identity and a sealing keyring. Refuses to touch a folder that already holds
+    a root. The root's key is written only to ``root_key``, which must lie outside the folder."""
     pki = Pki(Path(root))
     if pki.root_cert.exists():
         raise PkiError(f"{pki.root_cert} exists already; refusing to replace a PKI")
+    if not re.match(DEVICE_ID_PATTERN, gateway_id):
+        raise PkiError(
+            f"--gateway-id {gateway_id!r} is not a valid device id ({DEVICE_ID_PATTERN})"
+        )
     if root_key is not None:
         if Path(root_key).resolve().is_relative_to(pki.root.resolve()):
             raise PkiError(
@@ -319,6 +344,9 @@ def init(
         pki.service_cert,
         pki.service_key,
         days=825,
+    )
+    _issue_client(
+        pki, gateway_id, inter_cert, inter_key, passphrase, pki.gateway_cert, pki.gateway_key, 825
     )
     if not pki.keyring.exists():
         keyring.write_new(pki.keyring, passphrase, DEFAULT_KEY_ID)
@@ -424,6 +452,21 @@ def ensure_hub_identity(root: Path, name: str) -> tuple[Path, Path]:
         inter_cert, inter_key = _load_intermediate(pki, passphrase)
         _issue_client(pki, name, inter_cert, inter_key, passphrase, cert, key, days=825)
     return cert, key
+
+
+def ensure_gateway(root: Path, gateway_id: str = DEFAULT_GATEWAY_ID) -> str:
+    """The gateway's identity, issued now if the PKI (made before it had one) lacks it;
+    returns its id (an existing identity keeps its own)."""
+    pki = Pki(Path(root))
+    have = pki.gateway_id()
+    if have is not None:
+        return have
+    passphrase = pki.passphrase()
+    inter_cert, inter_key = _load_intermediate(pki, passphrase)
+    _issue_client(
+        pki, gateway_id, inter_cert, inter_key, passphrase, pki.gateway_cert, pki.gateway_key, 825
+    )
+    return gateway_id
 
 
 def decrypted_key_pem(key_path: Path, passphrase: bytes) -> bytes:

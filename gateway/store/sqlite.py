@@ -1,8 +1,9 @@
 """The durable queue: sealed envelopes on SQLite, FIFO per device, bounded by bytes.
 
-The only module that imports apsw (SQLite). Offline inspection and the moves between store
-files are in :mod:`gateway.store.inspect`, over the small read and write helpers at the end of
-this module. It keeps :mod:`gateway.store.queue`'s contract:
+With auditdb.py (the audit log's file), the only module that imports apsw (SQLite). Offline
+inspection and the moves between store files are in :mod:`gateway.store.inspect`, over the
+small read and write helpers at the end of this module. It keeps :mod:`gateway.store.queue`'s
+contract:
 
 - ``put`` returns once the envelopes are committed (WAL, ``synchronous=FULL``: NORMAL can lose
   committed rows on power loss). The device's next sequence number is committed in the same

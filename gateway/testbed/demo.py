@@ -27,11 +27,12 @@ from adapters.modbus.sim.run import simulator_argv
 from gateway import runtime
 from gateway import store as store_mod
 from gateway.consumer import SequenceTracker
-from gateway.core import codec
 from gateway.core.errors import FieldgateError
 from gateway.enroll import registry_path
 from gateway.events import FILE_NAME as EVENTS_FILE
+from gateway.events import event_of
 from gateway.identity import pki as pki_mod
+from gateway.store import auditdb
 from gateway.testbed import harness
 from gateway.testbed.console import Column, Console, Renderable, stack, styled, table
 from gateway.testbed.harness import free_ports
@@ -84,34 +85,32 @@ async def _enroll(config: Path, log: BinaryIO, console: Console) -> None:
 
 
 class Admissions:
-    """The gateway's security events of this run, read as the file grows: how each device was
-    admitted, why one was quarantined, and the unknown devices seen."""
+    """The gateway's security events of this run, read from its audit log as it grows: how each
+    device was admitted, why one was quarantined, and the unknown devices seen."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        # Earlier runs' events stay in the file; this run's start after them.
-        self._offset = path.stat().st_size if path.exists() else 0
-        self._partial = b""
+        # Earlier runs' events stay in the log; this run's start after them.
+        self._after = self._last_pos()
         self.devices: dict[str, str] = {}
         self.quarantined: dict[str, str] = {}
         self.unknown: dict[str, str] = {}
 
     def poll(self) -> None:
-        try:
-            with open(self.path, "rb") as events:
-                events.seek(self._offset)
-                data = events.read()
-        except FileNotFoundError:
+        if not self.path.exists():
             return
-        self._offset += len(data)
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()  # a line still being written
-        for line in lines:
-            if line.strip():
-                try:
-                    self.add(codec.loads(line))
-                except codec.JSONDecodeError:
-                    continue  # a line cut short by a full disk (read_events skips it too)
+        items, _ = auditdb.read_items(self.path, self._after)
+        for pos, line in items:
+            self._after = pos
+            event = event_of(line)
+            if event is not None:
+                self.add(event)
+
+    def _last_pos(self) -> int:
+        if not self.path.exists():
+            return -1
+        items, _ = auditdb.read_items(self.path)
+        return items[-1][0] if items else -1
 
     def add(self, event: dict[str, Any]) -> None:
         kind, device = event.get("kind"), event.get("device")

@@ -26,6 +26,16 @@ def skeleton(
 ) -> dict[str, Any]:
     """A gateway config without devices, for a stand-in hub and the PKI in ``pki_dir``."""
     pki = Pki(pki_dir.resolve())
+    state = str((state_dir or pki_dir.parent / "gateway").resolve())
+    gateway: dict[str, Any] = {"state_dir": state}
+    if pki.root_cert.exists():
+        # The gateway's own identity: it signs the audit log and sends it as its own stream.
+        gateway = {
+            "id": pki_mod.ensure_gateway(pki.root),
+            "cert": str(pki.gateway_cert),
+            "key": str(pki.gateway_key),
+            "state_dir": state,
+        }
     return {
         "hub": {
             "hostname": "localhost",
@@ -36,7 +46,7 @@ def skeleton(
         "sealing": {"keyring": str(pki.keyring), "key_id": DEFAULT_KEY_ID},
         "batching": {"max_bytes": max_bytes, "max_age": max_age},
         "secrets": {"passphrase_file": str(pki.passphrase_file)},
-        "gateway": {"state_dir": str((state_dir or pki_dir.parent / "gateway").resolve())},
+        "gateway": gateway,
         "devices": [],
     }
 

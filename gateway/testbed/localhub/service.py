@@ -19,7 +19,15 @@ from typing import IO, Any
 
 import orjson
 
-from gateway.consumer import Opened, SequenceTracker, open_all, open_message, read_record
+from gateway.audit.files import P_STREAM, AuditFileError
+from gateway.consumer import (
+    Opened,
+    SequenceTracker,
+    audit_message,
+    open_all,
+    open_message,
+    read_record,
+)
 from gateway.core import iothub
 from gateway.core.errors import EnvelopeError, UplinkError
 from gateway.identity import keyring as keyring_mod
@@ -70,6 +78,7 @@ class HubService:
             open_all(read_record(record), self.keyring, self.tracker)
         self._record: IO[bytes] | None = open(record, "ab") if record else None
         self.devices: dict[str, DeviceView] = {}
+        self.audit_items: dict[str, int] = {}  # audit records and heads received per gateway
         self.refused: list[str] = []
         self.connected = asyncio.Event()
         # Set at every message opened: for waiting until something has arrived.
@@ -87,6 +96,8 @@ class HubService:
                 + b"\n"
             )
             self._record.flush()
+        if P_STREAM in topic and self._audit(topic, body):
+            return
         device = topic.split("/")[1] if topic.startswith("devices/") else "?"
         view = self.devices.setdefault(device, DeviceView())
         try:
@@ -124,6 +135,21 @@ class HubService:
         if self._on_opened is not None:
             # The metered size: body plus the properties riding in the topic.
             self._on_opened(opened, len(body) + len(topic.split("/", 4)[-1]))
+
+    def _audit(self, topic: str, body: bytes) -> bool:
+        """An audit stream message: counted per gateway (its chain is checked from the record
+        by ``fieldgate audit verify``), never opened as an envelope."""
+        try:
+            found = audit_message(topic, body)
+        except AuditFileError as err:
+            self.refused.append(f"{topic}: {err}")
+            log.warning("refused an audit message on %s: %s", topic, err)
+            return True
+        if found is None:
+            return False
+        gateway, items = found
+        self.audit_items[gateway] = self.audit_items.get(gateway, 0) + len(items)
+        return True
 
     async def run(self, stop: asyncio.Event) -> None:
         """Stay subscribed until ``stop`` is set, reconnecting if the broker goes away."""

@@ -1,0 +1,225 @@
+"""The audit room as the gateway runs it: start records and tamper checks, the watchers, the
+stream's session under the gateway's identity, and the stop's last record and head.
+
+The gateway (``gateway/app.py``) makes one :class:`AuditRoom` per run and calls it at four
+points: :meth:`started` once the store is open, :meth:`tasks` beside the uplink sessions,
+:meth:`sink` around a device's readings (its tamper inputs), and :meth:`stopping` before the
+sessions drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import ssl
+import time
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+from gateway.audit import tamper
+from gateway.audit.stream import AuditStream
+from gateway.audit.tamper import Baseline, ClockWatch, TamperFiles, TamperInputs
+from gateway.core.readings import Scan
+
+if TYPE_CHECKING:
+    from gateway.config import Config
+    from gateway.events import SecurityEvents
+    from gateway.uplink.session import DeviceSession
+    from gateway.uplink.throttle import RateLimiter
+
+log = logging.getLogger("fieldgate.audit")
+
+CLOCK_INTERVAL = 1.0  # seconds between clock checks
+STOP_COMMIT_WAIT = 2.0  # seconds the stop waits for its last records to commit
+
+
+class AuditRoom:
+    def __init__(
+        self,
+        config: Config,
+        events: SecurityEvents,
+        *,
+        wall: Callable[[], float] = time.time,
+        mono: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.events = events
+        self.log = events.audit
+        audit = config.audit
+        self.clock = ClockWatch(audit.clock_jump, wall, mono)
+        self.inputs = TamperInputs.of(
+            (d.id, [(t.point, t.normal) for t in d.tamper]) for d in config.devices if d.enabled
+        )
+        self.files = TamperFiles.of((f.name, f.path, f.normal) for f in audit.tamper_files)
+        self.signals: dict[str, dict[str, Any]] = {}  # kind -> the last one's details, and when
+        self.stream: AuditStream | None = None
+        self.session: DeviceSession | None = None
+
+    @property
+    def streaming(self) -> bool:
+        return self.config.audit.stream and self.config.gateway.cert is not None
+
+    # -- start ------------------------------------------------------------------------------
+
+    def started(self, boot_id: str, store_boot: str | None) -> None:
+        """Compare this run with the last one's baselines; record the start."""
+        cfg = self.config
+        manifest = tamper.code_manifest(tamper.code_roots())
+        now = Baseline(
+            config=tamper.config_digest(cfg),
+            code=tamper.manifest_digest(manifest),
+            manifest=manifest,
+            store_boot=store_boot if cfg.store.kind != "memory" else None,
+            now=time.time(),
+        )
+        last = self.log.last
+        for kind, reason, details in tamper.start_signals(
+            self.log.meta, now, last.ts if last is not None else None
+        ):
+            self.signal(kind, None, reason, **details)
+        from gateway import __version__
+
+        self.events.record(
+            "gateway-started",
+            None,
+            "the gateway started",
+            boot_id=boot_id,
+            config_digest=now.config,
+            code_digest=now.code,
+            version=__version__,
+            pid=os.getpid(),
+            devices=sum(1 for d in cfg.devices if d.enabled),
+            signed=self.log.signed,
+            stream=self.streaming,
+        )
+        for key, value in tamper.baseline_meta(now).items():
+            self.log.set_meta(key, value)
+        if not self.log.signed:
+            log.warning(
+                "audit: no gateway identity ([gateway] cert and key; `fieldgate pki init` makes "
+                "one): the audit log is chained but its heads are not signed, and it is not sent"
+            )
+
+    def signal(self, kind: str, device: str | None, reason: str, **details: Any) -> None:
+        self.signals[kind] = {"at": time.time(), "device": device, "reason": reason, **details}
+        self.events.record(kind, device, reason, **details)
+
+    # -- the running gateway ----------------------------------------------------------------
+
+    def make_session(
+        self,
+        context: ssl.SSLContext | None,
+        connects: RateLimiter,
+        sends: RateLimiter,
+    ) -> DeviceSession | None:
+        if not self.streaming or context is None:
+            return None
+        from gateway.uplink.session import DeviceSession
+
+        self.stream = AuditStream(self.log)
+        self.session = DeviceSession(
+            self.config.gateway.id,
+            self.config.hub,
+            context,
+            self.stream,
+            connects,
+            sends,
+            on_event=self.events.record,
+        )
+        return self.session
+
+    def tasks(self) -> list[tuple[str, Coroutine[Any, Any, None]]]:
+        out: list[tuple[str, Coroutine[Any, Any, None]]] = [
+            ("audit-log", self.log.run()),
+            ("audit-watch", self.watch()),
+        ]
+        return out
+
+    async def watch(self) -> None:
+        """The clock and the tamper files, until cancelled."""
+        interval = min(CLOCK_INTERVAL, self.config.audit.tamper_interval)
+        self.clock.check()
+        next_files = 0.0
+        while True:
+            jump = self.clock.check()
+            if jump is not None:
+                self.signal(
+                    "tamper-clock-jump",
+                    None,
+                    f"the wall clock moved {jump:+.3f} s against the monotonic clock",
+                    jump=round(jump, 3),
+                    threshold=self.config.audit.clock_jump,
+                )
+            mono = time.monotonic()
+            if self.files.files and mono >= next_files:
+                next_files = mono + self.config.audit.tamper_interval
+                for name, state, value in self.files.check():
+                    self.signal(
+                        "tamper-input",
+                        None,
+                        f"tamper file {name} is {state}",
+                        input=name,
+                        state=state,
+                        value=value,
+                    )
+            await asyncio.sleep(interval)
+
+    def sink(self, device_id: str, sink: Callable[[Scan], None]) -> Callable[[Scan], None]:
+        """``sink`` itself, or a sink that also watches the device's tamper inputs."""
+        if device_id not in self.inputs.inputs:
+            return sink
+
+        def watched(scan: Scan) -> None:
+            for device, point, value, tripped in self.inputs.check(scan):
+                self.signal(
+                    "tamper-input",
+                    device,
+                    f"tamper input {point} is {'tripped' if tripped else 'normal again'}",
+                    input=point,
+                    state="tripped" if tripped else "normal",
+                    value=value,
+                )
+            sink(scan)
+
+        return watched
+
+    # -- stop -------------------------------------------------------------------------------
+
+    async def stopping(self, why: str) -> None:
+        """The stop's record and a head over it, committed before the stream's last lease, so
+        that the session's drain sends them."""
+        self.events.record("gateway-stopped", None, why)
+        self.log.sign_head()
+        committed = self.log.committed
+        if committed is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(STOP_COMMIT_WAIT):
+                    while self.log.committed_pos < self.log.appended_pos:
+                        committed.clear()
+                        await committed.wait()
+        if self.stream is not None and self.session is not None:
+            # Durable in the log either way: a session that is down does not hold the stop.
+            connected = self.session.stats.connected
+            self.stream.close(keep_unsent=not connected)
+            self.session.finish()
+            if not connected and self.log.committed_pos > self.log.acked_pos:
+                log.info(
+                    "audit: %d items not sent (the hub is not connected): kept in %s for the "
+                    "next start",
+                    self.log.committed_pos - self.log.acked_pos,
+                    self.log.path,
+                )
+
+    def status(self) -> dict[str, Any]:
+        return {
+            **self.log.status(),
+            "streaming": self.streaming,
+            "messages_acked": self.stream.messages_acked if self.stream is not None else 0,
+            "connected": self.session.stats.connected if self.session is not None else False,
+            "tamper": {
+                "signals": self.signals,
+                "inputs_tripped": self.inputs.tripped() + self.files.tripped(),
+            },
+        }

@@ -1,0 +1,202 @@
+"""The audit log's durable table: ``state_dir/audit.db``, a SQLite file of its own.
+
+The audit log is kept by the store's code but not in the readings' file, on purpose:
+
+- its quota is its own by construction: the readings' drop policy never touches it;
+- a store that is moved aside as damaged, replaced or reset takes no audit record with it
+  (the reset is itself a record of the chain that survives);
+- ``store.kind = "memory"`` still keeps a durable audit log.
+
+One table, ``items``: the records and signed heads in the order the gateway wrote them, each as
+the line of the audit file (``docs/audit.md``), so that what the hub receives, what ``fieldgate
+audit verify`` reads and what is on disk are the same bytes. ``meta`` keeps the stream's
+position (how far the hub has acknowledged), the quota's anchor (the last pruned record) and the
+tamper baselines of the last run. Blocking calls: the audit log runs them on its own I/O thread.
+Only this module and :mod:`gateway.store.sqlite` import apsw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import apsw
+
+from gateway.store.sqlite import StoreCorrupt, StoreError, private_file
+
+FILE_NAME = "audit.db"
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE items (
+    pos  INTEGER PRIMARY KEY,   -- the stream's order: records and heads as written
+    seq  INTEGER NOT NULL,      -- the record's seq, or the seq the head signs
+    head INTEGER NOT NULL,      -- 1: a signed head, 0: a record
+    line TEXT    NOT NULL       -- the audit file's line (canonical JSON)
+);
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+Item = tuple[int, int, int, str]  # pos, seq, head, line
+
+
+class AuditDb:
+    """One connection, used from one thread at a time (the audit log's I/O thread, or the
+    caller's when there is no event loop)."""
+
+    def __init__(self, path: Path, *, synchronous: str = "FULL", vfs: str | None = None) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_file(self.path)
+        try:
+            conn = (
+                apsw.Connection(str(self.path), vfs=vfs) if vfs else apsw.Connection(str(self.path))
+            )
+        except apsw.CantOpenError as err:
+            raise StoreError(f"{self.path}: cannot open the audit log: {err}") from err
+        self._conn = conn
+        try:
+            conn.setbusytimeout(5000)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={synchronous}")
+            check = list(conn.execute("PRAGMA quick_check"))
+            if check != [("ok",)]:
+                raise StoreCorrupt(f"{self.path}: quick_check: {check[:3]}")
+            version = next(iter(conn.execute("PRAGMA user_version")))[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path}: audit schema {version} is newer than this fieldgate "
+                    f"({SCHEMA_VERSION})"
+                )
+            if version == 0:
+                with conn:
+                    conn.execute(SCHEMA)
+                    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException as err:
+            conn.close()
+            if isinstance(err, apsw.CorruptError | apsw.NotADBError):
+                raise StoreCorrupt(f"{self.path}: {err}") from err
+            raise
+
+    def meta(self) -> dict[str, str]:
+        return dict(self._conn.execute("SELECT key, value FROM meta"))
+
+    def last_pos(self) -> int:
+        row = list(self._conn.execute("SELECT max(pos) FROM items"))
+        return int(row[0][0]) if row[0][0] is not None else -1
+
+    def last_line(self, *, head: bool) -> str | None:
+        rows = list(
+            self._conn.execute(
+                "SELECT line FROM items WHERE head = ? ORDER BY pos DESC LIMIT 1", (int(head),)
+            )
+        )
+        return str(rows[0][0]) if rows else None
+
+    def bytes_through(self, pos: int | None = None) -> int:
+        """Bytes of the lines kept (up to ``pos``, inclusive)."""
+        sql = "SELECT coalesce(sum(length(line)), 0) FROM items"
+        rows = list(
+            self._conn.execute(sql + " WHERE pos <= ?", (pos,))
+            if pos is not None
+            else self._conn.execute(sql)
+        )
+        return int(rows[0][0])
+
+    def commit(
+        self, items: Sequence[Item], meta: dict[str, str], prune_through: int | None = None
+    ) -> None:
+        """One transaction: drop the items up to ``prune_through``, add ``items``, set
+        ``meta``. Raises apsw.FullError on a full disk (nothing of it is written)."""
+        with self._conn:
+            if prune_through is not None:
+                self._conn.execute("DELETE FROM items WHERE pos <= ?", (prune_through,))
+            if items:
+                self._conn.executemany(
+                    "INSERT INTO items (pos, seq, head, line) VALUES (?, ?, ?, ?)", items
+                )
+            if meta:
+                self._conn.executemany(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", meta.items()
+                )
+
+    def prune_plan(self, limit_pos: int, want: int) -> tuple[int, int | None, str | None]:
+        """The oldest items up to ``limit_pos`` that free at least ``want`` bytes: (bytes,
+        the last such pos, the last such record's line: the anchor a verifier resumes at)."""
+        freed, through, anchor = 0, None, None
+        for pos, head, line in self._conn.execute(
+            "SELECT pos, head, line FROM items WHERE pos <= ? ORDER BY pos", (limit_pos,)
+        ):
+            freed += len(line)
+            through = int(pos)
+            if not head:
+                anchor = str(line)
+            if freed >= want:
+                break
+        return freed, through, anchor
+
+    def read(self, after: int, limit: int) -> list[tuple[int, str]]:
+        return [
+            (int(pos), str(line))
+            for pos, line in self._conn.execute(
+                "SELECT pos, line FROM items WHERE pos > ? ORDER BY pos LIMIT ?", (after, limit)
+            )
+        ]
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+FullError = apsw.FullError
+IOError_ = apsw.IOError
+
+
+def read_items(path: Path, after: int = -1) -> tuple[list[tuple[int, str]], dict[str, str]]:
+    """Every item after ``after`` and the meta of an audit database, read-only, while a gateway
+    may be writing it (WAL readers do not block the writer)."""
+    try:
+        conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    except apsw.CantOpenError as err:
+        raise StoreError(f"{path}: cannot open the audit log: {err}") from err
+    try:
+        conn.setbusytimeout(5000)
+        try:
+            items = [
+                (int(pos), str(line))
+                for pos, line in conn.execute(
+                    "SELECT pos, line FROM items WHERE pos > ? ORDER BY pos", (after,)
+                )
+            ]
+            meta = dict(conn.execute("SELECT key, value FROM meta"))
+        except apsw.SQLError as err:  # created, schema not yet written
+            if "no such table" in str(err):
+                return [], {}
+            raise
+        except (apsw.CorruptError, apsw.NotADBError) as err:
+            raise StoreCorrupt(f"{path}: {err}") from err
+    finally:
+        conn.close()
+    return items, meta
+
+
+def is_audit_db(path: Path) -> bool:
+    """Whether ``path`` is a SQLite file (the audit database) rather than an audit file."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return False
+
+
+__all__ = [
+    "FILE_NAME",
+    "AuditDb",
+    "FullError",
+    "IOError_",
+    "StoreCorrupt",
+    "StoreError",
+    "is_audit_db",
+    "read_items",
+]

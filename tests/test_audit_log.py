@@ -1,0 +1,234 @@
+"""The durable audit log (gateway/audit/log.py) and its stream queue, on a real SQLite file:
+chained and committed, heads signed on count, on time and at close, a chain that goes on across
+restarts and crashes, its own quota (pruning what the hub has, audit-lost when even that is not
+enough), and the stream's at-least-once order."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from gateway.audit import files
+from gateway.audit.log import AuditLog, AuditSettings
+from gateway.audit.stream import AuditStream
+from gateway.core import audit
+from gateway.identity import pki as pki_mod
+from gateway.identity.auditkeys import Signer, Verifier, load_signer, load_verifier
+
+CHAIN = "gw-log"
+
+
+@pytest.fixture(scope="module")
+def keys(pki_dir: Path) -> tuple[Signer, Verifier]:
+    pki = pki_mod.Pki(pki_dir)
+    if not pki.device_cert(CHAIN).exists():
+        pki_mod.issue(pki_dir, [CHAIN])
+    signer = load_signer(pki.device_key(CHAIN), pki.passphrase())
+    return signer, load_verifier(pki.device_cert(CHAIN), certificate=True)
+
+
+def verdict_of(path: Path, verifier: Verifier) -> audit.Verdict:
+    read = files.read(path)
+    after = (read.anchor.seq, read.anchor.hash) if read.anchor is not None else None
+    return audit.verify(read.records, read.heads, verifier, CHAIN, after=after)
+
+
+def test_records_are_committed_chained_and_signed_by_count_and_at_close(
+    tmp_path: Path, keys: tuple[Signer, Verifier]
+) -> None:
+    signer, verifier = keys
+    path = tmp_path / "audit.db"
+    log = AuditLog(path, CHAIN, signer, AuditSettings(head_every=10))
+    for n in range(25):
+        log.append("device-admitted", f"plc-{n}", {"n": n})
+    # Without an event loop every append commits before it returns: readable at once.
+    read = files.read(path)
+    assert [r.seq for r in read.records] == list(range(25))
+    assert [h.seq for h in read.heads] == [9, 19]
+    assert verdict_of(path, verifier).reason == "unsigned"  # 20..24 not covered yet
+    log.close()
+    verdict = verdict_of(path, verifier)
+    assert verdict.ok and verdict.records == 25 and verdict.proven_seq == 24
+
+
+def test_the_chain_goes_on_after_a_restart_and_after_a_crash(
+    tmp_path: Path, keys: tuple[Signer, Verifier], pki_dir: Path
+) -> None:
+    signer, verifier = keys
+    path = tmp_path / "audit.db"
+    log = AuditLog(path, CHAIN, signer)
+    log.append("gateway-started", None, {"run": 1})
+    log.close()
+    # A process that appends and dies without closing: its tail has no head.
+    pki = pki_mod.Pki(pki_dir)
+    script = textwrap.dedent(
+        f"""
+        import os
+        from pathlib import Path
+        from gateway.audit.log import AuditLog
+        from gateway.identity.auditkeys import load_signer
+        signer = load_signer(Path({str(pki.device_key(CHAIN))!r}), {pki.passphrase()!r})
+        log = AuditLog(Path({str(path)!r}), {CHAIN!r}, signer)
+        for n in range(5):
+            log.append("command-accepted", "plc-1", {{"n": n}})
+        os._exit(9)
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=False, timeout=60)
+    assert verdict_of(path, verifier).reason == "unsigned"
+    # The next open signs the tail a crash left, then goes on with the same chain.
+    log = AuditLog(path, CHAIN, signer)
+    log.append("gateway-started", None, {"run": 3})
+    log.close()
+    verdict = verdict_of(path, verifier)
+    assert verdict.ok and verdict.records == 7, verdict.message
+
+
+def test_a_log_of_another_chain_is_not_continued_under_this_gateways_id(
+    tmp_path: Path, keys: tuple[Signer, Verifier]
+) -> None:
+    signer, _ = keys
+    path = tmp_path / "audit.db"
+    other = AuditLog(path, "gw-other", None)
+    other.append("gateway-started", None, {})
+    other.close()
+    log = AuditLog(path, CHAIN, signer)
+    assert log.last is None and log.meta["previous_chain"] == "gw-other"
+    log.append("gateway-started", None, {})
+    log.close()
+    records = [r for r in files.read(path).records if r.chain_id == CHAIN]
+    assert [r.seq for r in records] == [0]
+
+
+def test_the_quota_prunes_what_the_hub_acknowledged_and_the_rest_still_verifies(
+    tmp_path: Path, keys: tuple[Signer, Verifier]
+) -> None:
+    signer, verifier = keys
+    path = tmp_path / "audit.db"
+    settings = AuditSettings(max_bytes=64 * 1024, head_every=20)
+    log = AuditLog(path, CHAIN, signer, settings)
+    for n in range(200):
+        log.append("device-admitted", "plc-1", {"n": n, "pad": "x" * 200})
+        if n % 50 == 49:
+            log.acked(log.committed_pos, 0)  # the hub took everything so far
+            log._acked_bytes = log._db.bytes_through(log.acked_pos)
+    log.close()
+    read = files.read(path)
+    assert read.anchor is not None and read.records[0].seq == read.anchor.seq + 1
+    assert os.path.getsize(path) < 4 * settings.max_bytes
+    assert sum(len(files.line(r)) for r in read.records) <= settings.max_bytes
+    verdict = verdict_of(path, verifier)
+    assert verdict.ok and verdict.lost == 0, verdict.message
+    assert verdict.last_seq == 199
+
+
+def test_a_full_quota_loses_events_into_one_audit_lost_record_and_the_chain_goes_on(
+    tmp_path: Path, keys: tuple[Signer, Verifier]
+) -> None:
+    signer, verifier = keys
+    path = tmp_path / "audit.db"
+    log = AuditLog(path, CHAIN, signer, AuditSettings(max_bytes=64 * 1024, head_every=10))
+    for n in range(400):  # nothing acknowledged: nothing may be pruned
+        log.append("device-admitted", "plc-1", {"n": n, "pad": "x" * 200})
+    assert log.lost > 0
+    lost = log.lost
+    # The hub takes everything: room again, and the next event is preceded by audit-lost.
+    log.acked(log.committed_pos, log._db.bytes_through(log.committed_pos))
+    log.append("gateway-stopped", None, {})
+    log.close()
+    read = files.read(path)
+    kinds = [r.kind for r in read.records]
+    assert kinds[-2:] == [audit.LOST_KIND, "gateway-stopped"]
+    assert read.records[-2].details == {"count": lost}
+    verdict = verdict_of(path, verifier)
+    assert verdict.ok and verdict.lost == lost, verdict.message
+
+
+def test_without_a_stream_the_oldest_records_are_pruned_to_keep_the_newest(
+    tmp_path: Path, keys: tuple[Signer, Verifier]
+) -> None:
+    signer, verifier = keys
+    path = tmp_path / "audit.db"
+    log = AuditLog(path, CHAIN, signer, AuditSettings(max_bytes=64 * 1024, prune_unsent=True))
+    for n in range(400):
+        log.append("device-admitted", "plc-1", {"n": n, "pad": "x" * 200})
+    log.close()
+    read = files.read(path)
+    assert read.records[-1].details["n"] == 399 and read.anchor is not None
+    assert verdict_of(path, verifier).ok
+
+
+def test_the_stream_sends_committed_items_in_order_and_again_after_a_release(
+    tmp_path: Path, keys: tuple[Signer, Verifier]
+) -> None:
+    signer, verifier = keys
+    path = tmp_path / "audit.db"
+
+    async def go() -> None:
+        log = AuditLog(path, CHAIN, signer, AuditSettings(head_every=5))
+        writer = asyncio.create_task(log.run())
+        await asyncio.sleep(0)
+        stream = AuditStream(log, message_bytes=1024)
+        for n in range(12):
+            log.append("command-accepted", "plc-1", {"n": n})
+        first = await asyncio.wait_for(stream.lease(CHAIN, 2), 5)
+        assert len(first) == 2 and first[0].envelope.header.properties()["fg-stream"] == "audit"
+        stream.ack(CHAIN, first[1].lease_id)  # out of order: nothing is acked yet
+        assert log.acked_pos == -1
+        stream.ack(CHAIN, first[0].lease_id)
+        assert log.acked_pos == first[1].lease_id
+        second = await asyncio.wait_for(stream.lease(CHAIN, 2), 5)
+        stream.release(CHAIN)  # the connection dropped before the PUBACKs
+        again = await asyncio.wait_for(stream.lease(CHAIN, 2), 5)
+        assert [m.envelope.body for m in again] == [m.envelope.body for m in second]
+        bodies = [m.envelope.body for m in first + again]
+        while stream.holds(CHAIN):
+            for m in again:
+                stream.ack(CHAIN, m.lease_id)
+            if not stream.holds(CHAIN):
+                break
+            again = await asyncio.wait_for(stream.lease(CHAIN, 8), 5)
+            bodies += [m.envelope.body for m in again]
+        writer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await writer
+        log.close()
+        received = files.AuditFile()
+        files.parse_lines(b"".join(bodies), "stream", received)
+        verdict = audit.verify(received.records, received.heads, verifier, CHAIN)
+        assert verdict.records == 12 and verdict.reason in ("ok", "unsigned"), verdict.message
+        # The acknowledged position is kept with the log: a restart sends from there.
+        reopened = AuditLog(path, CHAIN, signer)
+        assert reopened.acked_pos == log.acked_pos
+        reopened.close()
+
+    asyncio.run(go())
+
+
+def test_group_commit_on_the_loop_commits_within_milliseconds_and_counts_when_committed(
+    tmp_path: Path,
+) -> None:
+    async def go() -> None:
+        log = AuditLog(tmp_path / "audit.db", CHAIN, None)
+        writer = asyncio.create_task(log.run())
+        await asyncio.sleep(0)
+        for n in range(500):
+            log.append("tamper-input", None, {"n": n})
+        assert "tamper-input" not in log.counts  # not committed yet: not counted
+        assert log.committed is not None
+        while log.committed_pos < log.appended_pos:
+            log.committed.clear()
+            await asyncio.wait_for(log.committed.wait(), 5)
+        assert log.counts["tamper-input"] == 500
+        writer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await writer
+        log.close()
+
+    asyncio.run(go())
