@@ -483,6 +483,7 @@ class Gateway:
                 "connects": session.stats.connects if session else 0,
                 "readings_acked": session.stats.readings_acked if session else 0,
             },
+            "tamper": self.audit.device_tamper(device_id) if self.audit is not None else {},
             "boot_id": self.boot_id,
         }
 

@@ -49,9 +49,16 @@ def worker_config(cfg: Config, index: int, count: int) -> Config:
     return cfg.model_copy(
         update={
             "devices": modbus + ble,
+            # Each worker keeps its own audit chain (its own state folder). One identity cannot
+            # hold W connections to IoT Hub (each new one closes the last), so the workers'
+            # chains stay local, signed: `fieldgate audit verify` checks each worker's audit.db.
             "gateway": cfg.gateway.model_copy(
-                update={"state_dir": paths.worker_state_dir(cfg, index)}
+                update={
+                    "state_dir": paths.worker_state_dir(cfg, index),
+                    "id": f"{cfg.gateway.id}.w{index}",
+                }
             ),
+            "audit": cfg.audit.model_copy(update={"stream": False}),
             "store": cfg.store.model_copy(update={"path": paths.worker_store_setting(cfg, index)}),
         }
     )

@@ -106,3 +106,33 @@ def test_the_documented_consumer_example_runs(
     exec(compile(example[1], "docs/audit.md", "exec"), names)
     verdict = names["verdict"]
     assert isinstance(verdict, audit.Verdict) and verdict.ok
+
+
+def test_the_tamper_inputs_the_doc_shows_are_a_valid_config() -> None:
+    import tomllib
+
+    from gateway.config import validate
+
+    section = DOC[DOC.index("### Tamper signals") :]
+    device_toml, box_toml = re.findall(r"```toml\n(.*?)\n```", section, re.S)[:2]
+    device = {
+        "id": "plc-1",
+        "cert": __file__,
+        "key": __file__,
+        "modbus": {"host": "127.0.0.1", "port": 5020},
+        "identity": "none",
+        "points": [{"name": "door", "address": 0, "table": "discrete", "type": "bool"}],
+        **tomllib.loads(device_toml.replace("[[devices.tamper]]", "[[tamper]]")),
+    }
+    cfg = validate(
+        {
+            "hub": {"hostname": "localhost", "ca_file": __file__},
+            "sealing": {"keyring": __file__, "key_id": "k1"},
+            "audit": tomllib.loads(box_toml.replace("[[audit.tamper_files]]", "[[tamper_files]]")),
+            "devices": [device],
+        },
+        "docs/audit.md",
+        check_files=False,
+    )
+    assert cfg.devices[0].tamper[0].point == "door"
+    assert cfg.audit.tamper_files[0].normal == "0"

@@ -232,3 +232,39 @@ def test_group_commit_on_the_loop_commits_within_milliseconds_and_counts_when_co
         log.close()
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ({"tamper": [{"point": "t"}]}, "devices[0]: tamper[0].point: 't' is uint16"),
+        ({"tamper": [{"point": "nope"}]}, "tamper[0].point: the device has no Modbus point"),
+    ],
+)
+def test_a_tamper_input_that_is_not_a_bool_point_of_the_device_is_refused_by_name(
+    extra: dict[str, object], expected: str
+) -> None:
+    from gateway.config import validate
+    from gateway.core.errors import ConfigError
+
+    doc = {
+        "hub": {"hostname": "localhost", "ca_file": "x"},
+        "sealing": {"keyring": "x", "key_id": "k1"},
+        "gateway": {"cert": "gateway.pem"},
+        "devices": [
+            {
+                "id": "plc-1",
+                "cert": "x",
+                "key": "x",
+                "modbus": {"host": "127.0.0.1", "port": 5020},
+                "identity": "none",
+                "points": [{"name": "t", "address": 0}],
+                **extra,
+            }
+        ],
+    }
+    with pytest.raises(ConfigError) as err:
+        validate(doc, "gw.toml", check_files=False)
+    text = str(err.value)
+    assert text.startswith("gw.toml") and expected in text
+    assert "gateway: key: the gateway's identity needs both cert and key" in text

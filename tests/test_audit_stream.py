@@ -405,3 +405,39 @@ def test_a_clock_step_is_a_tamper_signal_and_shows_in_status(tmp_path: Path) -> 
     jumps = [e for e in read_events(tmp_path) if e["kind"] == "tamper-clock-jump"]
     assert len(jumps) == 1 and 59 < jumps[0]["jump"] < 61
     assert "tamper-clock-jump" in room.status()["tamper"]["signals"]
+
+
+def test_a_replaced_certificate_is_recorded_at_the_next_start(tmp_path: Path) -> None:
+    from gateway.audit.room import AuditRoom
+    from gateway.config import validate
+    from gateway.events import SecurityEvents
+
+    cert = tmp_path / "plc-1.pem"
+    cert.write_text("first certificate\n")
+    cfg = validate(
+        {
+            "hub": {"hostname": "localhost", "ca_file": __file__},
+            "sealing": {"keyring": __file__, "key_id": "k1"},
+            "gateway": {"state_dir": str(tmp_path)},
+            "devices": [
+                {
+                    "id": "plc-1",
+                    "cert": str(cert),
+                    "key": __file__,
+                    "modbus": {"host": "127.0.0.1", "port": 5020},
+                    "identity": "none",
+                    "points": [{"name": "t", "address": 0}],
+                }
+            ],
+        },
+        "test",
+        check_files=False,
+    )
+    for text in ("first certificate\n", "first certificate\n", "renewed certificate\n"):
+        cert.write_text(text)
+        events = SecurityEvents(tmp_path)
+        AuditRoom(cfg, events).started("boot", None)
+        events.close()
+    changed = [e for e in read_events(tmp_path) if e["kind"] == "certificate-changed"]
+    assert [(e["device"], e["identity"]) for e in changed] == [("plc-1", "plc-1")]
+    assert changed[0]["old"] != changed[0]["new"]

@@ -86,16 +86,7 @@ def test_stop_flushes_open_batches_and_every_reading_read_reaches_the_hub(
     procs.append(gateway)
     gateway.wait_for(r"plc-5: connected")
     wait_until(
-        lambda: (
-            len(
-                re.findall(
-                    r"device-admitted", (tmp_path / "state" / "security-events.jsonl").read_text()
-                )
-            )
-            == 5
-            if (tmp_path / "state" / "security-events.jsonl").exists()
-            else False
-        ),
+        lambda: sum(e["kind"] == "device-admitted" for e in read_events(tmp_path / "state")) == 5,
         20,
         "all devices admitted",
     )

@@ -195,18 +195,25 @@ def test_state_files_are_0600_and_state_folders_0700_even_if_they_were_wider(
     state = tmp_path / "state"
     state.mkdir(mode=0o755)
     os.chmod(state, 0o755)  # as an older fieldgate left it
-    (state / "security-events.jsonl").touch(mode=0o644)
-    os.chmod(state / "security-events.jsonl", 0o644)
+    (state / "audit.db").touch(mode=0o644)
+    os.chmod(state / "audit.db", 0o644)
 
     def mode(path: Path) -> int:
         return stat.S_IMODE(path.stat().st_mode)
 
     gateway = Proc(fieldgate("run", "--config", str(config)), tmp_path / "gateway.log")
     procs.append(gateway)
-    files = ["store.db", "store.db-wal", "store.db-shm", "security-events.jsonl", "fieldgate.lock"]
+    files = [
+        "store.db",
+        "store.db-wal",
+        "store.db-shm",
+        "audit.db",
+        "audit.db-wal",
+        "fieldgate.lock",
+    ]
 
     def opened(folder: Path) -> bool:
-        # The events file existed before (0644): it counts once the gateway has written to it.
+        # The audit log's file existed before (0644): it counts once the gateway wrote to it.
         return all((folder / n).exists() for n in files) and any(
             e["kind"] == "device-admitted" for e in read_events(folder)
         )

@@ -102,7 +102,7 @@ class AuditLog:
         self._io: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._due: asyncio.Event | None = None
-        self.committed: asyncio.Event | None = None  # set at every commit (the stream waits)
+        self.committed = asyncio.Event()  # set at every commit (the stream waits on it)
         self._closed = False
         if self._last is not None and self._last.seq > self._last_head_seq:
             self.sign_head()  # a crash left the tail unsigned
@@ -141,7 +141,6 @@ class AuditLog:
         loop = self._loop = asyncio.get_running_loop()
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-io")
         self._due = asyncio.Event()
-        self.committed = asyncio.Event()
         last = -COMMIT_INTERVAL
         try:
             while True:
@@ -346,8 +345,7 @@ class AuditLog:
                     self.counts[kind] = self.counts.get(kind, 0) + 1
             if self._signer is None or self.settings.prune_unsent:
                 self.acked(self.committed_pos, sum(len(item[3]) for item in batch))
-        if self.committed is not None:
-            self.committed.set()
+        self.committed.set()
 
     # -- the stream's side ------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import ssl
@@ -94,8 +95,22 @@ class AuditRoom:
             signed=self.log.signed,
             stream=self.streaming,
         )
+        certs = tamper.certificate_digests(
+            {d.id: d.cert for d in cfg.devices}
+            | ({cfg.gateway.id: cfg.gateway.cert} if cfg.gateway.cert is not None else {})
+        )
+        for name, old, new in tamper.certificate_changes(self.log.meta, certs):
+            self.events.record(
+                "certificate-changed",
+                None if name == cfg.gateway.id else name,
+                "the identity's certificate was replaced since the last run (issued or renewed)",
+                identity=name,
+                old=old,
+                new=new,
+            )
         for key, value in tamper.baseline_meta(now).items():
             self.log.set_meta(key, value)
+        self.log.set_meta(tamper.META_CERTS, json.dumps(certs, sort_keys=True))
         if not self.log.signed:
             log.warning(
                 "audit: no gateway identity ([gateway] cert and key; `fieldgate pki init` makes "
@@ -193,12 +208,11 @@ class AuditRoom:
         self.events.record("gateway-stopped", None, why)
         self.log.sign_head()
         committed = self.log.committed
-        if committed is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(STOP_COMMIT_WAIT):
-                    while self.log.committed_pos < self.log.appended_pos:
-                        committed.clear()
-                        await committed.wait()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STOP_COMMIT_WAIT):
+                while self.log.committed_pos < self.log.appended_pos:
+                    committed.clear()
+                    await committed.wait()
         if self.stream is not None and self.session is not None:
             # Durable in the log either way: a session that is down does not hold the stop.
             connected = self.session.stats.connected
@@ -211,6 +225,13 @@ class AuditRoom:
                     self.log.committed_pos - self.log.acked_pos,
                     self.log.path,
                 )
+
+    def device_tamper(self, device_id: str) -> dict[str, str]:
+        """The device's tamper inputs and their state (its ``status`` method shows them)."""
+        return {
+            point: "tripped" if state.tripped else "normal"
+            for point, state in self.inputs.inputs.get(device_id, {}).items()
+        }
 
     def status(self) -> dict[str, Any]:
         return {

@@ -72,8 +72,6 @@ class AuditStream:
             if self._closed:
                 return []
             event = log_.committed
-            if event is None:  # the log's writer is not running: nothing more will come
-                return []
             event.clear()
             if self._sent < log_.committed_pos:
                 break
@@ -133,8 +131,7 @@ class AuditStream:
         unsent waits in the log for the next start instead of holding the stop."""
         self._closed = True
         self._keep_unsent = keep_unsent
-        if self._log.committed is not None:
-            self._log.committed.set()
+        self._log.committed.set()
 
     def depth(self) -> list[DeviceDepth]:
         unsent = self._log.committed_pos - self._log.acked_pos

@@ -33,6 +33,7 @@ META_CONFIG = "config_digest"
 META_CODE = "code_digest"
 META_MANIFEST = "code_manifest"
 META_STORE_BOOT = "store_boot"
+META_CERTS = "certificates"
 NAMES_SHOWN = 20  # files named per list in a code-changed record
 
 Record = Callable[..., None]  # SecurityEvents.record(kind, device, reason, **fields)
@@ -82,6 +83,30 @@ def manifest_changes(old: Mapping[str, str], new: Mapping[str, str]) -> dict[str
         "removed": removed[:NAMES_SHOWN],
         "counts": {"changed": len(changed), "added": len(added), "removed": len(removed)},
     }
+
+
+def certificate_digests(files: Mapping[str, Path]) -> dict[str, str]:
+    """Identity -> SHA-256 of its certificate file (an unreadable one is left out: the start
+    checks refuse it)."""
+    out = {}
+    for name, path in files.items():
+        try:
+            out[name] = digest(path.read_bytes())
+        except OSError:
+            continue
+    return out
+
+
+def certificate_changes(
+    meta: Mapping[str, str], now: Mapping[str, str]
+) -> list[tuple[str, str, str]]:
+    """(identity, old digest, new digest) for each certificate replaced since the last run
+    (issued anew or renewed); one seen for the first time is not a change."""
+    try:
+        old = json.loads(meta.get(META_CERTS, "{}"))
+    except ValueError:
+        old = {}
+    return [(k, old[k], v) for k, v in sorted(now.items()) if k in old and old[k] != v]
 
 
 @dataclass(frozen=True)
