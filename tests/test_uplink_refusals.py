@@ -197,7 +197,8 @@ def test_a_connack_refusal_backs_off_to_the_maximum_and_is_recorded_once(
         config, _ = start_simulator(procs, tmp_path, pki_dir, hub.port, 1)
         # Without the long backoff, 10 ms doubling up to 3 s makes about eight attempts in
         # the first four seconds; with it, one at once and then one every 1.5 to 3 s.
-        edit_config(config, hub={"backoff_min": 0.01, "backoff_max": 3.0})
+        # The hub counts every connection: the gateway's own (audit) session stays off here.
+        edit_config(config, hub={"backoff_min": 0.01, "backoff_max": 3.0}, audit={"stream": False})
         gateway = Proc(fieldgate("run", "--config", str(config)), tmp_path / "gateway.log")
         procs.append(gateway)
         state = tmp_path / "state"
@@ -289,9 +290,13 @@ def test_gateway_records_an_expired_hub_certificate_once_and_still_stops_cleanly
         wait_until(lambda: hub.attempts >= 3, 30, "three attempts at the hub")
         assert gateway.stop() == 0
     refused = [e for e in read_events(tmp_path / "state") if e["kind"] == "uplink-refused"]
-    assert [(e["device"], e["cause"]) for e in refused] == [("plc-1", "expired")], refused
-    assert f"127.0.0.1:{hub.port}" == refused[0]["endpoint"]
-    down = [line for line in gateway.output().splitlines() if "uplink down" in line]
+    # Once per identity: the device's session, and the gateway's own (its audit stream).
+    assert sorted((e["device"], e["cause"]) for e in refused) == [
+        ("fieldgate", "expired"),
+        ("plc-1", "expired"),
+    ], refused
+    assert {e["endpoint"] for e in refused} == {f"127.0.0.1:{hub.port}"}
+    down = [line for line in gateway.output().splitlines() if "plc-1: uplink down" in line]
     assert len(down) == 1 and down[0].endswith(
         "server certificate refused: certificate has expired"
     )
