@@ -268,3 +268,15 @@ def test_a_tamper_input_that_is_not_a_bool_point_of_the_device_is_refused_by_nam
     text = str(err.value)
     assert text.startswith("gw.toml") and expected in text
     assert "gateway: key: the gateway's identity needs both cert and key" in text
+
+
+def test_a_records_line_is_the_canonical_json_of_its_fields() -> None:
+    """The gateway builds each line from its parts (fast); it must be the canonical form."""
+    from gateway.core.audit import canonical_json
+
+    last = None
+    for n, details in enumerate(
+        [{}, {"reason": "é ☃ \\u2028", "n": -(2**62)}, {"x": [1.5, None, True, {"b": 1e-300}]}]
+    ):
+        last = audit.append(last, 1796000000.0 + n / 3, "k", "plc-1" if n else None, details, "gw")
+        assert last.line() == canonical_json({"record": last.to_json()})

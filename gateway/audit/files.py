@@ -140,8 +140,9 @@ def _read_hub_record(path: Path, data: bytes) -> AuditFile:
 
 def line(item: AuditRecord | Head) -> str:
     """One line of the file (canonical JSON, so equal items give equal lines)."""
-    key = "record" if isinstance(item, AuditRecord) else "head"
-    return canonical_json({key: item.to_json()})
+    if isinstance(item, AuditRecord):
+        return item.line()
+    return canonical_json({"head": item.to_json()})
 
 
 def write(path: Path, items: Iterable[AuditRecord | Head]) -> None:

@@ -175,6 +175,16 @@ class AuditRecord:
     def computed_hash(self) -> bytes:
         return hashlib.sha256(self.canonical()).digest()
 
+    def line(self) -> str:
+        """``canonical_json({"record": self.to_json()})``, built from the parts already
+        encoded (the details once): what the gateway's log and stream carry per record."""
+        return (
+            f'{{"record":{{"chain":{canonical_json(self.chain_id)},"details":{self.details_json},'
+            f'"device":{canonical_json(self.device)},"hash":"{self.hash.hex()}",'
+            f'"kind":{canonical_json(self.kind)},"prev":"{self.prev.hex()}","seq":{self.seq},'
+            f'"ts":{self.ts!r},"v":{FORMAT_VERSION}}}}}'
+        )
+
     def to_json(self) -> dict[str, Any]:
         """The record as the file and the stream carry it (``{"record": ...}``)."""
         return {
