@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from gateway.audit import files
+from gateway.config import Config
 from gateway.consumer import AuditConsumer, read_record
 from gateway.core import audit
 from gateway.events import read_events
@@ -362,32 +363,34 @@ def test_a_change_to_fieldgates_installed_files_is_a_tamper_signal_naming_the_fi
     assert started[0]["code_digest"] != started[1]["code_digest"]
 
 
+def _offline_config(state: Path, cert: Path) -> Config:
+    """A one-device config for the audit room in-process (its files are not opened)."""
+    from gateway.config import validate
+
+    device = {
+        "id": "plc-1",
+        "cert": str(cert),
+        "key": __file__,
+        "modbus": {"host": "127.0.0.1", "port": 5020},
+        "identity": "none",
+        "points": [{"name": "t", "address": 0}],
+    }
+    doc = {
+        "hub": {"hostname": "localhost", "ca_file": __file__},
+        "sealing": {"keyring": __file__, "key_id": "k1"},
+        "gateway": {"state_dir": str(state)},
+        "devices": [device],
+    }
+    return validate(doc, "test", check_files=False)
+
+
 def test_a_clock_step_is_a_tamper_signal_and_shows_in_status(tmp_path: Path) -> None:
     """The watcher with a fake wall clock stepped by a minute (the monotonic one is real)."""
     from gateway.audit.room import AuditRoom
-    from gateway.config import validate
     from gateway.events import SecurityEvents
 
     offset = [0.0]
-    cfg = validate(
-        {
-            "hub": {"hostname": "localhost", "ca_file": __file__},
-            "sealing": {"keyring": __file__, "key_id": "k1"},
-            "gateway": {"state_dir": str(tmp_path)},
-            "devices": [
-                {
-                    "id": "plc-1",
-                    "cert": __file__,
-                    "key": __file__,
-                    "modbus": {"host": "127.0.0.1", "port": 5020},
-                    "identity": "none",
-                    "points": [{"name": "t", "address": 0}],
-                }
-            ],
-        },
-        "test",
-        check_files=False,
-    )
+    cfg = _offline_config(tmp_path, Path(__file__))
     events = SecurityEvents(tmp_path)
     room = AuditRoom(cfg, events, wall=lambda: time.time() + offset[0])
 
@@ -409,30 +412,11 @@ def test_a_clock_step_is_a_tamper_signal_and_shows_in_status(tmp_path: Path) -> 
 
 def test_a_replaced_certificate_is_recorded_at_the_next_start(tmp_path: Path) -> None:
     from gateway.audit.room import AuditRoom
-    from gateway.config import validate
     from gateway.events import SecurityEvents
 
     cert = tmp_path / "plc-1.pem"
     cert.write_text("first certificate\n")
-    cfg = validate(
-        {
-            "hub": {"hostname": "localhost", "ca_file": __file__},
-            "sealing": {"keyring": __file__, "key_id": "k1"},
-            "gateway": {"state_dir": str(tmp_path)},
-            "devices": [
-                {
-                    "id": "plc-1",
-                    "cert": str(cert),
-                    "key": __file__,
-                    "modbus": {"host": "127.0.0.1", "port": 5020},
-                    "identity": "none",
-                    "points": [{"name": "t", "address": 0}],
-                }
-            ],
-        },
-        "test",
-        check_files=False,
-    )
+    cfg = _offline_config(tmp_path, cert)
     for text in ("first certificate\n", "first certificate\n", "renewed certificate\n"):
         cert.write_text(text)
         events = SecurityEvents(tmp_path)
