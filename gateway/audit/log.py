@@ -186,7 +186,9 @@ class AuditLog:
     def append(self, kind: str, device: str | None, details: Mapping[str, Any]) -> None:
         """Chain an event; committed within ``COMMIT_INTERVAL`` (at once without a loop)."""
         if self._closed:
-            raise RuntimeError("the audit log is closed")
+            # Only a callback that outlived the run gets here: say so, never crash the stop.
+            log.error("audit log %s is closed: %s of %s not recorded", self.path, kind, device)
+            return
         ts = self._clock()
         if self.lost:
             self._record_lost(ts)
