@@ -425,3 +425,26 @@ def test_a_replaced_certificate_is_recorded_at_the_next_start(tmp_path: Path) ->
     changed = [e for e in read_events(tmp_path) if e["kind"] == "certificate-changed"]
     assert [(e["device"], e["identity"]) for e in changed] == [("plc-1", "plc-1")]
     assert changed[0]["old"] != changed[0]["new"]
+
+
+def test_a_config_applied_by_a_reload_is_the_next_starts_baseline_not_tamper(
+    tmp_path: Path,
+) -> None:
+    from gateway.audit.room import AuditRoom
+    from gateway.events import SecurityEvents
+
+    first = _offline_config(tmp_path, Path(__file__))
+    reloaded = first.model_copy(
+        update={"batching": first.batching.model_copy(update={"max_age": 3.0})}
+    )
+    events = SecurityEvents(tmp_path)
+    room = AuditRoom(first, events)
+    room.started("boot", None)
+    room.reconfigured(reloaded)  # what a staged reload tells the room
+    events.close()
+    events = SecurityEvents(tmp_path)
+    AuditRoom(reloaded, events).started("boot", None)  # restarted with the reloaded file
+    AuditRoom(first, events).started("boot", None)  # and with the old one: that is a change
+    events.close()
+    changed = [e for e in read_events(tmp_path) if e["kind"] == "tamper-config-changed"]
+    assert len(changed) == 1

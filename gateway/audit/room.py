@@ -117,6 +117,29 @@ class AuditRoom:
                 "one): the audit log is chained but its heads are not signed, and it is not sent"
             )
 
+    def reconfigured(self, config: Config) -> None:
+        """A staged config was applied: its digest is the baseline the next start compares
+        with (a reload is recorded as such, not as tamper), and its tamper inputs are
+        watched from now on (an input that stays keeps its state)."""
+        self.config = config
+        old = self.inputs.inputs
+        self.inputs = TamperInputs.of(
+            (d.id, [(t.point, t.normal) for t in d.tamper]) for d in config.devices if d.enabled
+        )
+        for device, points in self.inputs.inputs.items():
+            for point, state in points.items():
+                before = old.get(device, {}).get(point)
+                if before is not None and before.normal == state.normal:
+                    state.tripped = before.tripped
+        files = {f.name: f for f in self.files.files}
+        self.files = TamperFiles.of((f.name, f.path, f.normal) for f in config.audit.tamper_files)
+        for f in self.files.files:
+            kept = files.get(f.name)
+            if kept is not None and (kept.path, kept.normal) == (f.path, f.normal):
+                f.state = kept.state
+        self.clock.threshold = config.audit.clock_jump
+        self.log.set_meta(tamper.META_CONFIG, tamper.config_digest(config))
+
     def signal(self, kind: str, device: str | None, reason: str, **details: Any) -> None:
         self.signals[kind] = {"at": time.time(), "device": device, "reason": reason, **details}
         self.events.record(kind, device, reason, **details)
