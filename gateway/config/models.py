@@ -207,7 +207,8 @@ class SecretsConfig(_Model):
             value in ("", ".", "..") or "/" in value or "\0" in value or len(value) > 255
         ):
             raise ValueError(
-                f"{value!r} is not a credential name (one file name, as in LoadCredential=NAME:PATH)"
+                f"{value!r} is not a credential name "
+                "(one file name, as in LoadCredential=NAME:PATH)"
             )
         return value
 
@@ -258,8 +259,10 @@ def _credential(name: str) -> bytes:
     except FileNotFoundError:
         raise ConfigError(
             "secrets",
-            [f"{field}: credential {name!r} not found: no {path} (is LoadCredential={name}:... "
-             "in the unit?)"],
+            [
+                f"{field}: credential {name!r} not found: no {path} (is LoadCredential={name}:... "
+                "in the unit?)"
+            ],
         ) from None
     except OSError as err:
         raise ConfigError(
