@@ -59,7 +59,11 @@ def _existing_file(value: Path, info: ValidationInfo) -> Path:
     path = _resolve(value, info)
     if not (info.context or {}).get("check_files", True):
         return path
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as err:  # a folder on the way that this user may not enter
+        raise ValueError(f"{path} cannot be reached by uid {os.getuid()}: {err.strerror}") from None
+    if not found:
         raise ValueError(f"file not found: {path}")
     return path
 
@@ -84,6 +88,10 @@ def _trust_bundle(value: Path, info: ValidationInfo) -> Path:
     except (ssl.SSLError, ValueError) as err:
         why = getattr(err, "reason", None) or err
         raise ValueError(f"{path} holds no PEM certificates that TLS can load ({why})") from None
+    except OSError as err:
+        # An installed gateway runs as its own user: a bundle left 0600 root is named, not a
+        # traceback (docs/install.md: the PKI folder is group fieldgate).
+        raise ValueError(f"{path} cannot be read by uid {os.getuid()}: {err.strerror}") from None
     return path
 
 
