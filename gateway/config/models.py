@@ -59,7 +59,11 @@ def _existing_file(value: Path, info: ValidationInfo) -> Path:
     path = _resolve(value, info)
     if not (info.context or {}).get("check_files", True):
         return path
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as err:  # a folder on the way that this user may not enter
+        raise ValueError(f"{path} cannot be reached by uid {os.getuid()}: {err.strerror}") from None
+    if not found:
         raise ValueError(f"file not found: {path}")
     return path
 
@@ -84,6 +88,10 @@ def _trust_bundle(value: Path, info: ValidationInfo) -> Path:
     except (ssl.SSLError, ValueError) as err:
         why = getattr(err, "reason", None) or err
         raise ValueError(f"{path} holds no PEM certificates that TLS can load ({why})") from None
+    except OSError as err:
+        # An installed gateway runs as its own user: a bundle left 0600 root is named, not a
+        # traceback (docs/install.md: the PKI folder is group fieldgate).
+        raise ValueError(f"{path} cannot be read by uid {os.getuid()}: {err.strerror}") from None
     return path
 
 
@@ -176,8 +184,20 @@ class SealingConfig(_Model):
 
 
 class SecretsConfig(_Model):
+    """Where the passphrase comes from: a systemd credential, a private file, or the environment.
+
+    The credential is read only when asked for (at start), not at validation: the credentials
+    folder exists only inside the unit's process, and `fieldgate store verify` or a config
+    check outside it must still load the config.
+    """
+
     passphrase_env: str = "FIELDGATE_KEY_PASSPHRASE"
     passphrase_file: FilePath | None = None
+    passphrase_credential: str | None = Field(
+        default=None,
+        description="a systemd credential name (LoadCredential=NAME:...), read from "
+        "$CREDENTIALS_DIRECTORY/NAME",
+    )
     allow_clear_keys: bool = Field(
         default=False, description="accept device keys that are not encrypted (with a warning)"
     )
@@ -187,8 +207,31 @@ class SecretsConfig(_Model):
     def _file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
         return None if value is None else _private_file(value, info)
 
+    @field_validator("passphrase_credential")
+    @classmethod
+    def _credential_name(cls, value: str | None) -> str | None:
+        # systemd's own rule for a credential name: one file name, as LoadCredential= takes it.
+        if value is not None and (
+            value in ("", ".", "..") or "/" in value or "\0" in value or len(value) > 255
+        ):
+            raise ValueError(
+                f"{value!r} is not a credential name "
+                "(one file name, as in LoadCredential=NAME:PATH)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SecretsConfig:
+        if self.passphrase_file is not None and self.passphrase_credential is not None:
+            raise ValueError(
+                "give secrets.passphrase_file or secrets.passphrase_credential, not both"
+            )
+        return self
+
     def passphrase(self) -> bytes:
         """The passphrase that unlocks private keys and the sealing keyring."""
+        if self.passphrase_credential is not None:
+            return _credential(self.passphrase_credential)
         if self.passphrase_file is not None:
             return self.passphrase_file.read_bytes().strip()
         value = os.environ.get(self.passphrase_env)
@@ -197,10 +240,45 @@ class SecretsConfig(_Model):
                 "secrets",
                 [
                     f"secrets.passphrase_env: environment variable {self.passphrase_env} "
-                    "is not set and no secrets.passphrase_file is given"
+                    "is not set and no secrets.passphrase_file or "
+                    "secrets.passphrase_credential is given"
                 ],
             )
         return value.encode()
+
+
+def _credential(name: str) -> bytes:
+    """A systemd credential's contents: systemd puts each LoadCredential= (or SetCredential=)
+    in a private, read-only folder named by $CREDENTIALS_DIRECTORY, one file per name."""
+    field = "secrets.passphrase_credential"
+    folder = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not folder:
+        raise ConfigError(
+            "secrets",
+            [
+                f"{field}: credential {name!r} asked for, but CREDENTIALS_DIRECTORY is not set "
+                f"(run under systemd with LoadCredential={name}:/etc/fieldgate/credentials/"
+                f"{name}, or use secrets.passphrase_env or secrets.passphrase_file)"
+            ],
+        )
+    path = Path(folder) / name
+    try:
+        value = path.read_bytes().strip()
+    except FileNotFoundError:
+        raise ConfigError(
+            "secrets",
+            [
+                f"{field}: credential {name!r} not found: no {path} (is LoadCredential={name}:... "
+                "in the unit?)"
+            ],
+        ) from None
+    except OSError as err:
+        raise ConfigError(
+            "secrets", [f"{field}: credential {name!r} cannot be read: {path}: {err.strerror}"]
+        ) from err
+    if not value:
+        raise ConfigError("secrets", [f"{field}: credential {name!r} is empty: {path}"])
+    return value
 
 
 class StoreConfig(_Model):
