@@ -270,6 +270,8 @@ def test_a_gateway_runs_from_the_install_unprivileged_on_a_read_only_root(
     (pki / "devices").mkdir()
     for name in ("plc-1.pem", "plc-1.key"):
         shutil.copy(pki_dir / "devices" / name, pki / "devices" / name)
+    for name in ("gateway.pem", "gateway.key"):  # the gateway's own identity (its audit log)
+        shutil.copy(pki_dir / name, pki / name)
     (root / "etc/fieldgate/credentials/passphrase").write_bytes(
         (pki_dir / "passphrase").read_bytes()
     )
