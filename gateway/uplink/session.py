@@ -438,6 +438,8 @@ class DeviceSession:
                 finishing.cancel()
                 if not lease.done():
                     lease.cancel()
+            if not lease.done():
+                await asyncio.wait((lease,))  # the cancel lands at the lease's next await
             if not lease.cancelled():
                 return lease.result()
         if not self._queue.pending(self.device_id):
