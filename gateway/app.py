@@ -73,10 +73,12 @@ COMMIT_INTERVAL = 0.01
 @dataclass
 class Counters:
     """What the stop's summary line reports besides the readings read: readings dropped when
-    the store was full."""
+    the store was full, and those delivered by sessions that a reload ended."""
 
     dropped_envelopes: int = 0
     dropped_readings: int = 0
+    # Readings delivered by sessions a reload ended (removed or restarted devices).
+    retired_acked: int = 0
 
 
 class Intake:
@@ -397,6 +399,8 @@ class Gateway:
         if not task.done():
             task.cancel("reload: the device's session ends")
             await asyncio.wait([task])
+        # The stop's summary counts what every session of this run delivered.
+        self.counters.retired_acked += session.stats.readings_acked
 
     def _start_poller(self, poller: _Poller) -> None:
         assert self.control is not None and self._intake is not None
@@ -404,9 +408,7 @@ class Gateway:
             self.control.attach(device_id, link, points)
         # A poller that does not end at its cancel is cancelled again, and left behind after
         # a grace: a stuck radio never holds the stop.
-        self._poller_tasks[poller.name] = self._intake.create_task(
-            stops_firmly(poller.run(), poller.name), name=poller.name
-        )
+        self._poller_tasks[poller.name] = self._intake.create_task(_poll(poller), name=poller.name)
 
     async def _stop_poller(self, name: str) -> None:
         task = self._poller_tasks.pop(name, None)
@@ -798,7 +800,9 @@ class Gateway:
             )
         else:
             log.info("stopped: every envelope was delivered")
-        delivered = sum(s.stats.readings_acked for s in self.sessions.values())
+        delivered = self.counters.retired_acked + sum(
+            s.stats.readings_acked for s in self.sessions.values()
+        )
         step = self.step
         unavailable = step.unavailable if step is not None else 0
         log.info(
@@ -858,6 +862,12 @@ class _Staged:
     health: dict[str, DeviceHealth]
     pollers: dict[str, _Poller]
     policies: dict[str, DevicePolicy]
+
+
+async def _poll(poller: _Poller) -> Any:
+    """The poller's run, made only once its task runs: a task cancelled before its start (a
+    reload rolled back at once) leaves no coroutine that was never awaited."""
+    return await stops_firmly(poller.run(), poller.name)
 
 
 def _credentials(

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -150,14 +152,14 @@ def test_sighup_adds_a_device_and_the_others_keep_their_sessions_and_their_rate(
     assert before == 1
     started = rig.events("config-loaded")
     assert [e["reason"] for e in started] == ["started"]
-    assert started[0]["hash"] == __import__("hashlib").sha256(rig.config.read_bytes()).hexdigest()
+    assert started[0]["hash"] == hashlib.sha256(rig.config.read_bytes()).hexdigest()
 
     rig.write(rig.doc())  # plc-3 back in the file
     asked = time.time()
     status = rig.hup_and_wait()
     assert status["status"] == "applied", status
     assert status["plan"]["added"] == ["plc-3"] and status["plan"]["unchanged"] == 2
-    assert status["hash"] == __import__("hashlib").sha256(rig.config.read_bytes()).hexdigest()
+    assert status["hash"] == hashlib.sha256(rig.config.read_bytes()).hexdigest()
     rig.delivering("plc-1", "plc-2", "plc-3", after=asked + 1.5)
 
     # The unaffected devices were not reconnected, and polled on at their rate throughout.
@@ -215,6 +217,8 @@ def test_fieldgate_reload_restarts_a_changed_device_and_drains_a_removed_one(
     got = {d: s.count() for (d, _), s in tracker.streams.items()}
     assert got["plc-3"] == promised
     assert rig.gateway.stop() == 0
+    # The stop's summary counts what the ended sessions delivered too.
+    assert re.search(r"readings: (\d+) read, \1 delivered, 0 dropped", rig.gateway.output())
 
 
 def test_a_bad_file_is_refused_with_its_field_and_changes_nothing(
