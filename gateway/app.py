@@ -34,6 +34,7 @@ from adapters.modbus.security import client_context as modbus_tls_context
 from gateway.config import BleEndpoint, Config, DeviceConfig, sources, staging
 from gateway.config.sources import Candidate, Outcome
 from gateway.control.dispatch import Control
+from gateway.core import codec
 from gateway.core.auth import AuthGate, Registration, Requirements
 from gateway.core.batcher import Batcher
 from gateway.core.envelope import Sealer
@@ -257,7 +258,7 @@ class Gateway:
     def _loaded(self, cfg: Config) -> None:
         """The start's config is loaded: a security event with its hash, and the status file
         that ``fieldgate reload`` reads."""
-        self._files = sources.fingerprints(cfg)
+        self._files = _with_pins(sources.fingerprints(cfg), self.enrolment)
         if not self.config_hash:
             self.config_hash = sources.from_config(cfg, self.config_source).hash
         outcome = Outcome("applied", self.config_source, self.config_hash)
@@ -473,15 +474,22 @@ class Gateway:
     # -- staged config ------------------------------------------------------------------------
 
     async def stage(
-        self, new: Config | Mapping[str, Any] | Path, source: str, *, base: Path | None = None
+        self,
+        new: Config | Mapping[str, Any] | Path,
+        source: str,
+        *,
+        base: Path | None = None,
+        sha256: str | None = None,
     ) -> Outcome:
         """Validate a new config (a :class:`Config`, a document as the module twin carries it,
         or a file) and apply it as a diff; one staging at a time. Never raises for a bad
         config: the :class:`Outcome` says applied, refused (nothing changed) or rolled back
         (the last good config runs again). Each ends as a security event and in
-        ``state_dir/config-status.json``."""
+        ``state_dir/config-status.json``. ``base``: where a document's relative paths start;
+        ``sha256``: the digest a file must have (a twin names a large config by path and
+        SHA-256)."""
         async with self._staging:
-            outcome = await self._stage(new, source, base)
+            outcome = await self._stage(new, source, base, sha256)
         self._report(outcome)
         return outcome
 
@@ -503,10 +511,14 @@ class Gateway:
         return await self.stage(self.config_file, source)
 
     async def _stage(
-        self, new: Config | Mapping[str, Any] | Path, source: str, base: Path | None
+        self,
+        new: Config | Mapping[str, Any] | Path,
+        source: str,
+        base: Path | None,
+        sha256: str | None = None,
     ) -> Outcome:
         try:
-            candidate = _candidate(new, source, base)
+            candidate = _candidate(new, source, base, sha256)
         except ConfigError as err:
             where, _ = sources.refusal(err)
             error = f"{err.path}: " + ("; ".join(err.problems) or "invalid config")
@@ -519,19 +531,21 @@ class Gateway:
         if self._pipeline is None or self._stopping:
             why = "the gateway is stopping" if self._stopping else "the gateway is not running"
             return Outcome("refused", source, candidate.hash, why)
-        old = self.config
-        diff = staging.plan(old, candidate.config, self._files, candidate.files)
-        if not diff.live:
-            field = diff.restart[0]
-            return Outcome("refused", source, candidate.hash, diff.refusal(), field, diff.summary())
         enrolment = self.enrolment
         if isinstance(new, Path):
+            # The pinned fingerprints beside the file are read again with it.
             from gateway.enroll import load_for
 
             try:
                 enrolment = load_for(new)
             except FieldgateError as err:
                 return Outcome("refused", source, candidate.hash, str(err), "enrolment")
+        files = _with_pins(candidate.files, enrolment)
+        old = self.config
+        diff = staging.plan(old, candidate.config, self._files, files)
+        if not diff.live:
+            field = diff.restart[0]
+            return Outcome("refused", source, candidate.hash, diff.refusal(), field, diff.summary())
         try:
             prepared = self._prepare_stage(candidate.config, diff, enrolment)
         except StartupError as err:
@@ -554,7 +568,7 @@ class Gateway:
                 diff.summary(),
             )
         self.config = candidate.config
-        self._files = candidate.files
+        self._files = files
         self.enrolment = enrolment
         self.config_hash = candidate.hash
         return Outcome("applied", source, candidate.hash, None, None, diff.summary())
@@ -864,6 +878,16 @@ class _Staged:
     policies: dict[str, DevicePolicy]
 
 
+def _with_pins(files: staging.Files, enrolment: Enrolment | None) -> staging.Files:
+    """A device's digest also covers its enrolled fingerprint: a device enrolled again (a
+    replaced unit) is changed, and its link checks it against the new pin."""
+    devices = {
+        d: f"{digest}:{codec.dumps(enrolment.pinned(d) if enrolment else None).hex()}"
+        for d, digest in files.devices.items()
+    }
+    return staging.Files(files.sections, devices)
+
+
 async def _poll(poller: _Poller) -> Any:
     """The poller's run, made only once its task runs: a task cancelled before its start (a
     reload rolled back at once) leaves no coroutine that was never awaited."""
@@ -911,11 +935,13 @@ def _credentials(
     return contexts, modbus_tls
 
 
-def _candidate(new: Config | Mapping[str, Any] | Path, source: str, base: Path | None) -> Candidate:
+def _candidate(
+    new: Config | Mapping[str, Any] | Path, source: str, base: Path | None, sha256: str | None
+) -> Candidate:
     if isinstance(new, Config):
         return sources.from_config(new, source)
     if isinstance(new, Path):
-        return sources.from_file(new)
+        return sources.from_file(new, None if source == "SIGHUP" else source, sha256=sha256)
     return sources.from_document(new, source, base=base)
 
 

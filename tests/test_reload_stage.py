@@ -5,6 +5,7 @@ simulated Modbus devices."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import tomllib
 from collections.abc import Awaitable, Callable
@@ -13,6 +14,7 @@ from typing import Any
 
 from gateway import config as config_mod
 from gateway.app import Gateway, _Poller
+from gateway.config import render_toml
 from gateway.config.sources import document_hash
 from gateway.events import read_events
 
@@ -93,6 +95,16 @@ def test_documents_are_staged_one_at_a_time_and_keep_unaffected_sessions(
         assert refused.error is not None and refused.error.startswith("twin: ")
         assert gw.config_hash == two.hash
 
+        # A config too large for the twin: a file named by path and SHA-256.
+        large = tmp_path / "large.toml"
+        large.write_text(render_toml(changed))
+        wrong = await gw.stage(large, "twin", sha256="0" * 64)
+        assert wrong.status == "refused" and wrong.field == "sha256"
+        digest = hashlib.sha256(large.read_bytes()).hexdigest()
+        same = await gw.stage(large, "twin", sha256=digest.upper())
+        assert same.status == "applied" and same.hash == digest
+        assert same.plan == {"added": [], "removed": [], "changed": [], "unchanged": 3}
+
     _running(gateway, body, ["plc-1", "plc-2"])
     kinds = [(e["kind"], e["source"]) for e in read_events(tmp_path / "state") if "source" in e]
     assert kinds == [
@@ -100,6 +112,8 @@ def test_documents_are_staged_one_at_a_time_and_keep_unaffected_sessions(
         ("config-loaded", "twin"),
         ("config-loaded", "twin"),
         ("config-refused", "twin"),
+        ("config-refused", "twin"),
+        ("config-loaded", "twin"),
     ]
 
 

@@ -88,14 +88,22 @@ def document_hash(document: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def from_file(path: str | Path, source: str | None = None) -> Candidate:
-    """Read and validate a config file (the same checks as ``fieldgate run``)."""
+def from_file(
+    path: str | Path, source: str | None = None, *, sha256: str | None = None
+) -> Candidate:
+    """Read and validate a config file (the same checks as ``fieldgate run``). ``sha256``: the
+    digest the file must have (a module twin names a large config by path and SHA-256); a
+    file with another one is refused before it is parsed."""
     file = Path(path)
-    name = source or str(file)
+    name = str(file) if source is None else f"{source} ({file})"
     try:
         raw = file.read_bytes()
     except OSError as err:
         raise ConfigError(name, [f"cannot read: {err.strerror}"]) from err
+    if sha256 is not None and file_hash(raw) != sha256.lower():
+        raise ConfigError(
+            name, [f"sha256: the file's SHA-256 is {file_hash(raw)}, not {sha256.lower()}"]
+        )
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
