@@ -339,3 +339,18 @@ def test_a_new_device_whose_key_does_not_decrypt_is_rolled_back(
     assert rig.status_of("plc-1")["uplink"]["connects"] == 1
     assert "plc-2" not in rig.readings()
     assert rig.gateway.stop() == 0
+
+
+def test_the_gateway_to_signal_is_the_lock_holder_not_a_stale_note(tmp_path: Path) -> None:
+    from gateway.statelock import LOCK_NAME, holder, lock_state, release_all
+
+    lock_file = tmp_path / LOCK_NAME
+    assert holder(lock_file) is None  # no gateway ever ran here
+    locks = lock_state(tmp_path)
+    try:
+        assert holder(lock_file) == os.getpid()
+    finally:
+        release_all(locks)
+    # The note stays behind; nobody holds the lock: nobody to signal.
+    assert lock_file.read_text().startswith(f"pid {os.getpid()} ")
+    assert holder(lock_file) is None
