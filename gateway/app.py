@@ -271,7 +271,15 @@ class Gateway:
             plan={"added": sorted(d.id for d in cfg.devices if d.enabled)},
         )
         self.config_status = outcome
-        sources.write_status(cfg.gateway.state_dir, outcome)
+        self._write_status(outcome)
+
+    def _write_status(self, outcome: Outcome) -> None:
+        """``config-status.json``; a full disk loses the file, not the gateway (the outcome is
+        in the log and on ``config_status``)."""
+        try:
+            sources.write_status(self.config.gateway.state_dir, outcome)
+        except OSError as err:
+            log.error("cannot write %s: %s", sources.STATUS_FILE, err)
 
     def _claim_state(self) -> list[StateLock]:
         """Lock the state folder (and an outside store) before anything there is opened; the
@@ -587,10 +595,7 @@ class Gateway:
             fields["plan"] = dict(outcome.plan)
         self.events.record(kind, None, reason, **fields)
         self.config_status = outcome
-        try:
-            sources.write_status(self.config.gateway.state_dir, outcome)
-        except OSError as err:
-            log.error("cannot write %s: %s", sources.STATUS_FILE, err)
+        self._write_status(outcome)
 
     def _prepare_stage(
         self, cfg: Config, diff: staging.Plan, enrolment: Enrolment | None

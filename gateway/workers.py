@@ -190,7 +190,10 @@ class Hangups:
                     f"worker {i}/{self.count}: {status.get('error')}",
                     status.get("field"),
                 )
-        sources.write_status(self.cfg.gateway.state_dir, outcome)
+        try:
+            sources.write_status(self.cfg.gateway.state_dir, outcome)
+        except OSError as err:
+            log.error("cannot write %s: %s", sources.STATUS_FILE, err)
         log.info("reload of %d workers: %s", self.count, outcome.status)
 
 
