@@ -428,8 +428,9 @@ class DeviceSession:
         """The queue's lease, which also ends (``[]``) once :meth:`finish` was called and
         nothing is pending for this device, though the queue stays open for the others (a
         device removed by a reload). A lease waits only while nothing is pending, so one
-        cancelled at the finish has taken nothing."""
-        if not self._finishing.is_set():
+        cancelled at the finish has taken nothing. Only a lease that would wait races the
+        finish (two tasks per idle wait); one with envelopes pending is taken at once."""
+        if not self._finishing.is_set() and not self._queue.pending(self.device_id):
             lease = asyncio.ensure_future(self._queue.lease(self.device_id, limit))
             finishing = asyncio.ensure_future(self._finishing.wait())
             try:
