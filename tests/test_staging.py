@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 import pytest
@@ -11,7 +12,12 @@ from gateway.config import Config
 from gateway.config.loading import validate
 from gateway.config.sources import document_hash, refusal
 from gateway.config.staging import Files, plan, tasks
+from gateway.core.auth import AuthGate, Evidence, Registration
+from gateway.core.batcher import Batcher
+from gateway.core.envelope import Sealer
 from gateway.core.errors import ConfigError
+from gateway.core.pipeline import PipelineStep
+from gateway.core.readings import Scan
 
 BASE: dict[str, Any] = {
     "hub": {"hostname": "h", "ca_file": "ca.pem"},
@@ -194,3 +200,38 @@ def test_a_refusal_names_its_field() -> None:
     where, why = refusal(err.value)
     assert where == "devices[0].points[0].type"
     assert "float99" in why
+
+
+# -- what the rooms learn at a reload: pure pieces, no loop ----------------------------------
+
+
+def test_flushing_one_device_seals_its_batch_whole_and_leaves_the_others_open() -> None:
+    step = PipelineStep(
+        Batcher(4000, 3600), Sealer(os.urandom(32), "k1", "boot", 4000), lambda _d: True
+    )
+    for t in range(3):
+        for device in ("a", "b"):
+            step.add(Scan(device, 1_700_000_000_000 + t, ("v",), [float(t)]), float(t), float(t))
+    sealed = step.flush_device("a")
+    assert [(e.device_id, e.header.count) for e in sealed] == [("a", 3)]
+    assert step.flush_device("a") == []
+    assert [(e.device_id, e.header.count) for e in step.flush()] == [("b", 3)]
+
+
+def test_a_forgotten_device_is_unknown_to_the_gate_and_a_registered_one_starts_afresh() -> None:
+    events: list[tuple[str, str | None, str]] = []
+    gate = AuthGate(
+        [Registration("a", "tcp", "127.0.0.1:1502")],
+        lambda kind, device, reason, **_: events.append((kind, device, reason)),
+    )
+    seen = Evidence("a", "tcp", "127.0.0.1:1502")
+    assert gate.admit(seen) is None and gate.admitted("a")
+    gate.forget("a")
+    assert not gate.admitted("a")
+    assert gate.admit(seen) == "not in the registry"
+    assert "a" in gate.quarantined
+    # Added again (at another endpoint): the quarantine of the removed one is forgotten.
+    gate.register(Registration("a", "tcp", "127.0.0.1:1600"))
+    assert "a" not in gate.quarantined and not gate.admitted("a")
+    assert gate.admit(Evidence("a", "tcp", "127.0.0.1:1600")) is None
+    assert [k for k, _, _ in events] == ["device-admitted", "device-quarantined", "device-admitted"]
