@@ -806,10 +806,13 @@ class Gateway:
         _, pending = await asyncio.wait(sessions, timeout=grace) if sessions else (set(), set())
         for task in pending:
             task.cancel(f"stop: shutdown grace of {grace:.1f} s passed")
-        left = [d for d in queue.depth() if d.queued or d.leased]
+        undelivered = [d for d in queue.depth() if d.queued or d.leased]
+        # Envelopes of devices a reload removed, left after their session's grace.
+        removed = [d for d in undelivered if d.device_id not in self.sessions]
+        left = [d for d in undelivered if d.device_id in self.sessions]
+        kept = "kept in the store for the next start" if isinstance(queue, Store) else "lost"
         if left:
             total = sum(d.queued + d.leased for d in left)
-            kept = "kept in the store for the next start" if isinstance(queue, Store) else "lost"
             log.warning(
                 "shutdown grace of %.1f s passed with %d envelopes undelivered on %d devices (%s)",
                 grace,
@@ -817,7 +820,15 @@ class Gateway:
                 len(left),
                 kept,
             )
-        else:
+        if removed:
+            log.warning(
+                "%d envelopes of %d devices that a reload removed are undelivered (%s): %s",
+                sum(d.queued + d.leased for d in removed),
+                len(removed),
+                kept,
+                ", ".join(sorted(d.device_id for d in removed)[:5]),
+            )
+        if not undelivered:
             log.info("stopped: every envelope was delivered")
         delivered = self.counters.retired_acked + sum(
             s.stats.readings_acked for s in self.sessions.values()

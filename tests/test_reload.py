@@ -295,6 +295,9 @@ def test_a_reload_while_the_hub_is_down_loses_nothing(
     assert got["plc-1"] == store["devices"]["plc-1"]["next_seq"]
     assert got["plc-3"] == store["devices"]["plc-3"]["next_seq"]
     assert store["devices"]["plc-2"]["envelopes"] > 0
+    assert "devices that a reload removed are undelivered (kept in the store" in (
+        rig.gateway.output()
+    )
     assert "readings:" in rig.gateway.output()
 
 
