@@ -143,11 +143,15 @@ class Gateway:
         config_file: Path | None = None,
         config_hash: str = "",
         share: Callable[[Config], Config] | None = None,
+        config_source: str | None = None,
     ) -> None:
         self.config = config
-        # What SIGHUP reloads, and the start's config as the events and the status name it.
+        # What SIGHUP reloads, and the start's config as the events and the status name it
+        # (the file; or, say, "twin" with the document's hash for a config from the twin).
         self.config_file = config_file
-        self.config_source = str(config_file) if config_file is not None else "config"
+        self.config_source = config_source or (
+            str(config_file) if config_file is not None else "config"
+        )
         self.config_hash = config_hash
         self.config_status: Outcome | None = None
         # A worker runs its share of every config it loads (gateway.workers.worker_config).
@@ -536,7 +540,7 @@ class Gateway:
             candidate = Candidate(
                 shared, candidate.source, candidate.hash, sources.fingerprints(shared)
             )
-        if self._pipeline is None or self._stopping:
+        if self._intake is None or self._stopping:
             why = "the gateway is stopping" if self._stopping else "the gateway is not running"
             return Outcome("refused", source, candidate.hash, why)
         enrolment = self.enrolment
