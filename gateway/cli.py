@@ -37,27 +37,51 @@ def _setup_logging(level: str, worker: str | None = None) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from gateway import config as config_mod
     from gateway.app import Gateway
+    from gateway.config.sources import file_hash
     from gateway.enroll import load_for
 
+    config_file = Path(args.config)
+    # The hash of the bytes validated: read once, so that the hash is of what runs.
+    raw = config_file.read_bytes() if config_file.is_file() else b""
     cfg = config_mod.load(args.config)
     # The pinned fingerprints beside the config: a malformed file refuses the start here.
     enrolment = load_for(args.config)
     os.umask(0o077)  # state files 0600, state folders 0700, whoever creates them
+    share = None
     if args.worker:
+        from functools import partial
+
         from gateway.workers import parse_worker, worker_config
 
-        cfg = worker_config(cfg, *parse_worker(args.worker))
+        index, count = parse_worker(args.worker)
+        # A reload takes this worker's share of the new file, as the start did.
+        share = partial(worker_config, index=index, count=count)
+        cfg = share(cfg)
     elif args.workers > 1:
         from gateway.workers import run_workers
 
-        return run_workers(Path(args.config), args.workers, cfg)
-    gateway = Gateway(cfg, adopt_stranded=not args.worker, enrolment=enrolment)
+        return run_workers(config_file, args.workers, cfg)
+    gateway = Gateway(
+        cfg,
+        adopt_stranded=not args.worker,
+        enrolment=enrolment,
+        config_file=config_file,
+        config_hash=file_hash(raw),
+        share=share,
+    )
 
     async def main(stop: asyncio.Event) -> None:
         await gateway.run(stop)
 
-    runtime.run(main)
+    # SIGHUP reloads the config file (gateway.reload), it does not stop the gateway.
+    runtime.run(main, on_hangup=gateway.hangup)
     return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from gateway.reload import reload
+
+    return reload(Path(args.config), timeout=args.timeout, as_json=args.json)
 
 
 def cmd_pki_init(args: argparse.Namespace) -> int:
@@ -195,6 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--worker", help=argparse.SUPPRESS)  # I/W: set by --workers
     run.set_defaults(func=cmd_run)
 
+    reload = verbs.add_parser(
+        "reload",
+        help="validate a config file, then have the gateway running from it apply it (SIGHUP)",
+    )
+    reload.add_argument("--config", required=True, help="the running gateway's TOML file")
+    reload.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds to wait for the outcome"
+    )
+    reload.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    reload.set_defaults(func=cmd_reload)
+
     pki = verbs.add_parser("pki", help="development PKI").add_subparsers(
         dest="pki_verb", required=True
     )
@@ -298,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except asyncio.CancelledError:
-        # A second SIGINT/SIGTERM/SIGHUP: stopped at once, without waiting for the flush.
+        # A second stop signal: stopped at once, without waiting for the flush.
         print("fieldgate: stopped without finishing (second signal)", file=sys.stderr)
         return EXIT_FAILED
     except BrokenPipeError:

@@ -16,10 +16,13 @@ log = logging.getLogger("fieldgate.runtime")
 
 Main = Callable[[asyncio.Event], Coroutine[Any, Any, Any]]
 
-# SIGHUP (a closed terminal, or an operator used to daemons) stops as gracefully as SIGTERM:
-# its default action would kill the process without a flush and leave its helpers (the hub
-# stand-in's broker, the demo's simulators) running. A config reload on SIGHUP is its own issue.
+# SIGHUP (a closed terminal, or an operator used to daemons) stops as gracefully as SIGTERM for
+# every verb that does not reload on it: its default action would kill the process without a
+# flush and leave its helpers (the hub stand-in's broker, the demo's simulators) running.
+# ``fieldgate run`` passes ``on_hangup``: there SIGHUP reloads the config.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+Hangup = Callable[[], None]
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
@@ -56,15 +59,17 @@ def enable_crash_tracebacks() -> None:
         pass  # stderr is not a real file here: nothing to write to
 
 
-def run(main: Main) -> Any:
-    """Run ``main(stop)``; the first SIGINT/SIGTERM/SIGHUP sets ``stop``, a second one cancels."""
+def run(main: Main, *, on_hangup: Hangup | None = None) -> Any:
+    """Run ``main(stop)``; the first SIGINT/SIGTERM (and SIGHUP, unless ``on_hangup`` is given)
+    sets ``stop``, a second one cancels. With ``on_hangup``, SIGHUP calls it on the loop
+    instead (a config reload) and never stops."""
     raise_open_file_limit()
     enable_crash_tracebacks()
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        return runner.run(_with_signals(main))
+        return runner.run(_with_signals(main, on_hangup))
 
 
-async def _with_signals(main: Main) -> Any:
+async def _with_signals(main: Main, on_hangup: Hangup | None = None) -> Any:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     task = asyncio.current_task()
@@ -76,8 +81,11 @@ async def _with_signals(main: Main) -> Any:
         else:
             stop.set()
 
-    for sig in STOP_SIGNALS:
+    stopping = [s for s in STOP_SIGNALS if on_hangup is None or s != signal.SIGHUP]
+    for sig in stopping:
         loop.add_signal_handler(sig, on_signal)
+    if on_hangup is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
     loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     try:
         return await main(stop)

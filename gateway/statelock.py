@@ -83,3 +83,25 @@ def lock_state(state_dir: Path, store_path: Path | None = None) -> list[StateLoc
 def release_all(locks: list[StateLock]) -> None:
     for lock in reversed(locks):
         lock.release()
+
+
+def holder(lock_file: Path) -> int | None:
+    """The pid of the live process holding ``lock_file`` (``fieldgate reload`` signals it), or
+    None when nothing holds it. Asked of the kernel, not of the note alone: a note left by a
+    process that died names no one."""
+    try:
+        fd = os.open(lock_file, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            note = os.pread(fd, 200, 0).decode(errors="replace").split()
+            if len(note) >= 2 and note[0] == "pid" and note[1].isdigit():
+                return int(note[1])
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

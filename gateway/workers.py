@@ -5,8 +5,9 @@ takes Modbus devices I, I+W, I+2W, ... of the config (a shared link's devices: l
 ...) and the BLE devices of every W-th adapter
 (one process per radio), and has its own state folder
 (``state_dir/worker-I``): its own store, security events and sessions. The parent forwards
-SIGTERM/SIGINT, so every worker flushes, and restarts a worker that dies unexpectedly,
-with backoff. A worker that exits 2 (refused config) stops them all: restarting cannot help.
+SIGTERM/SIGINT, so every worker flushes, and SIGHUP, so every worker reloads its share of the
+file (:class:`Hangups`); it restarts a worker that dies unexpectedly, with backoff. A worker
+that exits 2 (refused config) stops them all: restarting cannot help.
 
 A run whose layout differs from the last one (single after workers, workers after single, another
 worker count) would find envelopes in store files no process drains. So before anything starts,
@@ -20,7 +21,9 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 from gateway import runtime
 from gateway.config import Config
@@ -129,7 +132,81 @@ def parse_worker(text: str) -> tuple[int, int]:
     return int(index), int(count)
 
 
-async def supervise(config: Path, count: int, stop: asyncio.Event) -> int:
+# How long the parent waits for every worker's outcome of a forwarded SIGHUP.
+RELOAD_TIMEOUT = 120.0
+
+
+class Hangups:
+    """SIGHUP in the parent of ``--workers``: forwarded to every worker, each reloads its share
+    of the file (:func:`worker_config`) and writes its outcome in its own state folder; the
+    parent writes them together to the main state folder's ``config-status.json``, where
+    ``fieldgate reload`` reads it (applied when every worker applied; else the first that did
+    not, named)."""
+
+    def __init__(self, cfg: Config, count: int) -> None:
+        self.cfg = cfg
+        self.count = count
+        self.procs: dict[int, asyncio.subprocess.Process] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __call__(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._forward(), name="reload-workers")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _forward(self) -> None:
+        from gateway.config import sources
+
+        asked = time.time()
+        for proc in self.procs.values():
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGHUP)
+        folders = [paths.worker_state_dir(self.cfg, i) for i in range(self.count)]
+        found: dict[int, dict[str, Any]] = {}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RELOAD_TIMEOUT
+        while len(found) < self.count and loop.time() < deadline:
+            for i, folder in enumerate(folders):
+                status = sources.read_status(folder)
+                if i not in found and status is not None and float(status["at"]) >= asked:
+                    found[i] = status
+            # Other processes' files: nothing to wait on but the files themselves.
+            await asyncio.sleep(0.1)
+        bad = [
+            (i, found.get(i))
+            for i in range(self.count)
+            if (found.get(i) or {}).get("status") != "applied"
+        ]
+        first = next(iter(found.values()), {})
+        if not bad:
+            outcome = sources.Outcome("applied", "SIGHUP", str(first.get("hash")))
+        else:
+            i, status = bad[0]
+            if status is None:
+                outcome = sources.Outcome(
+                    "rolled-back",
+                    "SIGHUP",
+                    None,
+                    f"worker {i}: no outcome within {RELOAD_TIMEOUT:.0f} s",
+                )
+            else:
+                outcome = sources.Outcome(
+                    status["status"],
+                    "SIGHUP",
+                    str(status.get("hash")),
+                    f"worker {i}/{self.count}: {status.get('error')}",
+                    status.get("field"),
+                )
+        try:
+            sources.write_status(self.cfg.gateway.state_dir, outcome)
+        except OSError as err:
+            log.error("cannot write %s: %s", sources.STATUS_FILE, err)
+        log.info("reload of %d workers: %s", self.count, outcome.status)
+
+
+async def supervise(
+    config: Path, count: int, stop: asyncio.Event, hangups: Hangups | None = None
+) -> int:
     """Run ``count`` workers until ``stop``; returns the exit code for the parent."""
     refused = asyncio.Event()
 
@@ -149,6 +226,8 @@ async def supervise(config: Path, count: int, stop: asyncio.Event) -> int:
                 **runtime.child_process_options(),
             )
             log.info("worker %d/%d started as pid %d", index, count, proc.pid)
+            if hangups is not None:
+                hangups.procs[index] = proc
             waiter = asyncio.ensure_future(proc.wait())
             stopper = asyncio.ensure_future(stop.wait())
             await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -186,8 +265,10 @@ def run_workers(config: Path, count: int, cfg: Config | None = None) -> int:
     from gateway.core.errors import StartupError
     from gateway.statelock import StateInUse, lock_state, release_all
 
+    hangups = Hangups(cfg, count) if cfg is not None else None
+
     async def main(stop: asyncio.Event) -> int:
-        return await supervise(config, count, stop)
+        return await supervise(config, count, stop, hangups)
 
     locks = []
     if cfg is not None:
@@ -199,6 +280,6 @@ def run_workers(config: Path, count: int, cfg: Config | None = None) -> int:
             release_all(locks)
             raise StartupError(str(err)) from None
     try:
-        return int(runtime.run(main))
+        return int(runtime.run(main, on_hangup=hangups))
     finally:
         release_all(locks)

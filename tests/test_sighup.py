@@ -1,6 +1,6 @@
-"""SIGHUP (a closed terminal) stops every long-running verb as gracefully as SIGTERM does.
-
-`fieldgate run` flushing on SIGHUP is tested beside SIGTERM in test_resilience.py."""
+"""SIGHUP (a closed terminal) stops the long-running helper verbs (the hub stand-in, the demo)
+as gracefully as SIGTERM does; `fieldgate run` reloads its config on SIGHUP instead and goes on
+(tests/test_reload.py: a reload that changes nothing here)."""
 
 from __future__ import annotations
 
@@ -91,3 +91,27 @@ def test_closing_the_demos_terminal_stops_it_and_everything_it_started(tmp_path:
     assert [c for p, c in helpers.items() if _alive(p, c)] == []
     gateway_log = (state / "logs" / "gateway.log").read_text()
     assert re.search(r"readings: (\d+) read, \1 delivered, 0 dropped", gateway_log)
+
+
+def test_sighup_reloads_fieldgate_run_and_does_not_stop_it(
+    tmp_path: Path, pki_dir: Path, procs: list[Proc]
+) -> None:
+    """Once this stopped the gateway; now SIGHUP reloads the same file: nothing changes, the
+    gateway runs on and says so in config-status.json."""
+    import json
+
+    from conftest import start_simulator
+
+    hub_port, _ = start_hub(procs, tmp_path, pki_dir)
+    config, _ = start_simulator(procs, tmp_path, pki_dir, hub_port, 2)
+    gateway = Proc(fieldgate("run", "--config", str(config)), tmp_path / "gateway.log")
+    procs.append(gateway)
+    gateway.wait_for(r"plc-2: connected")
+    os.kill(gateway.pid, signal.SIGHUP)
+    gateway.wait_for(r"security event config-loaded device=None: applied as a diff")
+    status = json.loads((tmp_path / "state" / "config-status.json").read_text())
+    assert status["status"] == "applied" and status["source"] == "SIGHUP"
+    assert status["plan"] == {"added": [], "removed": [], "changed": [], "unchanged": 2}
+    assert gateway.popen.poll() is None
+    assert gateway.stop() == 0
+    assert "every envelope was delivered" in gateway.output()

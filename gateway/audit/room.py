@@ -64,12 +64,14 @@ class AuditRoom:
 
     # -- start ------------------------------------------------------------------------------
 
-    def started(self, boot_id: str, store_boot: str | None) -> None:
-        """Compare this run with the last one's baselines; record the start."""
+    def started(self, boot_id: str, store_boot: str | None, config_hash: str = "") -> None:
+        """Compare this run with the last one's baselines; record the start. ``config_hash``:
+        the config's SHA-256 as loaded (its file's bytes, or the twin document's); by default
+        the digest of its values."""
         cfg = self.config
         manifest = tamper.code_manifest(tamper.code_roots())
         now = Baseline(
-            config=tamper.config_digest(cfg),
+            config=config_hash or tamper.config_digest(cfg),
             code=tamper.manifest_digest(manifest),
             manifest=manifest,
             store_boot=store_boot if cfg.store.kind != "memory" else None,
@@ -117,7 +119,7 @@ class AuditRoom:
                 "one): the audit log is chained but its heads are not signed, and it is not sent"
             )
 
-    def reconfigured(self, config: Config) -> None:
+    def reconfigured(self, config: Config, config_hash: str = "") -> None:
         """A staged config was applied: its digest is the baseline the next start compares
         with (a reload is recorded as such, not as tamper), and its tamper inputs are
         watched from now on (an input that stays keeps its state)."""
@@ -138,7 +140,7 @@ class AuditRoom:
             if kept is not None and (kept.path, kept.normal) == (f.path, f.normal):
                 f.state = kept.state
         self.clock.threshold = config.audit.clock_jump
-        self.log.set_meta(tamper.META_CONFIG, tamper.config_digest(config))
+        self.log.set_meta(tamper.META_CONFIG, config_hash or tamper.config_digest(config))
 
     def signal(self, kind: str, device: str | None, reason: str, **details: Any) -> None:
         self.signals[kind] = {"at": time.time(), "device": device, "reason": reason, **details}

@@ -137,6 +137,12 @@ class AuditStream:
         unsent = self._log.committed_pos - self._log.acked_pos
         return [DeviceDepth(self.device_id, max(0, unsent), len(self._leased), 0, None)]
 
+    def pending(self, device_id: str) -> int:
+        """Committed items not yet handed to the session."""
+        if self._closed and self._keep_unsent:
+            return 0
+        return max(0, self._log.committed_pos - self._sent)
+
     def holds(self, device_id: str) -> bool:
         if self._closed and self._keep_unsent:
             return False

@@ -44,10 +44,11 @@ def digest(data: bytes) -> str:
 
 
 def config_digest(config: Any) -> str:
-    """The digest of a validated config (its canonical JSON): the same whichever source
-    (file, twin) or formatting it came from, and different for any change of a value."""
-    doc = config.model_dump(mode="json")
-    return digest(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
+    """The digest of a validated config's values (:func:`gateway.config.sources.from_config`),
+    for a gateway that was not told the hash of what it loaded."""
+    from gateway.config import sources
+
+    return sources.from_config(config, "config").hash
 
 
 def code_roots() -> list[Path]:

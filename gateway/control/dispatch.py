@@ -62,6 +62,8 @@ class _Device:
     waiting: dict[str, Command] = field(default_factory=dict)
     changed: list[Callable[[], None]] = field(default_factory=list)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Whether the health watch is set: a link restarted by a reload is attached again.
+    watched: bool = False
 
 
 class C2dLedger:
@@ -154,11 +156,28 @@ class Control:
         (set when the links are made)."""
         device = self._devices[device_id]
         device.link, device.points = link, points
-        self._watch(device_id, lambda: self._health_changed(device_id))
+        if not device.watched:
+            device.watched = True
+            self._watch(device_id, lambda: self._health_changed(device_id))
+
+    def add_device(self, device_id: str, device_policy: DevicePolicy) -> None:
+        """A reload added or changed a device: it starts afresh (no twin points applied, no
+        outcomes), like a device at a start."""
+        self._devices[device_id] = _Device(device_policy)
+
+    def remove_device(self, device_id: str) -> None:
+        """A reload removed a device: its commands are no longer carried out (its session
+        ends; work already started on its link finishes or fails on its own)."""
+        self._devices.pop(device_id, None)
 
     def _health_changed(self, device_id: str) -> None:
-        device = self._devices[device_id]
-        if device.waiting and device.link is not None and device.link.health.state == "up":
+        device = self._devices.get(device_id)  # None: a reload removed it
+        if (
+            device is not None
+            and device.waiting
+            and device.link is not None
+            and device.link.health.state == "up"
+        ):
             self._spawn(self._retry_waiting(device_id), f"twin-retry[{device_id}]")
 
     def close(self) -> None:

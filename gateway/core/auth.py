@@ -73,6 +73,20 @@ class AuthGate:
         self._unknown: set[tuple[str, str]] = set()
         self._answers: dict[str, deque[bytes]] = {}
 
+    def register(self, registration: Registration) -> None:
+        """A reload added or changed a device: its registry entry is replaced, and whatever was
+        judged of it is forgotten (its restarted link shows its evidence again)."""
+        self.forget(registration.device_id)
+        self._registry[registration.device_id] = registration
+
+    def forget(self, device_id: str) -> None:
+        """A reload removed a device: it is no longer in the registry (a link that still sees
+        it reports an unknown device)."""
+        self._registry.pop(device_id, None)
+        self._admitted.discard(device_id)
+        self.quarantined.pop(device_id, None)
+        self._answers.pop(device_id, None)
+
     def admitted(self, device_id: str) -> bool:
         return device_id in self._admitted
 

@@ -69,6 +69,15 @@ class PipelineStep:
             envelopes += sealed.envelopes
         return envelopes
 
+    def flush_device(self, device_id: str) -> list[Envelope]:
+        """Seal one device's open batch whole (a reload removes or restarts the device)."""
+        batch = self._batcher.take(device_id)
+        if batch is None:
+            return []
+        sealed = self._sealer.seal(batch, final=True)
+        self._learn(device_id, sealed.observed)
+        return sealed.envelopes
+
     def _seal(self, batch: Batch, now: float, out: Output) -> None:
         sealed = self._sealer.seal(batch)
         self._learn(batch.device_id, sealed.observed)

@@ -98,3 +98,6 @@ class MemoryQueue:
 
     def holds(self, device_id: str) -> bool:
         return self._ledger.holds(device_id)
+
+    def pending(self, device_id: str) -> int:
+        return self._ledger.pending(device_id)

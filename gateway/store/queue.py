@@ -14,7 +14,9 @@ durable :class:`gateway.store.sqlite.Store`; both keep their envelopes in
   (the session lost its connection; those envelopes will be published again).
 - ``close()``: no more puts; wakes leasers so that sessions can finish.
 - ``depth()``: per device, what is queued and leased (status); ``holds(device_id)``: whether
-  one device has anything queued or leased, in constant time (a stop asks it per session).
+  one device has anything queued or leased, in constant time (a stop asks it per session);
+  ``pending(device_id)``: how many are queued and not out on lease (a session whose device a
+  reload removed leases only those, then ends).
 """
 
 from __future__ import annotations
@@ -49,3 +51,4 @@ class EnvelopeQueue(Protocol):
     def close(self) -> None: ...
     def depth(self) -> list[DeviceDepth]: ...
     def holds(self, device_id: str) -> bool: ...
+    def pending(self, device_id: str) -> int: ...

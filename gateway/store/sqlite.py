@@ -833,6 +833,9 @@ class Store:
     def holds(self, device_id: str) -> bool:
         return self._ledger.holds(device_id)
 
+    def pending(self, device_id: str) -> int:
+        return self._ledger.pending(device_id)
+
 
 def _drop_counts(
     dropped: list[tuple[str, str, list[tuple[int, int]]]],

@@ -133,8 +133,10 @@ class DeviceSession:
         self._connection: _Connection | None = None
 
     def finish(self) -> None:
-        """The queue was closed: stop retrying once nothing is left for this device (a session
-        waiting to reconnect would otherwise hold the stop for the whole grace)."""
+        """No more envelopes will come for this device (the queue was closed, or a reload
+        removed the device): publish what is left, then end; stop retrying once nothing is
+        left (a session waiting to reconnect would otherwise hold the stop for the whole
+        grace)."""
         self._finishing.set()
 
     def _nothing_left(self) -> bool:
@@ -405,7 +407,7 @@ class DeviceSession:
             while window.count >= limit:
                 window.slot.clear()
                 await window.slot.wait()
-            items = await self._queue.lease(device, limit - window.count)
+            items = await self._lease(limit - window.count)
             if not items:
                 while window.count:
                     window.slot.clear()
@@ -421,6 +423,29 @@ class DeviceSession:
                 assert future is not None
                 window.count += 1
                 future.add_done_callback(partial(self._acked, window, item))
+
+    async def _lease(self, limit: int) -> list[Leased]:
+        """The queue's lease, which also ends (``[]``) once :meth:`finish` was called and
+        nothing is pending for this device, though the queue stays open for the others (a
+        device removed by a reload). A lease waits only while nothing is pending, so one
+        cancelled at the finish has taken nothing. Only a lease that would wait races the
+        finish (two tasks per idle wait); one with envelopes pending is taken at once."""
+        if not self._finishing.is_set() and not self._queue.pending(self.device_id):
+            lease = asyncio.ensure_future(self._queue.lease(self.device_id, limit))
+            finishing = asyncio.ensure_future(self._finishing.wait())
+            try:
+                await asyncio.wait((lease, finishing), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                finishing.cancel()
+                if not lease.done():
+                    lease.cancel()
+            if not lease.done():
+                await asyncio.wait((lease,))  # the cancel lands at the lease's next await
+            if not lease.cancelled():
+                return lease.result()
+        if not self._queue.pending(self.device_id):
+            return []
+        return await self._queue.lease(self.device_id, limit)
 
     def _acked(self, window: _Window, item: Leased, future: asyncio.Future[None]) -> None:
         window.count -= 1
