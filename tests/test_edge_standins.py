@@ -1,0 +1,168 @@
+"""azure-iot-device's own module client against the edge stand-ins: the workload API signs its
+SAS token and hands it the trust bundle, edgeHub checks the token (key, expiry, resource) and
+serves the module's twin and methods beside the device identities."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_localhub_front import until
+
+from gateway.identity import pki as pki_mod
+from gateway.testbed.edge.hub import EDGE_PORT, EdgeHub, module_environment
+from gateway.testbed.edge.sas import Module
+from gateway.testbed.edge.workload import WorkloadApi
+from gateway.testbed.localhub.control import HubControl
+
+azure = pytest.importorskip("azure.iot.device", reason="azure-iot-device is in the edge extra")
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:ssl.PROTOCOL_TLS:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:paho"),
+]
+
+HUB = "myhub.azure-devices.net"
+EDGE_DEVICE = "edge-1"
+
+
+def free_edge_address() -> str:
+    """A loopback address with edgeHub's port free (the SDK cannot use another port)."""
+    for n in range(20, 250):
+        address = f"127.0.0.{n}"
+        with socket.socket() as probe:
+            try:
+                probe.bind((address, EDGE_PORT))
+            except OSError:
+                continue
+            return address
+    pytest.skip(f"no loopback address 127.0.0.N has port {EDGE_PORT} free")
+
+
+@pytest.fixture
+def edge_pki(tmp_path: Path) -> Iterator[tuple[pki_mod.Pki, str]]:
+    address = free_edge_address()
+    yield pki_mod.init(tmp_path / "pki", server_ips=("127.0.0.1", address)), address
+
+
+def _module_client(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
+    from azure.iot.device import IoTHubModuleClient
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return IoTHubModuleClient.create_from_edge_environment(connection_retry=False)
+
+
+def test_the_sdk_module_client_connects_by_a_workload_signed_token_and_uses_its_twin(
+    edge_pki: tuple[pki_mod.Pki, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pki, address = edge_pki
+    module = Module(EDGE_DEVICE, "fieldgate")
+
+    async def scenario() -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        out: dict[str, Any] = {}
+        root = pki.root_cert.read_text()
+        async with (
+            WorkloadApi(tmp_path / "workload.sock", module, root) as workload,
+            EdgeHub(pki, address=address, hub=HUB, modules=[module], state=tmp_path / "hub") as edge,
+        ):
+            env = module_environment(workload, hub=HUB, gateway_host=address, device=EDGE_DEVICE)
+            client = await loop.run_in_executor(None, _module_client, env, monkeypatch)
+            desired: list[dict[str, Any]] = []
+
+            def connect() -> None:
+                # Setting a handler subscribes at once, blocking: never on the loop's thread
+                # (the stand-in's front runs there).
+                client.connect()
+                client.on_twin_desired_properties_patch_received = desired.append
+
+            try:
+                await loop.run_in_executor(None, connect)
+                async with HubControl(pki, address, EDGE_PORT) as hub:
+                    await until(lambda: hub.connected(module.identity), "the module present")
+                    await hub.desire(module.identity, {"fieldgate": {"n": 1}})
+                    out["twin"] = await loop.run_in_executor(None, client.get_twin)
+                    await loop.run_in_executor(
+                        None, client.patch_twin_reported_properties, {"state": "up"}
+                    )
+                    out["held"] = await hub.twin(module.identity)
+                    await until(lambda: desired, "the desired patch")
+            finally:
+                await loop.run_in_executor(None, client.shutdown)
+            out["desired"] = desired
+            out["signed"] = workload.calls.signed
+            out["bundles"] = workload.calls.bundles
+            out["violations"] = list(edge.broker.violations)
+        return out
+
+    out = asyncio.run(scenario())
+    assert out["signed"] >= 1 and out["bundles"] == 1
+    assert out["twin"]["desired"] == {"fieldgate": {"n": 1}, "$version": 2}
+    assert out["held"]["reported"] == {"state": "up", "$version": 2}
+    assert out["desired"] == [{"fieldgate": {"n": 1}, "$version": 2}]
+    assert out["violations"] == []
+
+
+@pytest.mark.parametrize(
+    ("case", "why"),
+    [
+        ("wrong key", "signature does not match the module's key"),
+        ("expired", "SAS token expired"),
+    ],
+)
+def test_a_wrong_or_expired_token_gets_connack_5_and_a_recorded_refusal(
+    edge_pki: tuple[pki_mod.Pki, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+    why: str,
+) -> None:
+    from azure.iot.device.exceptions import ClientError, CredentialError
+
+    pki, address = edge_pki
+    module = Module(EDGE_DEVICE, "fieldgate")
+    # The workload API signs with another key than edgeHub knows; or edgeHub's clock is two
+    # hours on, past the SDK's one-hour token.
+    signer = Module(EDGE_DEVICE, "fieldgate", generation_id=module.generation_id)
+    skew = 7200.0 if case == "expired" else 0.0
+
+    async def scenario() -> tuple[BaseException | None, list[Any], bool]:
+        loop = asyncio.get_running_loop()
+        root = pki.root_cert.read_text()
+        workload_module = signer if case == "wrong key" else module
+        async with (
+            WorkloadApi(tmp_path / "workload.sock", workload_module, root) as workload,
+            EdgeHub(
+                pki,
+                address=address,
+                hub=HUB,
+                modules=[module],
+                state=tmp_path / "hub",
+                clock=lambda: time.time() + skew,
+            ) as edge,
+        ):
+            env = module_environment(workload, hub=HUB, gateway_host=address, device=EDGE_DEVICE)
+            client = await loop.run_in_executor(None, _module_client, env, monkeypatch)
+            error: BaseException | None = None
+            try:
+                await loop.run_in_executor(None, client.connect)
+            except (ClientError, CredentialError) as err:
+                error = err
+            finally:
+                await loop.run_in_executor(None, client.shutdown)
+            async with HubControl(pki, address, EDGE_PORT) as hub:
+                present = hub.connected(module.identity)
+            return error, list(edge.broker.violations), present
+
+    error, violations, present = asyncio.run(scenario())
+    assert error is not None, "the SDK connected with a bad token"
+    assert "5" in str(error) or "auth" in str(error).lower() or isinstance(error, CredentialError)
+    assert not present
+    assert [(v.what, v.identity) for v in violations] == [("connect", "edge-1/modules/fieldgate")]
+    assert why in violations[0].why
