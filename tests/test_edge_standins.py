@@ -70,7 +70,9 @@ def test_the_sdk_module_client_connects_by_a_workload_signed_token_and_uses_its_
         root = pki.root_cert.read_text()
         async with (
             WorkloadApi(tmp_path / "workload.sock", module, root) as workload,
-            EdgeHub(pki, address=address, hub=HUB, modules=[module], state=tmp_path / "hub") as edge,
+            EdgeHub(
+                pki, address=address, hub=HUB, modules=[module], state=tmp_path / "hub"
+            ) as edge,
         ):
             env = module_environment(workload, hub=HUB, gateway_host=address, device=EDGE_DEVICE)
             client = await loop.run_in_executor(None, _module_client, env, monkeypatch)
