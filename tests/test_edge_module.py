@@ -108,6 +108,21 @@ def test_module_mode_runs_from_the_twin_and_reports_applied_and_refused_configs(
                     lambda s: (s.get("config") or {}).get("version") == out["second"],
                     "the bad patch reported",
                 )
+                # Undone by the next patch (null deletes): valid again, and without a staged
+                # apply wired the gateway restarts on it (its batches flushed first).
+                good = await hub.desire(
+                    module.identity, {"fieldgate": {"config": {"batching": {"max_bytes": None}}}}
+                )
+                out["third"] = good["desired"]["$version"]
+                out["reapplied"] = await until_reported(
+                    lambda s: (
+                        (s.get("config") or {}).get("version") == out["third"]
+                        and s["config"]["status"] == "applied"
+                        and s["devices"]["up"] == 1
+                    ),
+                    "the good patch applied",
+                )
+                await until(lambda: hub.connected(device), f"{device} connected again", within=20)
                 out["status"] = await hub.invoke(module.identity, "status", timeout=10)
                 out["unknown"] = await hub.invoke(module.identity, "nope", timeout=10)
                 out["connected"] = hub.connected(device)
@@ -128,6 +143,7 @@ def test_module_mode_runs_from_the_twin_and_reports_applied_and_refused_configs(
     assert refused["field"] == "twin:fieldgate.config.batching.max_bytes"
     assert "512" in refused["reason"]
     assert out["refused"]["devices"]["up"] == 1  # the running config is kept
+    assert out["reapplied"]["config"]["source"] == "twin:fieldgate.config"
     status, body = out["status"]
     assert status == 200 and body["states"] == {out_device(body): "up"}
     assert out["unknown"][0] == 404

@@ -168,3 +168,58 @@ def test_a_wrong_or_expired_token_gets_connack_5_and_a_recorded_refusal(
     assert not present
     assert [(v.what, v.identity) for v in violations] == [("connect", "edge-1/modules/fieldgate")]
     assert why in violations[0].why
+
+
+def test_the_workload_api_signs_only_for_its_module_and_generation() -> None:
+    import base64
+
+    from gateway.testbed.edge.sas import sign
+    from gateway.testbed.edge.workload import Calls, answer
+
+    module = Module(EDGE_DEVICE, "fieldgate")
+    calls = Calls()
+    body = b'{"keyId": "primary", "algo": "HMACSHA256", "data": "' + base64.b64encode(b"x") + b'"}'
+
+    def ask(method: str, target: str, data: bytes = b"") -> tuple[int, Any]:
+        return answer(
+            method, target, data, module=module, api_version="2019-01-30", bundle="PEM", calls=calls
+        )
+
+    own = f"/modules/fieldgate/genid/{module.generation_id}/sign?api-version=2019-01-30"
+    assert ask("POST", own, body) == (200, {"digest": sign(module.key, b"x")})
+    assert ask("GET", "/trust-bundle?api-version=2019-01-30") == (200, {"certificate": "PEM"})
+    assert ask("POST", "/modules/fieldgate/genid/0000/sign?api-version=2019-01-30", body)[0] == 404
+    assert (
+        ask(
+            "POST", f"/modules/other/genid/{module.generation_id}/sign?api-version=2019-01-30", body
+        )[0]
+        == 404
+    )
+    assert ask("POST", own.replace("2019-01-30", "2018-06-28"), body)[0] == 400
+    assert ask("POST", own, b'{"keyId": "primary"}')[0] == 400
+    assert ask("GET", "/modules?api-version=2019-01-30")[0] == 404
+    assert (calls.signed, calls.bundles, len(calls.refused)) == (1, 1, 5)
+
+
+def test_a_token_for_another_resource_or_username_is_refused() -> None:
+    from gateway.testbed.edge.sas import judge_module_connect, token
+    from gateway.testbed.localhub.front import Connect
+
+    module = Module(EDGE_DEVICE, "fieldgate")
+    modules = {"edge-1/fieldgate": module}
+    now = time.time()
+    good = token(module.key, module.resource(HUB), int(now) + 60).encode()
+
+    def connect(client_id: str, username: str, password: bytes) -> tuple[str | None, str | None]:
+        frame = Connect(4, 0xC2, 60, client_id, None, b"", username, password)
+        return judge_module_connect(frame, modules, HUB, now)
+
+    user = f"{HUB}/edge-1/fieldgate/?api-version=2021-04-12"
+    assert connect("edge-1/fieldgate", user, good) == ("edge-1/modules/fieldgate", None)
+    other = token(module.key, f"{HUB}/devices/edge-1", int(now) + 60).encode()
+    assert "not 'myhub" in (connect("edge-1/fieldgate", user, other)[1] or "")
+    assert "username" in (
+        connect("edge-1/fieldgate", f"{HUB}/edge-1/?api-version=1", good)[1] or ""
+    )
+    assert "no module identity" in (connect("edge-1/other", user, good)[1] or "")
+    assert "not a SharedAccessSignature" in (connect("edge-1/fieldgate", user, b"secret")[1] or "")

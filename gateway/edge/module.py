@@ -253,6 +253,15 @@ class EdgeModule:
         except TwinConfigError as err:
             log.warning("desired version %d refused: %s: %s", err.version, err.field, err.reason)
             state = ConfigState.refused(err)
+            if self.gateway is not None:  # the running gateway's events (no state otherwise)
+                self.gateway.events.record(
+                    "edge-config-refused",
+                    None,
+                    err.reason,
+                    field=err.field,
+                    version=err.version,
+                    source=err.path,
+                )
         else:
             state = await self._apply(found)
         self.config_state = state
