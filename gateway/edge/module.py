@@ -13,7 +13,7 @@ What it does, in order:
    X.509 identity, as before;
 2. the twin's desired properties give the config (:mod:`gateway.edge.twin`); a valid one starts
    the gateway, a refused one is reported with its field and the module waits for a better one;
-3. a desired patch is merged into the desired document and validated again: refused ones
+3. at a desired patch the desired document is read again and validated: refused ones
    change nothing and are reported; valid ones go to ``stage`` (the gateway's staged apply,
    wired by the composition root) or, without one, the gateway is restarted with the new
    config (stopping flushes every open batch into the store first);
@@ -241,9 +241,21 @@ class EdgeModule:
     async def _patched(self, patch: dict[str, Any]) -> None:
         if version_of(patch) and version_of(patch) <= version_of(self.desired):
             return  # already in the desired document read at connect
-        self.desired = merge_patch(self.desired, patch)
-        if "$version" in patch:
-            self.desired["$version"] = patch["$version"]
+        # The whole desired document is read again: after a reconnect the SDK hands the whole
+        # document over as if it were a patch, and merging that would keep properties deleted
+        # meanwhile. Merging is the fallback when the read fails.
+        try:
+            twin = await self._client.get_twin()
+            desired = dict(twin.get("desired", {}))
+        except Exception as err:
+            log.warning("twin not read after a desired patch (%s): merging the patch", err)
+            desired = merge_patch(self.desired, patch)
+            if "$version" in patch:
+                desired["$version"] = patch["$version"]
+        if version_of(desired) < version_of(patch):
+            desired = merge_patch(desired, patch)
+            desired["$version"] = patch["$version"]
+        self.desired = desired
         await self.take(self.desired)
 
     async def take(self, desired: dict[str, Any]) -> ConfigState:
