@@ -261,7 +261,11 @@ class EdgeModule:
     async def take(self, desired: dict[str, Any]) -> ConfigState:
         """Validate the desired config and apply it; the outcome becomes the reported one."""
         try:
-            found = desired_config(desired, self.env, self.trust_file, base=self.base)
+            # In a thread: the checks read files and resolve device host names (up to 3 s),
+            # and the running gateway shares this loop.
+            found = await asyncio.to_thread(
+                desired_config, desired, self.env, self.trust_file, base=self.base
+            )
         except TwinConfigError as err:
             log.warning("desired version %d refused: %s: %s", err.version, err.field, err.reason)
             state = ConfigState.refused(err)
@@ -292,7 +296,12 @@ class EdgeModule:
             )
 
         if self.gateway is not None and self.stage is not None:
-            return state(await self.stage(self.gateway, found.config, found.source))
+            try:
+                outcome = await self.stage(self.gateway, found.config, found.source)
+            except Exception as err:  # a bug in the apply: reported, the module stays up
+                log.exception("staging config version %d failed", found.version)
+                outcome = StageOutcome("failed", None, f"{type(err).__name__}: {err}")
+            return state(outcome)
         # Until the staged apply is wired: start (or restart) with the new config. Stopping
         # flushes every open batch into the store; the store carries on.
         await self._stop_gateway()
