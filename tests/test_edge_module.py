@@ -123,12 +123,21 @@ def test_module_mode_runs_from_the_twin_and_reports_applied_and_refused_configs(
                     "the good patch applied",
                 )
                 await until(lambda: hub.connected(device), f"{device} connected again", within=20)
+                before = service.devices[device].readings
+                await until(
+                    lambda: service.devices[device].readings > before,
+                    "readings after the restart",
+                    within=20,
+                )
                 out["status"] = await hub.invoke(module.identity, "status", timeout=10)
                 out["unknown"] = await hub.invoke(module.identity, "nope", timeout=10)
                 out["connected"] = hub.connected(device)
             finally:
                 out["exit"] = await loop.run_in_executor(None, proc.stop)
             out["violations"] = [v for v in edge.broker.violations if v.what != "tls"]
+            out["hub_refused"] = list(service.refused)
+            out["conflicts"] = list(service.tracker.conflicts)
+            out["gaps"] = service.tracker.gaps()
             out["signed"] = workload.calls.signed
         return out
 
@@ -150,6 +159,9 @@ def test_module_mode_runs_from_the_twin_and_reports_applied_and_refused_configs(
     assert out["connected"], "the device connects to edgeHub under its own identity"
     assert out["signed"] >= 1
     assert out["violations"] == []
+    # The restart lost nothing and reused no sequence number.
+    assert out["hub_refused"] == [] and out["conflicts"] == [] and out["gaps"] == {}
+    assert (tmp_path / "trust" / "edgehub.pem").read_text() == pki.root_cert.read_text()
     assert out["exit"] == 0
 
 
