@@ -225,3 +225,18 @@ def test_a_token_for_another_resource_or_username_is_refused() -> None:
     )
     assert "no module identity" in (connect("edge-1/other", user, good)[1] or "")
     assert "not a SharedAccessSignature" in (connect("edge-1/fieldgate", user, b"secret")[1] or "")
+
+
+def test_a_module_identity_is_scoped_like_a_device() -> None:
+    from gateway.testbed.localhub.control import _device_of
+    from gateway.testbed.localhub.front import inner_topic, judge_publish, outer_topic
+
+    me = "edge-1/modules/fieldgate"
+    assert judge_publish(me, "devices/edge-1/modules/fieldgate/messages/events/a=1", 1) is None
+    assert judge_publish(me, "devices/edge-1/messages/events/", 1) is not None  # its device's
+    assert judge_publish(me, "devices/plc-1/messages/events/", 1) is not None  # a child's
+    inner = inner_topic(me, "$iothub/twin/GET/?$rid=1")
+    assert inner == "$iothub/edge-1/modules/fieldgate/twin/GET/?$rid=1"
+    assert _device_of(inner) == (me, "$iothub/twin/GET/?$rid=1")
+    assert _device_of("$iothub/edge-1/twin/GET/?$rid=1") == ("edge-1", "$iothub/twin/GET/?$rid=1")
+    assert outer_topic("edge-1", inner) is None  # the device never sees its module's answers

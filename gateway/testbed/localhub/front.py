@@ -78,7 +78,11 @@ def outer_topic(device: str, topic: str) -> str | None:
     if not topic.startswith(IOTHUB):
         return topic
     own = f"{IOTHUB}{device}/"
-    return IOTHUB + topic[len(own) :] if topic.startswith(own) else None
+    if not topic.startswith(own):
+        return None
+    rest = topic[len(own) :]
+    # A device's prefix also starts its modules' topics (edgeHub stand-in): never theirs.
+    return None if rest.startswith("modules/") else IOTHUB + rest
 
 
 def presence_topic(device: str) -> str:
