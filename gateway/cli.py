@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -40,6 +41,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gateway.config.sources import file_hash
     from gateway.enroll import load_for
 
+    if args.config is None:
+        from gateway.edge import env as edge_env
+
+        # No --config: started by the IoT Edge runtime, the config comes from the module twin.
+        if edge_env.detected(os.environ):
+            return cmd_edge_run(args)
+        print(
+            "fieldgate run: --config is required (or run as an IoT Edge module: the runtime "
+            "sets the IOTEDGE_* variables)",
+            file=sys.stderr,
+        )
+        return EXIT_REFUSED
     config_file = Path(args.config)
     # The hash of the bytes validated: read once, so that the hash is of what runs.
     raw = config_file.read_bytes() if config_file.is_file() else b""
@@ -82,6 +95,35 @@ def cmd_reload(args: argparse.Namespace) -> int:
     from gateway.reload import reload
 
     return reload(Path(args.config), timeout=args.timeout, as_json=args.json)
+
+
+def cmd_edge_run(args: argparse.Namespace) -> int:
+    """Module mode (``fieldgate edge run``, or ``fieldgate run`` without --config when the
+    IOTEDGE_* variables are set): see gateway/edge/module.py."""
+    from gateway.edge import env as edge_env
+
+    env = edge_env.read(os.environ)  # exit 2 naming a missing variable, before any import
+    from gateway.edge.module import EdgeModule, sdk_missing, staged_apply
+
+    missing = sdk_missing()
+    if missing:
+        print(f"fieldgate: {missing}", file=sys.stderr)
+        return EXIT_REFUSED
+
+    os.umask(0o077)
+    trust = getattr(args, "trust_file", None) or os.environ.get(
+        "FIELDGATE_EDGE_TRUST_FILE",
+        str(Path(tempfile.gettempdir()) / "fieldgate-edge" / "edgehub-roots.pem"),
+    )
+    module = EdgeModule(
+        env,
+        trust_file=Path(trust),
+        stage=staged_apply,
+        report_interval=getattr(args, "report_interval", 1.0),
+        base=Path.cwd(),
+    )
+    runtime.run(module.run)
+    return 0
 
 
 def cmd_pki_init(args: argparse.Namespace) -> int:
@@ -212,7 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     run = verbs.add_parser("run", help="run the gateway from a config file")
-    run.add_argument("--config", required=True, help="gateway TOML file")
+    run.add_argument(
+        "--config",
+        help="gateway TOML file (without it, as an IoT Edge module when IOTEDGE_* are set)",
+    )
     run.add_argument(
         "--workers", type=int, default=1, help="processes over disjoint device sets (one core each)"
     )
@@ -229,6 +274,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reload.add_argument("--json", action="store_true", help="print the outcome as JSON")
     reload.set_defaults(func=cmd_reload)
+
+    edge = verbs.add_parser("edge", help="Azure IoT Edge module mode").add_subparsers(
+        dest="edge_verb", required=True
+    )
+    edge_run = edge.add_parser(
+        "run", help="run as an IoT Edge module: config from the module twin (IOTEDGE_* set)"
+    )
+    edge_run.add_argument(
+        "--trust-file",
+        metavar="PATH",
+        help="where the workload API's trust bundle is written for the devices' sessions "
+        "(default: $FIELDGATE_EDGE_TRUST_FILE, else $TMPDIR/fieldgate-edge/edgehub-roots.pem)",
+    )
+    edge_run.add_argument(
+        "--report-interval",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="seconds between reported-property patches, at least (default 1)",
+    )
+    edge_run.set_defaults(func=cmd_edge_run)
 
     pki = verbs.add_parser("pki", help="development PKI").add_subparsers(
         dest="pki_verb", required=True

@@ -132,6 +132,12 @@ class HubConfig(_Model):
         default=None, description="connect here instead of hostname (an edgeHub or a stand-in)"
     )
     port: int = Field(default=8883, ge=1, le=65535)
+    server_name: str | None = Field(
+        default=None,
+        min_length=1,
+        description="the name the hub's TLS certificate must carry when it is not hostname "
+        "(edgeHub: the edge device's host name, while the username keeps the IoT Hub's)",
+    )
     ca_file: FilePath
     max_inflight: int = Field(default=16, ge=1, le=1000)
     keepalive: int = Field(default=60, ge=5, description=f"seconds, at most {MAX_KEEPALIVE}")

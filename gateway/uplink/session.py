@@ -149,7 +149,7 @@ class DeviceSession:
             port=hub.port,
             client_id=self.device_id,
             ssl_context=self._context,
-            server_hostname=hub.hostname,
+            server_hostname=hub.server_name or hub.hostname,
             username=iothub_username(hub.hostname, self.device_id),
             keepalive=hub.keepalive,
             connect_timeout=hub.connect_timeout,

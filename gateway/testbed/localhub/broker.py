@@ -22,7 +22,13 @@ from gateway.core.errors import FieldgateError
 from gateway.core.tlsprofile import TLS12_CIPHERS
 from gateway.identity.pki import Pki, decrypted_key_pem
 from gateway.runtime import child_process_options
-from gateway.testbed.localhub.front import Front, Violation, inner_acl, server_context
+from gateway.testbed.localhub.front import (
+    Front,
+    SasCheck,
+    Violation,
+    inner_acl,
+    server_context,
+)
 
 # The uplink's own list: the stand-in takes exactly what a gateway offers on TLS 1.2.
 CIPHERS = TLS12_CIPHERS
@@ -98,7 +104,10 @@ class Broker:
         host: str = "127.0.0.1",
         log_path: Path | None = None,
         persist: Path | None = None,
+        sas: SasCheck | None = None,
     ) -> None:
+        # sas: module identities with SAS tokens are let in too (the edgeHub stand-in).
+        self.sas = sas
         self.persist = persist
         self.pki = pki
         self.port = port
@@ -148,11 +157,18 @@ class Broker:
             await self._wait_listening()
             self._front_log = open(self.log_path, "a") if self.log_path else None
             self.front = Front(
-                server_context(self.pki.root_cert, self.pki.server_cert, key_pem, workdir),
+                server_context(
+                    self.pki.root_cert,
+                    self.pki.server_cert,
+                    key_pem,
+                    workdir,
+                    certificate_optional=self.sas is not None,
+                ),
                 host=self.host,
                 port=self.port,
                 inner=workdir / INNER_SOCKET,
                 log_file=self._front_log,
+                sas=self.sas,
             )
             try:
                 await self.front.start()

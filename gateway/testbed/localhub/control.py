@@ -47,6 +47,7 @@ log = logging.getLogger("fieldgate.localhub.control")
 
 TWIN_REQUESTS = "fieldgate-hub/twin/req/"
 TWIN_ANSWERS = "fieldgate-hub/twin/res/"
+ANY_MODULE = "+/modules/+"
 
 
 class HubControlError(FieldgateError):
@@ -124,11 +125,23 @@ class Twins:
         os.replace(tmp, self.path)
 
 
+# A module identity (the edgeHub stand-in) scoped like a device: ``{device}/modules/{module}``.
+MODULES = "/modules/"
+
+
+def module_identity(device: str, module: str) -> str:
+    return f"{device}{MODULES}{module}"
+
+
 def _device_of(topic: str) -> tuple[str, str] | None:
-    """``$iothub/{device}/X`` -> (device, ``$iothub/X``)."""
+    """``$iothub/{device}/X`` -> (device, ``$iothub/X``); a module's
+    ``$iothub/{device}/modules/{module}/X`` -> (``{device}/modules/{module}``, ``$iothub/X``)."""
     if not topic.startswith(IOTHUB):
         return None
-    device = topic[len(IOTHUB) :].partition("/")[0]
+    parts = topic[len(IOTHUB) :].split("/", 3)
+    device = parts[0]
+    if len(parts) == 4 and parts[1] == MODULES.strip("/") and parts[2]:
+        device = module_identity(parts[0], parts[2])
     outer = outer_topic(device, topic)
     return (device, outer) if device and outer is not None else None
 
@@ -227,6 +240,8 @@ class TwinHolder:
                 [
                     (inner_topic("+", "$iothub/twin/GET/#"), 0),
                     (inner_topic("+", "$iothub/twin/PATCH/properties/reported/#"), 0),
+                    (inner_topic(ANY_MODULE, "$iothub/twin/GET/#"), 0),
+                    (inner_topic(ANY_MODULE, "$iothub/twin/PATCH/properties/reported/#"), 0),
                     (TWIN_REQUESTS + "#", 0),
                 ]
             )
@@ -275,11 +290,15 @@ class HubControl:
         )
         await client.__aenter__()
         self._client = client
-        await client.subscribe([(EPOCH, 0), (PRESENCE + "+", 0)])
+        await client.subscribe([(EPOCH, 0), (PRESENCE + "+", 0), (PRESENCE + ANY_MODULE, 0)])
         # mosquitto handles packets in order: once this SUBACK is in, the retained presence
         # of the subscription before has been delivered.
         await client.subscribe(
-            [(inner_topic("+", "$iothub/methods/res/#"), 1), (TWIN_ANSWERS + self._name + "/#", 1)]
+            [
+                (inner_topic("+", "$iothub/methods/res/#"), 1),
+                (inner_topic(ANY_MODULE, "$iothub/methods/res/#"), 1),
+                (TWIN_ANSWERS + self._name + "/#", 1),
+            ]
         )
         return self
 

@@ -17,6 +17,12 @@ unix socket only it can reach, judging and rewriting packets on the way:
   mosquitto routes method calls and twin answers per device. Packet ids pass unchanged.
 - the service identities (hub-service, hub-monitor) pass unscoped: the service side addresses
   devices by the inner topics, and mosquitto's ACL still applies.
+- as an edgeHub stand-in (``sas=`` given, :mod:`gateway.testbed.edge`), a connection without a
+  client certificate may CONNECT as a module identity with a SAS token as its password; the
+  check is the caller's (it returns the identity ``{device}/modules/{module}``, or why not:
+  CONNACK 5 and a recorded refusal). That identity is then scoped like a device's: its
+  telemetry topic is ``devices/{device}/modules/{module}/messages/events``, its ``$iothub/X``
+  is ``$iothub/{device}/modules/{module}/X`` inside.
 
 The judging is pure (:func:`judge_publish`, :func:`judge_subscribe`, :func:`judge_connect`);
 the protocols around it only move bytes.
@@ -58,6 +64,10 @@ EPOCH = CONTROL + "epoch"
 REFUSED_MARK = "fieldgate-front: refused "
 
 
+# A module's CONNECT (no certificate, a SAS token as password) -> (identity, why refused).
+SasCheck = Callable[["Connect"], tuple[str | None, str | None]]
+
+
 def inner_topic(device: str, topic: str) -> str:
     """A device's ``$iothub/X`` as mosquitto sees it: ``$iothub/{device}/X``."""
     return f"{IOTHUB}{device}/{topic[len(IOTHUB) :]}" if topic.startswith(IOTHUB) else topic
@@ -68,7 +78,11 @@ def outer_topic(device: str, topic: str) -> str | None:
     if not topic.startswith(IOTHUB):
         return topic
     own = f"{IOTHUB}{device}/"
-    return IOTHUB + topic[len(own) :] if topic.startswith(own) else None
+    if not topic.startswith(own):
+        return None
+    rest = topic[len(own) :]
+    # A device's prefix also starts its modules' topics (edgeHub stand-in): never theirs.
+    return None if rest.startswith("modules/") else IOTHUB + rest
 
 
 def presence_topic(device: str) -> str:
@@ -137,6 +151,7 @@ class Connect:
     will_topic: str | None
     will_message: bytes
     username: str | None
+    password: bytes | None = None  # a module's SAS token (edgeHub stand-in); dropped inside
 
 
 def parse_connect(body: bytes) -> Connect:
@@ -166,7 +181,8 @@ def parse_connect(body: bytes) -> Connect:
         will_topic = take().decode("utf-8", "replace")
         will_message = take()
     username = take().decode("utf-8", "replace") if flags & 0x80 else None
-    return Connect(level, flags, keepalive, client_id, will_topic, will_message, username)
+    password = take() if flags & 0x40 else None
+    return Connect(level, flags, keepalive, client_id, will_topic, will_message, username, password)
 
 
 def judge_connect(cn: str, connect: Connect) -> str | None:
@@ -417,7 +433,17 @@ class _Connection(asyncio.Protocol):
         except (ValueError, IndexError, struct.error) as err:
             self.refuse("connect", "", f"malformed CONNECT: {err}", connack=2)
             return
-        why = judge_connect(self.cn, connect)
+        sas = self.front.sas
+        if not self.cn and sas is not None and connect.password is not None:
+            # No certificate: a module identity with a SAS token (the edgeHub stand-in).
+            identity, why = sas(connect)
+            if why is not None or identity is None:
+                self.cn = identity or ""
+                self.refuse("connect", connect.client_id, why or "refused", connack=5)
+                return
+            self.cn = identity
+        else:
+            why = judge_connect(self.cn, connect)
         if why:
             self.refuse("connect", connect.client_id, why, connack=1 if connect.level != 4 else 5)
             return
@@ -646,12 +672,15 @@ class _Tls(asyncio.Protocol):
         self.app.resume_writing()
 
 
-def server_context(root: Path, cert: Path, key_pem: bytes, secret_dir: Path) -> ssl.SSLContext:
-    """The hub's TLS rules: 1.2 or newer, AEAD suites, a client certificate from the PKI root."""
+def server_context(
+    root: Path, cert: Path, key_pem: bytes, secret_dir: Path, *, certificate_optional: bool = False
+) -> ssl.SSLContext:
+    """The hub's TLS rules: 1.2 or newer, AEAD suites, a client certificate from the PKI root
+    (``certificate_optional``: one given must verify, but a module with a SAS token has none)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = MIN_VERSION
     ctx.set_ciphers(TLS12_CIPHERS)
-    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.verify_mode = ssl.CERT_OPTIONAL if certificate_optional else ssl.CERT_REQUIRED
     ctx.load_verify_locations(cafile=str(root))
     # load_cert_chain reads files only: the decrypted key sits next to the broker's copy.
     key_file = secret_dir / "front.key"
@@ -676,8 +705,11 @@ class Front:
         port: int,
         inner: Path,
         log_file: IO[str] | None,
+        sas: SasCheck | None = None,
     ) -> None:
         self.context = context
+        # The edgeHub stand-in's module check (None: certificates only, as IoT Hub here).
+        self.sas = sas
         self.host = host
         self.port = port
         self.inner = inner
