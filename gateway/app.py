@@ -38,6 +38,7 @@ from gateway.events import SecurityEvents
 from gateway.identity import checks as identity
 from gateway.identity import keyring
 from gateway.identity.tls import client_context
+from gateway.ops.service import Operations
 from gateway.statelock import StateInUse, StateLock, lock_state, release_all
 from gateway.store import SeqMarks, Store
 from gateway.store.memory import MemoryQueue
@@ -47,6 +48,7 @@ from gateway.uplink.session import DeviceSession
 
 if TYPE_CHECKING:
     from adapters.ble.adapter import BleAdapter
+    from gateway.ops.metrics import AuditLag
 from gateway.uplink.throttle import RateLimiter
 
 log = logging.getLogger("fieldgate")
@@ -135,6 +137,12 @@ class Gateway:
         self.step: PipelineStep | None = None
         self.control: Control | None = None
         self._gate: AuthGate | None = None
+        # Read by gateway.ops (metrics, status) at scrape time; set in run().
+        self.sealer: Sealer | None = None
+        self.buses: list[ModbusBus] = []
+        self.limiters: dict[str, RateLimiter] = {}
+        # The audit stream's lag (records pending, oldest age), when the gateway keeps one.
+        self.audit_lag: AuditLag | None = None
 
     @property
     def events(self) -> SecurityEvents:
@@ -219,6 +227,7 @@ class Gateway:
                 sealer = Sealer(
                     key, cfg.sealing.key_id, queue.boot_id, cfg.batching.max_bytes, queue.next_seq
                 )
+                self.sealer = sealer
                 await self._run(stop, queue, batcher, sealer, contexts)
         finally:
             # However the run ends, the events file is closed and the state is free again.
@@ -276,12 +285,14 @@ class Gateway:
             timeout=cfg.control.timeout,
         )
         twins = RateLimiter(cfg.control.twin_rate)
+        self.limiters = {"connect": connects, "send": sends, "twin": twins}
+        ops = Operations(self, stop)
         self.sessions = {
             d: DeviceSession(
                 d,
                 cfg.hub,
                 ctx,
-                queue,
+                ops.observed(queue),
                 connects,
                 sends,
                 on_event=self.events.record,
@@ -334,13 +345,14 @@ class Gateway:
                     ),
                 )
             )
+        self.buses = [bus for _, bus in buses]
         radios = self._radios(pipeline, gate)
         for adapter in radios.values():
             for ble_link in adapter.links:
                 names = frozenset(by_id[ble_link.device_id].point_names())
                 control.attach(ble_link.device_id, ble_link, names)
         try:
-            async with asyncio.TaskGroup() as uplink:
+            async with ops.serving(), asyncio.TaskGroup() as uplink:
                 writer = uplink.create_task(self._write(pipeline, queue), name="store-writer")
                 session_tasks = [
                     uplink.create_task(s.run(), name=f"uplink[{d}]")

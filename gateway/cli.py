@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -22,7 +23,16 @@ if TYPE_CHECKING:
     from gateway.store import SeqMarks
 
 
-def _setup_logging(level: str, worker: str | None = None) -> None:
+def _setup_logging(level: str, worker: str | None = None, log_format: str = "text") -> None:
+    if log_format == "json":
+        from gateway.ops.logs import JsonFormatter, WorkerField
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+        if worker:
+            handler.addFilter(WorkerField(worker))
+        logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
+        return
     where = f"[worker {worker}] " if worker else ""
     logging.basicConfig(
         level=getattr(logging, level.upper()),
@@ -47,6 +57,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         from gateway.workers import parse_worker, worker_config
 
         cfg = worker_config(cfg, *parse_worker(args.worker))
+        if cfg.metrics is not None:
+            # One [metrics] address cannot serve several processes: workers serve none.
+            logging.getLogger("fieldgate").warning(
+                "metrics.listen: not served with --workers (each worker has its own state; "
+                "use `fieldgate status` per worker state folder)"
+            )
+            cfg = cfg.model_copy(update={"metrics": None})
     elif args.workers > 1:
         from gateway.workers import run_workers
 
@@ -57,6 +74,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         await gateway.run(stop)
 
     runtime.run(main)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from gateway import config as config_mod
+    from gateway.ops import status
+
+    cfg = config_mod.load(args.config, check_files=False)
+    doc = status.ask(status.socket_path(cfg.gateway.state_dir))
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(status.table(doc))
     return 0
 
 
@@ -192,7 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=1, help="processes over disjoint device sets (one core each)"
     )
     run.add_argument("--worker", help=argparse.SUPPRESS)  # I/W: set by --workers
+    run.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="json: one JSON object per line (ts, level, logger, msg, device, kind)",
+    )
     run.set_defaults(func=cmd_run)
+
+    status = verbs.add_parser(
+        "status", help="ask the running gateway: devices, links, sessions, store, audit"
+    )
+    status.add_argument("--config", required=True, help="the gateway's TOML file")
+    status.add_argument("--json", action="store_true", help="print the document as JSON")
+    status.set_defaults(func=cmd_status)
 
     pki = verbs.add_parser("pki", help="development PKI").add_subparsers(
         dest="pki_verb", required=True
@@ -280,7 +323,9 @@ def _add_plugin_verbs(verbs: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.log_level, getattr(args, "worker", None))
+    _setup_logging(
+        args.log_level, getattr(args, "worker", None), getattr(args, "log_format", "text")
+    )
     try:
         return int(args.func(args))
     except ConfigError as err:

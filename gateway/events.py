@@ -39,7 +39,9 @@ class SecurityEvents:
         self._write(codec.dumps(event) + b"\n")
         self.counts[kind] = self.counts.get(kind, 0) + 1
         level = logging.INFO if kind in ROUTINE else logging.WARNING
-        log.log(level, "security event %s device=%s: %s", kind, device_id, reason)
+        # kind and device as fields of their own for `--log-format json` (gateway/ops/logs.py).
+        extra = {"kind": kind, "device": device_id}
+        log.log(level, "security event %s device=%s: %s", kind, device_id, reason, extra=extra)
 
     def _write(self, line: bytes) -> None:
         # One unbuffered append per event: a failed write leaves nothing queued behind it.
