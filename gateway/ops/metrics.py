@@ -26,6 +26,7 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -371,6 +372,10 @@ class Metrics:
     """The registry of one gateway: its collector, the process collectors, the histograms."""
 
     def __init__(self, gateway: Gateway, start_seq: dict[str, int]) -> None:
+        # No `_created` series beside the histograms: the process start time says as much, and
+        # they are noise in every dashboard. (A process-wide switch; this is the process's only
+        # registry.)
+        disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=False)
         ProcessCollector(namespace="fieldgate", registry=self.registry)
         PlatformCollector(registry=self.registry)
