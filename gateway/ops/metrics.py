@@ -375,7 +375,7 @@ class Metrics:
         # No `_created` series beside the histograms: the process start time says as much, and
         # they are noise in every dashboard. (A process-wide switch; this is the process's only
         # registry.)
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=False)
         ProcessCollector(namespace="fieldgate", registry=self.registry)
         PlatformCollector(registry=self.registry)
