@@ -171,16 +171,36 @@ def promtool_check(text: bytes) -> None:
     assert run.returncode == 0, (run.stdout + run.stderr).decode()[-3000:]
 
 
-def test_the_listener_refuses_bad_requests_and_keeps_serving(
+def test_a_shared_link_shows_its_backed_off_unit_and_bad_requests_are_refused(
     tmp_path: Path, pki_dir: Path, procs: list[Proc]
 ) -> None:
     hub_port, _ = start_hub(procs, tmp_path, pki_dir)
-    config, _ = start_simulator(procs, tmp_path, pki_dir, hub_port, 1, "--period", "0.5")
+    # Three units behind one Modbus TCP gateway (a [[links]] entry); unit 3 never answers.
+    config, _ = start_simulator(
+        procs, tmp_path, pki_dir, hub_port, 3, "--gateway", "--fault", "3=dead", "--period", "0.2"
+    )
+    [link] = [entry["name"] for entry in tomllib.loads(config.read_text())["links"]]
     port = free_ports(1)
     edit_config(config, metrics={"listen": f"127.0.0.1:{port}"})
     gateway = Proc(fieldgate("run", "--config", str(config)), tmp_path / "gateway.log")
     procs.append(gateway)
     gateway.wait_for("metrics, /healthz and /readyz on")
+
+    def backed_off() -> bool:
+        m = scrape(port)
+        return m.get(f'fieldgate_link_units{{link="{link}",state="backed_off"}}') == 1
+
+    wait_until(backed_off, 20, "unit 3 backed off on the link")
+    m = scrape(port)
+    assert m[f'fieldgate_link_units{{link="{link}",state="polled"}}'] == 2
+    assert m[f'fieldgate_link_reads_total{{link="{link}"}}'] > 0
+    assert m[f'fieldgate_link_connect_attempt{{link="{link}"}}'] == 0
+    dead = next(
+        d
+        for d in ("plc-1", "plc-2", "plc-3")
+        if m[f'fieldgate_device_state{{device="{d}",state="down"}}']
+    )
+    assert m[f'fieldgate_device_reads_total{{device="{dead}",outcome="failed"}}'] > 0
 
     def raw(data: bytes) -> bytes:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:

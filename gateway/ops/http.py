@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 log = logging.getLogger("fieldgate.ops")
@@ -35,7 +35,7 @@ class Response:
 
 
 # (path, headers with lower-case names) -> response
-Handler = Callable[[str, dict[str, str]], Response]
+Handler = Callable[[str, dict[str, str]], Awaitable[Response]]
 
 
 def parse_head(head: bytes) -> tuple[str, str, dict[str, str]] | None:
@@ -113,7 +113,7 @@ class OpsServer:
             elif method not in ("GET", "HEAD"):
                 response = Response(405, b"GET or HEAD only\n", {"Allow": "GET, HEAD"})
             else:
-                response = handler(path, headers)
+                response = await handler(path, headers)
             writer.write(encode(response, head_only=method == "HEAD"))
             with contextlib.suppress(ConnectionError):
                 await writer.drain()

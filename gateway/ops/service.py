@@ -73,15 +73,19 @@ class Operations:
 
     # -- routes -----------------------------------------------------------------------------
 
-    def _metrics(self, _path: str, headers: dict[str, str]) -> Response:
+    async def _metrics(self, _path: str, headers: dict[str, str]) -> Response:
         assert self.metrics is not None
-        body, extra = self.metrics.render(headers.get("accept-encoding", ""))
+        from gateway.ops.metrics import render
+
+        families = self.metrics.snapshot()
+        encoding = headers.get("accept-encoding", "")
+        body, extra = await asyncio.to_thread(render, families, encoding)
         return Response(200, body, extra)
 
-    def _healthz(self, _path: str, _headers: dict[str, str]) -> Response:
+    async def _healthz(self, _path: str, _headers: dict[str, str]) -> Response:
         return Response(200, b"ok\n", {"Content-Type": "text/plain; charset=utf-8"})
 
-    def _readyz(self, _path: str, _headers: dict[str, str]) -> Response:
+    async def _readyz(self, _path: str, _headers: dict[str, str]) -> Response:
         state = self.readiness()
         return Response(
             200 if state.ready else 503, state.body(), {"Content-Type": "application/json"}
