@@ -141,6 +141,7 @@ class Gateway:
         self.sealer: Sealer | None = None
         self.buses: list[ModbusBus] = []
         self.limiters: dict[str, RateLimiter] = {}
+        self.ops: Operations | None = None
         # The audit stream's lag (records pending, oldest age), when the gateway keeps one.
         self.audit_lag: AuditLag | None = None
 
@@ -286,7 +287,7 @@ class Gateway:
         )
         twins = RateLimiter(cfg.control.twin_rate)
         self.limiters = {"connect": connects, "send": sends, "twin": twins}
-        ops = Operations(self, stop)
+        ops = self.ops = Operations(self, stop)
         self.sessions = {
             d: DeviceSession(
                 d,

@@ -402,17 +402,37 @@ class Metrics:
         PlatformCollector(registry=self.registry)
         self.registry.register(GatewayCollector(gateway, start_seq))
         self.latency = Latency(self.registry)
+        # Loop seconds the previous scrape's snapshot took: what a scrape costs the gateway's
+        # polling (the text is formatted off the loop).
+        self.last_snapshot_s = 0.0
+        self.registry.register(_ScrapeCost(self))
 
     def observed(self, queue: EnvelopeQueue) -> ObservedQueue:
         return ObservedQueue(queue, self.latency)
 
     def snapshot(self) -> list[Metric]:
         """Every family's samples, read now (on the loop: the gateway's state is the loop's)."""
-        return list(self.registry.collect())
+        started = time.perf_counter()
+        families = list(self.registry.collect())
+        self.last_snapshot_s = time.perf_counter() - started
+        return families
 
     def render(self, accept_encoding: str = "") -> tuple[bytes, dict[str, str]]:
         """The exposition of a snapshot taken now (tests, benchmarks)."""
         return render(self.snapshot(), accept_encoding)
+
+
+class _ScrapeCost(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        cost = _gauge(
+            "fieldgate_scrape_snapshot_seconds",
+            "Seconds the previous scrape held the gateway's loop (reading its state)",
+        )
+        cost.add_metric([], self._metrics.last_snapshot_s)
+        yield cost
 
 
 class _Taken(CollectorRegistry):
