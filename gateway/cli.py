@@ -82,11 +82,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     from gateway.ops import status
 
     cfg = config_mod.load(args.config, check_files=False)
-    doc = status.ask(status.socket_path(cfg.gateway.state_dir))
+    docs = status.ask_gateway(cfg)
     if args.json:
-        print(json.dumps(doc, indent=2))
+        print(
+            json.dumps(
+                docs[0][1] if docs[0][0] is None else {"workers": [d for _, d in docs]}, indent=2
+            )
+        )
     else:
-        print(status.table(doc))
+        print(
+            "\n\n".join(
+                (f"worker {w}\n" if w is not None else "") + status.table(d) for w, d in docs
+            )
+        )
     return 0
 
 

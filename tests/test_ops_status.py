@@ -11,6 +11,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from gateway.enroll import registry_path
 from gateway.events import read_events
 from gateway.identity.keyring import Keyring
@@ -187,3 +189,28 @@ def test_the_table_names_what_is_wrong() -> None:
     assert row.split()[:2] == ["a", "down"]
     assert "admitted (unverified)" in row and "1/9" in row and "timed out" in row
     assert any(line.split()[:4] == ["bus", "1", "a", "2"] for line in text.splitlines())
+
+
+@pytest.mark.slow
+def test_status_gathers_the_workers_of_a_gateway_run_with_workers(
+    tmp_path: Path, pki_dir: Path, procs: list[Proc]
+) -> None:
+    hub_port, _ = start_hub(procs, tmp_path, pki_dir)
+    config, _ = start_simulator(procs, tmp_path, pki_dir, hub_port, 2, "--period", "0.2")
+    gateway = Proc(
+        fieldgate("run", "--config", str(config), "--workers", "2"), tmp_path / "gateway.log"
+    )
+    procs.append(gateway)
+
+    def both() -> bool:
+        run = status(config, "--json")
+        return run.returncode == 0 and len(json.loads(run.stdout).get("workers", [])) == 2
+
+    wait_until(both, 30, "both workers to answer")
+    workers = json.loads(status(config, "--json").stdout)["workers"]
+    assert sorted(d["device"] for w in workers for d in w["devices"]) == ["plc-1", "plc-2"]
+    assert len({w["pid"] for w in workers}) == 2
+    shown = status(config)
+    assert shown.returncode == 0 and "worker 0\n" in shown.stdout and "worker 1\n" in shown.stdout
+    assert gateway.stop() == 0, gateway.output()[-2000:]
+    assert status(config).returncode == 1

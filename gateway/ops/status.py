@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.core import codec
 from gateway.core.errors import FieldgateError
+from gateway.store.paths import worker_indices, worker_state_dir
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
+    from gateway.config import Config
 
 SOCKET_NAME = "status.sock"
 READ_LIMIT = 64 * 1024 * 1024  # a thousand devices are about 1 MB of JSON
@@ -166,6 +168,26 @@ def ask(path: Path, *, timeout: float = 10.0) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise NoGateway(f"{path}: the answer is not a status document")
     return doc
+
+
+def ask_gateway(cfg: Config) -> list[tuple[int | None, dict[str, Any]]]:
+    """The documents of the gateway that runs ``cfg``: [(None, doc)] for a single process; for
+    ``--workers``, one (index, doc) per worker that answers on its own state folder's socket.
+    Raises :class:`NoGateway` (naming the main socket) when none answers."""
+    main = socket_path(cfg.gateway.state_dir)
+    try:
+        return [(None, ask(main))]
+    except NoGateway as err:
+        refused = err
+    found: list[tuple[int | None, dict[str, Any]]] = []
+    for index in sorted(worker_indices(cfg)):
+        path = socket_path(worker_state_dir(cfg, index))
+        if path.exists():
+            with contextlib.suppress(NoGateway):
+                found.append((index, ask(path)))
+    if not found:
+        raise refused
+    return found
 
 
 def table(doc: dict[str, Any]) -> str:
