@@ -22,6 +22,7 @@ from gateway.testbed.ports import free_ports
 from conftest import (
     Proc,
     add_modbus_device,
+    edit_config,
     fieldgate,
     opened_from,
     start_hub,
@@ -214,3 +215,19 @@ def test_status_gathers_the_workers_of_a_gateway_run_with_workers(
     assert shown.returncode == 0 and "worker 0\n" in shown.stdout and "worker 1\n" in shown.stdout
     assert gateway.stop() == 0, gateway.output()[-2000:]
     assert status(config).returncode == 1
+
+
+def test_a_state_folder_too_deep_for_a_unix_socket_runs_without_status(
+    tmp_path: Path, pki_dir: Path, procs: list[Proc]
+) -> None:
+    hub_port, _ = start_hub(procs, tmp_path, pki_dir)
+    config, _ = start_simulator(procs, tmp_path, pki_dir, hub_port, 1, "--period", "0.5")
+    deep = tmp_path / ("d" * 110) / "state"  # a unix socket's path holds 107 bytes
+    edit_config(config, gateway={"state_dir": str(deep)})
+    gateway = Proc(fieldgate("run", "--config", str(config)), tmp_path / "gateway.log")
+    procs.append(gateway)
+    gateway.wait_for("status socket .* `fieldgate status` cannot reach this gateway")
+    gateway.wait_for("plc-1: connected to localhost")
+    run = status(config)
+    assert run.returncode == 1 and "no gateway runs for this config" in run.stderr
+    assert gateway.stop() == 0, gateway.output()[-2000:]

@@ -103,10 +103,15 @@ class Operations:
         gw = self._gw
         settings = gw.config.metrics
         sock = status.socket_path(gw.config.gateway.state_dir)
+        status_server: asyncio.Server | None = None
         try:
             status_server = await status.serve(sock, self._status)
         except OSError as err:
-            raise StartupError(f"gateway.state_dir: cannot listen on {sock}: {err}") from err
+            # Not worth refusing the start over (a state folder deeper than a unix socket's
+            # 107 bytes of path, say): the gateway runs, `fieldgate status` cannot reach it.
+            log.warning(
+                "status socket %s: %s: `fieldgate status` cannot reach this gateway", sock, err
+            )
         try:
             if settings is not None:
                 host, port = settings.address
@@ -135,9 +140,10 @@ class Operations:
         finally:
             if self.http is not None:
                 await self.http.close()
-            status_server.close()
-            with contextlib.suppress(FileNotFoundError):
-                sock.unlink()
+            if status_server is not None:
+                status_server.close()
+                with contextlib.suppress(FileNotFoundError):
+                    sock.unlink()
             self.notifier.close()
 
     async def _stopping(self) -> None:

@@ -144,12 +144,13 @@ def ask(path: Path, *, timeout: float = 10.0) -> dict[str, Any]:
         sock.settimeout(timeout)
         try:
             sock.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError) as err:
-            raise NoGateway(
-                f"no gateway runs for this config: nothing answers on {path} ({err.strerror})"
-            ) from None
         except PermissionError as err:
             raise NoGateway(f"{path}: {err.strerror} (run as the gateway's user)") from None
+        except OSError as err:  # no such file, nobody listening, a path too long
+            why = err.strerror or str(err)
+            raise NoGateway(
+                f"no gateway runs for this config: nothing answers on {path} ({why})"
+            ) from None
         chunks = []
         total = 0
         while True:
