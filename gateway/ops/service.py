@@ -125,18 +125,20 @@ class Operations:
                         f"metrics.listen: cannot listen on {settings.listen}: {err.strerror or err}"
                     ) from err
                 log.info("metrics, /healthz and /readyz on http://%s/", settings.listen)
-            async with asyncio.TaskGroup() as tasks:
-                loop = asyncio.get_running_loop()
-                # The next turn: after the caller created the session and poller tasks.
-                loop.call_soon(self.notifier.send, "READY=1")
-                background = [tasks.create_task(self._stopping(), name="ops-stopping")]
-                if self.notifier.watchdog is not None:
-                    background.append(tasks.create_task(self._watchdog(), name="ops-watchdog"))
-                try:
-                    yield
-                finally:
-                    for task in background:
-                        task.cancel("the gateway stopped")
+            # The next turn: after the caller created the session and poller tasks.
+            asyncio.get_running_loop().call_soon(self.notifier.send, "READY=1")
+            # Two named tasks, not a TaskGroup: a group around the caller's body would wrap
+            # whatever the gateway raises in one more ExceptionGroup. They cannot fail (a send
+            # logs its error), and end here.
+            background = [asyncio.create_task(self._stopping(), name="ops-stopping")]
+            if self.notifier.watchdog is not None:
+                background.append(asyncio.create_task(self._watchdog(), name="ops-watchdog"))
+            try:
+                yield
+            finally:
+                for task in background:
+                    task.cancel("the gateway stopped")
+                await asyncio.gather(*background, return_exceptions=True)
         finally:
             if self.http is not None:
                 await self.http.close()
