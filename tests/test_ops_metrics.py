@@ -4,11 +4,13 @@ Debian's promtool."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import shutil
 import socket
 import subprocess
+import time
 import tomllib
 import urllib.error
 import urllib.request
@@ -16,11 +18,14 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from gateway.core.readings import Envelope, Header
 from gateway.identity.keyring import Keyring
 from gateway.ops.health import readiness
 from gateway.ops.http import parse_head
-from gateway.ops.metrics import samples
+from gateway.ops.metrics import Latency, ObservedQueue, samples
+from gateway.store.memory import MemoryQueue
 from gateway.testbed.ports import free_ports
 
 from conftest import (
@@ -260,3 +265,35 @@ def test_request_heads_are_parsed_strictly() -> None:
     assert parse_head(b"GET /metrics") is None
     assert parse_head(b"GET /metrics SPDY/3") is None
     assert parse_head(b"GET / HTTP/1.1\r\nno colon here") is None
+
+
+def test_the_observed_queue_times_each_envelope_from_lease_to_ack_only() -> None:
+    async def go() -> tuple[float, float, float]:
+        latency = Latency(CollectorRegistry(auto_describe=False))
+        async with MemoryQueue(max_bytes=1 << 20, on_event=lambda *a, **k: None) as memory:
+            queue = ObservedQueue(memory, latency)
+            read_ms = int(time.time() * 1000) - 2000  # read two seconds ago
+            envelopes = [
+                Envelope("plc-1", Header(1, "k1", memory.boot_id, seq, 1), b"x", read_ms)
+                for seq in range(3)
+            ]
+            await queue.put(envelopes)
+            first = await queue.lease("plc-1", 1)
+            queue.ack("plc-1", first[0].lease_id)
+            queue.ack("plc-1", first[0].lease_id)  # a second ack of the same lease: once only
+            await queue.lease("plc-1", 2)
+            queue.release("plc-1")  # the connection was lost: no PUBACK, no observation
+            again = await queue.lease("plc-1", 2)
+            for item in again:
+                queue.ack("plc-1", item.lease_id)
+            assert not queue.holds("plc-1") and queue.depth()[0].queued == 0
+        puback = latency.puback.collect()[0].samples
+        to_hub = latency.read_to_hub.collect()[0].samples
+        count = next(s.value for s in puback if s.name.endswith("_count"))
+        hub_count = next(s.value for s in to_hub if s.name.endswith("_count"))
+        hub_sum = next(s.value for s in to_hub if s.name.endswith("_sum"))
+        return count, hub_count, hub_sum
+
+    count, hub_count, hub_sum = asyncio.run(go())
+    assert count == hub_count == 3
+    assert 6.0 <= hub_sum < 7.0  # three envelopes, each about two seconds after its read
