@@ -234,6 +234,15 @@ def test_a_shared_link_shows_its_backed_off_unit_and_bad_requests_are_refused(
     assert f"metrics.listen: cannot listen on 127.0.0.1:{port}" in run.stderr
     assert gateway.stop() == 0, gateway.output()[-2000:]
 
+    # A listen address that is not HOST:PORT is refused with the file and the field named.
+    edit_config(config, metrics={"listen": "9464"})
+    run = subprocess.run(
+        fieldgate("run", "--config", str(config)), capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 2, run.stderr
+    assert str(config) in run.stderr and "metrics.listen" in run.stderr
+    assert "'9464' is not HOST:PORT" in run.stderr
+
 
 def test_readiness_names_each_reason() -> None:
     assert readiness(stopping=False, store_problem=None, connected={"a": True}).ready
