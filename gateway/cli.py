@@ -60,8 +60,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if cfg.metrics is not None:
             # One [metrics] address cannot serve several processes: workers serve none.
             logging.getLogger("fieldgate").warning(
-                "metrics.listen: not served with --workers (each worker has its own state; "
-                "use `fieldgate status` per worker state folder)"
+                "metrics.listen: not served with --workers (one address cannot serve several "
+                "processes); `fieldgate status --config` reaches every worker"
             )
             cfg = cfg.model_copy(update={"metrics": None})
     elif args.workers > 1:
