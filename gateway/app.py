@@ -58,6 +58,7 @@ from gateway.events import SecurityEvents
 from gateway.identity import checks as identity
 from gateway.identity import keyring
 from gateway.identity.tls import client_context
+from gateway.ops.service import Operations
 from gateway.statelock import StateInUse, StateLock, lock_state, release_all
 from gateway.store import SeqMarks, Store
 from gateway.store.memory import MemoryQueue
@@ -67,6 +68,7 @@ from gateway.uplink.session import DeviceSession
 
 if TYPE_CHECKING:
     from adapters.ble.adapter import BleAdapter
+    from gateway.ops.metrics import AuditLag
 from gateway.uplink.throttle import RateLimiter
 
 log = logging.getLogger("fieldgate")
@@ -196,6 +198,7 @@ class Gateway:
         self._intake: asyncio.TaskGroup | None = None
         self._session_tasks: dict[str, asyncio.Task[None]] = {}
         self._poller_tasks: dict[str, asyncio.Task[Any]] = {}
+        self._pollers: dict[str, _Poller] = {}
         self._contexts: dict[str, ssl.SSLContext] = {}
         self._plans = PlanStore(config.gateway.state_dir)
         self._connects = RateLimiter(config.hub.connect_rate)
@@ -207,6 +210,12 @@ class Gateway:
         self._gateway_tls: ssl.SSLContext | None = None
         self.audit: AuditRoom | None = None
         self._audit_session: asyncio.Task[None] | None = None
+        # Read by gateway.ops (metrics, status) at scrape time; set in run().
+        self.sealer: Sealer | None = None
+        self.limiters: dict[str, RateLimiter] = {}
+        self.ops: Operations | None = None
+        # The audit stream's lag (records pending, oldest age), when the gateway keeps one.
+        self.audit_lag: AuditLag | None = None
 
     @property
     def events(self) -> SecurityEvents:
@@ -302,6 +311,7 @@ class Gateway:
                 sealer = Sealer(
                     key, cfg.sealing.key_id, queue.boot_id, cfg.batching.max_bytes, queue.next_seq
                 )
+                self.sealer = sealer
                 # The start's first record, then the config it loaded.
                 self.audit = AuditRoom(cfg, self.events)
                 self.audit.started(
@@ -397,6 +407,8 @@ class Gateway:
         )
         self._twins = RateLimiter(cfg.control.twin_rate)
         self._contexts = dict(contexts)
+        self.limiters = {"connect": self._connects, "send": self._sends, "twin": self._twins}
+        ops = self.ops = Operations(self, stop)
         log.info(
             "gateway boot %s: %d devices, hub %s:%d",
             self.boot_id,
@@ -406,8 +418,10 @@ class Gateway:
         )
         pollers = self._pollers_of(cfg, set(staging.tasks(cfg)), self.health, self._modbus_tls)
         audit_session = room.make_session(self._gateway_tls, self._connects, self._sends)
+        if audit_session is not None:
+            self.audit_lag = room.log.lag
         try:
-            async with asyncio.TaskGroup() as uplink:
+            async with ops.serving(), asyncio.TaskGroup() as uplink:
                 self._uplink = uplink
                 writer = uplink.create_task(self._write(pipeline, queue), name="store-writer")
                 audit_tasks = [uplink.create_task(c, name=n) for n, c in room.tasks()]
@@ -455,7 +469,7 @@ class Gateway:
             device_id,
             cfg.hub,
             context,
-            self._queue(),
+            self.ops.observed(self._queue()) if self.ops is not None else self._queue(),
             self._connects,
             self._sends,
             on_event=self.events.record,
@@ -495,8 +509,15 @@ class Gateway:
         # A poller that does not end at its cancel is cancelled again, and left behind after
         # a grace: a stuck radio never holds the stop.
         self._poller_tasks[poller.name] = self._intake.create_task(_poll(poller), name=poller.name)
+        self._pollers[poller.name] = poller
+
+    @property
+    def buses(self) -> list[ModbusBus]:
+        """The running Modbus buses (gateway.ops reads their links at scrape time)."""
+        return [p.bus for p in self._pollers.values() if p.bus is not None]
 
     async def _stop_poller(self, name: str) -> None:
+        self._pollers.pop(name, None)
         task = self._poller_tasks.pop(name, None)
         if task is not None:
             task.cancel("reload: the link stops")
@@ -544,7 +565,7 @@ class Gateway:
             attached: list[tuple[str, DeviceLink, frozenset[str]]] = [
                 (u.device_id, u, frozenset(by_id[u.device_id].point_names())) for u in units
             ]
-            out[name] = _Poller(name, bus.run, attached)
+            out[name] = _Poller(name, bus.run, attached, bus)
         for adapter_name, adapter in self._radios(cfg, names, health).items():
             radio: list[tuple[str, DeviceLink, frozenset[str]]] = [
                 (b.device_id, b, frozenset(by_id[b.device_id].point_names())) for b in adapter.links
@@ -960,6 +981,7 @@ class _Poller:
     name: str
     run: Callable[[], Coroutine[Any, Any, Any]]
     links: list[tuple[str, DeviceLink, frozenset[str]]]
+    bus: ModbusBus | None = None  # a Modbus poller's bus (its links' metrics read it)
 
 
 @dataclass(frozen=True, slots=True)

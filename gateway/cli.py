@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -23,7 +24,16 @@ if TYPE_CHECKING:
     from gateway.store import SeqMarks
 
 
-def _setup_logging(level: str, worker: str | None = None) -> None:
+def _setup_logging(level: str, worker: str | None = None, log_format: str = "text") -> None:
+    if log_format == "json":
+        from gateway.ops.logs import JsonFormatter, WorkerField
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+        if worker:
+            handler.addFilter(WorkerField(worker))
+        logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
+        return
     where = f"[worker {worker}] " if worker else ""
     logging.basicConfig(
         level=getattr(logging, level.upper()),
@@ -69,6 +79,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         index, count = parse_worker(args.worker)
         # A reload takes this worker's share of the new file, as the start did.
         share = partial(worker_config, index=index, count=count)
+        if cfg.metrics is not None and index == 0:
+            # One [metrics] address cannot serve several processes: workers serve none.
+            logging.getLogger("fieldgate").warning(
+                "metrics.listen: not served with --workers (one address cannot serve several "
+                "processes); `fieldgate status --config` reaches every worker"
+            )
         cfg = share(cfg)
     elif args.workers > 1:
         from gateway.workers import run_workers
@@ -123,6 +139,27 @@ def cmd_edge_run(args: argparse.Namespace) -> int:
         base=Path.cwd(),
     )
     runtime.run(module.run)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from gateway import config as config_mod
+    from gateway.ops import status
+
+    cfg = config_mod.load(args.config, check_files=False)
+    docs = status.ask_gateway(cfg)
+    if args.json:
+        print(
+            json.dumps(
+                docs[0][1] if docs[0][0] is None else {"workers": [d for _, d in docs]}, indent=2
+            )
+        )
+    else:
+        print(
+            "\n\n".join(
+                (f"worker {w}\n" if w is not None else "") + status.table(d) for w, d in docs
+            )
+        )
     return 0
 
 
@@ -262,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=1, help="processes over disjoint device sets (one core each)"
     )
     run.add_argument("--worker", help=argparse.SUPPRESS)  # I/W: set by --workers
+    run.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="json: one JSON object per line (ts, level, logger, msg, device, kind)",
+    )
     run.set_defaults(func=cmd_run)
 
     reload = verbs.add_parser(
@@ -295,6 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between reported-property patches, at least (default 1)",
     )
     edge_run.set_defaults(func=cmd_edge_run)
+
+    status = verbs.add_parser(
+        "status", help="ask the running gateway: devices, links, sessions, store, audit"
+    )
+    status.add_argument("--config", required=True, help="the gateway's TOML file")
+    status.add_argument("--json", action="store_true", help="print the document as JSON")
+    status.set_defaults(func=cmd_status)
 
     pki = verbs.add_parser("pki", help="development PKI").add_subparsers(
         dest="pki_verb", required=True
@@ -387,7 +437,9 @@ def _add_plugin_verbs(verbs: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.log_level, getattr(args, "worker", None))
+    _setup_logging(
+        args.log_level, getattr(args, "worker", None), getattr(args, "log_format", "text")
+    )
     try:
         return int(args.func(args))
     except ConfigError as err:

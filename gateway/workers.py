@@ -62,6 +62,8 @@ def worker_config(cfg: Config, index: int, count: int) -> Config:
                 }
             ),
             "audit": cfg.audit.model_copy(update={"stream": False}),
+            # One [metrics] address cannot serve several processes: workers serve none.
+            "metrics": None,
             "store": cfg.store.model_copy(update={"path": paths.worker_store_setting(cfg, index)}),
         }
     )

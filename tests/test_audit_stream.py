@@ -6,6 +6,7 @@ store, and `fieldgate audit verify` holds it with only the gateway's certificate
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -71,6 +72,17 @@ def test_the_audit_stream_reaches_the_hub_under_the_gateways_identity_and_verifi
         30,
         "both admissions at the hub",
     )
+    # The running gateway's status names its chain, what is left to send and the tamper state.
+    shown = subprocess.run(
+        fieldgate("status", "--config", str(config), "--json"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    doc = json.loads(shown.stdout)["audit"]
+    assert doc["chain"] == gateway_id and doc["streaming"] and doc["connected"]
+    assert doc["last_seq"] >= 2 and doc["pending"] >= 0 and doc["tamper"]["inputs_tripped"] == []
     assert gateway.stop() == 0, gateway.output()[-2000:]
 
     hub = _hub_items(record)

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ log = logging.getLogger("fieldgate.audit")
 COMMIT_INTERVAL = 0.01  # seconds between commits, at least (group commit)
 RETRY_INTERVAL = 1.0  # seconds between tries while the disk refuses writes
 LOST_RESERVE = 512  # bytes kept for the audit-lost record when the quota is reached
+COMMIT_TIMES = 4096  # commits remembered for the stream's lag (the last one absorbs the rest)
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,10 @@ class AuditLog:
         self._due: asyncio.Event | None = None
         self.committed = asyncio.Event()  # set at every commit (the stream waits on it)
         self._closed = False
+        # (last pos, wall time) per commit the hub has not acknowledged: the stream's lag.
+        self._commit_times: deque[tuple[int, float]] = deque()
+        if self.committed_pos > self.acked_pos:
+            self._commit_times.append((self.committed_pos, self._first_unacked_ts()))
         if self._last is not None and self._last.seq > self._last_head_seq:
             self.sign_head()  # a crash left the tail unsigned
             self._commit_now()
@@ -133,6 +139,16 @@ class AuditLog:
             parsed = files.parse_line(head, where=str(self.path))
             if isinstance(parsed, Head) and parsed.chain_id == self.chain_id:
                 self._last_head_seq = parsed.seq
+
+    def _first_unacked_ts(self) -> float:
+        """When the oldest item the hub has not acknowledged was recorded (a head: when
+        signed); now if it cannot be read."""
+        for _, line in self._db.read(self.acked_pos, 1):
+            try:
+                return files.parse_line(line, str(self.path)).ts
+            except files.AuditFileError:
+                break
+        return self._clock()
 
     # -- the loop side ----------------------------------------------------------------------
 
@@ -347,12 +363,19 @@ class AuditLog:
                     self.counts[kind] = self.counts.get(kind, 0) + 1
             if self._signer is None or self.settings.prune_unsent:
                 self.acked(self.committed_pos, sum(len(item[3]) for item in batch))
+            elif len(self._commit_times) < COMMIT_TIMES:
+                self._commit_times.append((self.committed_pos, self._clock()))
+            else:  # a long outage: the last entry's time stands for every commit after it
+                self._commit_times[-1] = (self.committed_pos, self._commit_times[-1][1])
         self.committed.set()
 
     # -- the stream's side ------------------------------------------------------------------
 
     def acked(self, pos: int, size: int) -> None:
         """The hub took every item up to ``pos`` (``size`` bytes since the last ack)."""
+        times = self._commit_times
+        while times and times[0][0] <= pos:
+            times.popleft()
         if pos > self.acked_pos:
             self.acked_pos = pos
             self._acked_bytes += size
@@ -372,6 +395,14 @@ class AuditLog:
     @property
     def last(self) -> AuditRecord | None:
         return self._last
+
+    def lag(self) -> tuple[int, float | None]:
+        """The stream's lag: items committed and not acknowledged by the hub, and the age in
+        seconds of the oldest of them (None when there is none, or no stream)."""
+        pending = max(0, self.committed_pos - self.acked_pos)
+        if not pending or not self._commit_times:
+            return pending, None
+        return pending, max(0.0, self._clock() - self._commit_times[0][1])
 
     @property
     def signed(self) -> bool:

@@ -563,6 +563,29 @@ class DeviceConfig(_Model):
         return self.ble.label
 
 
+class MetricsSection(_Model):
+    """``[metrics]``: where the Prometheus endpoint, ``/healthz`` and ``/readyz`` listen. No
+    section: no listener. The default address is loopback: the exposition names every device,
+    so reaching it from elsewhere is an explicit choice (``0.0.0.0:9464``)."""
+
+    listen: str = Field(
+        default="127.0.0.1:9464", description="HOST:PORT, e.g. 127.0.0.1:9464 or [::1]:9464"
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{value!r} is not HOST:PORT (port 1-65535), e.g. 127.0.0.1:9464")
+        return value
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
 class Config(_Model):
     hub: HubConfig
     sealing: SealingConfig
@@ -573,6 +596,7 @@ class Config(_Model):
     ble: BleSection = BleSection()
     control: ControlSection = ControlSection()
     audit: AuditSection = AuditSection()
+    metrics: MetricsSection | None = None
     # Modbus links (tcp, rtu, rtu-over-tcp) shared by the devices that name them.
     links: list[ModbusLinkConfig] = Field(default_factory=list)
     devices: list[DeviceConfig] = Field(min_length=1)
