@@ -33,6 +33,7 @@ from adapters.modbus.security import ModbusTlsError
 from adapters.modbus.security import client_context as modbus_tls_context
 from gateway.audit.log import AuditSettings
 from gateway.audit.room import AuditRoom
+from gateway.audit.stream import Send
 from gateway.config import BleEndpoint, Config, DeviceConfig, sources, staging
 from gateway.config.sources import Candidate, Outcome
 from gateway.control.dispatch import Control
@@ -156,8 +157,12 @@ class Gateway:
         config_hash: str = "",
         share: Callable[[Config], Config] | None = None,
         config_source: str | None = None,
+        audit_output: Send | None = None,
     ) -> None:
         self.config = config
+        # Where the audit stream goes instead of the gateway identity's own session (an IoT
+        # Edge module's output: gateway.edge).
+        self._audit_output = audit_output
         # What SIGHUP reloads, and the start's config as the events and the status name it
         # (the file; or, say, "twin" with the document's hash for a config from the twin).
         self.config_file = config_file
@@ -276,7 +281,7 @@ class Gateway:
             self._audit_signer = load_signer(gw.key, passphrase)
         except PkiError as err:
             raise StartupError(f"gateway.key: {err}") from err
-        if self.config.audit.stream:
+        if self.config.audit.stream and self._audit_output is None:
             try:
                 self._gateway_tls = client_context(
                     self.config.hub.ca_file, gw.cert, gw.key, passphrase
@@ -318,6 +323,7 @@ class Gateway:
                     self.boot_id,
                     self.boot_id if isinstance(queue, Store) else None,
                     self.config_hash or sources.from_config(cfg, self.config_source).hash,
+                    self.config_source,
                 )
                 self._loaded(cfg)
                 await self._run(stop, queue, batcher, sealer, contexts)
@@ -417,17 +423,19 @@ class Gateway:
             cfg.hub.port,
         )
         pollers = self._pollers_of(cfg, set(staging.tasks(cfg)), self.health, self._modbus_tls)
-        audit_session = room.make_session(self._gateway_tls, self._connects, self._sends)
-        if audit_session is not None:
+        audit_sender = room.make_sender(
+            self._gateway_tls, self._connects, self._sends, self._audit_output
+        )
+        if audit_sender is not None:
             self.audit_lag = room.log.lag
         try:
             async with ops.serving(), asyncio.TaskGroup() as uplink:
                 self._uplink = uplink
                 writer = uplink.create_task(self._write(pipeline, queue), name="store-writer")
                 audit_tasks = [uplink.create_task(c, name=n) for n, c in room.tasks()]
-                if audit_session is not None:
+                if audit_sender is not None:
                     self._audit_session = uplink.create_task(
-                        audit_session.run(), name=f"audit[{cfg.gateway.id}]"
+                        audit_sender, name=f"audit[{cfg.gateway.id}]"
                     )
                 for device_id, context in contexts.items():
                     self._start_session(device_id, context)

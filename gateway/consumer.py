@@ -32,7 +32,7 @@ from gateway.audit.files import P_STREAM, STREAM_AUDIT, parse_line
 from gateway.core.audit import AuditRecord, ChainVerifier, Head, HeadVerifier, Verdict
 from gateway.core.envelope import open_envelope
 from gateway.core.errors import EnvelopeError
-from gateway.core.iothub import parse_telemetry_topic
+from gateway.core.iothub import parse_sender_topic, parse_telemetry_topic
 from gateway.core.readings import Header, Reading
 from gateway.identity.keyring import Keyring
 
@@ -206,7 +206,7 @@ def audit_message(topic: str, body: bytes) -> tuple[str, list[AuditRecord | Head
     or None for any other message. A malformed one raises AuditFileError naming the line."""
     if P_STREAM not in topic:
         return None
-    device_id, props = parse_telemetry_topic(topic)
+    device_id, props = parse_sender_topic(topic)
     if props.get(P_STREAM) != STREAM_AUDIT:
         return None
     items: list[AuditRecord | Head] = []

@@ -280,3 +280,22 @@ def test_a_records_line_is_the_canonical_json_of_its_fields() -> None:
     ):
         last = audit.append(last, 1796000000.0 + n / 3, "k", "plc-1" if n else None, details, "gw")
         assert last.line() == canonical_json({"record": last.to_json()})
+
+
+def test_a_consumer_takes_the_chain_of_the_identity_that_sent_it_device_or_module(
+    keys: tuple[Signer, Verifier],
+) -> None:
+    """A module's output names its sender {device}.{module}; a chain of another name from
+    that identity is foreign, whatever it claims."""
+    from gateway.consumer import AuditConsumer
+
+    signer, verifier = keys
+    record = audit.append(None, 1796000000.0, "gateway-started", None, {}, "edge-1.fieldgate")
+    body = (files.line(record) + "\n" + files.line(audit.sign_head(record, signer)) + "\n").encode()
+    module_topic = "devices/edge-1/modules/fieldgate/messages/events/fg-stream=audit&%24.on=audit"
+    consumer = AuditConsumer(lambda _: verifier)
+    assert consumer.add(module_topic, body) is None
+    assert consumer.verifiers["edge-1.fieldgate"].verdict().ok
+    device_topic = "devices/edge-1/messages/events/fg-stream=audit"
+    failed = AuditConsumer(lambda _: verifier).add(device_topic, body)
+    assert failed is not None and failed.reason == "foreign"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -271,6 +272,30 @@ def test_a_desired_patch_changing_one_device_is_applied_as_a_diff_in_module_mode
     # A diff of the running gateway, not a restart of it.
     assert "reload applied: 0 added, 0 removed, 1 changed, 1 unchanged" in out["log"]
     assert "the gateway restarts" not in out["log"]
+    # The audit stream went out on the module's output, as the module's own chain, and holds.
+    from gateway.audit import files
+    from gateway.consumer import read_record
+
+    record = tmp_path / "record.jsonl"
+    topics = {t for t, _, _ in read_record(record) if "fg-stream=audit" in t}
+    assert topics and all(
+        t.startswith(f"devices/{EDGE_DEVICE}/modules/fieldgate/messages/events/") for t in topics
+    )
+    audit = files.read(record)
+    assert {r.chain_id for r in audit.records} == {f"{EDGE_DEVICE}.fieldgate"}
+    kinds = [r.kind for r in audit.records]
+    assert (
+        kinds[0] == "gateway-started"
+        and "config-loaded" in kinds
+        and kinds[-1] == "gateway-stopped"
+    )
+    checked = subprocess.run(
+        fieldgate("audit", "verify", str(record), "--cert", str(pki.gateway_cert)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
     status, body = out["kept"]
     assert status == 200 and body["uplink"]["connects"] == 1, body
     status, body = out["changed"]

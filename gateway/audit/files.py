@@ -117,7 +117,7 @@ def _read_db(path: Path) -> AuditFile:
 
 def _read_hub_record(path: Path, data: bytes) -> AuditFile:
     """The audit messages of a hub record, in arrival order (line numbers: the record's)."""
-    from gateway.core.iothub import parse_telemetry_topic
+    from gateway.core.iothub import parse_sender_topic
 
     out = AuditFile()
     for number, raw in enumerate(data.splitlines(), start=1):
@@ -126,7 +126,7 @@ def _read_hub_record(path: Path, data: bytes) -> AuditFile:
         where = f"{path} line {number}"
         try:
             doc = codec.loads(raw)
-            _, props = parse_telemetry_topic(doc["topic"])
+            _, props = parse_sender_topic(doc["topic"])
             if props.get(P_STREAM) != STREAM_AUDIT:
                 continue
             body = base64.b64decode(doc["body"], validate=True)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from gateway.audit import tamper
-from gateway.audit.stream import AuditStream
+from gateway.audit.stream import AuditStream, Pump, Send
 from gateway.audit.tamper import Baseline, ClockWatch, TamperFiles, TamperInputs
 from gateway.core.readings import Scan
 
@@ -57,6 +57,7 @@ class AuditRoom:
         self.signals: dict[str, dict[str, Any]] = {}  # kind -> the last one's details, and when
         self.stream: AuditStream | None = None
         self.session: DeviceSession | None = None
+        self.pump: Pump | None = None
 
     @property
     def streaming(self) -> bool:
@@ -64,7 +65,9 @@ class AuditRoom:
 
     # -- start ------------------------------------------------------------------------------
 
-    def started(self, boot_id: str, store_boot: str | None, config_hash: str = "") -> None:
+    def started(
+        self, boot_id: str, store_boot: str | None, config_hash: str = "", config_source: str = ""
+    ) -> None:
         """Compare this run with the last one's baselines; record the start. ``config_hash``:
         the config's SHA-256 as loaded (its file's bytes, or the twin document's); by default
         the digest of its values."""
@@ -79,9 +82,15 @@ class AuditRoom:
         )
         last = self.log.last
         for kind, reason, details in tamper.start_signals(
-            self.log.meta, now, last.ts if last is not None else None
+            self.log.meta,
+            now,
+            last.ts if last is not None else None,
+            config_from_cloud=config_source.startswith("twin"),
         ):
-            self.signal(kind, None, reason, **details)
+            if kind.startswith("tamper-"):
+                self.signal(kind, None, reason, **details)
+            else:
+                self.events.record(kind, None, reason, **details)
         from gateway import __version__
 
         self.events.record(
@@ -148,17 +157,26 @@ class AuditRoom:
 
     # -- the running gateway ----------------------------------------------------------------
 
-    def make_session(
+    def make_sender(
         self,
         context: ssl.SSLContext | None,
         connects: RateLimiter,
         sends: RateLimiter,
-    ) -> DeviceSession | None:
-        if not self.streaming or context is None:
+        output: Send | None = None,
+    ) -> Coroutine[Any, Any, None] | None:
+        """What sends the stream, to run beside the device sessions: the gateway identity's
+        own session to the hub, or ``output`` (an IoT Edge module's output); None when the
+        log is not streamed."""
+        if not self.streaming:
+            return None
+        self.stream = AuditStream(self.log)
+        if output is not None:
+            self.pump = Pump(self.stream, output)
+            return self.pump.run()
+        if context is None:
             return None
         from gateway.uplink.session import DeviceSession
 
-        self.stream = AuditStream(self.log)
         self.session = DeviceSession(
             self.config.gateway.id,
             self.config.hub,
@@ -168,7 +186,13 @@ class AuditRoom:
             sends,
             on_event=self.events.record,
         )
-        return self.session
+        return self.session.run()
+
+    @property
+    def connected(self) -> bool:
+        if self.session is not None:
+            return self.session.stats.connected
+        return self.pump is not None and self.pump.connected
 
     def tasks(self) -> list[tuple[str, Coroutine[Any, Any, None]]]:
         out: list[tuple[str, Coroutine[Any, Any, None]]] = [
@@ -238,11 +262,12 @@ class AuditRoom:
                 while self.log.committed_pos < self.log.appended_pos:
                     committed.clear()
                     await committed.wait()
-        if self.stream is not None and self.session is not None:
-            # Durable in the log either way: a session that is down does not hold the stop.
-            connected = self.session.stats.connected
+        if self.stream is not None:
+            # Durable in the log either way: a sender that is down does not hold the stop.
+            connected = self.connected
             self.stream.close(keep_unsent=not connected)
-            self.session.finish()
+            if self.session is not None:
+                self.session.finish()
             if not connected and self.log.committed_pos > self.log.acked_pos:
                 log.info(
                     "audit: %d items not sent (the hub is not connected): kept in %s for the "
@@ -263,7 +288,7 @@ class AuditRoom:
             **self.log.status(),
             "streaming": self.streaming,
             "messages_acked": self.stream.messages_acked if self.stream is not None else 0,
-            "connected": self.session.stats.connected if self.session is not None else False,
+            "connected": self.connected,
             "tamper": {
                 "signals": self.signals,
                 "inputs_tripped": self.inputs.tripped() + self.files.tripped(),

@@ -15,14 +15,18 @@ the log (records and heads), as the JSON lines of the audit file, up to ``messag
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from gateway.audit.files import P_STREAM, STREAM_AUDIT
 from gateway.audit.log import AuditLog
 from gateway.core.readings import P_CONTENT_TYPE, P_COUNT, Envelope, Header
 from gateway.store.queue import DeviceDepth, Leased
+
+log = logging.getLogger("fieldgate.audit")
 
 P_CHAIN = "fg-chain"
 P_POS = "fg-pos"
@@ -68,6 +72,8 @@ class AuditStream:
 
     async def lease(self, device_id: str, limit: int) -> list[Leased]:
         log_ = self._log
+        if self._closed and self._keep_unsent:
+            return []
         while self._sent >= log_.committed_pos:
             if self._closed:
                 return []
@@ -147,3 +153,45 @@ class AuditStream:
         if self._closed and self._keep_unsent:
             return False
         return self._log.committed_pos > self._log.acked_pos
+
+
+Send = Callable[[bytes, dict[str, str]], Awaitable[None]]
+
+
+@dataclass
+class Pump:
+    """The stream through another sender than a device session: an IoT Edge module's output
+    (``gateway.edge``), one message at a time, in order; an item is acknowledged when ``send``
+    returns (the module client's PUBACK). A failed send puts everything back and is retried
+    with backoff; the log keeps every item meanwhile."""
+
+    stream: AuditStream
+    send: Send
+    connected: bool = False
+    last_error: str | None = None
+
+    async def run(self) -> None:
+        from gateway.core.backoff import backoff_delay
+
+        attempt = 0
+        device = self.stream.device_id
+        while True:
+            items = await self.stream.lease(device, 1)
+            if not items:
+                return
+            try:
+                for item in items:
+                    await self.send(item.envelope.body, item.envelope.header.properties())
+                    self.stream.ack(device, item.lease_id)
+            except Exception as err:  # the sender's own errors: the module client's
+                self.connected = False
+                if self.last_error is None:
+                    log.warning("audit stream: sending failed (%s); retrying", err)
+                self.last_error = str(err)
+                self.stream.release(device)
+                attempt += 1
+                await asyncio.sleep(backoff_delay(attempt, 0.5, 30.0))
+                continue
+            if self.last_error is not None:
+                log.info("audit stream: sending again")
+            self.connected, self.last_error, attempt = True, None, 0

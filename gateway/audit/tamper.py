@@ -122,16 +122,23 @@ class Baseline:
 
 
 def start_signals(
-    meta: Mapping[str, str], now: Baseline, last_ts: float | None
+    meta: Mapping[str, str],
+    now: Baseline,
+    last_ts: float | None,
+    *,
+    config_from_cloud: bool = False,
 ) -> list[tuple[str, str, dict[str, Any]]]:
-    """The tamper signals of a start: (kind, reason, details), pure."""
+    """The tamper signals of a start: (kind, reason, details), pure. ``config_from_cloud``:
+    the config came from the module twin (IoT Hub's authenticated channel), so a new one is a
+    ``config-changed`` record, not a tamper signal."""
     out: list[tuple[str, str, dict[str, Any]]] = []
     old_config = meta.get(META_CONFIG)
     if old_config is not None and old_config != now.config:
         out.append(
             (
-                "tamper-config-changed",
-                "the config differs from the last run's",
+                "config-changed" if config_from_cloud else "tamper-config-changed",
+                "the config differs from the last run's"
+                + (" (from the module twin)" if config_from_cloud else ""),
                 {"old": old_config, "new": now.config},
             )
         )

@@ -30,8 +30,10 @@ DEVICE_RECEIVES = (
     "$iothub/twin/res/#",
     "$iothub/twin/PATCH/properties/desired/#",
 )
-# Every device's telemetry, as the service side reads it.
+# Every device's telemetry, as the service side reads it; and every module's (IoT Edge: a
+# module's output routed upstream, such as fieldgate's audit stream in module mode).
 ALL_TELEMETRY = "devices/+/messages/events/#"
+ALL_MODULE_TELEMETRY = "devices/+/modules/+/messages/events/#"
 
 
 def iothub_username(hub_hostname: str, device_id: str) -> str:
@@ -68,6 +70,18 @@ def _device_topic(topic: str, leaf: str, what: str) -> tuple[str, dict[str, str]
 def parse_telemetry_topic(topic: str) -> tuple[str, dict[str, str]]:
     """``devices/{id}/messages/events/{props}`` -> (device id, properties)."""
     return _device_topic(topic, "events", "telemetry")
+
+
+def parse_sender_topic(topic: str) -> tuple[str, dict[str, str]]:
+    """A device's or a module's telemetry topic -> (the sending identity, properties). A
+    module (``devices/{d}/modules/{m}/messages/events/{props}``) is named ``{d}.{m}``: the id
+    fieldgate gives its audit chain in module mode."""
+    parts = topic.split("/", 6)
+    if len(parts) >= 6 and parts[0] == "devices" and parts[2] == "modules":
+        if parts[4:6] != ["messages", "events"]:
+            raise ValueError(f"not a module telemetry topic: {topic!r}")
+        return f"{parts[1]}.{parts[3]}", decode_properties(parts[6] if len(parts) == 7 else "")
+    return parse_telemetry_topic(topic)
 
 
 # -- the cloud-to-device side ----------------------------------------------------------------

@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from gateway.audit.stream import Send
 from gateway.config import Config
 from gateway.core.errors import FieldgateError
 from gateway.edge.env import EdgeEnv
@@ -116,10 +117,10 @@ def _method_response(request: Any, status: int, payload: Any) -> Any:
     return MethodResponse.create_from_method_request(request, status, payload)
 
 
-def _make_gateway(config: Config) -> Gateway:
+def _make_gateway(config: Config, audit_output: Send | None = None) -> Gateway:
     from gateway.app import Gateway
 
-    return Gateway(config, adopt_stranded=True, config_source="twin")
+    return Gateway(config, adopt_stranded=True, config_source="twin", audit_output=audit_output)
 
 
 async def staged_apply(gateway: Gateway, config: Config, source: str) -> StageOutcome:
@@ -143,7 +144,7 @@ class EdgeModule:
         stage: Stage | None = None,
         report_interval: float = 1.0,
         base: Path | None = None,
-        make_gateway: Callable[[Config], Gateway] = _make_gateway,
+        make_gateway: Callable[[Config, Send | None], Gateway] = _make_gateway,
     ) -> None:
         self.env = env
         self.trust_file = trust_file
@@ -201,13 +202,32 @@ class EdgeModule:
         tmp.write_text(bundle)
         os.replace(tmp, self.trust_file)
 
-    async def send_output(self, payload: bytes, output: str = AUDIT_OUTPUT) -> None:
-        """One message on a module output (the integrator's hook for the audit stream)."""
+    async def send_output(
+        self, payload: bytes, output: str = AUDIT_OUTPUT, properties: dict[str, str] | None = None
+    ) -> None:
+        """One message on a module output; returns once edgeHub took it (its PUBACK)."""
         from azure.iot.device import Message
 
         if self._client is None:
             raise EdgeError("the module client is not connected")
-        await self._client.send_message_to_output(Message(payload), output)  # type: ignore[no-untyped-call]
+        props = dict(properties or {})
+        message = Message(  # type: ignore[no-untyped-call]
+            payload, content_type=props.pop("$.ct", None), content_encoding="utf-8"
+        )
+        message.custom_properties = {k: v for k, v in props.items() if not k.startswith("$.")}
+        await self._client.send_message_to_output(message, output)
+
+    def _module_config(self, config: Config) -> Config:
+        """The audit chain is the module's: named ``{device}.{module}`` (what a consumer of the
+        module's output sees as its sender), sent on the module output ``audit``."""
+        chain = f"{self.env.device_id}.{self.env.module_id}"
+        return config.model_copy(
+            update={"gateway": config.gateway.model_copy(update={"id": chain})}
+        )
+
+    async def _send_audit(self, payload: bytes, properties: dict[str, str]) -> None:
+        """The gateway's audit stream, on the module output ``audit``."""
+        await self.send_output(payload, AUDIT_OUTPUT, properties)
 
     # -- the run ---------------------------------------------------------------------------
 
@@ -312,7 +332,9 @@ class EdgeModule:
 
         if self.gateway is not None and self.stage is not None:
             try:
-                outcome = await self.stage(self.gateway, found.config, found.source)
+                outcome = await self.stage(
+                    self.gateway, self._module_config(found.config), found.source
+                )
             except Exception as err:  # a bug in the apply: reported, the module stays up
                 log.exception("staging config version %d failed", found.version)
                 outcome = StageOutcome("failed", None, f"{type(err).__name__}: {err}")
@@ -332,7 +354,7 @@ class EdgeModule:
         return state(StageOutcome("applied"))
 
     def _start_gateway(self, config: Config) -> None:
-        gateway = self.gateway = self.make_gateway(config)
+        gateway = self.gateway = self.make_gateway(self._module_config(config), self._send_audit)
         stop = self._gateway_stop = asyncio.Event()
         for health in gateway.health.values():
             health.watchers.append(self._changed.set)

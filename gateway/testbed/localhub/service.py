@@ -38,6 +38,7 @@ from gateway.uplink.mqtt import MqttClient
 log = logging.getLogger("fieldgate.localhub")
 
 TELEMETRY = iothub.ALL_TELEMETRY
+MODULE_TELEMETRY = iothub.ALL_MODULE_TELEMETRY
 
 
 @dataclass
@@ -98,6 +99,8 @@ class HubService:
             self._record.flush()
         if P_STREAM in topic and self._audit(topic, body):
             return
+        if topic.split("/", 3)[2:3] == ["modules"]:
+            return  # another module output (IoT Edge): recorded, not an envelope
         device = topic.split("/")[1] if topic.startswith("devices/") else "?"
         view = self.devices.setdefault(device, DeviceView())
         try:
@@ -168,8 +171,8 @@ class HubService:
             return client
 
         async def subscribe(client: MqttClient) -> None:
-            granted = await client.subscribe([(TELEMETRY, 1)])
-            if granted != [1]:
+            granted = await client.subscribe([(TELEMETRY, 1), (MODULE_TELEMETRY, 1)])
+            if granted != [1, 1]:
                 raise UplinkError(f"subscription refused: {granted}", retryable=False)
 
         await stay_subscribed("hub service", make, subscribe, self.connected, stop)
