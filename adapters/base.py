@@ -75,6 +75,9 @@ class DeviceHealth:
     since: float = field(default_factory=time.time)
     reads_ok: int = 0
     reads_failed: int = 0
+    # Unix time of the last successful read (None: none yet in this run). Set by read_ok():
+    # one time.time() per read, the cost of the "last successful read" series.
+    last_ok: float | None = None
     malformed: int = 0
     malformed_causes: dict[str, int] = field(default_factory=dict)
     overruns: int = 0
@@ -87,6 +90,12 @@ class DeviceHealth:
     def _changed(self) -> None:
         for watcher in self.watchers:
             watcher()
+
+    def read_ok(self) -> None:
+        """A read succeeded: counted, timed, and the device is up."""
+        self.reads_ok += 1
+        self.last_ok = time.time()
+        self.up()
 
     def up(self) -> None:
         if self.state != UP:

@@ -548,6 +548,7 @@ class Gateway:
         # wake-ups than they save in waiting (3x the CPU on 20 devices, same latency).
         phases = min(MAX_PHASES, max(1, -(-len(links) // BURST)))
         out: dict[str, _Poller] = {}
+        configured = {entry.name for entry in cfg.links}  # [[links]]: their own latency series
         for link, devices in links:
             name = staging.task_name(link.name, devices)
             if name not in names:
@@ -570,6 +571,8 @@ class Gateway:
                 if d.modbus is not None
             ]
             bus = ModbusBus(link, units, tls_context=modbus_tls.get(_tls_key(link, devices)))
+            if self.ops is not None:
+                bus.observe = self.ops.link_observer(link.name, link.name in configured)
             attached: list[tuple[str, DeviceLink, frozenset[str]]] = [
                 (u.device_id, u, frozenset(by_id[u.device_id].point_names())) for u in units
             ]

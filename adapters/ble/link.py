@@ -311,6 +311,7 @@ class BleLink:
                 self._malformed(err)
                 return
             health.reads_ok += 1
+            health.last_ok = ts_ms / 1000  # a notification is a read the device pushed
             sink(Scan(device_id, ts_ms, names, values))
 
         return on_notify
@@ -339,8 +340,7 @@ class BleLink:
         except ValueError as err:
             self._malformed(err)
             return
-        self.health.reads_ok += 1
-        self.health.up()
+        self.health.read_ok()
         self.adapter.sink(Scan(self.device_id, ts_ms, decoder.names, values))
 
     async def _poll_once(self, link: bluez.Connection) -> None:

@@ -61,7 +61,13 @@ from adapters.modbus.planstore import PlanStore
 from adapters.modbus.registers import ReadBlock, encode_value, plan_reads
 from adapters.modbus.schedule import Schedule
 from adapters.modbus.security import ROLE_REFUSED, TlsRefused
-from adapters.modbus.transport import ModbusTransport, Reply, Target, WrongAnswer
+from adapters.modbus.transport import (
+    ModbusTransport,
+    OnRequest,
+    Reply,
+    Target,
+    WrongAnswer,
+)
 from gateway.core.backoff import backoff_delay
 from gateway.core.errors import DeviceUnavailable
 from gateway.core.readings import BAD, GOOD, UNAVAILABLE, Scan
@@ -583,8 +589,7 @@ class ModbusLink:
             log.debug("%s: undecodable values: %s", device_id, err)
             self._wrong("undecodable values")
             return
-        health.reads_ok += 1
-        health.up()
+        health.read_ok()
         # Only an answer ends a TLS refusal: on TLS 1.3 a device refuses our certificate
         # after the handshake has passed on our side.
         self._tls_refused = None
@@ -635,6 +640,9 @@ class ModbusBus:
         self._pending: set[str] = set()
         self.attempt = 0  # connections in a row that delivered no reading: the backoff step
         self.schedule: Schedule | None = None  # the current connection's
+        # Each request's seconds on the wire (the transport's on_request): set by the gateway
+        # when metrics are on, read at each connection; None costs one test per request.
+        self.observe: OnRequest | None = None
 
     def served(self, unit: ModbusLink) -> None:
         """``unit`` has no request waiting (its queue was failed)."""
@@ -663,7 +671,9 @@ class ModbusBus:
             for unit in active:
                 unit.connected()
             try:
-                async with ModbusTransport(self.link, self._wrong, self._tls_context) as transport:
+                async with ModbusTransport(
+                    self.link, self._wrong, self._tls_context, self.observe
+                ) as transport:
                     active, silent = await self._admit(transport, active)
                     if not active:
                         return

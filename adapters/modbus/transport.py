@@ -29,6 +29,7 @@ import contextlib
 import functools
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -206,20 +207,28 @@ class _CheckedRtuFramer(_Checking, FramerRTU):
 
 
 OnWrong = Callable[[str, "Target | None"], None]
+# Seconds a request spent on the wire: its answer's arrival, or the whole wait of a timeout.
+# None (no metrics) costs the hot path one test per request.
+OnRequest = Callable[[float], None]
 
 
 class ModbusTransport:
     """One link's connection, shared by its units. ``on_wrong(cause, target)`` hears of every
     wrong answer as it arrives, with the target of the request it failed (None: bytes that no
-    request was waiting for); the link counts and tells them."""
+    request was waiting for); the link counts and tells them. ``on_request(seconds)``, when
+    given (metrics on), hears each request's time on the wire: to its answer (an exception
+    answer too), or the whole wait of one that timed out; a wrong answer or a lost connection
+    is not a latency."""
 
     def __init__(
         self,
         link: ModbusLinkConfig,
         on_wrong: OnWrong,
         tls_context: ssl.SSLContext | None = None,
+        on_request: OnRequest | None = None,
     ) -> None:
         self.link = link
+        self._on_request = on_request
         self._tls = getattr(link, "tls", None)  # Modbus/TCP Security (a tcp link's tls table)
         # Facts of the device's TLS identity once connected (for the admission evidence).
         self.peer: dict[str, str] = {}
@@ -548,10 +557,16 @@ class ModbusTransport:
                 }
             ):
                 self._in_flight = True
+                on_request = self._on_request
+                sent = time.monotonic() if on_request is not None else 0.0
                 try:
                     async with asyncio.timeout(timeout + 0.5):
                         response = await call()
+                    if on_request is not None:
+                        on_request(time.monotonic() - sent)
                 except (TimeoutError, ModbusIOException) as err:
+                    if on_request is not None:
+                        on_request(time.monotonic() - sent)
                     self._framer.expected = None
                     self._in_flight = False  # nothing awaits the response future now
                     if self._client.ctx.recv_buffer:  # part of a frame came, the rest never did

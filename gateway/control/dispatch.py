@@ -145,6 +145,9 @@ class Control:
         self.switches = switches
         self._devices = {d: _Device(p) for d, p in policies.items()}
         self._record = record
+        # (channel, outcome) -> commands this run, as their command-* events say (the metrics
+        # read it at scrape time): a dict entry per pair, a handful in all.
+        self.counts: dict[tuple[str, str], int] = {}
         self._status_of = status_of
         self._timeout = timeout
         self._ledger = C2dLedger(state_dir)
@@ -247,6 +250,7 @@ class Control:
         seen = self._ledger.state(device_id, message_id)
         if seen is not None:
             if seen == "started":
+                self._count("c2d", "outcome-unknown")
                 self._record(
                     "command-outcome-unknown",
                     device_id,
@@ -390,6 +394,10 @@ class Control:
 
     # -- the record ---------------------------------------------------------------------------
 
+    def _count(self, channel: str, outcome: str) -> None:
+        key = (channel, outcome)
+        self.counts[key] = self.counts.get(key, 0) + 1
+
     def _event(self, outcome: str, command: Command, answer: Answer, decision: Decision) -> None:
         body = answer.body
         reason = str(body.get("error", "")) or (
@@ -397,6 +405,7 @@ class Control:
             if command.action == "write"
             else command.action
         )
+        self._count(command.channel, outcome)
         self._record(
             f"command-{outcome}",
             command.device_id,
@@ -416,6 +425,7 @@ class Control:
     def _refused_request(
         self, device_id: str, channel: str, name: str, answer: Answer, ref: str = ""
     ) -> None:
+        self._count(channel, "refused")
         self._record(
             "command-refused",
             device_id,

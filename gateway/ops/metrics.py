@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 
 from gateway.core.readings import Envelope
 from gateway.store.queue import DeviceDepth, EnvelopeQueue, Leased
+from gateway.uplink.session import SessionStats
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -46,6 +47,14 @@ STATES = ("starting", "up", "down", "quarantined")
 # backlog, seconds. Read to hub adds the batch's age budget (default 1 s) and any outage.
 PUBACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 READ_TO_HUB_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
+# A Modbus request: a few ms on TCP at the next cabinet, tens of ms on RTU at 9600 baud (a
+# frame of 60 registers is 130 ms there), up to the link's timeout (1 s by default) for a unit
+# that does not answer.
+LINK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# The link label of devices' own connections (a device with its own host): one series for all
+# of them, not one per device (16 samples each: 16,000 at 1,000 devices would double the
+# scrape). Not a valid [[links]] name (those start with a letter or digit).
+OWN_LINKS = "_own"
 
 # (records pending, age in seconds of the oldest one or None): the audit stream's lag.
 AuditLag = Callable[[], tuple[int, float | None]]
@@ -68,6 +77,19 @@ class Latency:
             buckets=READ_TO_HUB_BUCKETS,
             registry=registry,
         )
+        self.link_request = Histogram(
+            "fieldgate_link_request_seconds",
+            "Seconds a Modbus request spent on the wire, to its answer (or the whole wait of "
+            "one that timed out), per [[links]] entry; devices' own connections together as "
+            f'link="{OWN_LINKS}"',
+            ["link"],
+            buckets=LINK_BUCKETS,
+            registry=registry,
+        )
+
+    def link(self, name: str, configured: bool) -> Callable[[float], None]:
+        """The observe of ``name``'s series (bound once per bus: one call per request)."""
+        return self.link_request.labels(name if configured else OWN_LINKS).observe
 
 
 class ObservedQueue:
@@ -138,6 +160,9 @@ class GatewayCollector(Collector):
         # Whether each device's identity is verified follows from its config alone: worked out
         # once per config (identity_state looks its device up in the list: quadratic per scrape).
         self._verified: tuple[object, dict[str, bool]] = (None, {})
+        # The sessions of the previous scrape, and the disconnects of those since ended.
+        self._stats: dict[str, SessionStats] = {}
+        self._retired: dict[str, int] = {}
 
     def _verified_of(self, gw: Gateway) -> dict[str, bool]:
         config, verified = self._verified
@@ -211,6 +236,11 @@ class GatewayCollector(Collector):
             "When the device entered its current state (Unix time)",
             ["device"],
         )
+        last_read = _gauge(
+            "fieldgate_device_last_read_timestamp_seconds",
+            "When the device was last read successfully (Unix time; absent: not yet this run)",
+            ["device"],
+        )
         verified = _gauge(
             "fieldgate_device_verified",
             "1: the device's identity is verified (TLS, bond, fingerprint); 0: unverified",
@@ -230,8 +260,10 @@ class GatewayCollector(Collector):
             for name in STATES:
                 state.add_metric([device_id, name], 1 if health.state == name else 0)
             since.add_metric(d, health.since)
+            if health.last_ok is not None:
+                last_read.add_metric(d, health.last_ok)
             verified.add_metric(d, 1 if is_verified.get(device_id) else 0)
-        yield from (sealed, delivered, reads, malformed, state, since, verified)
+        yield from (sealed, delivered, reads, malformed, state, since, last_read, verified)
 
     def _store(self, gw: Gateway) -> Iterable[Metric]:
         queue = gw.queue
@@ -239,6 +271,11 @@ class GatewayCollector(Collector):
             return
         queued = _gauge("fieldgate_store_envelopes", "Envelopes in the store", ["device", "state"])
         size = _gauge("fieldgate_store_device_bytes", "Bytes of envelopes in the store", ["device"])
+        readings = _gauge(
+            "fieldgate_store_readings",
+            "Readings in the device's envelopes in the store (queued and leased)",
+            ["device"],
+        )
         oldest = _gauge(
             "fieldgate_store_oldest_age_seconds",
             "Age of the oldest reading in the store (devices with something stored)",
@@ -250,10 +287,11 @@ class GatewayCollector(Collector):
             queued.add_metric([depth.device_id, "queued"], depth.queued)
             queued.add_metric([depth.device_id, "leased"], depth.leased)
             size.add_metric([depth.device_id], depth.bytes)
+            readings.add_metric([depth.device_id], depth.readings)
             total += depth.bytes
             if depth.oldest_ts_ms is not None and (depth.queued or depth.leased):
                 oldest.add_metric([depth.device_id], max(0.0, (now_ms - depth.oldest_ts_ms) / 1000))
-        yield from (queued, size, oldest)
+        yield from (queued, size, readings, oldest)
         used = _gauge("fieldgate_store_bytes", "Bytes of envelopes in the store, all devices")
         used.add_metric([], total)
         yield used
@@ -291,13 +329,35 @@ class GatewayCollector(Collector):
             "fieldgate_uplink_envelopes_acked", "Envelopes the hub acknowledged", ["device"]
         )
         up = 0
+        # Disconnects are summed over the sessions: per device x reason would be up to 12 more
+        # series per device (12,000 at 1,000 devices) for what each device's last error and
+        # its security events already tell. A session a reload ended took its counts along:
+        # they are kept here (_retired), so that the sum never falls.
+        reasons = dict(self._retired)
+        current: dict[str, SessionStats] = {}
         for device_id, session in gw.sessions.items():
-            stats = session.stats
+            stats = current[device_id] = session.stats
             up += stats.connected
             connected.add_metric([device_id], 1 if stats.connected else 0)
             connects.add_metric([device_id], stats.connects)
             acked.add_metric([device_id], stats.envelopes_acked)
+            for reason, count in stats.disconnects.items():
+                reasons[reason] = reasons.get(reason, 0) + count
+        for device_id, stats in self._stats.items():
+            if current.get(device_id) is not stats:
+                for reason, count in stats.disconnects.items():
+                    reasons[reason] = reasons.get(reason, 0) + count
+                    self._retired[reason] = self._retired.get(reason, 0) + count
+        self._stats = current
         yield from (connected, connects, acked)
+        disconnects = _counter(
+            "fieldgate_uplink_disconnects",
+            "Hub connections lost or refused, by reason (the uplink error's cause), all devices",
+            ["reason"],
+        )
+        for reason, count in sorted(reasons.items()):
+            disconnects.add_metric([reason], count)
+        yield disconnects
         sessions = _gauge("fieldgate_uplink_sessions", "Hub sessions by state", ["state"])
         sessions.add_metric(["connected"], up)
         sessions.add_metric(["disconnected"], len(gw.sessions) - up)
@@ -353,22 +413,26 @@ class GatewayCollector(Collector):
             kinds = _counter(
                 "fieldgate_security_events", "Security events recorded this run, by kind", ["kind"]
             )
-            commands = _counter(
-                "fieldgate_commands",
-                "Cloud commands by outcome (their security events)",
-                ["outcome"],
-            )
             for kind, count in sorted(events.counts.items()):
                 kinds.add_metric([kind], count)
-                if kind.startswith("command-"):
-                    commands.add_metric([kind.removeprefix("command-")], count)
-            yield from (kinds, commands)
+            yield kinds
             unwritten = _counter(
                 "fieldgate_security_events_unwritten",
                 "Security events that could not be written to the state folder (a full disk)",
             )
             unwritten.add_metric([], events.unwritten)
             yield unwritten
+        control = gw.control
+        if control is not None:
+            commands = _counter(
+                "fieldgate_commands",
+                "Cloud commands by channel (method, c2d, twin) and outcome (accepted, refused, "
+                "failed, outcome-unknown), this run",
+                ["channel", "outcome"],
+            )
+            for (channel, outcome), count in sorted(control.counts.items()):
+                commands.add_metric([channel, outcome], count)
+            yield commands
         lag = gw.audit_lag
         if lag is not None:
             pending, age = lag()

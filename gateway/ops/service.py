@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from gateway.core import codec
@@ -56,6 +56,12 @@ class Operations:
     def observed(self, queue: EnvelopeQueue) -> EnvelopeQueue:
         """The queue the uplink sessions use: timed when metrics are on."""
         return self.metrics.observed(queue) if self.metrics is not None else queue
+
+    def link_observer(self, link: str, configured: bool) -> Callable[[float], None] | None:
+        """The hook a Modbus bus calls with each request's seconds on the wire (None when
+        metrics are off: the hot path then pays one test). ``configured``: a ``[[links]]``
+        entry, with a series of its own; devices' own connections share one."""
+        return self.metrics.latency.link(link, configured) if self.metrics is not None else None
 
     def readiness(self) -> Readiness:
         gw = self._gw

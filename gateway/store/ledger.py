@@ -43,6 +43,7 @@ class _Device:
     pending: deque[Entry] = field(default_factory=deque)
     leased: OrderedDict[int, Entry] = field(default_factory=OrderedDict)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    readings: int = 0  # the header counts of pending and leased entries, kept as they move
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +98,7 @@ class Ledger:
         """Append at the tail of its device's FIFO (ids grow with every add)."""
         device = self._device(entry.device)
         device.pending.append(entry)
+        device.readings += entry.header.count
         self.bytes += entry.size
         device.ready.set()
 
@@ -138,7 +140,9 @@ class Ledger:
 
     def forget(self, entry: Entry) -> None:
         """Take a pending entry out (a drop victim)."""
-        self._devices[entry.device].pending.remove(entry)
+        device = self._devices[entry.device]
+        device.pending.remove(entry)
+        device.readings -= entry.header.count
         self.bytes -= entry.size
 
     def restore(self, entry: Entry) -> None:
@@ -148,6 +152,7 @@ class Ledger:
             (i for i, e in enumerate(device.pending) if e.id > entry.id), len(device.pending)
         )
         device.pending.insert(index, entry)
+        device.readings += entry.header.count
         self.bytes += entry.size
         device.ready.set()
 
@@ -178,7 +183,8 @@ class Ledger:
         """The entry leaves for good; None if it was not out on lease."""
         device = self._devices.get(device_id)
         entry = device.leased.pop(lease_id, None) if device is not None else None
-        if entry is not None:
+        if entry is not None and device is not None:
+            device.readings -= entry.header.count
             self.bytes -= entry.size
         return entry
 
@@ -217,6 +223,7 @@ class Ledger:
                     len(device.leased),
                     sum(e.size for e in entries),
                     min((e.oldest_ts_ms for e in entries), default=None),
+                    device.readings,
                 )
             )
         return out

@@ -13,7 +13,7 @@ import logging
 import ssl
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
@@ -86,6 +86,10 @@ class SessionStats:
     envelopes_acked: int = 0
     readings_acked: int = 0
     last_error: str | None = None
+    # Connections lost or refused, by the UplinkError's cause (timeout, refused-connack, a TLS
+    # refusal such as untrusted, lost: closed by the hub or the network): every attempt that
+    # ended in an error counts, whether it got as far as a CONNACK or not.
+    disconnects: dict[str, int] = field(default_factory=dict)
 
 
 class _Window:
@@ -181,6 +185,7 @@ class DeviceSession:
                     log.warning("%s: uplink down: %s", self.device_id, err)
                     down = err.cause
                 self.stats.last_error = str(err)
+                self.stats.disconnects[err.cause] = self.stats.disconnects.get(err.cause, 0) + 1
                 self._record_refusal(err)
                 refused = not err.retryable
             finally:
