@@ -19,13 +19,18 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
+from test_commands_e2e import CONTROL, until_connected, until_up
 
+from gateway.config import render_toml
 from gateway.core.readings import Envelope, Header
+from gateway.events import read_events
 from gateway.identity.keyring import Keyring
+from gateway.identity.pki import Pki
 from gateway.ops.health import readiness
 from gateway.ops.http import parse_head
 from gateway.ops.metrics import Latency, ObservedQueue, samples
 from gateway.store.memory import MemoryQueue
+from gateway.testbed.localhub.control import HubControl
 from gateway.testbed.ports import free_ports
 
 from conftest import (
@@ -62,6 +67,9 @@ def delivered_at_hub(record: Path, keyring: Keyring) -> dict[str, int]:
     for o in opened:
         out[o.device_id] += len(o.readings)
     return out
+
+
+DEVICES = ("plc-1", "plc-2")
 
 
 def with_metrics(config: Path, pki_dir: Path, dead_port: int) -> int:
@@ -106,6 +114,16 @@ def test_the_metrics_agree_with_the_hub_and_show_a_dead_device_and_a_stopped_hub
     assert m["fieldgate_uplink_publish_ack_seconds_count"] > 0
     assert m["fieldgate_read_to_hub_seconds_count"] > 0
     assert m["fieldgate_process_resident_memory_bytes"] > 0
+    # Each device's last good read is recent; plc-3 was never read: no series for it.
+    now = time.time()
+    for d in ("plc-1", "plc-2"):
+        assert now - 10 < m[f'fieldgate_device_last_read_timestamp_seconds{{device="{d}"}}'] <= now
+    assert 'fieldgate_device_last_read_timestamp_seconds{device="plc-3"}' not in m
+    # Devices on their own connections share one latency series: every read is a request.
+    requests = m['fieldgate_link_request_seconds_count{link="_own"}']
+    reads = sum(m[f'fieldgate_device_reads_total{{device="{d}",outcome="ok"}}'] for d in DEVICES)
+    assert requests >= reads > 0
+    assert m['fieldgate_link_request_seconds_bucket{le="5.0",link="_own"}'] == requests
     assert get(port, "/healthz")[0] == 200
     status, body, _ = get(port, "/readyz")
     assert (status, json.loads(body)) == (200, {"ready": True, "reasons": []})
@@ -140,6 +158,7 @@ def test_the_metrics_agree_with_the_hub_and_show_a_dead_device_and_a_stopped_hub
     at_hub = delivered_at_hub(record, keyring)
     for d in ("plc-1", "plc-2"):
         assert m[f'fieldgate_device_readings_delivered_total{{device="{d}"}}'] == at_hub[d] > 0
+        assert m[f'fieldgate_store_readings{{device="{d}"}}'] == 0
         # Everything sealed was delivered: nothing is left in the store.
         assert m[f'fieldgate_device_readings_sealed_total{{device="{d}"}}'] == at_hub[d]
 
@@ -154,6 +173,9 @@ def test_the_metrics_agree_with_the_hub_and_show_a_dead_device_and_a_stopped_hub
     m = scrape(port)
     assert m['fieldgate_uplink_connected{device="plc-1"}'] == 0
     assert m['fieldgate_uplink_sessions{state="disconnected"}'] == 3
+    # Each of the three connections was closed by the hub; the retries since found no one.
+    reasons = {k: v for k, v in m.items() if k.startswith("fieldgate_uplink_disconnects_total{")}
+    assert reasons['fieldgate_uplink_disconnects_total{reason="lost"}'] == 3, reasons
     assert get(port, "/healthz")[0] == 200  # alive all the same
 
     # It comes back on the same port: ready again.
@@ -164,6 +186,95 @@ def test_the_metrics_agree_with_the_hub_and_show_a_dead_device_and_a_stopped_hub
     assert gateway.stop() == 0, gateway.output()[-2000:]
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+
+
+def test_readings_kept_while_the_hub_is_away_and_commands_by_channel_and_outcome(
+    tmp_path: Path, pki_dir: Path, procs: list[Proc]
+) -> None:
+    """The gateway starts with no hub: the sessions count why they cannot connect and the
+    store's readings are those sealed; the hub comes, the store drains to 0 readings; then
+    commands on each channel, counted as their security events say."""
+    hub_port = free_ports(1)  # nobody listens here yet
+    config, _ = start_simulator(
+        procs, tmp_path, pki_dir, hub_port, 2, "--period", "0.2", "--max-age", "0.5"
+    )
+    doc = tomllib.loads(config.read_text())
+    doc["devices"][0]["control"] = CONTROL
+    config.write_text(render_toml(doc))
+    port = free_ports(1)
+    edit_config(config, metrics={"listen": f"127.0.0.1:{port}"})
+    gateway = Proc(fieldgate("run", "--config", str(config)), tmp_path / "gateway.log")
+    procs.append(gateway)
+    gateway.wait_for("metrics, /healthz and /readyz on")
+
+    def kept() -> bool:
+        m = scrape(port)
+        return all(
+            m.get(f'fieldgate_store_readings{{device="{d}"}}', 0)
+            == m[f'fieldgate_device_readings_sealed_total{{device="{d}"}}']
+            >= 50
+            for d in DEVICES
+        )
+
+    wait_until(kept, 30, "readings kept in the store while the hub is away")
+    m = scrape(port)
+    assert m['fieldgate_uplink_disconnects_total{reason="unreachable"}'] >= 2
+    assert not any(k.startswith("fieldgate_uplink_connects_total{") and v for k, v in m.items())
+
+    start_hub(procs, tmp_path, pki_dir, port=hub_port)
+
+    def drained() -> bool:
+        m = scrape(port)
+        return all(m[f'fieldgate_store_readings{{device="{d}"}}'] == 0 for d in DEVICES) and all(
+            m[f'fieldgate_device_readings_delivered_total{{device="{d}"}}'] > 0 for d in DEVICES
+        )
+
+    wait_until(drained, 40, "the store drained to the hub")
+
+    async def commands() -> None:
+        async with HubControl(
+            Pki(pki_dir), "127.0.0.1", hub_port, broker_log=tmp_path / "broker.log"
+        ) as hub:
+            await until_connected(hub, *DEVICES)
+            await until_up(hub, "plc-1")
+            assert (await hub.invoke("plc-1", "write", {"point": "float32_0", "value": 4.5}))[
+                0
+            ] == 200
+            # Not in the device's writes: refused by its policy.
+            assert (await hub.invoke("plc-1", "write", {"point": "uint16_2", "value": 1}))[0] == 403
+            await hub.c2d("plc-1", {"point": "int16_1", "value": 12.3})
+            await hub.c2d("plc-1", {"point": "int16_1", "value": 99999})  # cannot hold it
+            await hub.desire("plc-1", {"points": {"float32_0": 7.25}})
+            async with asyncio.timeout(30):
+                # The gateway's report arrives in the hub's twin: nothing to wait on but asking.
+                while "float32_0" not in (await hub.twin("plc-1"))["reported"].get(  # noqa: ASYNC110
+                    "points", {}
+                ):
+                    await asyncio.sleep(0.2)
+
+    asyncio.run(commands())
+
+    def counted() -> dict[str, float]:
+        return {k: v for k, v in scrape(port).items() if k.startswith("fieldgate_commands_total{")}
+
+    # The C2D messages are carried out in the background: wait for both outcomes.
+    wait_until(lambda: len([k for k in counted() if 'channel="c2d"' in k]) == 2, 20, "c2d")
+    commands_seen = counted()
+    assert commands_seen['fieldgate_commands_total{channel="c2d",outcome="accepted"}'] == 1
+    assert commands_seen['fieldgate_commands_total{channel="c2d",outcome="failed"}'] == 1
+    assert commands_seen['fieldgate_commands_total{channel="method",outcome="refused"}'] == 1
+    assert commands_seen['fieldgate_commands_total{channel="twin",outcome="accepted"}'] == 1
+    assert commands_seen['fieldgate_commands_total{channel="method",outcome="accepted"}'] >= 1
+    _, text, _ = get(port, "/metrics")
+    promtool_check(text)
+    assert gateway.stop() == 0, gateway.output()[-2000:]
+    # The counts are those of the command-* security events, channel by channel.
+    events: dict[str, int] = defaultdict(int)
+    for e in read_events(tmp_path / "state"):
+        if e["kind"].startswith("command-"):
+            outcome = e["kind"].removeprefix("command-")
+            events[f'fieldgate_commands_total{{channel="{e["channel"]}",outcome="{outcome}"}}'] += 1
+    assert commands_seen == events
 
 
 def promtool_check(text: bytes) -> None:
@@ -200,6 +311,16 @@ def test_a_shared_link_shows_its_backed_off_unit_and_bad_requests_are_refused(
     assert m[f'fieldgate_link_units{{link="{link}",state="polled"}}'] == 2
     assert m[f'fieldgate_link_reads_total{{link="{link}"}}'] > 0
     assert m[f'fieldgate_link_connect_attempt{{link="{link}"}}'] == 0
+    # The link's own latency series: the answered requests are fast on loopback; each of the
+    # dead unit's requests waited the whole timeout.
+    timeout = tomllib.loads(config.read_text())["links"][0].get("timeout", 1.0)
+    hist = f'fieldgate_link_request_seconds_bucket{{le="%s",link="{link}"}}'
+    count = m[f'fieldgate_link_request_seconds_count{{link="{link}"}}']
+    assert count >= m[f'fieldgate_link_reads_total{{link="{link}"}}'] > 0
+    assert m[hist % "0.1"] > 0
+    assert count - m[hist % "0.5"] >= 1  # the dead unit's timeout
+    assert m[f'fieldgate_link_request_seconds_sum{{link="{link}"}}'] >= timeout
+    assert 'fieldgate_link_request_seconds_count{link="_own"}' not in m  # no device of its own
     dead = next(
         d
         for d in ("plc-1", "plc-2", "plc-3")

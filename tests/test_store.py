@@ -349,3 +349,43 @@ def test_a_store_file_without_its_schema_yet_is_not_read_as_a_store(tmp_path: Pa
     )
     assert result.returncode != 0 and "no store schema yet" in result.stderr, result
     assert "Traceback" not in result.stderr
+
+
+def test_the_readings_held_are_counted_as_envelopes_come_go_drop_and_survive_a_restart(
+    tmp_path: Path,
+) -> None:
+    """``DeviceDepth.readings`` (the metrics' fieldgate_store_readings) is a running count in
+    the ledger, not a scan: it must agree with the header counts held after every move."""
+    path = tmp_path / "store.db"
+    events = Events()
+
+    def readings(store: Store) -> dict[str, int]:
+        return {d.device_id: d.readings for d in store.depth()}
+
+    async def first_run() -> None:
+        # Room for about five 1,000-byte envelopes: the sixth drops the oldest.
+        async with Store(path, max_bytes=5_500, on_event=events) as store:
+            await store.put([envelope("a", 0, 10, 1000), envelope("b", 0, 7, 1000)])
+            await store.put([envelope("a", 10, 3, 1000)])
+            assert readings(store) == {"a": 13, "b": 7}
+            leased = await store.lease("a", 2)
+            assert readings(store) == {"a": 13, "b": 7}  # leased still held
+            store.ack("a", leased[0].lease_id)
+            assert readings(store) == {"a": 3, "b": 7}
+            store.release("a")
+            assert readings(store) == {"a": 3, "b": 7}
+            await store.put([envelope("b", 7, 5, 1000), envelope("b", 12, 4, 1000)])
+            await store.put([envelope("b", 16, 2, 1000)])
+            assert readings(store) == {"a": 3, "b": 18}
+            # Over the bound: the oldest pending envelope (b's first, 7 readings) is dropped.
+            await store.put([envelope("b", 18, 1, 1000)])
+            assert len(events.of("envelopes-dropped")) == 1
+            assert readings(store) == {"a": 3, "b": 12}
+
+    run(first_run)
+
+    async def second_run() -> dict[str, int]:
+        async with Store(path, max_bytes=5_500) as store:
+            return readings(store)
+
+    assert run(second_run) == {"a": 3, "b": 12}  # counted again from the file at the open
