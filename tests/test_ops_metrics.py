@@ -16,6 +16,8 @@ import urllib.error
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -237,19 +239,19 @@ def test_readings_kept_while_the_hub_is_away_and_commands_by_channel_and_outcome
         ) as hub:
             await until_connected(hub, *DEVICES)
             await until_up(hub, "plc-1")
-            assert (await hub.invoke("plc-1", "write", {"point": "float32_0", "value": 4.5}))[
-                0
-            ] == 200
+            written, _ = await hub.invoke("plc-1", "write", {"point": "float32_0", "value": 4.5})
+            assert written == 200
             # Not in the device's writes: refused by its policy.
-            assert (await hub.invoke("plc-1", "write", {"point": "uint16_2", "value": 1}))[0] == 403
+            refused, _ = await hub.invoke("plc-1", "write", {"point": "uint16_2", "value": 1})
+            assert refused == 403
             await hub.c2d("plc-1", {"point": "int16_1", "value": 12.3})
             await hub.c2d("plc-1", {"point": "int16_1", "value": 99999})  # cannot hold it
             await hub.desire("plc-1", {"points": {"float32_0": 7.25}})
             async with asyncio.timeout(30):
-                # The gateway's report arrives in the hub's twin: nothing to wait on but asking.
-                while "float32_0" not in (await hub.twin("plc-1"))["reported"].get(  # noqa: ASYNC110
-                    "points", {}
-                ):
+                while True:  # the gateway's report, in another process's twin: ask again
+                    twin = await hub.twin("plc-1")
+                    if "float32_0" in twin["reported"].get("points", {}):
+                        break
                     await asyncio.sleep(0.2)
 
     asyncio.run(commands())
@@ -427,3 +429,28 @@ def test_the_observed_queue_times_each_envelope_from_lease_to_ack_only() -> None
     count, hub_count, hub_sum = asyncio.run(go())
     assert count == hub_count == 3
     assert 6.0 <= hub_sum < 7.0  # three envelopes, each about two seconds after its read
+
+
+def test_disconnects_are_summed_over_sessions_and_never_fall_when_a_session_ends() -> None:
+    """A reload that removes a device ends its session: the sum by reason keeps its counts."""
+    from gateway.ops.metrics import GatewayCollector
+    from gateway.uplink.session import SessionStats
+
+    def session(**disconnects: int) -> SimpleNamespace:
+        return SimpleNamespace(stats=SessionStats(disconnects=dict(disconnects)))
+
+    gw: Any = SimpleNamespace(sessions={"a": session(lost=2), "b": session(lost=1, timeout=1)})
+    gw.limiters = {}
+    collector = GatewayCollector(gw, {})
+
+    def reasons() -> dict[str, float]:
+        [family] = [f for f in collector._uplink(gw) if f.name == "fieldgate_uplink_disconnects"]
+        return {s.labels["reason"]: s.value for s in family.samples}
+
+    assert reasons() == {"lost": 3, "timeout": 1}
+    gw.sessions["b"].stats.disconnects["lost"] += 1  # after this scrape, before its end
+    del gw.sessions["b"]
+    assert reasons() == {"lost": 4, "timeout": 1}
+    gw.sessions["b"] = session(**{"refused-connack": 1})  # added again: a new session
+    assert reasons() == {"lost": 4, "timeout": 1, "refused-connack": 1}
+    assert reasons() == {"lost": 4, "timeout": 1, "refused-connack": 1}  # counted once
