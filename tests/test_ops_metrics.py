@@ -244,6 +244,9 @@ def test_readings_kept_while_the_hub_is_away_and_commands_by_channel_and_outcome
             # Not in the device's writes: refused by its policy.
             refused, _ = await hub.invoke("plc-1", "write", {"point": "uint16_2", "value": 1})
             assert refused == 403
+            # Not a request at all: refused before any policy.
+            malformed, _ = await hub.invoke("plc-1", "write", "not an object")
+            assert malformed == 400
             await hub.c2d("plc-1", {"point": "int16_1", "value": 12.3})
             await hub.c2d("plc-1", {"point": "int16_1", "value": 99999})  # cannot hold it
             await hub.desire("plc-1", {"points": {"float32_0": 7.25}})
@@ -264,7 +267,7 @@ def test_readings_kept_while_the_hub_is_away_and_commands_by_channel_and_outcome
     commands_seen = counted()
     assert commands_seen['fieldgate_commands_total{channel="c2d",outcome="accepted"}'] == 1
     assert commands_seen['fieldgate_commands_total{channel="c2d",outcome="failed"}'] == 1
-    assert commands_seen['fieldgate_commands_total{channel="method",outcome="refused"}'] == 1
+    assert commands_seen['fieldgate_commands_total{channel="method",outcome="refused"}'] == 2
     assert commands_seen['fieldgate_commands_total{channel="twin",outcome="accepted"}'] == 1
     assert commands_seen['fieldgate_commands_total{channel="method",outcome="accepted"}'] >= 1
     _, text, _ = get(port, "/metrics")
