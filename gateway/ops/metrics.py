@@ -3,10 +3,12 @@
 Almost everything is read from state the gateway keeps anyway (device health, session stats,
 the store's ledger, the security events' counts) by a custom collector at scrape time: the hot
 path pays nothing for metrics, and a scrape costs time only while it runs (on the gateway's own
-loop: no thread ever reads loop state). The two histograms need observations, and take them
-per envelope, not per reading: :class:`ObservedQueue` sits between the store and the uplink
-sessions (only when ``[metrics]`` is configured) and times each envelope from its lease to its
-PUBACK, and from its oldest reading's read to its PUBACK.
+loop: no thread ever reads loop state). The histograms need observations. The uplink's two
+take them per envelope, not per reading: :class:`ObservedQueue` sits between the store and the
+uplink sessions (only when ``[metrics]`` is configured) and times each envelope from its lease
+to its PUBACK, and from its oldest reading's read to its PUBACK. The Modbus links' one takes
+an observation per request, through the ``observe`` a bus is given only when metrics are on
+(:meth:`Latency.link`, bound once per bus).
 
 Everything lives on a private :class:`~prometheus_client.CollectorRegistry` (with the process
 and platform collectors), never the library's global one: two gateways in one process (tests)
@@ -34,10 +36,10 @@ from prometheus_client.registry import Collector
 
 from gateway.core.readings import Envelope
 from gateway.store.queue import DeviceDepth, EnvelopeQueue, Leased
-from gateway.uplink.session import SessionStats
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
+    from gateway.uplink.session import SessionStats
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # The device states of adapters.base, each a series of fieldgate_device_state (1 = current):
