@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import stat
 import subprocess
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -107,12 +108,14 @@ def test_status_shows_a_quarantined_and_a_down_device_and_logs_are_json_lines(
     assert devices["plc-1"]["identity"] == {"state": "admitted", "verified": True}
     assert devices["plc-1"]["uplink"]["connected"] is True
     assert devices["plc-1"]["reads_ok"] > 0
+    assert time.time() - 30 < devices["plc-1"]["last_read"] <= time.time()
+    assert devices["plc-1"]["uplink"]["disconnects"] == {}
     quarantined = devices["plc-2"]
     assert quarantined["state"] == "quarantined"
     assert quarantined["identity"]["state"] == "quarantined"
     assert quarantined["identity"]["reason"].startswith(f"identity mismatch: {name} expected")
     down = devices["plc-3"]
-    assert down["reads_ok"] == 0 and down["last_error"]
+    assert down["reads_ok"] == 0 and down["last_error"] and down["last_read"] is None
     assert doc["sessions"] == {"total": 3, "connected": 3}
     assert doc["store"]["kind"] == "sqlite" and doc["store"]["disk_full"] is False
     assert doc["boot_id"] and doc["stopping"] is False

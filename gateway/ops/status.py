@@ -51,6 +51,7 @@ def document(gw: Gateway, *, stopping: bool, ready: dict[str, Any]) -> dict[str,
                 "device": device_id,
                 "state": health.state,
                 "since": round(health.since, 3),
+                "last_read": round(health.last_ok, 3) if health.last_ok is not None else None,
                 "last_error": health.last_error,
                 "reads_ok": health.reads_ok,
                 "reads_failed": health.reads_failed,
@@ -60,6 +61,7 @@ def document(gw: Gateway, *, stopping: bool, ready: dict[str, Any]) -> dict[str,
                     "queued": depth.queued if depth else 0,
                     "leased": depth.leased if depth else 0,
                     "bytes": depth.bytes if depth else 0,
+                    "readings": depth.readings if depth else 0,
                     "oldest_age_s": (
                         round((now_ms - depth.oldest_ts_ms) / 1000, 3)
                         if depth and depth.oldest_ts_ms and (depth.queued or depth.leased)
@@ -71,6 +73,7 @@ def document(gw: Gateway, *, stopping: bool, ready: dict[str, Any]) -> dict[str,
                     "connects": session.stats.connects if session else 0,
                     "readings_acked": session.stats.readings_acked if session else 0,
                     "last_error": session.stats.last_error if session else None,
+                    "disconnects": dict(session.stats.disconnects) if session else {},
                 },
             }
         )
