@@ -363,9 +363,9 @@ class GatewayCollector(Collector):
                 if kind.startswith("command-"):
                     commands.add_metric([kind.removeprefix("command-")], count)
             yield from (kinds, commands)
-            unwritten = _counter(
+            unwritten = _gauge(
                 "fieldgate_security_events_unwritten",
-                "Security events that could not be written to the state folder (a full disk)",
+                "Security events waiting in memory for the disk to take writes again",
             )
             unwritten.add_metric([], events.unwritten)
             yield unwritten

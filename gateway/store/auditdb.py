@@ -234,6 +234,18 @@ def read_items(path: Path, after: int = -1) -> tuple[list[tuple[int, str]], dict
     return items, meta
 
 
+def move_aside(path: Path, why: str) -> Path:
+    """Keep an audit log that cannot go on (damaged, another chain's) under a new name, with
+    its WAL; returns the new main file's path."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    target = path.with_name(f"{path.name}.{why}-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        source = Path(str(path) + suffix)
+        if source.exists():
+            source.rename(Path(str(target) + suffix))
+    return target
+
+
 def is_audit_db(path: Path) -> bool:
     """Whether ``path`` is a SQLite file (the audit database) rather than an audit file."""
     try:
@@ -251,5 +263,6 @@ __all__ = [
     "StoreCorrupt",
     "StoreError",
     "is_audit_db",
+    "move_aside",
     "read_items",
 ]
