@@ -68,6 +68,7 @@ class AuditDb:
         self._conn = conn
         self.reserve_path = self.path.with_name(self.path.name + ".reserve")
         self._reserve_tried = 0.0
+        self._has_reserve = self.reserve_path.exists()
         try:
             conn.setbusytimeout(5000)
             conn.execute("PRAGMA journal_mode=WAL")
@@ -131,6 +132,7 @@ class AuditDb:
         self._ensure_reserve()
 
     def _release_reserve(self) -> bool:
+        self._has_reserve = False
         try:
             self.reserve_path.unlink()
         except FileNotFoundError:
@@ -140,7 +142,7 @@ class AuditDb:
 
     def _ensure_reserve(self) -> None:
         """Make the reserve if it is missing (not more often than RESERVE_RETRY)."""
-        if self.reserve_path.exists() or time.monotonic() - self._reserve_tried < RESERVE_RETRY:
+        if self._has_reserve or time.monotonic() - self._reserve_tried < RESERVE_RETRY:
             return
         self._reserve_tried = time.monotonic()
         tmp = self.reserve_path.with_name(self.reserve_path.name + ".tmp")
@@ -155,6 +157,7 @@ class AuditDb:
             finally:
                 os.close(fd)
             os.replace(tmp, self.reserve_path)
+            self._has_reserve = True
         except OSError as err:
             tmp.unlink(missing_ok=True)
             if err.errno not in (errno.ENOSPC, errno.EDQUOT):
