@@ -8,6 +8,7 @@ fleet without the tamper inputs. Phases alternate for ``--rounds``; one JSON doc
 
 - gateway CPU seconds per 1M points in each phase (medians), and their ratio;
 - audit events per second and the gateway CPU per event (the phases' CPU difference per event);
+- telemetry's read-to-hub latency (p50, p99) in each phase;
 - every record at the hub (the stream keeps up) and the chain verified there.
 
     python benchmarks/audit_load.py [--devices 150 --points 10 --rate 10 --duration 20]
@@ -44,6 +45,7 @@ from gateway.testbed.harness import (
     start_logged,
 )
 from gateway.testbed.loadtest.procstat import usage
+from gateway.testbed.loadtest.stats import percentile
 
 STOP_GRACE = 30.0
 
@@ -95,7 +97,10 @@ def phase(args: argparse.Namespace, tampers: bool) -> dict[str, Any]:
     p = pki_mod.Pki(pki_dir)
     messages = read_record(record)
     opened, errors = open_all(messages, load_keyring(p.keyring, p.passphrase()), SequenceTracker())
-    points = sum(len(o.readings) for o in opened if t0 <= o.received < t1)
+    window = [o for o in opened if t0 <= o.received < t1]
+    points = sum(len(o.readings) for o in window)
+    # Telemetry's own measure beside CPU: read-to-hub latency, one reading in ten.
+    latencies = [o.received * 1000 - r.ts_ms for o in window for r in o.readings[::10]]
     events = [e for e in read_events(state) if t0 <= e["ts"] < t1 and e["kind"] == "tamper-input"]
     hub = files.read(record)
     local = files.read(state / "audit.db")
@@ -116,6 +121,10 @@ def phase(args: argparse.Namespace, tampers: bool) -> dict[str, Any]:
         "records_local": len(local.records),
         "records_at_hub": len({r.seq for r in hub.records}),
         "hub_chain": verdict.reason,
+        "latency_ms": {
+            "p50": percentile(latencies, 0.5),
+            "p99": percentile(latencies, 0.99),
+        },
         "gateway_rss_mb": round(rss, 1),
         "refused_envelopes": len(errors),
         "gateway_exit_code": code,
@@ -145,6 +154,7 @@ def main() -> None:
     rate = median("audit", "audit_events_per_s")
     ratio = round(per_point["audit"] / per_point["quiet"], 3)
     per_event = round((cpu["audit"] - cpu["quiet"]) / rate * 1e6, 1) if rate else None
+    p99 = {k: statistics.median(float(r["latency_ms"]["p99"]) for r in runs[k]) for k in runs}
     print(
         json.dumps(
             {
@@ -160,6 +170,7 @@ def main() -> None:
                 "cpu_per_point_ratio_audit_to_quiet": ratio,
                 "median_audit_events_per_s": rate,
                 "gateway_cpu_us_per_audit_event": per_event,
+                "median_latency_p99_ms": p99,
                 "runs": runs,
             },
             indent=2,

@@ -179,6 +179,8 @@ class Gateway:
         # One staging at a time; a stop waits for the one under way.
         self._staging = asyncio.Lock()
         self._stopping = False
+        self._running = asyncio.Event()  # set once the running set is up (stage() can apply)
+        self._ended = asyncio.Event()  # set when run() returns, however
         # The pinned Modbus fingerprints (gateway.enroll); None: nothing is enrolled.
         self.enrolment = enrolment
         # A single process (not a worker): take over what workers of an earlier run left.
@@ -305,6 +307,12 @@ class Gateway:
         )
 
     async def run(self, stop: asyncio.Event) -> None:
+        try:
+            await self._run_all(stop)
+        finally:
+            self._ended.set()
+
+    async def _run_all(self, stop: asyncio.Event) -> None:
         cfg = self.config
         key, contexts = self._prepare()
         locks = self._claim_state()
@@ -446,6 +454,7 @@ class Gateway:
                     # adapter (ble[name]). Each starts and stops on its own at a reload.
                     for poller in pollers.values():
                         self._start_poller(poller)
+                    self._running.set()
                     await stop.wait()
                     # A reload under way finishes first: the stop then sees one running set.
                     async with self._staging:
@@ -558,7 +567,9 @@ class Gateway:
                     d.id,
                     d.modbus.on(link),
                     d.points,
-                    self.audit.sink(d.id, pipeline.accept) if self.audit else pipeline.accept,
+                    self.audit.sink(pipeline.accept)
+                    if self.audit and d.tamper
+                    else pipeline.accept,
                     gate.admit,
                     health[d.id],
                     phases=phases,
@@ -609,6 +620,16 @@ class Gateway:
             outcome = await self._stage(new, source, base, sha256)
         self._report(outcome)
         return outcome
+
+    async def wait_running(self, timeout: float = 120.0) -> None:  # noqa: ASYNC109
+        """Until the gateway's running set is up (or ``timeout`` seconds): a staging asked
+        for during the start then applies instead of being refused as "not running"."""
+        waits = [asyncio.ensure_future(e.wait()) for e in (self._running, self._ended)]
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
     def hangup(self) -> None:
         """SIGHUP: reload the config file, on a task of its own (the signal handler cannot

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -99,11 +100,38 @@ def test_a_log_of_another_chain_is_not_continued_under_this_gateways_id(
     other.append("gateway-started", None, {})
     other.close()
     log = AuditLog(path, CHAIN, signer)
-    assert log.last is None and log.meta["previous_chain"] == "gw-other"
     log.append("gateway-started", None, {})
     log.close()
-    records = [r for r in files.read(path).records if r.chain_id == CHAIN]
-    assert [r.seq for r in records] == [0]
+    # The other chain's file is kept aside whole: nothing of it is sent under this chain.
+    read = files.read(path)
+    assert {r.chain_id for r in read.records} == {CHAIN}
+    assert [(r.seq, r.kind) for r in read.records] == [
+        (0, "audit-chain-started"),
+        (1, "gateway-started"),
+    ]
+    kept = Path(read.records[0].details["kept"])
+    assert read.records[0].details["previous_chain"] == "gw-other"
+    assert {r.chain_id for r in files.read(kept).records} == {"gw-other"}
+
+
+def test_a_damaged_log_is_kept_aside_and_the_new_chain_starts_with_a_tamper_record(
+    tmp_path: Path, keys: tuple[Signer, Verifier]
+) -> None:
+    signer, verifier = keys
+    path = tmp_path / "audit.db"
+    log = AuditLog(path, CHAIN, signer)
+    for n in range(50):
+        log.append("device-admitted", "plc-1", {"n": n, "pad": "x" * 100})
+    log.close()
+    data = bytearray(path.read_bytes())
+    data[4096:8192] = b"\x00" * 4096  # a page of the file overwritten
+    path.write_bytes(bytes(data))
+    log = AuditLog(path, CHAIN, signer)
+    log.close()
+    read = files.read(path)
+    assert [r.kind for r in read.records] == ["tamper-audit-reset"]
+    assert Path(read.records[0].details["kept"]).exists()
+    assert verdict_of(path, verifier).ok
 
 
 def test_the_quota_prunes_what_the_hub_acknowledged_and_the_rest_still_verifies(
@@ -299,3 +327,137 @@ def test_a_consumer_takes_the_chain_of_the_identity_that_sent_it_device_or_modul
     device_topic = "devices/edge-1/messages/events/fg-stream=audit"
     failed = AuditConsumer(lambda _: verifier).add(device_topic, body)
     assert failed is not None and failed.reason == "foreign"
+
+
+def test_a_modules_chain_name_is_a_valid_chain_id_for_any_iot_hub_ids() -> None:
+    from gateway.core.iothub import module_sender, parse_sender_topic
+
+    assert module_sender("edge-1", "fieldgate") == "edge-1.fieldgate"
+    for device, module in (("plant@site(3)", "fg$1"), ("-x", "y"), ("d" * 128, "m" * 128)):
+        name = module_sender(device, module)
+        audit.append(None, 1.0, "gateway-started", None, {}, name)  # a valid chain id
+        topic = f"devices/{device}/modules/{module}/messages/events/fg-stream=audit"
+        assert parse_sender_topic(topic)[0] == name
+
+
+# -- found in review: each failed before its fix ------------------------------------------------
+
+
+def test_what_the_stream_acknowledges_is_what_the_quota_prunes(
+    tmp_path: Path, keys: tuple[Signer, Verifier]
+) -> None:
+    """The stream once counted each line's newline into the acknowledged bytes: the quota then
+    saw room that was not there, and the log outgrew it once the hub stopped acknowledging."""
+    from gateway.store import auditdb
+
+    signer, _ = keys
+    path = tmp_path / "audit.db"
+    quota = 64 * 1024
+    log = AuditLog(path, CHAIN, signer, AuditSettings(max_bytes=quota, head_every=100_000))
+    stream = AuditStream(log)
+
+    async def cycle(n: int) -> None:
+        for i in range(n):
+            log.append("device-admitted", "plc", {"i": i})
+        while log.acked_pos < log.committed_pos:
+            for item in await stream.lease(CHAIN, 100):
+                stream.ack(CHAIN, item.lease_id)
+
+    for _ in range(20):  # the hub online: the quota turned over many times
+        asyncio.run(cycle(500))
+    items, _ = auditdb.read_items(path)
+    acked = sum(len(line) for pos, line in items if pos <= log.acked_pos)
+    assert log._acked_bytes == acked
+    for i in range(2000):  # the hub away: nothing more is acknowledged
+        log.append("device-quarantined", "plc", {"i": i, "pad": "x" * 100})
+    log.close()
+    items, _ = auditdb.read_items(path)
+    assert sum(len(line) for _, line in items) <= quota
+
+
+def test_a_commit_in_flight_when_the_run_ends_settles_before_the_close_signs(
+    tmp_path: Path, keys: tuple[Signer, Verifier]
+) -> None:
+    """A commit on the I/O thread that hits a full disk as the run is cancelled: its records
+    go back to the pending list before close() signs, so no head signs records that were never
+    written, and the next start does not fork the chain."""
+    import threading
+    import time
+
+    import apsw
+
+    signer, verifier = keys
+    path = tmp_path / "audit.db"
+    log = AuditLog(path, CHAIN, signer, AuditSettings(head_every=100_000))
+    db = log._db
+    real_commit = db.commit
+    entered = threading.Event()
+    state = {"fail": True}
+
+    def commit(items, meta, prune_through=None):  # type: ignore[no-untyped-def]
+        if items and state["fail"]:
+            state["fail"] = False
+            entered.set()
+            time.sleep(0.2)
+            raise apsw.FullError("database or disk is full")
+        return real_commit(items, meta, prune_through)
+
+    db.commit = commit  # type: ignore[method-assign]
+
+    async def main() -> None:
+        task = asyncio.create_task(log.run())
+        await asyncio.sleep(0.05)
+        for i in range(3):
+            log.append("device-quarantined", "plc", {"i": i})
+        # The I/O thread is inside the commit (a threading.Event: wait for it off the loop).
+        assert await asyncio.get_running_loop().run_in_executor(None, entered.wait, 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        log.close()
+
+    asyncio.run(main())
+    again = AuditLog(path, CHAIN, signer)
+    for i in range(3):
+        again.append("device-admitted", "plc", {"run": 2, "i": i})
+    again.close()
+    verdict = verdict_of(path, verifier)
+    assert verdict.ok, verdict.message
+    kinds = [r.kind for r in files.read(path).records]
+    assert kinds.count("device-quarantined") == 3  # written by the close, after the disk took them
+
+
+def test_a_tamper_input_a_reload_adds_is_watched_from_then_on(tmp_path: Path) -> None:
+    from gateway.audit.room import AuditRoom
+    from gateway.config import validate
+    from gateway.core.readings import Scan
+    from gateway.events import SecurityEvents, read_events
+
+    def cfg(tamper: bool) -> Any:
+        device: dict[str, Any] = {
+            "id": "plc-1",
+            "cert": __file__,
+            "key": __file__,
+            "modbus": {"host": "127.0.0.1", "port": 5020},
+            "identity": "none",
+            "points": [{"name": "door", "address": 0, "type": "bool", "table": "discrete"}],
+        }
+        if tamper:
+            device["tamper"] = [{"point": "door", "normal": False}]
+        doc = {
+            "hub": {"hostname": "localhost", "ca_file": __file__},
+            "sealing": {"keyring": __file__, "key_id": "k1"},
+            "gateway": {"state_dir": str(tmp_path)},
+            "devices": [device],
+        }
+        return validate(doc, "test", check_files=False)
+
+    events = SecurityEvents(tmp_path)
+    room = AuditRoom(cfg(False), events)
+    seen: list[Scan] = []
+    sink = room.sink(seen.append)  # the reload's new poller is built before the apply
+    room.reconfigured(cfg(True))
+    sink(Scan("plc-1", 0, ("door",), [True]))  # the enclosure opens
+    events.close()
+    assert [e["state"] for e in read_events(tmp_path) if e["kind"] == "tamper-input"] == ["tripped"]
+    assert len(seen) == 1

@@ -27,9 +27,12 @@ CONFIG = "/etc/fieldgate/fieldgate.toml"
 STATE = "/var/lib/fieldgate"
 
 
-def locked() -> dict[str, Version]:
+EDGE_LOCK = DEPLOY / "requirements-edge.lock"
+
+
+def locked(lock: Path = LOCK) -> dict[str, Version]:
     pins = {}
-    for line in LOCK.read_text().splitlines():
+    for line in lock.read_text().splitlines():
         if line.startswith("#"):
             continue
         name, _, version = line.partition("==")
@@ -55,6 +58,20 @@ def test_the_lock_pins_every_dependency_within_pyproject() -> None:
     assert "fieldgate" not in pins
 
 
+def test_the_images_lock_adds_the_edge_extra_to_the_plain_install() -> None:
+    """The image is also the IoT Edge module's: module mode needs azure-iot-device."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    plain, edge = locked(), locked(EDGE_LOCK)
+    for text in project["optional-dependencies"]["edge"]:
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        assert name in edge and requirement.specifier.contains(edge[name], prereleases=True), (
+            f"{EDGE_LOCK.name} lacks {requirement}: run deploy/relock"
+        )
+    shared = plain.keys() & edge.keys()
+    assert {n: plain[n] for n in shared} == {n: edge[n] for n in shared}, "run deploy/relock"
+
+
 def test_the_unit_the_image_and_the_install_share_one_layout() -> None:
     unit = UNIT.read_text()
     image = CONTAINERFILE.read_text()
@@ -77,7 +94,7 @@ def test_the_image_is_non_root_pinned_and_health_checked() -> None:
     stage = final_stage(text)
     user = re.findall(r"^USER (\S+)$", stage, re.MULTILINE)
     assert user and re.fullmatch(r"[1-9]\d*:[1-9]\d*", user[-1]), user
-    assert "-r deploy/requirements.lock" in text  # the dependencies as locked
+    assert "-r deploy/requirements-edge.lock" in text  # the dependencies as locked
     assert "--no-deps ." in text  # and fieldgate itself adds none
     health = re.search(r"^HEALTHCHECK .*?CMD (\[.*\])$", text, re.MULTILINE | re.DOTALL)
     assert health and "http://127.0.0.1:9464/healthz" in health.group(1)

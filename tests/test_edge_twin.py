@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 
 from gateway.config import render_toml
+from gateway.core.iothub import merge_patch
 from gateway.edge import env as edge_env
 from gateway.edge.twin import (
     ConfigState,
     ReportPacer,
     TwinConfigError,
     desired_config,
-    merge_patch,
     reported,
 )
 from gateway.identity import pki as pki_mod

@@ -83,6 +83,7 @@ def test_a_full_disk_refuses_new_readings_keeps_delivering_and_resumes(
     fill(state)
     gateway.wait_for("the disk is full: new readings are refused")
     assert gateway.popen.poll() is None
+    wait_until(lambda: kinds(state, "store-disk-full") != [], 10, "the full-disk event")
     assert [e["path"] for e in kinds(state, "store-disk-full")] == [str(state / "store.db")]
     # The hub returns: what the store holds is delivered (and deleted) on the full disk.
     _, record = start_hub(procs, tmp_path, pki_dir, port=hub_port)
@@ -91,6 +92,9 @@ def test_a_full_disk_refuses_new_readings_keeps_delivering_and_resumes(
     (state / "filler").unlink()
     found = gateway.wait_for(r"disk writable again: intake resumes \((\d+) envelopes, (\d+) read")
     assert int(found.group(2)) > 0
+    # Logged when recorded; committed to the audit log within its retry interval (1 s) of the
+    # disk taking writes again.
+    wait_until(lambda: kinds(state, "store-disk-writable") != [], 10, "the writable event")
     [back] = kinds(state, "store-disk-writable")
     assert back["refused_readings"] == int(found.group(2))
     assert set(back["refused"]) == {"plc-1", "plc-2"}  # type: ignore[arg-type]
@@ -128,16 +132,23 @@ def test_security_events_on_a_full_disk_wait_in_memory_and_are_written_after(
 
     events = SecurityEvents(small_disk)
     events.record("first", None, "written")
+    reserve = small_disk / "audit.db.reserve"
+    assert reserve.stat().st_size > 0  # made at the first commit
     fill(small_disk)
+    # The first full commit gives up the reserve and is written in its room.
+    events.record("on-the-reserve", None, "written")
+    assert not reserve.exists() and events.unwritten == 0
+    fill(small_disk, "filler-2")  # and now that room is taken too
     for _ in range(3):
         events.record("store-disk-full", None, "x" * 9000)  # no exception
     # Not committed, so not counted as recorded; kept in order, in memory.
     assert events.unwritten == 3 and "store-disk-full" not in events.counts
-    assert [e["kind"] for e in read_events(small_disk)] == ["first"]
+    assert [e["kind"] for e in read_events(small_disk)] == ["first", "on-the-reserve"]
     (small_disk / "filler").unlink()
+    (small_disk / "filler-2").unlink()
     events.record("after", None, "written again")
     assert events.unwritten == 0 and events.counts["store-disk-full"] == 3
     events.close()
     kinds = [e["kind"] for e in read_events(small_disk)]
-    assert kinds == ["first", "store-disk-full", "store-disk-full", "store-disk-full", "after"]
-    assert [e["seq"] for e in read_events(small_disk)] == [0, 1, 2, 3, 4]
+    assert kinds == ["first", "on-the-reserve", *["store-disk-full"] * 3, "after"]
+    assert [e["seq"] for e in read_events(small_disk)] == [0, 1, 2, 3, 4, 5]

@@ -76,18 +76,34 @@ class AuditLog:
         self.settings = settings
         self._signer = signer
         self._clock = clock
-        self._db = AuditDb(self.path, synchronous=synchronous, vfs=vfs)
+        self._db_options: dict[str, Any] = {"synchronous": synchronous, "vfs": vfs}
+        # What the first record of this run must say: the log could not go on (damaged, or
+        # another chain's) and was kept aside.
+        self._restart: tuple[str, str, dict[str, Any]] | None = None
+        try:
+            self._db = AuditDb(self.path, **self._db_options)
+        except auditdb.StoreCorrupt as err:
+            kept = auditdb.move_aside(self.path, "corrupt")
+            log.error(
+                "audit log %s is damaged (%s); kept as %s, a new chain starts", path, err, kept
+            )
+            self._db = AuditDb(self.path, **self._db_options)
+            self._restart = (
+                "tamper-audit-reset",
+                f"the audit log was damaged ({err}); kept aside, a new chain starts",
+                {"kept": str(kept)},
+            )
+        self._last: AuditRecord | None = None
+        self._last_head_seq = -1
+        self._load_tail()
         meta = self._db.meta()
         self.meta = dict(meta)  # as it was at open: the last run's baselines
         self._meta_dirty: dict[str, str] = {}
-        self._last: AuditRecord | None = None
-        self._last_head_seq = -1
         self._pos = self._db.last_pos()
         self.committed_pos = self._pos
         self.acked_pos = int(meta.get("acked", "-1"))
         if signer is None or settings.prune_unsent:
             self.acked_pos = self.committed_pos
-        self._load_tail()
         self._bytes = self._db.bytes_through()
         self._acked_bytes = self._db.bytes_through(self.acked_pos) if self.acked_pos >= 0 else 0
         self._prune_bytes = 0
@@ -113,6 +129,9 @@ class AuditLog:
         if self._last is not None and self._last.seq > self._last_head_seq:
             self.sign_head()  # a crash left the tail unsigned
             self._commit_now()
+        if self._restart is not None:
+            kind, reason, details = self._restart
+            self.append(kind, None, {"reason": reason, **details})
 
     # -- opening ----------------------------------------------------------------------------
 
@@ -122,18 +141,26 @@ class AuditLog:
             item = files.parse_line(line, where=str(self.path))
             assert isinstance(item, AuditRecord)
             if item.chain_id != self.chain_id:
-                # Another gateway's log (a copied state folder, a changed gateway id): this
-                # chain starts afresh beside it, and says so in its first record.
-                self.meta["previous_chain"] = item.chain_id
-                self._meta_dirty["previous_chain"] = item.chain_id
+                # Another chain's log (a changed gateway id, a copied state folder): kept aside
+                # whole, so that none of its items is sent under this chain; a new chain
+                # starts, and its first record says so.
+                self._db.close()
+                kept = auditdb.move_aside(self.path, f"chain-{item.chain_id}")
                 log.warning(
-                    "audit log %s holds chain %r, not %r: a new chain starts",
+                    "audit log %s holds chain %r, not %r: kept as %s, a new chain starts",
                     self.path,
                     item.chain_id,
                     self.chain_id,
+                    kept,
                 )
-            else:
-                self._last = item
+                self._db = AuditDb(self.path, **self._db_options)
+                self._restart = (
+                    "audit-chain-started",
+                    f"the log held chain {item.chain_id!r}; kept aside, this chain starts",
+                    {"previous_chain": item.chain_id, "kept": str(kept)},
+                )
+                return
+            self._last = item
         head = self._db.last_line(head=True)
         if head is not None:
             parsed = files.parse_line(head, where=str(self.path))
@@ -157,6 +184,7 @@ class AuditLog:
         loop = self._loop = asyncio.get_running_loop()
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-io")
         self._due = asyncio.Event()
+        inflight: asyncio.Future[None] | None = None
         last = -COMMIT_INTERVAL
         try:
             while True:
@@ -173,12 +201,17 @@ class AuditLog:
                 pause = last + COMMIT_INTERVAL - loop.time()
                 if pause > 0:
                     await asyncio.sleep(pause)
-                await asyncio.shield(self._commit())
+                inflight = asyncio.ensure_future(self._commit())
+                await asyncio.shield(inflight)
                 last = loop.time()
         finally:
+            # A commit under way when the run is cancelled settles first, outcome included:
+            # close() must know whether its records were written before it signs a head.
+            if inflight is not None and not inflight.done():
+                await asyncio.wait([inflight])
             io, self._io = self._io, None
             self._loop = None
-            io.shutdown(wait=True)  # a commit under way finishes before the rest is written
+            io.shutdown(wait=True)
 
     def _head_if_due(self) -> None:
         if self.since_head and time.monotonic() - self._last_head_at >= self.settings.head_interval:

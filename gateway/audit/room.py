@@ -106,10 +106,7 @@ class AuditRoom:
             signed=self.log.signed,
             stream=self.streaming,
         )
-        certs = tamper.certificate_digests(
-            {d.id: d.cert for d in cfg.devices}
-            | ({cfg.gateway.id: cfg.gateway.cert} if cfg.gateway.cert is not None else {})
-        )
+        certs = self._certificates(cfg)
         for name, old, new in tamper.certificate_changes(self.log.meta, certs):
             self.events.record(
                 "certificate-changed",
@@ -150,6 +147,15 @@ class AuditRoom:
                 f.state = kept.state
         self.clock.threshold = config.audit.clock_jump
         self.log.set_meta(tamper.META_CONFIG, config_hash or tamper.config_digest(config))
+        # Certificates a reload brought are this run's: not "replaced" at the next start.
+        self.log.set_meta(tamper.META_CERTS, json.dumps(self._certificates(config), sort_keys=True))
+
+    @staticmethod
+    def _certificates(cfg: Config) -> dict[str, str]:
+        return tamper.certificate_digests(
+            {d.id: d.cert for d in cfg.devices}
+            | ({cfg.gateway.id: cfg.gateway.cert} if cfg.gateway.cert is not None else {})
+        )
 
     def signal(self, kind: str, device: str | None, reason: str, **details: Any) -> None:
         self.signals[kind] = {"at": time.time(), "device": device, "reason": reason, **details}
@@ -230,10 +236,10 @@ class AuditRoom:
                     )
             await asyncio.sleep(interval)
 
-    def sink(self, device_id: str, sink: Callable[[Scan], None]) -> Callable[[Scan], None]:
-        """``sink`` itself, or a sink that also watches the device's tamper inputs."""
-        if device_id not in self.inputs.inputs:
-            return sink
+    def sink(self, sink: Callable[[Scan], None]) -> Callable[[Scan], None]:
+        """``sink``, also watching the tamper inputs of the scans' device: for a device whose
+        config has some (the inputs are looked up at each scan, so a reload that brings them
+        is watched as soon as :meth:`reconfigured` installs them)."""
 
         def watched(scan: Scan) -> None:
             for device, point, value, tripped in self.inputs.check(scan):

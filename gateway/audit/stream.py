@@ -89,7 +89,7 @@ class AuditStream:
         size = 0
         for pos, line in items:
             if run and (size + len(line) + 1 > self._message_bytes):
-                out.append(self._message(run, size))
+                out.append(self._message(run))
                 run, size = [], 0
                 if len(out) >= limit:
                     break
@@ -97,10 +97,10 @@ class AuditStream:
             size += len(line) + 1
         else:
             if run:
-                out.append(self._message(run, size))
+                out.append(self._message(run))
         return out
 
-    def _message(self, run: list[tuple[int, str]], size: int) -> Leased:
+    def _message(self, run: list[tuple[int, str]]) -> Leased:
         first, last = run[0][0], run[-1][0]
         body = "".join(line + "\n" for _, line in run).encode("utf-8")
         header = AuditHeader(
@@ -113,7 +113,8 @@ class AuditStream:
             chain=self.device_id,
         )
         self._sent = last
-        self._leased.append((last, size))
+        # What the log counts for its quota: the lines, without the newlines of the body.
+        self._leased.append((last, sum(len(line) for _, line in run)))
         return Leased(last, Envelope(self.device_id, header, body))
 
     def ack(self, device_id: str, lease_id: int) -> None:

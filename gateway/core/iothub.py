@@ -8,7 +8,10 @@ properties riding in the topic) is core's concern.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import hashlib
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
 if TYPE_CHECKING:
@@ -72,15 +75,28 @@ def parse_telemetry_topic(topic: str) -> tuple[str, dict[str, str]]:
     return _device_topic(topic, "events", "telemetry")
 
 
+def module_sender(device_id: str, module_id: str) -> str:
+    """A module's name as one id (``{device}.{module}``): the id fieldgate gives its audit
+    chain in module mode, and the sender a consumer sees on the module's messages. IoT Hub ids
+    may hold characters a chain id may not (``@$!()',=``...): those become ``-``; a name longer
+    than 128 characters is cut and ends in a digest of the whole."""
+    name = re.sub(r"[^A-Za-z0-9._:-]", "-", f"{device_id}.{module_id}")
+    if not name[:1].isalnum():
+        name = "m" + name
+    if len(name) > 128:
+        name = name[:111] + "-" + hashlib.sha256(name.encode()).hexdigest()[:16]
+    return name
+
+
 def parse_sender_topic(topic: str) -> tuple[str, dict[str, str]]:
-    """A device's or a module's telemetry topic -> (the sending identity, properties). A
-    module (``devices/{d}/modules/{m}/messages/events/{props}``) is named ``{d}.{m}``: the id
-    fieldgate gives its audit chain in module mode."""
+    """A device's or a module's telemetry topic -> (the sending identity, properties); a
+    module's (``devices/{d}/modules/{m}/messages/events/{props}``) is :func:`module_sender`."""
     parts = topic.split("/", 6)
     if len(parts) >= 6 and parts[0] == "devices" and parts[2] == "modules":
         if parts[4:6] != ["messages", "events"]:
             raise ValueError(f"not a module telemetry topic: {topic!r}")
-        return f"{parts[1]}.{parts[3]}", decode_properties(parts[6] if len(parts) == 7 else "")
+        props = decode_properties(parts[6] if len(parts) == 7 else "")
+        return module_sender(unquote(parts[1]), unquote(parts[3])), props
     return parse_telemetry_topic(topic)
 
 
@@ -208,3 +224,17 @@ def parse_twin_reported(topic: str) -> str | None:
 
 # A reported patch is answered with this status (and the new $version), a twin GET with 200.
 TWIN_PATCHED_STATUS = 204
+
+
+def merge_patch(doc: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """A twin patch applied to a twin document: nested objects merge, ``null`` deletes a
+    property (IoT Hub's rule for desired and reported properties)."""
+    out = dict(doc)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_patch(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from gateway.audit.stream import Send
 from gateway.config import Config
 from gateway.core.errors import FieldgateError
+from gateway.core.iothub import merge_patch, module_sender
 from gateway.edge.env import EdgeEnv
 from gateway.edge.twin import (
     ConfigState,
@@ -52,7 +53,6 @@ from gateway.edge.twin import (
     ReportPacer,
     TwinConfigError,
     desired_config,
-    merge_patch,
     reported,
     version_of,
 )
@@ -126,6 +126,9 @@ def _make_gateway(config: Config, audit_output: Send | None = None) -> Gateway:
 async def staged_apply(gateway: Gateway, config: Config, source: str) -> StageOutcome:
     """The running gateway applies the new config as a diff (:meth:`Gateway.stage`):
     unaffected devices keep their sessions; a failure part-way restores the last good one."""
+    # A patch that arrives while the gateway is still starting waits for it (else it would be
+    # refused as "not running" and never tried again).
+    await gateway.wait_running()
     outcome = await gateway.stage(config, source)
     if outcome.status == "applied":
         return StageOutcome("applied")
@@ -220,7 +223,7 @@ class EdgeModule:
     def _module_config(self, config: Config) -> Config:
         """The audit chain is the module's: named ``{device}.{module}`` (what a consumer of the
         module's output sees as its sender), sent on the module output ``audit``."""
-        chain = f"{self.env.device_id}.{self.env.module_id}"
+        chain = module_sender(self.env.device_id, self.env.module_id)
         return config.model_copy(
             update={"gateway": config.gateway.model_copy(update={"id": chain})}
         )

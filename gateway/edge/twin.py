@@ -50,19 +50,6 @@ SHA256 = re.compile(r"^[0-9a-f]{64}$")
 Status = Literal["applied", "refused", "failed", "pending"]
 
 
-def merge_patch(doc: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
-    """IoT Hub's desired patch on the desired document: objects merge, ``null`` deletes."""
-    out = dict(doc)
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge_patch(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def version_of(desired: Mapping[str, Any]) -> int:
     version = desired.get("$version", 0)
     return version if isinstance(version, int) else 0

@@ -418,9 +418,9 @@ class GatewayCollector(Collector):
             for kind, count in sorted(events.counts.items()):
                 kinds.add_metric([kind], count)
             yield kinds
-            unwritten = _counter(
+            unwritten = _gauge(
                 "fieldgate_security_events_unwritten",
-                "Security events that could not be written to the state folder (a full disk)",
+                "Security events waiting in memory for the disk to take writes again",
             )
             unwritten.add_metric([], events.unwritten)
             yield unwritten

@@ -17,6 +17,10 @@ Only this module and :mod:`gateway.store.sqlite` import apsw.
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +30,10 @@ from gateway.store.sqlite import StoreCorrupt, StoreError, private_file
 
 FILE_NAME = "audit.db"
 SCHEMA_VERSION = 1
+# Room kept beside the log for the records of a full disk (the stop's among them): given up
+# when a commit finds the disk full, made again once commits succeed.
+RESERVE_BYTES = 256 * 1024
+RESERVE_RETRY = 10.0  # seconds between tries to make the reserve again
 SCHEMA = """
 CREATE TABLE items (
     pos  INTEGER PRIMARY KEY,   -- the stream's order: records and heads as written
@@ -40,6 +48,7 @@ CREATE TABLE meta (
 """
 
 Item = tuple[int, int, int, str]  # pos, seq, head, line
+log = logging.getLogger("fieldgate.audit")
 
 
 class AuditDb:
@@ -57,6 +66,9 @@ class AuditDb:
         except apsw.CantOpenError as err:
             raise StoreError(f"{self.path}: cannot open the audit log: {err}") from err
         self._conn = conn
+        self.reserve_path = self.path.with_name(self.path.name + ".reserve")
+        self._reserve_tried = 0.0
+        self._has_reserve = self.reserve_path.exists()
         try:
             conn.setbusytimeout(5000)
             conn.execute("PRAGMA journal_mode=WAL")
@@ -109,7 +121,51 @@ class AuditDb:
         self, items: Sequence[Item], meta: dict[str, str], prune_through: int | None = None
     ) -> None:
         """One transaction: drop the items up to ``prune_through``, add ``items``, set
-        ``meta``. Raises apsw.FullError on a full disk (nothing of it is written)."""
+        ``meta``. On a full disk the reserve is given up and the commit tried once more; then
+        apsw.FullError (nothing of it is written)."""
+        try:
+            self._commit(items, meta, prune_through)
+        except (apsw.FullError, apsw.IOError):
+            if not self._release_reserve():
+                raise
+            self._commit(items, meta, prune_through)
+        self._ensure_reserve()
+
+    def _release_reserve(self) -> bool:
+        self._has_reserve = False
+        try:
+            self.reserve_path.unlink()
+        except FileNotFoundError:
+            return False
+        self._reserve_tried = time.monotonic()
+        return True
+
+    def _ensure_reserve(self) -> None:
+        """Make the reserve if it is missing (not more often than RESERVE_RETRY)."""
+        if self._has_reserve or time.monotonic() - self._reserve_tried < RESERVE_RETRY:
+            return
+        self._reserve_tried = time.monotonic()
+        tmp = self.reserve_path.with_name(self.reserve_path.name + ".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                chunk = bytes(64 * 1024)
+                left = RESERVE_BYTES
+                while left > 0:
+                    left -= os.write(fd, chunk[: min(left, len(chunk))])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.reserve_path)
+            self._has_reserve = True
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                log.warning("audit log reserve %s: %s", self.reserve_path, err)
+
+    def _commit(
+        self, items: Sequence[Item], meta: dict[str, str], prune_through: int | None
+    ) -> None:
         with self._conn:
             if prune_through is not None:
                 self._conn.execute("DELETE FROM items WHERE pos <= ?", (prune_through,))
@@ -181,6 +237,18 @@ def read_items(path: Path, after: int = -1) -> tuple[list[tuple[int, str]], dict
     return items, meta
 
 
+def move_aside(path: Path, why: str) -> Path:
+    """Keep an audit log that cannot go on (damaged, another chain's) under a new name, with
+    its WAL; returns the new main file's path."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    target = path.with_name(f"{path.name}.{why}-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        source = Path(str(path) + suffix)
+        if source.exists():
+            source.rename(Path(str(target) + suffix))
+    return target
+
+
 def is_audit_db(path: Path) -> bool:
     """Whether ``path`` is a SQLite file (the audit database) rather than an audit file."""
     try:
@@ -198,5 +266,6 @@ __all__ = [
     "StoreCorrupt",
     "StoreError",
     "is_audit_db",
+    "move_aside",
     "read_items",
 ]

@@ -57,19 +57,6 @@ class HubControlError(FieldgateError):
 # -- the twin, pure --------------------------------------------------------------------------
 
 
-def merge_patch(doc: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
-    """IoT Hub's twin patch: nested objects merge, ``null`` deletes a property."""
-    out = dict(doc)
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge_patch(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def _size(section: dict[str, Any]) -> int:
     return len(orjson.dumps(section))
 
@@ -102,7 +89,7 @@ class Twins:
             return 400, doc[section]["$version"], "a twin patch is a JSON object"
         patch = {k: v for k, v in patch.items() if k != "$version"}
         current = doc[section]
-        merged = merge_patch({k: v for k, v in current.items() if k != "$version"}, patch)
+        merged = iothub.merge_patch({k: v for k, v in current.items() if k != "$version"}, patch)
         if _size(merged) > iothub.TWIN_SECTION_MAX:
             return (
                 400,
