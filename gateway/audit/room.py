@@ -81,16 +81,12 @@ class AuditRoom:
             now=time.time(),
         )
         last = self.log.last
-        for kind, reason, details in tamper.start_signals(
+        signals = tamper.start_signals(
             self.log.meta,
             now,
             last.ts if last is not None else None,
             config_from_cloud=config_source.startswith("twin"),
-        ):
-            if kind.startswith("tamper-"):
-                self.signal(kind, None, reason, **details)
-            else:
-                self.events.record(kind, None, reason, **details)
+        )
         from gateway import __version__
 
         self.events.record(
@@ -106,6 +102,12 @@ class AuditRoom:
             signed=self.log.signed,
             stream=self.streaming,
         )
+        # What changed since the last run, right after the start's own record.
+        for kind, reason, details in signals:
+            if kind.startswith("tamper-"):
+                self.signal(kind, None, reason, **details)
+            else:
+                self.events.record(kind, None, reason, **details)
         certs = self._certificates(cfg)
         for name, old, new in tamper.certificate_changes(self.log.meta, certs):
             self.events.record(
