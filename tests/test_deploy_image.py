@@ -8,7 +8,8 @@ named by FIELDGATE_IMAGE (``deploy/container/build`` prints it), e.g.
 
 FIELDGATE_PODMAN_ARGS adds podman's global options and FIELDGATE_PODMAN_RUN_ARGS options of
 ``podman run`` (on this project's build machine: ``--runtime runc`` and
-``--ulimit nofile=1024:4096 --ulimit nproc=1024:4096``, see docs/notes-deploy.md).
+``--ulimit nofile=1024:4096 --ulimit nproc=1024:4096``: crun refuses cgroups v1 hybrid, and
+podman's default limits need CAP_SYS_RESOURCE; see docs/install.md).
 CI runs the same entrypoint under bubblewrap instead (tests/test_deploy_install.py)."""
 
 from __future__ import annotations
