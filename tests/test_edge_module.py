@@ -10,22 +10,16 @@ import asyncio
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_edge_standins import EDGE_DEVICE, HUB, free_edge_address
+from edgerig import module_setup, standins
+from test_edge_standins import EDGE_DEVICE, HUB
 from test_localhub_front import until
 
-from gateway.identity import pki as pki_mod
-from gateway.testbed.edge.hub import EDGE_PORT, EdgeHub, module_environment
-from gateway.testbed.edge.sas import Module
-from gateway.testbed.edge.workload import WorkloadApi
+from gateway.testbed.edge.hub import module_environment
 from gateway.testbed.harness import Proc, fieldgate
-from gateway.testbed.localhub.control import HubControl
-
-from conftest import start_simulator
 
 pytest.importorskip("azure.iot.device", reason="azure-iot-device is in the edge extra")
 
@@ -38,30 +32,14 @@ def _reported(twin: dict[str, Any]) -> dict[str, Any]:
 def test_module_mode_runs_from_the_twin_and_reports_applied_and_refused_configs(
     tmp_path: Path, procs: list[Proc]
 ) -> None:
-    address = free_edge_address()
-    pki_dir = tmp_path / "pki"
-    pki = pki_mod.init(pki_dir, server_ips=("127.0.0.1", address))
-    config_file, _ = start_simulator(procs, tmp_path, pki_dir, EDGE_PORT, 1)
-    doc = tomllib.loads(config_file.read_text())
-    doc.pop("hub")  # module mode: the runtime's, not the twin's
+    setup = module_setup(tmp_path, procs, 1)
+    pki, address, doc, module = setup.pki, setup.address, setup.doc, setup.module
     device = doc["devices"][0]["id"]
-    module = Module(EDGE_DEVICE, "fieldgate")
 
     async def scenario() -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         out: dict[str, Any] = {}
-        async with (
-            WorkloadApi(tmp_path / "workload.sock", module, pki.root_cert.read_text()) as workload,
-            EdgeHub(
-                pki,
-                address=address,
-                hub=HUB,
-                modules=[module],
-                state=tmp_path / "hub",
-                record=tmp_path / "record.jsonl",
-            ) as edge,
-            HubControl(pki, address, EDGE_PORT, timeout=10) as hub,
-        ):
+        async with standins(tmp_path, setup) as (workload, edge, hub):
             twin = await hub.desire(module.identity, {"fieldgate": {"config": doc}})
             first = twin["desired"]["$version"]
             env = module_environment(workload, hub=HUB, gateway_host=address, device=EDGE_DEVICE)
@@ -201,30 +179,14 @@ def test_a_desired_patch_changing_one_device_is_applied_as_a_diff_in_module_mode
     """The module client's twin patch goes through the gateway's staged apply: the changed
     device restarts, the unaffected one keeps its one connection (its connects, from its own
     ``status`` method) and delivers without a gap."""
-    address = free_edge_address()
-    pki_dir = tmp_path / "pki"
-    pki = pki_mod.init(pki_dir, server_ips=("127.0.0.1", address))
-    config_file, _ = start_simulator(procs, tmp_path, pki_dir, EDGE_PORT, 2, "--period", "0.2")
-    doc = tomllib.loads(config_file.read_text())
-    doc.pop("hub")
+    setup = module_setup(tmp_path, procs, 2, "--period", "0.2")
+    pki, address, doc, module = setup.pki, setup.address, setup.doc, setup.module
     kept, changed = (d["id"] for d in doc["devices"])
-    module = Module(EDGE_DEVICE, "fieldgate")
 
     async def scenario() -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         out: dict[str, Any] = {}
-        async with (
-            WorkloadApi(tmp_path / "workload.sock", module, pki.root_cert.read_text()) as workload,
-            EdgeHub(
-                pki,
-                address=address,
-                hub=HUB,
-                modules=[module],
-                state=tmp_path / "hub",
-                record=tmp_path / "record.jsonl",
-            ) as edge,
-            HubControl(pki, address, EDGE_PORT, timeout=10) as hub,
-        ):
+        async with standins(tmp_path, setup) as (workload, edge, hub):
             await hub.desire(module.identity, {"fieldgate": {"config": doc}})
             env = module_environment(workload, hub=HUB, gateway_host=address, device=EDGE_DEVICE)
             env["FIELDGATE_EDGE_TRUST_FILE"] = str(tmp_path / "trust" / "edgehub.pem")

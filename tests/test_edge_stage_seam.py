@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_edge_standins import EDGE_DEVICE, HUB, free_edge_address
+from edgerig import module_setup, standins
+from test_edge_standins import EDGE_DEVICE, HUB
 from test_localhub_front import until
 
 from gateway.app import Gateway
@@ -20,14 +20,8 @@ from gateway.config import Config
 from gateway.edge import env as edge_env
 from gateway.edge.module import EdgeModule, StageOutcome
 from gateway.events import read_events
-from gateway.identity import pki as pki_mod
-from gateway.testbed.edge.hub import EDGE_PORT, EdgeHub, module_environment
-from gateway.testbed.edge.sas import Module
-from gateway.testbed.edge.workload import WorkloadApi
+from gateway.testbed.edge.hub import module_environment
 from gateway.testbed.harness import Proc
-from gateway.testbed.localhub.control import HubControl
-
-from conftest import start_simulator
 
 pytest.importorskip("azure.iot.device", reason="azure-iot-device is in the edge extra")
 
@@ -40,14 +34,9 @@ pytestmark = [
 def test_a_valid_patch_goes_to_the_stage_seam_and_its_outcome_is_reported(
     tmp_path: Path, procs: list[Proc], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    address = free_edge_address()
-    pki_dir = tmp_path / "pki"
-    pki = pki_mod.init(pki_dir, server_ips=("127.0.0.1", address))
-    config_file, _ = start_simulator(procs, tmp_path, pki_dir, EDGE_PORT, 1)
-    doc = tomllib.loads(config_file.read_text())
-    doc.pop("hub")
+    setup = module_setup(tmp_path, procs, 1)
+    address, doc, module = setup.address, setup.doc, setup.module
     device = doc["devices"][0]["id"]
-    module = Module(EDGE_DEVICE, "fieldgate")
     staged: list[tuple[Gateway, Config, str]] = []
     answers = [
         StageOutcome("applied"),
@@ -60,18 +49,7 @@ def test_a_valid_patch_goes_to_the_stage_seam_and_its_outcome_is_reported(
 
     async def scenario() -> dict[str, Any]:
         out: dict[str, Any] = {}
-        async with (
-            WorkloadApi(tmp_path / "workload.sock", module, pki.root_cert.read_text()) as workload,
-            EdgeHub(
-                pki,
-                address=address,
-                hub=HUB,
-                modules=[module],
-                state=tmp_path / "hub",
-                record=tmp_path / "record.jsonl",
-            ),
-            HubControl(pki, address, EDGE_PORT, timeout=10) as hub,
-        ):
+        async with standins(tmp_path, setup) as (workload, _, hub):
             await hub.desire(module.identity, {"fieldgate": {"config": doc}})
             env = module_environment(workload, hub=HUB, gateway_host=address, device=EDGE_DEVICE)
             for name, value in env.items():
