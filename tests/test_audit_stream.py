@@ -197,7 +197,7 @@ def test_kill_9_under_load_loses_no_committed_audit_record(
     for cycle in range(20):
         gateway = _run(config, tmp_path / f"gateway-{cycle}.log", procs)
         gateway.wait_for("gateway boot", 30)
-        for n in range(8):
+        for n in range(5):
             switch.write_text(str((n + cycle) % 2))
             time.sleep(0.1)
         os.kill(gateway.pid, signal.SIGKILL)
@@ -228,7 +228,7 @@ def test_a_full_store_drops_readings_by_policy_but_the_audit_stream_keeps_every_
 ) -> None:
     hub_port = free_ports(1)  # the hub comes later: readings pile up and are dropped
     config, _ = start_simulator(
-        procs, tmp_path, pki_dir, hub_port, 3, "--period", "0.05", "--points", "40"
+        procs, tmp_path, pki_dir, hub_port, 3, "--period", "0.05", "--points", "120"
     )
     edit_config(
         config,
