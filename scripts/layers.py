@@ -27,7 +27,7 @@ OWNERS: dict[str, tuple[str, ...]] = {
     "pymodbus": ("adapters/modbus/transport.py",),
     "bleak": ("adapters/ble/bluez.py",),
     "dbus_fast": ("adapters/ble/bluez.py",),
-    "apsw": ("gateway/store/sqlite.py", "gateway/store/auditdb.py"),
+    "apsw": ("gateway/store/sqlite.py",),
     "zstandard": ("gateway/core/envelope.py",),
     "orjson": ("gateway/core/codec.py",),
     "uvloop": ("gateway/runtime.py",),

@@ -53,6 +53,12 @@ def _local_lines(state: Path) -> set[str]:
     return {line for _, line in items}
 
 
+def _all_records_at_hub(record: Path, state: Path) -> bool:
+    """Every record the gateway committed is at the hub, line for line."""
+    at_hub = {files.line(r) for r in _hub_items(record).records}
+    return at_hub >= {line for line in _local_lines(state) if line.startswith('{"record"')}
+
+
 def _run(config: Path, log: Path, procs: list[Proc]) -> Proc:
     gateway = Proc(fieldgate("run", "--config", str(config)), log)
     procs.append(gateway)
@@ -154,9 +160,7 @@ def test_every_audit_record_of_an_outage_arrives_after_it_in_order(
     start_hub(procs, tmp_path, pki_dir, port=hub_port)
 
     def arrived() -> bool:
-        return {files.line(r) for r in _hub_items(record).records} >= {
-            line for line in _local_lines(state) if line.startswith('{"record"')
-        }
+        return _all_records_at_hub(record, state)
 
     wait_until(arrived, 60, "every committed record at the hub after the outage")
     assert gateway.stop() == 0, gateway.output()[-2000:]
@@ -207,8 +211,7 @@ def test_kill_9_under_load_loses_no_committed_audit_record(
     local = _local_lines(state)
 
     def delivered() -> bool:
-        hub_lines = {files.line(r) for r in _hub_items(record).records}
-        return hub_lines >= {line for line in _local_lines(state) if line.startswith('{"record"')}
+        return _all_records_at_hub(record, state)
 
     wait_until(delivered, 60, "the backlog of every run at the hub")
     assert gateway.stop() == 0, gateway.output()[-2000:]
@@ -245,8 +248,7 @@ def test_a_full_store_drops_readings_by_policy_but_the_audit_stream_keeps_every_
     _, record = start_hub(procs, tmp_path, pki_dir, port=hub_port)
 
     def delivered() -> bool:
-        hub_lines = {files.line(r) for r in _hub_items(record).records}
-        return hub_lines >= {line for line in _local_lines(state) if line.startswith('{"record"')}
+        return _all_records_at_hub(record, state)
 
     wait_until(delivered, 60, "every audit record at the hub")
     assert gateway.stop() == 0, gateway.output()[-2000:]

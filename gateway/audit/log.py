@@ -109,7 +109,6 @@ class AuditLog:
         self._prune_bytes = 0
         self._pending: list[Item] = []
         self._pending_kinds: list[str] = []
-        self._pending_bytes = 0
         self.lost = 0  # events not chained yet (quota or memory full): the next audit-lost
         self.lost_total = 0
         self.unwritten = 0  # records waiting because the disk refused them
@@ -299,7 +298,6 @@ class AuditLog:
         self._pos += 1
         self._pending.append((self._pos, seq, head, line))
         self._pending_kinds.append(kind)
-        self._pending_bytes += len(line)
         self._bytes += len(line)
 
     def sign_head(self) -> Head | None:
@@ -345,7 +343,7 @@ class AuditLog:
         batch, kinds, meta, prune = self._take()
         try:
             freed, _ = await self._loop.run_in_executor(self._io, self._write, batch, meta, prune)
-        except (auditdb.FullError, auditdb.IOError_) as err:
+        except auditdb.DISK_ERRORS as err:
             self._refused(batch, kinds, meta, err)
             return
         self._committed(batch, kinds, prune, freed)
@@ -358,7 +356,7 @@ class AuditLog:
             return
         try:
             freed, _ = self._write(batch, meta, prune)
-        except (auditdb.FullError, auditdb.IOError_) as err:
+        except auditdb.DISK_ERRORS as err:
             self._refused(batch, kinds, meta, err)
             return
         self._committed(batch, kinds, prune, freed)
@@ -389,7 +387,6 @@ class AuditLog:
             self._acked_bytes -= freed
             self._bytes += prune - freed
         if batch:
-            self._pending_bytes -= sum(len(item[3]) for item in batch)
             self.committed_pos = batch[-1][0]
             for kind in kinds:
                 if kind:

@@ -12,7 +12,7 @@ the line of the audit file (``docs/audit.md``), so that what the hub receives, w
 audit verify`` reads and what is on disk are the same bytes. ``meta`` keeps the stream's
 position (how far the hub has acknowledged), the quota's anchor (the last pruned record) and the
 tamper baselines of the last run. Blocking calls: the audit log runs them on its own I/O thread.
-Only this module and :mod:`gateway.store.sqlite` import apsw.
+Its SQLite connections and errors come from :mod:`gateway.store.sqlite`, apsw's one module.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import apsw
-
+from gateway.store import sqlite
 from gateway.store.sqlite import StoreCorrupt, StoreError, private_file
 
 FILE_NAME = "audit.db"
@@ -60,17 +59,14 @@ class AuditDb:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         private_file(self.path)
         try:
-            conn = (
-                apsw.Connection(str(self.path), vfs=vfs) if vfs else apsw.Connection(str(self.path))
-            )
-        except apsw.CantOpenError as err:
+            conn = sqlite.connect(self.path, vfs=vfs)
+        except sqlite.CantOpenError as err:
             raise StoreError(f"{self.path}: cannot open the audit log: {err}") from err
         self._conn = conn
         self.reserve_path = self.path.with_name(self.path.name + ".reserve")
         self._reserve_tried = 0.0
         self._has_reserve = self.reserve_path.exists()
         try:
-            conn.setbusytimeout(5000)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={synchronous}")
             check = list(conn.execute("PRAGMA quick_check"))
@@ -88,7 +84,7 @@ class AuditDb:
                     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except BaseException as err:
             conn.close()
-            if isinstance(err, apsw.CorruptError | apsw.NotADBError):
+            if isinstance(err, sqlite.DAMAGE_ERRORS):
                 raise StoreCorrupt(f"{self.path}: {err}") from err
             raise
 
@@ -122,10 +118,10 @@ class AuditDb:
     ) -> None:
         """One transaction: drop the items up to ``prune_through``, add ``items``, set
         ``meta``. On a full disk the reserve is given up and the commit tried once more; then
-        apsw.FullError (nothing of it is written)."""
+        a disk error of ``DISK_ERRORS`` (nothing of it is written)."""
         try:
             self._commit(items, meta, prune_through)
-        except (apsw.FullError, apsw.IOError):
+        except sqlite.DISK_ERRORS:
             if not self._release_reserve():
                 raise
             self._commit(items, meta, prune_through)
@@ -205,19 +201,17 @@ class AuditDb:
         self._conn.close()
 
 
-FullError = apsw.FullError
-IOError_ = apsw.IOError
+DISK_ERRORS = sqlite.DISK_ERRORS
 
 
 def read_items(path: Path, after: int = -1) -> tuple[list[tuple[int, str]], dict[str, str]]:
     """Every item after ``after`` and the meta of an audit database, read-only, while a gateway
     may be writing it (WAL readers do not block the writer)."""
     try:
-        conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
-    except apsw.CantOpenError as err:
+        conn = sqlite.connect(path, readonly=True)
+    except sqlite.CantOpenError as err:
         raise StoreError(f"{path}: cannot open the audit log: {err}") from err
     try:
-        conn.setbusytimeout(5000)
         try:
             items = [
                 (int(pos), str(line))
@@ -226,11 +220,11 @@ def read_items(path: Path, after: int = -1) -> tuple[list[tuple[int, str]], dict
                 )
             ]
             meta = dict(conn.execute("SELECT key, value FROM meta"))
-        except apsw.SQLError as err:  # created, schema not yet written
+        except sqlite.SQLError as err:  # created, schema not yet written
             if "no such table" in str(err):
                 return [], {}
             raise
-        except (apsw.CorruptError, apsw.NotADBError) as err:
+        except sqlite.DAMAGE_ERRORS as err:
             raise StoreCorrupt(f"{path}: {err}") from err
     finally:
         conn.close()
@@ -259,10 +253,9 @@ def is_audit_db(path: Path) -> bool:
 
 
 __all__ = [
+    "DISK_ERRORS",
     "FILE_NAME",
     "AuditDb",
-    "FullError",
-    "IOError_",
     "StoreCorrupt",
     "StoreError",
     "is_audit_db",

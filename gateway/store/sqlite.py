@@ -1,9 +1,9 @@
 """The durable queue: sealed envelopes on SQLite, FIFO per device, bounded by bytes.
 
-With auditdb.py (the audit log's file), the only module that imports apsw (SQLite). Offline
-inspection and the moves between store files are in :mod:`gateway.store.inspect`, over the
-small read and write helpers at the end of this module. It keeps :mod:`gateway.store.queue`'s
-contract:
+The only module that imports apsw (SQLite); the audit log's file (auditdb.py) takes its
+connections and errors from here. Offline inspection and the moves between store files are in
+:mod:`gateway.store.inspect`, over the small read and write helpers at the end of this module.
+It keeps :mod:`gateway.store.queue`'s contract:
 
 - ``put`` returns once the envelopes are committed (WAL, ``synchronous=FULL``: NORMAL can lose
   committed rows on power loss). The device's next sequence number is committed in the same
@@ -150,6 +150,31 @@ def open_database(
         if isinstance(err, apsw.CantOpenError):
             raise StoreError(f"{path}: cannot open the store: {err}") from err
         raise
+    return conn
+
+
+# What the audit log's file (gateway/store/auditdb.py) takes of SQLite, so that apsw stays in
+# this one module: connections, and the errors it tells apart.
+Connection = apsw.Connection
+DISK_ERRORS = (apsw.FullError, apsw.IOError)  # a full disk: nothing of the transaction written
+DAMAGE_ERRORS = (apsw.CorruptError, apsw.NotADBError)
+CantOpenError = apsw.CantOpenError
+SQLError = apsw.SQLError
+
+
+def connect(path: Path, *, readonly: bool = False, vfs: str | None = None) -> apsw.Connection:
+    """A connection that waits up to 5 s for another process's lock."""
+    flags = (
+        apsw.SQLITE_OPEN_READONLY
+        if readonly
+        else (apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE)
+    )
+    conn = (
+        apsw.Connection(str(path), flags=flags, vfs=vfs)
+        if vfs
+        else apsw.Connection(str(path), flags=flags)
+    )
+    conn.setbusytimeout(5000)
     return conn
 
 
